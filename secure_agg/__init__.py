@@ -1,1 +1,29 @@
-"""secure_agg."""
+"""Masked secure aggregation: the owner learns the weighted sum of the parties' updates, never one update.
+
+Bonawitz et al. (CCS 2017) double masking with SecAgg+ (Bell et al., CCS 2020) sparse graphs as an option;
+transport-free state machines (`SecAggParty`, `SecAggServer`) and an in-process driver. See README.md.
+"""
+
+from secure_agg.config import RoundParams, SecAggConfig, round_params
+from secure_agg.driver import AggregateResult, aggregate_in_process
+from secure_agg.errors import SecAggError
+from secure_agg.messages import (
+    AdvertiseKeys,
+    InputAck,
+    MaskedInput,
+    RelayedShares,
+    Roster,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskShares,
+    message_from_wire,
+    wire_size,
+)
+from secure_agg.party import SecAggParty
+from secure_agg.server import SecAggServer, ServerResult
+
+__all__ = [
+    "AdvertiseKeys", "AggregateResult", "InputAck", "MaskedInput", "RelayedShares", "Roster", "RoundParams",
+    "SecAggConfig", "SecAggError", "SecAggParty", "SecAggServer", "ServerResult", "ShareKeys",
+    "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire", "round_params", "wire_size",
+]

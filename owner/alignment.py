@@ -1,0 +1,144 @@
+"""Owner-side emulator alignment (paper Eq. 7): distil the emulator LoRA towards the full model.
+
+    L = mean ||(E*(x) - E(x)) / rms(E*(x))||^2  +  lambda * KL( M(x; A, E*) || M(x; A, E) )
+
+E* is the full model's lower n-s layers, E the compressed emulator with its LoRA, A the adapter with the current
+global adapter LoRA. Both terms are taken on response positions only (the paper's "ground truth part"); padding
+never counts. One forward of the full model (with the adapter LoRA on its last s layers) gives both targets: the
+hidden states entering layer n-s and the output logits. Only the emulator LoRA trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from owner.models import decoder_layers
+from party.compressed_model import Manifest
+from party.forward import capture_layer_input, project, response_positions, unwrap_causal_lm
+from party.lora import set_trainable
+from party.training import derive_seed
+from tasks.batching import round_batches
+from tasks.errors import ConfigError
+from tasks.prompts import TokenizedExample
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """Owner distillation settings (paper: 500 pre-alignment steps, 10 per round)."""
+
+    pre_steps: int = 16
+    round_steps: int = 4
+    batch_size: int = 4
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    kl_weight: float = 1.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.pre_steps < 0 or self.round_steps < 0 or self.batch_size < 1:
+            raise ConfigError("alignment steps must be >= 0 and the batch size >= 1")
+        if self.lr <= 0 or self.kl_weight < 0:
+            raise ConfigError("alignment lr must be > 0 and lambda >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> AlignSettings:
+        data = dict(data)
+        data["betas"] = tuple(data.get("betas", (0.9, 0.95)))
+        return cls(**data)
+
+
+@dataclass
+class AlignmentTerms:
+    total: torch.Tensor
+    l2: torch.Tensor
+    kl: torch.Tensor
+
+
+def alignment_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    manifest: Manifest,
+    batch: Mapping[str, torch.Tensor],
+    kl_weight: float,
+) -> AlignmentTerms:
+    """Eq. 7 on one batch; the teacher runs without gradient."""
+    mask, _ = response_positions(batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    teacher_lm, student_lm = unwrap_causal_lm(teacher), unwrap_causal_lm(student)
+    with torch.no_grad():
+        boundary = decoder_layers(teacher_lm)[manifest.n_layers - manifest.adapter_size]
+        with capture_layer_input(boundary) as seen:
+            hidden_t = teacher_lm.get_decoder()(**inputs).last_hidden_state
+        emu_t = seen[0][mask]
+        log_p_t = torch.log_softmax(project(teacher_lm, hidden_t[mask]), dim=-1)
+    boundary = decoder_layers(student_lm)[manifest.adapter_layers[0]]
+    with capture_layer_input(boundary) as seen:
+        hidden_s = student_lm.get_decoder()(**inputs).last_hidden_state
+    emu_s = seen[0][mask]
+    log_p_s = torch.log_softmax(project(student_lm, hidden_s[mask]), dim=-1)
+    rms = emu_t.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
+    l2 = ((emu_t - emu_s) / rms).pow(2).mean()
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
+    return AlignmentTerms(l2 + kl_weight * kl, l2.detach(), kl.detach())
+
+
+class EmulatorAligner:
+    """Keeps the owner's AdamW state for the emulator LoRA across rounds and runs alignment steps."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        manifest: Manifest,
+        public_data: Sequence[TokenizedExample],
+        pad_id: int,
+        settings: AlignSettings,
+        seed: int,
+    ) -> None:
+        if not public_data:
+            raise ConfigError("the owner's public data set is empty")
+        self.student, self.teacher, self.manifest = student, teacher, manifest
+        self.data = list(public_data)
+        self.pad_id = pad_id
+        self.settings = settings
+        self.seed = derive_seed(seed, "alignment")
+        self.params = set_trainable(student, manifest.emulator_layers)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas, weight_decay=0.0)
+        self.calls = 0
+
+    def run(self, steps: int, stage: int, progress: Callable[[dict], None] | None = None) -> dict:
+        """`steps` alignment steps on batches drawn for `stage` (-1 = pre-alignment, r = after round r)."""
+        if steps == 0:
+            return {"steps": 0}
+        start = time.perf_counter()
+        set_trainable(self.student, self.manifest.emulator_layers)
+        self.student.train()
+        s = self.settings
+        batches = round_batches(self.data, stage + 1, steps, s.batch_size, self.seed, self.pad_id)
+        history = []
+        for step, batch in enumerate(batches):
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = alignment_loss(self.student, self.teacher, self.manifest, batch, s.kl_weight)
+            terms.total.backward()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+            self.optimizer.step()
+            history.append((float(terms.total.detach()), float(terms.l2), float(terms.kl)))
+            if progress:
+                progress({"stage": stage, "step": step + 1, "steps": steps, "loss": history[-1][0],
+                          "l2": history[-1][1], "kl": history[-1][2]})
+        self.student.eval()
+        for p in self.params:
+            p.requires_grad_(False)
+        return {
+            "steps": steps, "loss_first": history[0][0], "loss_last": history[-1][0],
+            "l2_last": history[-1][1], "kl_last": history[-1][2], "seconds": time.perf_counter() - start,
+        }

@@ -1,0 +1,87 @@
+"""The run configuration: every option of a run in one place, saved as `config.json` beside its outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from owner.alignment import AlignSettings
+from party.dp import DPSettings
+from party.lora import LoraSettings
+from party.training import TrainSettings
+from tasks.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Options shared by the in-process and the networked run."""
+
+    model: str | None = None  # hub id, local dir, .gguf file; None = embedded SmolLM2-135M-Instruct
+    adapter_size: int = 2
+    drop_rate: float = 0.2
+    rounds: int = 3
+    parties: int = 3
+    seed: int = 0
+    party_data: str = "gsm8k-train"  # path or packaged sample name
+    party_data_kind: str = "auto"
+    split: str = "iid"  # iid | category
+    party_limit: int | None = None  # cap on training examples in total (before splitting)
+    public_data: str = "dolly"
+    public_data_kind: str = "auto"
+    public_limit: int | None = 400
+    eval_data: str = "gsm8k-test"
+    eval_data_kind: str = "auto"
+    eval_items: int = 32
+    max_length: int = 256
+    template: str = "auto"
+    secure_agg: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
+    dp: DPSettings | None = None  # DP-SGD for the simulated parties; None = no DP
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError("--rounds must be at least 1")
+        if self.parties < 1:
+            raise ConfigError("the number of parties must be at least 1")
+        if self.split not in ("iid", "category"):
+            raise ConfigError(f"--split must be iid or category, not {self.split!r}")
+        if self.adapter_size < 1:
+            raise ConfigError(f"--adapter-size must be at least 1, got {self.adapter_size}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.max_length < 8:
+            raise ConfigError("--max-length must be at least 8")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lora"] = self.lora.to_dict()
+        data["train"] = self.train.to_dict()
+        data["align"] = self.align.to_dict()
+        data["dp"] = None if self.dp is None else self.dp.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {unknown}")
+        data = dict(data)
+        data["lora"] = LoraSettings.from_dict(data.get("lora", {}))
+        data["train"] = TrainSettings.from_dict(data.get("train", {}))
+        data["align"] = AlignSettings.from_dict(data.get("align", {}))
+        data["dp"] = None if data.get("dp") is None else DPSettings.from_dict(data["dp"])
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot read run config {path}: {exc}") from exc

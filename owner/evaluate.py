@@ -1,0 +1,27 @@
+"""Held-out response-token NLL: the number that says whether a model got better at the task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from party.forward import response_nll_sum
+from tasks.batching import eval_batches
+from tasks.prompts import TokenizedExample
+
+
+@torch.no_grad()
+def mean_response_nll(model: nn.Module, data: Sequence[TokenizedExample], pad_id: int,
+                      batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per response token over `data`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(list(data), batch_size, pad_id):
+        nll, n = response_nll_sum(model, batch)
+        total += float(nll)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,204 @@
+"""The owner's side of FedBiOT, independent of how parties are reached.
+
+`OwnerSession` holds the full model (teacher), the compressed model with LoRA on every layer (student), the
+global adapter and emulator LoRA and the aligner. The in-process simulation and the ZeroMQ server drive the
+same object: `payload()` -> parties train -> `complete_round(new_adapter)` -> `finish()`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from owner.alignment import EmulatorAligner
+from owner.compress import compress, emulator_layer_indices, save_compressed
+from owner.config import RunConfig
+from owner.evaluate import mean_response_nll
+from owner.export import export_adapemu, export_adapfu
+from owner.metrics import MetricsLog
+from owner.models import LoadedModel, decoder_layers, load_model
+from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
+from party.compressed_model import Manifest
+from party.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
+from party.training import derive_seed
+from tasks.datasets import Example, load_examples
+from tasks.errors import ConfigError
+from tasks.prompts import TokenizedExample, tokenize_examples
+
+
+@dataclass
+class OwnerData:
+    """The owner's own data: public alignment set and held-out evaluation items (raw, then tokenised)."""
+
+    public: list[Example]
+    evaluation: list[Example]
+    public_tokens: list[TokenizedExample] = field(default_factory=list)
+    eval_tokens: list[TokenizedExample] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, config: RunConfig) -> OwnerData:
+        public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit)
+        evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items)
+        return cls(public, evaluation)
+
+    def tokenize(self, tokenizer, config: RunConfig) -> None:
+        self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template)
+        self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template)
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+class OwnerSession:
+    """Owner state machine: compress, pre-align, per-round aggregate + align, checkpoint, export."""
+
+    def __init__(self, config: RunConfig, out_dir: Path, log: MetricsLog, base: LoadedModel,
+                 data: OwnerData) -> None:
+        self.config, self.out_dir, self.log, self.base, self.data = config, Path(out_dir), log, base, data
+        self.tokenizer = base.tokenizer
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.round = 0
+        self.history: list[dict] = []
+        self.started = time.time()
+
+    # ----------------------------------------------------------------- setup
+    @staticmethod
+    def load_inputs(config: RunConfig, log: MetricsLog) -> tuple[LoadedModel, OwnerData]:
+        """Everything that can fail on bad input, before anything is written: data, model, compression."""
+        data = OwnerData.load(config)
+        log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'}")
+        base = load_model(config.model)
+        emulator_layer_indices(len(decoder_layers(base.model)), config.adapter_size, config.drop_rate)
+        data.tokenize(base.tokenizer, config)
+        return base, data
+
+    @classmethod
+    def create(cls, config: RunConfig, out_dir: Path, log: MetricsLog, base: LoadedModel, data: OwnerData,
+               resume: bool = False) -> OwnerSession:
+        """Compress the model, attach LoRA, restore or pre-align. Writes `compressed/`."""
+        session = cls(config, out_dir, log, base, data)
+        session._build(resume)
+        return session
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.config
+        compressed_dir = self.out_dir / "compressed"
+        compressed, manifest = compress(self.base.model, cfg.adapter_size, cfg.drop_rate, self.base.identity)
+        if resume and compressed_dir.is_dir():
+            saved = Manifest.load(compressed_dir)
+            if saved.kept_layers != manifest.kept_layers or saved.base_model != manifest.base_model:
+                raise ConfigError(f"{compressed_dir} was made from another model or compression setting")
+        else:
+            save_compressed(compressed, self.tokenizer, manifest, compressed_dir)
+        self.manifest = manifest
+        self.compressed_dir = compressed_dir
+        n_emu, s = len(manifest.emulator_layers), manifest.adapter_size
+        self.log.say(f"compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter {s} "
+                     f"(kept {manifest.kept_layers})")
+        lora_seed = derive_seed(cfg.seed, "lora-init")
+        all_layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+        self.student = attach_lora(compressed, all_layers, cfg.lora, lora_seed)
+        self.teacher = attach_lora(self.base.model, manifest.full_adapter_layers, cfg.lora, lora_seed)
+        self.adapter_state = lora_state(self.student, manifest.adapter_layers)
+        self.emulator_state = lora_state(self.student, manifest.emulator_layers)
+        self._sync_teacher()
+        self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens,
+                                       self.pad_id, cfg.align, cfg.seed)
+        latest = latest_checkpoint_dir(self.out_dir) if resume else None
+        if latest is not None:
+            self._restore(load_checkpoint(latest))
+            self.log.say(f"resumed from {latest.name}: {self.round} of {cfg.rounds} rounds done")
+        else:
+            info = self.aligner.run(cfg.align.pre_steps, -1, self.log.align_step)
+            self.emulator_state = lora_state(self.student, manifest.emulator_layers)
+            self.log.record("pre_alignment", **info)
+            self.checkpoint()
+
+    def _restore(self, ckpt: OwnerCheckpoint) -> None:
+        load_lora_state(self.student, ckpt.adapter_state, self.manifest.adapter_layers)
+        load_lora_state(self.student, ckpt.emulator_state, self.manifest.emulator_layers)
+        self.adapter_state, self.emulator_state = ckpt.adapter_state, ckpt.emulator_state
+        self._sync_teacher()
+        if ckpt.optimizer_state is not None:
+            self.aligner.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.round, self.history = ckpt.round, ckpt.history
+
+    def _sync_teacher(self) -> None:
+        mapping = dict(zip(self.manifest.adapter_layers, self.manifest.full_adapter_layers, strict=True))
+        load_lora_state(self.teacher, remap_layer_indices(self.adapter_state, mapping),
+                        self.manifest.full_adapter_layers)
+
+    # ----------------------------------------------------------------- rounds
+    @property
+    def done(self) -> bool:
+        return self.round >= self.config.rounds
+
+    def payload(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What every party receives this round: (adapter LoRA, emulator LoRA)."""
+        return self.adapter_state, self.emulator_state
+
+    def complete_round(self, new_adapter: dict[str, torch.Tensor], record: dict) -> None:
+        """Install the aggregated adapter, re-align the emulator to it, checkpoint the round."""
+        load_lora_state(self.student, new_adapter, self.manifest.adapter_layers)
+        self.adapter_state = lora_state(self.student, self.manifest.adapter_layers)
+        self._sync_teacher()
+        info = self.aligner.run(self.config.align.round_steps, self.round, self.log.align_step)
+        self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        self.round += 1
+        record = {"round": self.round, **record, "alignment": info}
+        self.history.append(record)
+        self.log.record("round", **record)
+        self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out_dir, OwnerCheckpoint(
+            self.round, self.adapter_state, self.emulator_state,
+            self.aligner.optimizer.state_dict(), self.history))
+
+    # ----------------------------------------------------------------- results
+    def evaluate(self) -> dict[str, float]:
+        data, pad = self.data.eval_tokens, self.pad_id
+        with self.teacher.disable_adapter():
+            nll_base = mean_response_nll(self.teacher, data, pad)
+        return {
+            "nll_base": nll_base,
+            "nll_adapemu": mean_response_nll(self.student, data, pad),
+            "nll_adapfu": mean_response_nll(self.teacher, data, pad),
+        }
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Export AdapEmu and AdapFu, evaluate, write summary.json."""
+        cfg, m = self.config, self.manifest
+        export_adapemu(self.adapter_state, self.emulator_state, m, self.compressed_dir.resolve(), cfg.lora,
+                       self.out_dir / "adapemu")
+        export_adapfu(self.adapter_state, m, self.base.identity, cfg.lora, self.out_dir / "adapfu")
+        self.log.say(f"exported AdapEmu and AdapFu; evaluating NLL on {len(self.data.eval_tokens)} held-out items")
+        scores = self.evaluate()
+        summary = {
+            **scores,
+            "rounds": self.round,
+            "parties": cfg.parties,
+            "eval_items": len(self.data.eval_tokens),
+            "base_model": self.base.identity,
+            "emulator_layers": len(m.emulator_layers),
+            "adapter_layers": m.adapter_size,
+            "adapter_lora_params": sum(t.numel() for t in self.adapter_state.values()),
+            "emulator_lora_params": sum(t.numel() for t in self.emulator_state.values()),
+            "seconds": round(time.time() - self.started, 1),
+            **(extra or {}),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self.log.record("summary", **summary)
+        self.log.say("NLL on held-out items: base {nll_base:.4f}, AdapEmu {nll_adapemu:.4f}, "
+                     "AdapFu {nll_adapfu:.4f}".format(**scores))
+        return summary

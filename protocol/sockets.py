@@ -1,0 +1,197 @@
+"""CurveZMQ sockets: the owner's ROUTER (bind) and a party's DEALER (connect).
+
+Every connection is encrypted (CurveZMQ). The owner authenticates parties through ZAP against the public
+keys in its allowlist directory; a party pins the owner's public key, so it talks to nobody else. The
+ZAP handler stamps each inbound message with the sender's public key (`User-Id`), which `recv` returns:
+the owner knows *who* sent a message from the key, not from the self-chosen socket identity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from protocol.codec import DEFAULT_LIMITS, Limits, encode
+from protocol.errors import ProtocolError, TransportError
+from protocol.keys import load_allowlist, load_public, load_secret
+from protocol.messages import Message
+from tasks.errors import ConfigError
+
+HEARTBEAT_IVL_MS = 2_000
+HEARTBEAT_TIMEOUT_MS = 10_000
+SEND_TIMEOUT_MS = 10_000
+
+
+class Received(NamedTuple):
+    """One inbound message: the sender's z85 Curve public key (None on the party side, where the only
+    peer is the pinned owner), its socket identity (ROUTER only) and the raw frames for `decode`."""
+
+    peer_key: bytes | None
+    identity: bytes | None
+    frames: list[bytes]
+
+
+def _common_options(
+    sock: zmq.Socket,
+    max_msg_size: int,
+    heartbeat_ivl_ms: int,
+    heartbeat_timeout_ms: int,
+    send_timeout_ms: int,
+) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_timeout_ms)
+    sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+
+
+def bind_router(
+    endpoint: str,
+    server_secret_file: str | os.PathLike[str],
+    allow_dir: str | os.PathLike[str],
+    *,
+    max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
+    context: zmq.Context | None = None,
+    heartbeat_ivl_ms: int = HEARTBEAT_IVL_MS,
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
+    send_timeout_ms: int = SEND_TIMEOUT_MS,
+) -> tuple[zmq.Socket, ThreadAuthenticator]:
+    """The owner's socket: CurveZMQ server, ZAP against `allow_dir`'s *.key files, ROUTER_MANDATORY (a
+    send to a gone party raises instead of vanishing), ROUTER_HANDOVER (a reconnecting party with the same
+    identity replaces its old connection), MAXMSGSIZE per frame. One router per context (ZAP is bound
+    per context). `bound_endpoint(sock)` tells the port when `endpoint` ends in ":*".
+    Close with `close_router(sock, auth)`."""
+    public, secret = load_secret(server_secret_file)
+    allowed = load_allowlist(allow_dir)
+    ctx = context or zmq.Context.instance()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    sock = None
+    try:
+        auth.configure_curve(domain="*", location=os.fspath(allow_dir))
+        if set(auth.certs.get("*", {})) != set(allowed.values()):
+            raise ConfigError(f"ZAP could not load the allowlist in {allow_dir}")
+        sock = ctx.socket(zmq.ROUTER)
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_server = True
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        _common_options(sock, max_msg_size, heartbeat_ivl_ms, heartbeat_timeout_ms, send_timeout_ms)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
+        return sock, auth
+    except BaseException:
+        if sock is not None:
+            sock.close(linger=0)
+        auth.stop()
+        raise
+
+
+def connect_dealer(
+    endpoint: str,
+    client_secret_file: str | os.PathLike[str],
+    server_public_file: str | os.PathLike[str],
+    *,
+    identity: str,
+    max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
+    context: zmq.Context | None = None,
+    heartbeat_ivl_ms: int = HEARTBEAT_IVL_MS,
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
+    send_timeout_ms: int = SEND_TIMEOUT_MS,
+) -> zmq.Socket:
+    """A party's socket: CurveZMQ client pinned to the owner's public key. `identity` should be the party
+    name (the stem of its key file in the owner's allowlist). ZeroMQ reconnects by itself; messages sent
+    meanwhile wait in the queue."""
+    public, secret = load_secret(client_secret_file)
+    server_key = load_public(server_public_file)
+    if not identity or len(identity.encode()) > 255:
+        raise ConfigError("socket identity must be 1-255 bytes")
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_serverkey = server_key
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
+        _common_options(sock, max_msg_size, heartbeat_ivl_ms, heartbeat_timeout_ms, send_timeout_ms)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot connect to {endpoint}: {exc}") from None
+        return sock
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    """The endpoint a socket actually bound (resolves a ":*" port)."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def close_router(sock: zmq.Socket, auth: ThreadAuthenticator) -> None:
+    sock.close(linger=0)
+    auth.stop()
+
+
+def send(
+    sock: zmq.Socket, msg: Message, identity: bytes | None = None, *, limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """Encode and send `msg`; on a ROUTER, `identity` names the party. Raises ProtocolError for a message
+    that does not pass its own schema, TransportError when the party is gone or the send times out."""
+    frames = encode(msg, limits=limits)
+    if sock.type == zmq.ROUTER:
+        if not identity:
+            raise TransportError("a ROUTER send needs the party's identity")
+        frames = [identity, *frames]
+    elif identity is not None:
+        raise TransportError("only a ROUTER send takes an identity")
+    try:
+        sock.send_multipart(frames, copy=False)
+    except zmq.Again:
+        raise TransportError(f"send of {msg.type.value} timed out") from None
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            who = identity.decode(errors="replace") if identity else "peer"
+            raise TransportError(f"{who} is not connected") from None
+        raise TransportError(f"send of {msg.type.value} failed: {exc}") from None
+
+
+def recv(sock: zmq.Socket, timeout: float | None) -> Received | None:
+    """Wait up to `timeout` seconds (None: forever) for one message; None when nothing came."""
+    if sock.poll(None if timeout is None else max(0, int(timeout * 1000)), zmq.POLLIN) == 0:
+        return None
+    parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    identity = None
+    if sock.type == zmq.ROUTER:
+        identity, parts = parts[0].bytes, parts[1:]
+    peer_key = None
+    if parts:
+        try:
+            user = parts[0].get("User-Id")
+        except zmq.ZMQError:  # no ZAP on this side: the property does not exist
+            user = None
+        peer_key = user.encode() if isinstance(user, str) else user
+    return Received(peer_key, identity, [p.bytes for p in parts])
+
+
+def peer_name(allowlist: Mapping[str, bytes], peer_key: bytes | None, identity: bytes | None) -> str:
+    """The allowlisted party that sent a message. Its socket identity must equal its key's name, so that
+    no party can take over another's routing slot (ROUTER_HANDOVER) by choosing its identity."""
+    names = [name for name, key in allowlist.items() if key == peer_key]
+    if not names:
+        raise ProtocolError("message from a key that is not on the allowlist")
+    if identity is None or identity != names[0].encode():
+        shown = identity.decode(errors="replace")[:64] if identity else ""
+        raise ProtocolError(f"party {names[0]!r} uses socket identity {shown!r}; it must be its name")
+    return names[0]

@@ -1,0 +1,375 @@
+"""The eight messages of a round, as small dataclasses with a pickle-free wire form.
+
+Wire form: `to_wire() -> (header, arrays)`. The header is a JSON-able dict of ints, strings and lists of
+ints: always "type" (a lower-case token, usable as a transport's stage name), "version", "round",
+"session", then the message's own fields. Every byte string
+(public keys, commitments, ciphertexts, shares, the masked vector) travels as a named uint8 numpy array,
+so the transport can put it in a binary frame (safetensors) instead of inflating it with base64. Lists of
+party ids are strictly increasing. `from_wire` checks everything it can without round state (types,
+exact key sets, sizes, ids in [0, MAX_PARTIES), list/array agreement) and raises SecAggError; the party
+and server state machines then check the message against the round (ids, lists, sizes expected).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from secure_agg.config import MAX_PARTIES
+from secure_agg.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES
+from secure_agg.errors import SecAggError
+from secure_agg.shamir import SHARE_BYTES
+
+WIRE_VERSION = 1
+MAX_ROUND = (1 << 63) - 1
+MAX_LENGTH = 1 << 31
+MAX_SESSION = 128
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES  # self-mask seed share || mask-key share
+CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT_BYTES + TAG_BYTES
+DIGEST_BYTES = 32
+
+
+def wire_size(header: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Bytes a message takes on the wire: compact JSON header plus raw array bytes."""
+    return len(json.dumps(header, separators=(",", ":")).encode()) + sum(a.nbytes for a in arrays.values())
+
+
+def check_session(session: Any) -> str:
+    if (not isinstance(session, str) or not 1 <= len(session) <= MAX_SESSION or not session.isascii()
+            or not session.isprintable()):
+        raise SecAggError(f"the session id must be 1..{MAX_SESSION} printable ASCII characters, "
+                          f"got {session!r}")
+    return session
+
+
+def _int(header: dict, key: str, lo: int, hi: int) -> int:
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise SecAggError(f"field {key!r} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _ids(header: dict, key: str) -> list[int]:
+    value = header[key]
+    if not isinstance(value, list) or len(value) > MAX_PARTIES:
+        raise SecAggError(f"field {key!r} must be a list of party ids")
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_PARTIES:
+            raise SecAggError(f"field {key!r} holds an invalid party id {i!r}")
+    if any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise SecAggError(f"field {key!r} must be strictly increasing (sorted, no repeats)")
+    return list(value)
+
+
+def _rows(arrays: dict, name: str, rows: int, width: int) -> list[bytes]:
+    """A (rows, width) uint8 array as a list of byte strings."""
+    a = arrays[name]
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != (rows, width):
+        shape = getattr(a, "shape", None)
+        raise SecAggError(f"array {name!r} must be uint8 of shape {(rows, width)}, got "
+                          f"{getattr(a, 'dtype', type(a).__name__)} {shape}")
+    data = np.ascontiguousarray(a).tobytes()
+    return [data[i * width:(i + 1) * width] for i in range(rows)]
+
+
+def _blob(arrays: dict, name: str, width: int) -> bytes:
+    a = arrays[name]
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != (width,):
+        raise SecAggError(f"array {name!r} must be uint8 of shape ({width},)")
+    return a.tobytes()
+
+
+def _as_rows(items: list[bytes], width: int) -> np.ndarray:
+    if not items:
+        return np.zeros((0, width), dtype=np.uint8)
+    return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), width).copy()
+
+
+def _as_blob(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+class _Message:
+    TYPE: ClassVar[str]
+    FIELDS: ClassVar[tuple[str, ...]]
+    ARRAYS: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def _open(cls, header: Any, arrays: Any) -> tuple[int, str]:
+        """Check the envelope; returns (round id, session)."""
+        if not isinstance(header, dict) or not isinstance(arrays, dict):
+            raise SecAggError(f"{cls.TYPE}: the header must be a dict and the arrays a dict of numpy arrays")
+        if header.get("type") != cls.TYPE:
+            raise SecAggError(f"expected a {cls.TYPE} message, got type {header.get('type')!r}")
+        if header.get("version") != WIRE_VERSION:
+            raise SecAggError(f"{cls.TYPE}: unsupported version {header.get('version')!r} "
+                              f"(this side speaks {WIRE_VERSION})")
+        expected = {"type", "version", "round", "session", *cls.FIELDS}
+        if set(header) != expected:
+            raise SecAggError(f"{cls.TYPE}: header fields {sorted(header)} differ from {sorted(expected)}")
+        if set(arrays) != set(cls.ARRAYS):
+            raise SecAggError(f"{cls.TYPE}: arrays {sorted(arrays)} differ from {sorted(cls.ARRAYS)}")
+        return _int(header, "round", 0, MAX_ROUND), check_session(header["session"])
+
+    def _header(self, **fields: Any) -> dict:
+        return {"type": self.TYPE, "version": WIRE_VERSION, "round": self.round_id, "session": self.session,
+                **fields}
+
+    round_id: int
+    session: str
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys(_Message):
+    """Party -> owner: the round's two X25519 public keys (shares, masks) and a commitment to its seed."""
+
+    TYPE: ClassVar[str] = "advertise_keys"
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender",)
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "seed_commit")
+
+    round_id: int
+    session: str
+    sender: int
+    c_pk: bytes
+    s_pk: bytes
+    seed_commit: bytes
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return self._header(sender=self.sender), {"c_pk": _as_blob(self.c_pk), "s_pk": _as_blob(self.s_pk),
+                                                  "seed_commit": _as_blob(self.seed_commit)}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> AdvertiseKeys:
+        round_id, session = cls._open(header, arrays)
+        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1),
+                   _blob(arrays, "c_pk", KEY_BYTES), _blob(arrays, "s_pk", KEY_BYTES),
+                   _blob(arrays, "seed_commit", DIGEST_BYTES))
+
+
+@dataclass(frozen=True)
+class Roster(_Message):
+    """Owner -> party: who advertised, the round parameters, and the recipient's neighbours' public keys.
+
+    The party recomputes every derived field and refuses the roster if one differs.
+    """
+
+    TYPE: ClassVar[str] = "roster"
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "n_parties", "members", "min_survivors",
+                                         "share_threshold", "degree", "ring_bits", "neighbours")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk")
+
+    round_id: int
+    session: str
+    recipient: int
+    n_parties: int
+    members: list[int]
+    min_survivors: int
+    share_threshold: int
+    degree: int
+    ring_bits: int
+    neighbours: list[int]
+    c_pks: list[bytes] = field(repr=False)
+    s_pks: list[bytes] = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        header = self._header(recipient=self.recipient, n_parties=self.n_parties, members=list(self.members),
+                              min_survivors=self.min_survivors, share_threshold=self.share_threshold,
+                              degree=self.degree, ring_bits=self.ring_bits, neighbours=list(self.neighbours))
+        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "s_pk": _as_rows(self.s_pks, KEY_BYTES)}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> Roster:
+        round_id, session = cls._open(header, arrays)
+        neighbours = _ids(header, "neighbours")
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1),
+                   _int(header, "n_parties", 2, MAX_PARTIES), _ids(header, "members"),
+                   _int(header, "min_survivors", 1, MAX_PARTIES),
+                   _int(header, "share_threshold", 1, MAX_PARTIES), _int(header, "degree", 1, MAX_PARTIES),
+                   _int(header, "ring_bits", 8, 64), neighbours,
+                   _rows(arrays, "c_pk", len(neighbours), KEY_BYTES),
+                   _rows(arrays, "s_pk", len(neighbours), KEY_BYTES))
+
+
+@dataclass(frozen=True)
+class ShareKeys(_Message):
+    """Party -> owner: one AEAD ciphertext of (seed share, mask-key share) per neighbour, for relaying."""
+
+    TYPE: ClassVar[str] = "share_keys"
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender", "receivers")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts",)
+
+    round_id: int
+    session: str
+    sender: int
+    receivers: list[int]
+    ciphertexts: list[bytes] = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return (self._header(sender=self.sender, receivers=list(self.receivers)),
+                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES)})
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> ShareKeys:
+        round_id, session = cls._open(header, arrays)
+        receivers = _ids(header, "receivers")
+        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1), receivers,
+                   _rows(arrays, "ciphertexts", len(receivers), CIPHERTEXT_BYTES))
+
+
+@dataclass(frozen=True)
+class RelayedShares(_Message):
+    """Owner -> party: the ciphertexts addressed to the recipient by the parties that shared keys."""
+
+    TYPE: ClassVar[str] = "relayed_shares"
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "senders")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts",)
+
+    round_id: int
+    session: str
+    recipient: int
+    senders: list[int]
+    ciphertexts: list[bytes] = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return (self._header(recipient=self.recipient, senders=list(self.senders)),
+                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES)})
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> RelayedShares:
+        round_id, session = cls._open(header, arrays)
+        senders = _ids(header, "senders")
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), senders,
+                   _rows(arrays, "ciphertexts", len(senders), CIPHERTEXT_BYTES))
+
+
+@dataclass(frozen=True)
+class MaskedInput(_Message):
+    """Party -> owner: the masked ring vector (`length` elements of ring_bits / 8 bytes each)."""
+
+    TYPE: ClassVar[str] = "masked_input"
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender", "length", "ring_bits")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("masked",)
+
+    round_id: int
+    session: str
+    sender: int
+    length: int
+    ring_bits: int
+    masked: np.ndarray = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return (self._header(sender=self.sender, length=self.length, ring_bits=self.ring_bits),
+                {"masked": self.masked})
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> MaskedInput:
+        round_id, session = cls._open(header, arrays)
+        length = _int(header, "length", 1, MAX_LENGTH)
+        ring_bits = _int(header, "ring_bits", 8, 64)
+        if ring_bits % 8:
+            raise SecAggError(f"ring_bits must be a multiple of 8, got {ring_bits}")
+        masked = arrays["masked"]
+        if (not isinstance(masked, np.ndarray) or masked.dtype != np.uint8
+                or masked.shape != (length * ring_bits // 8,)):
+            raise SecAggError(f"array 'masked' must be uint8 of shape ({length * ring_bits // 8},) for "
+                              f"{length} elements of {ring_bits} bits, got {getattr(masked, 'dtype', '?')} "
+                              f"{getattr(masked, 'shape', '?')}")
+        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1), length, ring_bits,
+                   np.ascontiguousarray(masked))
+
+
+@dataclass(frozen=True)
+class InputAck(_Message):
+    """Owner -> party: the SHA-256 of the masked input it accepted (the party checks it)."""
+
+    TYPE: ClassVar[str] = "input_ack"
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient",)
+    ARRAYS: ClassVar[tuple[str, ...]] = ("digest",)
+
+    round_id: int
+    session: str
+    recipient: int
+    digest: bytes
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return self._header(recipient=self.recipient), {"digest": _as_blob(self.digest)}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> InputAck:
+        round_id, session = cls._open(header, arrays)
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1),
+                   _blob(arrays, "digest", DIGEST_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(_Message):
+    """Owner -> party: which parties' inputs are in the sum (alive) and which shared keys but sent none."""
+
+    TYPE: ClassVar[str] = "unmask_request"
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "alive", "dropped")
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    round_id: int
+    session: str
+    recipient: int
+    alive: list[int]
+    dropped: list[int]
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return self._header(recipient=self.recipient, alive=list(self.alive), dropped=list(self.dropped)), {}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> UnmaskRequest:
+        round_id, session = cls._open(header, arrays)
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), _ids(header, "alive"),
+                   _ids(header, "dropped"))
+
+
+@dataclass(frozen=True)
+class UnmaskShares(_Message):
+    """Party -> owner: seed shares of alive peers and mask-key shares of dropped ones (never both)."""
+
+    TYPE: ClassVar[str] = "unmask_shares"
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender", "seed_owners", "key_owners")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("seed_shares", "key_shares")
+
+    round_id: int
+    session: str
+    sender: int
+    seed_owners: list[int]
+    key_owners: list[int]
+    seed_shares: list[bytes] = field(repr=False)
+    key_shares: list[bytes] = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        header = self._header(sender=self.sender, seed_owners=list(self.seed_owners),
+                              key_owners=list(self.key_owners))
+        return header, {"seed_shares": _as_rows(self.seed_shares, SHARE_BYTES),
+                        "key_shares": _as_rows(self.key_shares, SHARE_BYTES)}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> UnmaskShares:
+        round_id, session = cls._open(header, arrays)
+        seed_owners, key_owners = _ids(header, "seed_owners"), _ids(header, "key_owners")
+        if set(seed_owners) & set(key_owners):
+            raise SecAggError("an unmask reply reveals both the seed and the mask key of the same party")
+        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1), seed_owners, key_owners,
+                   _rows(arrays, "seed_shares", len(seed_owners), SHARE_BYTES),
+                   _rows(arrays, "key_shares", len(key_owners), SHARE_BYTES))
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.TYPE: cls for cls in (AdvertiseKeys, Roster, ShareKeys, RelayedShares, MaskedInput, InputAck,
+                              UnmaskRequest, UnmaskShares)
+}
+
+
+def message_from_wire(header: Any, arrays: Any) -> Any:
+    """Decode any secure-aggregation message by its "type" field (for a transport that multiplexes them)."""
+    kind = header.get("type") if isinstance(header, dict) else None
+    if kind not in MESSAGE_TYPES:
+        raise SecAggError(f"unknown secure-aggregation message type {kind!r}")
+    return MESSAGE_TYPES[kind].from_wire(header, arrays)

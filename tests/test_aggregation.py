@@ -1,0 +1,53 @@
+"""FedAvg weighting and the flat-vector view used by secure aggregation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from owner.aggregation import apply_delta, delta, fedavg, fedavg_weights, flatten, unflatten
+from tasks.errors import ConfigError
+
+
+def states():
+    g = torch.Generator().manual_seed(0)
+    return [{"a.lora_A.weight": torch.randn(2, 3, generator=g), "a.lora_B.weight": torch.randn(4, 2, generator=g)}
+            for _ in range(3)]
+
+
+def test_fedavg_weights_by_data_size():
+    s = states()
+    out = fedavg(s, [10, 30, 60])
+    expected = 0.1 * s[0]["a.lora_A.weight"] + 0.3 * s[1]["a.lora_A.weight"] + 0.6 * s[2]["a.lora_A.weight"]
+    assert torch.allclose(out["a.lora_A.weight"], expected, atol=1e-6)
+    assert fedavg_weights([1, 3]) == [0.25, 0.75]
+
+
+def test_fedavg_of_deltas_equals_fedavg_of_states():
+    s = states()
+    base = s[0]
+    via_delta = apply_delta(base, fedavg([delta(x, base) for x in s], [1, 2, 3]))
+    direct = fedavg(s, [1, 2, 3])
+    for n in base:
+        assert torch.allclose(via_delta[n], direct[n], atol=1e-6)
+
+
+def test_fedavg_rejects_bad_layouts_and_weights():
+    s = states()
+    bad = dict(s[1])
+    bad["a.lora_A.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ConfigError, match="shape"):
+        fedavg([s[0], bad], [1, 1])
+    with pytest.raises(ConfigError, match="names"):
+        fedavg([s[0], {"x": torch.zeros(1)}], [1, 1])
+    with pytest.raises(ConfigError, match="positive"):
+        fedavg(s, [1, 0, 2])
+
+
+def test_flatten_round_trip():
+    s = states()[0]
+    names = sorted(s)
+    vec = flatten(s, names)
+    assert vec.shape == (6 + 8,)
+    back = unflatten(vec, s, names)
+    assert all(torch.equal(back[n], s[n]) for n in names)

@@ -1,0 +1,229 @@
+"""Keys and real CurveZMQ sockets on 127.0.0.1: allowed parties talk and are identified by their public
+key; unknown keys, parties pinning the wrong owner key, and oversize frames get nothing through."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+
+from protocol import messages as m
+from protocol.codec import decode, tensor_spec
+from protocol.errors import ProtocolError, TransportError
+from protocol.keys import generate_keypair, load_allowlist, load_public, load_secret
+from protocol.messages import MessageType
+from protocol.replay import SeqCounter
+from protocol.sockets import bind_router, bound_endpoint, close_router, connect_dealer, peer_name, recv, send
+from tasks.errors import ConfigError
+
+SILENCE_S = 1.5  # how long "nothing arrives" is waited for
+ARRIVE_S = 10.0  # upper bound for something that must arrive
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    """Owner key, allowed party `alice`, and `mallory`, whose key the owner does not list."""
+    out = {"owner": generate_keypair(tmp_path / "owner", "owner")}
+    for name in ("alice", "mallory"):
+        out[name] = generate_keypair(tmp_path / name, name)
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(out["alice"][0], allow / "alice.key")
+    out["allow"] = allow
+    return out
+
+
+@pytest.fixture()
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture()
+def server(keys, ctx):
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
+    yield router, bound_endpoint(router)
+    close_router(router, auth)
+
+
+def _dealer(ctx, endpoint, keys, name, *, pinned="owner", identity=None, **kw):
+    return connect_dealer(
+        endpoint, keys[name][1], keys[pinned][0], identity=identity or name, context=ctx, **kw
+    )
+
+
+def _hello(name="alice"):
+    return SeqCounter().stamp(m.hello(name=name, n_examples=10))
+
+
+def test_allowed_party_exchanges_messages_and_is_identified_by_key(keys, ctx, server):
+    router, endpoint = server
+    dealer = _dealer(ctx, endpoint, keys, "alice")
+    try:
+        send(dealer, _hello())
+        got = recv(router, ARRIVE_S)
+        assert got is not None
+        assert got.peer_key == load_public(keys["alice"][0]) and got.identity == b"alice"
+        assert decode(got.frames, sender="party").type is MessageType.HELLO
+        assert peer_name(load_allowlist(keys["allow"]), got.peer_key, got.identity) == "alice"
+
+        send(
+            router,
+            m.welcome(
+                run_id="r", config={}, model_sha256="0" * 64, model_size=0, chunk_size=1, n_chunks=0, round=0
+            ),
+            got.identity,
+        )
+        back = recv(dealer, ARRIVE_S)
+        assert back is not None and back.identity is None
+        assert decode(back.frames, sender="owner").type is MessageType.WELCOME
+
+        tensors = {"w.lora_A.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}
+        send(dealer, m.update(round=0, n_examples=10, tensors=tensors))
+        got = recv(router, ARRIVE_S)
+        update = decode(got.frames, expect={MessageType.UPDATE: tensor_spec(tensors)})
+        assert np.array_equal(update.tensors["w.lora_A.weight"], tensors["w.lora_A.weight"])
+    finally:
+        dealer.close(linger=0)
+
+
+def test_unknown_key_gets_nothing_through(keys, ctx, server):
+    router, endpoint = server
+    intruder = _dealer(ctx, endpoint, keys, "mallory")
+    try:
+        send(intruder, _hello("mallory"))
+        assert recv(router, SILENCE_S) is None
+        assert recv(intruder, 0.1) is None
+    finally:
+        intruder.close(linger=0)
+    assert _allowed_party_gets_through(ctx, endpoint, keys, router)  # the server itself is fine
+
+
+def test_party_pinning_wrong_owner_key_cannot_talk(keys, ctx, server):
+    router, endpoint = server
+    fooled = _dealer(ctx, endpoint, keys, "alice", pinned="mallory")
+    try:
+        send(fooled, _hello())
+        assert recv(router, SILENCE_S) is None
+        assert recv(fooled, 0.1) is None
+    finally:
+        fooled.close(linger=0)
+    assert _allowed_party_gets_through(ctx, endpoint, keys, router)
+
+
+def _allowed_party_gets_through(ctx, endpoint, keys, router) -> bool:
+    dealer = _dealer(ctx, endpoint, keys, "alice")
+    try:
+        send(dealer, _hello())
+        got = recv(router, ARRIVE_S)
+        return got is not None and got.peer_key == load_public(keys["alice"][0])
+    finally:
+        dealer.close(linger=0)
+
+
+def test_oversize_frame_is_dropped_by_the_socket(keys, ctx):
+    router, auth = bind_router(
+        "tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx, max_msg_size=4096
+    )
+    dealer = _dealer(ctx, bound_endpoint(router), keys, "alice")
+    try:
+        big = {"w": np.zeros(4096, dtype=np.float32)}
+        send(dealer, m.update(round=0, n_examples=1, tensors=big))
+        assert recv(router, SILENCE_S) is None
+        send(dealer, SeqCounter(2).stamp(m.heartbeat()))  # the party reconnects; small messages pass
+        got = recv(router, ARRIVE_S)
+        assert got is not None and decode(got.frames).type is MessageType.HEARTBEAT
+    finally:
+        dealer.close(linger=0)
+        close_router(router, auth)
+
+
+def test_spoofed_identity_is_detected(keys, ctx, tmp_path):
+    shutil.copy(keys["mallory"][0], keys["allow"] / "mallory.key")
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
+    dealer = _dealer(ctx, bound_endpoint(router), keys, "mallory", identity="alice")
+    try:
+        send(dealer, _hello("alice"))
+        got = recv(router, ARRIVE_S)
+        assert got is not None and got.identity == b"alice"
+        with pytest.raises(ProtocolError, match="must be its name"):
+            peer_name(load_allowlist(keys["allow"]), got.peer_key, got.identity)
+        with pytest.raises(ProtocolError, match="not on the allowlist"):
+            peer_name({"alice": load_public(keys["alice"][0])}, got.peer_key, got.identity)
+    finally:
+        dealer.close(linger=0)
+        close_router(router, auth)
+
+
+def test_router_send_to_absent_party_raises(server):
+    router, _ = server
+    with pytest.raises(TransportError, match="not connected"):
+        send(router, m.heartbeat(), b"nobody")
+    with pytest.raises(TransportError, match="needs the party's identity"):
+        send(router, m.heartbeat())
+
+
+def test_bind_errors_are_config_errors(keys, ctx, tmp_path):
+    with pytest.raises(ConfigError, match="cannot listen"):
+        bind_router("tcp://256.0.0.1:1", keys["owner"][1], keys["allow"], context=ctx)
+    with pytest.raises(ConfigError, match="no secret key"):
+        bind_router("tcp://127.0.0.1:*", keys["owner"][0], keys["allow"], context=ctx)
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
+    close_router(router, auth)  # a failed bind left no authenticator behind
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_keygen_writes_zmq_certificates(tmp_path):
+    public, secret = generate_keypair(tmp_path / "k", "bob")
+    assert (public.name, secret.name) == ("bob.key", "bob.key_secret")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pub, sec = zmq.auth.load_certificate(secret)
+    assert zmq.auth.load_certificate(public) == (pub, None)
+    assert load_secret(secret) == (pub, sec) and load_public(public) == pub
+    assert zmq.curve_public(sec) == pub
+    with pytest.raises(ConfigError, match="already exists"):
+        generate_keypair(tmp_path / "k", "bob")
+    assert generate_keypair(tmp_path / "k", "bob", overwrite=True)[0] == public
+    assert load_public(public) != pub
+
+
+@pytest.mark.parametrize("name", ["", "../x", "-x", "a b", "a" * 65])
+def test_keygen_refuses_bad_names(tmp_path, name):
+    with pytest.raises(ConfigError, match="key name"):
+        generate_keypair(tmp_path, name)
+
+
+def test_key_loading_errors(tmp_path):
+    public, _ = generate_keypair(tmp_path, "bob")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_public(tmp_path / "nobody.key")
+    with pytest.raises(ConfigError, match="no secret key"):
+        load_secret(public)
+    (tmp_path / "junk.key").write_text("hello\n")
+    with pytest.raises(ConfigError, match="not a CurveZMQ certificate"):
+        load_public(tmp_path / "junk.key")
+    (tmp_path / "short.key").write_text('curve\n    public-key = "abc"\n')
+    with pytest.raises(ConfigError, match="malformed public key"):
+        load_public(tmp_path / "short.key")
+
+
+def test_allowlist(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_allowlist(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no \\*.key files"):
+        load_allowlist(tmp_path / "empty")
+    a, _ = generate_keypair(tmp_path / "keys", "a")
+    generate_keypair(tmp_path / "keys", "b")
+    allow = load_allowlist(tmp_path / "keys")  # *.key_secret files are not public keys
+    assert sorted(allow) == ["a", "b"] and allow["a"] == load_public(a)
+    shutil.copy(a, tmp_path / "keys" / "c.key")
+    with pytest.raises(ConfigError, match="same public key"):
+        load_allowlist(tmp_path / "keys")

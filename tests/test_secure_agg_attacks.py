@@ -1,0 +1,344 @@
+"""Secure aggregation against a misbehaving owner or party: tampering, replay, inconsistent lists."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from secure_agg import (
+    RelayedShares,
+    SecAggConfig,
+    SecAggError,
+    SecAggParty,
+    SecAggServer,
+    UnmaskRequest,
+    UnmaskShares,
+    aggregate_in_process,
+    crypto,
+    shamir,
+)
+from secure_agg.graph import neighbour_graph
+
+
+def wire(msg):
+    """A message as the other side sees it."""
+    return type(msg).from_wire(*msg.to_wire())
+
+
+class Round:
+    """One round driven by hand, so a test can interfere between the steps."""
+
+    def __init__(self, n: int, *, length: int = 6, round_id: int = 0, session: str = "s",
+                 config: SecAggConfig | None = None) -> None:
+        self.config = config or SecAggConfig()
+        self.n, self.length = n, length
+        self.server = SecAggServer(self.config, n, length, round_id, session)
+        self.parties = [SecAggParty(self.config, u, n, round_id, session) for u in range(n)]
+        rng = np.random.default_rng(n)
+        self.vectors = [rng.uniform(-1, 1, length) for _ in range(n)]
+        self.weights = [int(w) for w in rng.integers(1, 50, n)]
+
+    def advertise(self, skip=()):
+        self.adverts = {p.party_id: wire(p.advertise()) for p in self.parties if p.party_id not in skip}
+        for advert in self.adverts.values():
+            self.server.receive_advertise(advert)
+        self.rosters = {u: wire(r) for u, r in self.server.close_advertise().items()}
+        return self
+
+    def share(self, skip=()):
+        for u, roster in self.rosters.items():
+            if u not in skip:
+                self.server.receive_shares(wire(self.parties[u].share_keys(roster)))
+        self.relays = {u: wire(r) for u, r in self.server.close_shares().items()}
+        return self
+
+    def mask(self, skip=()):
+        for u, relay in self.relays.items():
+            if u not in skip:
+                ack = self.server.receive_masked_input(
+                    wire(self.parties[u].masked_input(relay, self.vectors[u], self.weights[u])))
+                self.parties[u].receive_ack(wire(ack))
+        self.requests = {u: wire(r) for u, r in self.server.close_inputs().items()}
+        return self
+
+    def unmask(self, skip=()):
+        self.replies = {}
+        for u, request in self.requests.items():
+            if u not in skip:
+                self.replies[u] = wire(self.parties[u].unmask(request))
+                self.server.receive_unmask(self.replies[u])
+        return self
+
+    def expected(self, members):
+        return sum(self.weights[m] * np.clip(self.vectors[m], -1, 1) for m in members)
+
+
+def flip(blob: bytes, at: int = 20) -> bytes:
+    return blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:]
+
+
+def test_hand_driven_round_with_dropouts_is_correct():
+    r = Round(7).advertise().share(skip={6}).mask(skip={5}).unmask(skip={4})
+    result = r.server.finish()
+    assert result.included == [0, 1, 2, 3, 4] and result.dropped == [5] and result.left_out == [6]
+    np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=5 * 2.0 ** -16)
+
+
+def test_tampered_ciphertext_is_detected():
+    r = Round(4).advertise().share()
+    relay = r.relays[1]
+    bad = dataclasses.replace(relay, ciphertexts=[flip(relay.ciphertexts[0]), *relay.ciphertexts[1:]])
+    with pytest.raises(SecAggError, match=r"share from party 0 failed authentication"):
+        r.parties[1].masked_input(bad, r.vectors[1], 1)
+    with pytest.raises(SecAggError, match="aborted"):  # a refusing party answers nothing more
+        r.parties[1].masked_input(relay, r.vectors[1], 1)
+
+
+def test_ciphertext_relayed_to_the_wrong_party_or_under_another_sender_fails():
+    r = Round(4).advertise().share()
+    to_one, to_two = r.relays[1], r.relays[2]
+    # Party 0's ciphertext for party 1, handed to party 2 as party 0's ciphertext for it.
+    misrouted = dataclasses.replace(to_two, ciphertexts=[to_one.ciphertexts[0], *to_two.ciphertexts[1:]])
+    with pytest.raises(SecAggError, match="failed authentication"):
+        r.parties[2].masked_input(misrouted, r.vectors[2], 1)
+    # Party 1's ciphertexts from parties 0 and 2, swapped.
+    c = to_one.ciphertexts
+    swapped = dataclasses.replace(to_one, ciphertexts=[c[1], c[0], *c[2:]])
+    with pytest.raises(SecAggError, match="failed authentication"):
+        r.parties[1].masked_input(swapped, r.vectors[1], 1)
+
+
+def test_replayed_shares_from_another_round_fail():
+    first = Round(4, round_id=1).advertise().share()
+    second = Round(4, round_id=2).advertise().share()
+    # The whole relay of round 1 replayed in round 2: refused on its envelope.
+    with pytest.raises(SecAggError, match="round 1.*round 2.*replay"):
+        second.parties[1].masked_input(first.relays[1], second.vectors[1], 1)
+    # Round 1's ciphertexts inside a round-2 envelope: they fail authentication.
+    replay = dataclasses.replace(second.relays[2], ciphertexts=first.relays[2].ciphertexts)
+    with pytest.raises(SecAggError, match="failed authentication"):
+        second.parties[2].masked_input(replay, second.vectors[2], 1)
+
+
+def test_round_and_session_are_bound_even_under_the_same_key_material():
+    """Were X25519 keys ever reused, HKDF info and AEAD associated data still tie a share to its round."""
+    shared = bytes(range(32))
+    key1 = crypto.share_key(shared, "s", 1, 0, 1)
+    blob = crypto.seal(key1, b"x" * 66, crypto.context(b"share-ad", "s", 1, 0, 1))
+    assert crypto.open_sealed(key1, blob, crypto.context(b"share-ad", "s", 1, 0, 1), "share") == b"x" * 66
+    for key, ad in [(crypto.share_key(shared, "s", 2, 0, 1), crypto.context(b"share-ad", "s", 2, 0, 1)),
+                    (key1, crypto.context(b"share-ad", "s", 2, 0, 1)),
+                    (key1, crypto.context(b"share-ad", "t", 1, 0, 1)),
+                    (key1, crypto.context(b"share-ad", "s", 1, 1, 0))]:
+        with pytest.raises(SecAggError, match="failed authentication"):
+            crypto.open_sealed(key, blob, ad, "share")
+    assert crypto.share_key(shared, "s", 1, 0, 1) != crypto.share_key(shared, "s", 1, 1, 0)
+
+
+def _both(alive, dropped):
+    return alive, dropped + [alive[-1]]
+
+
+def _unknown(alive, dropped):
+    return alive + [99], dropped
+
+
+def _self_dropped(alive, dropped):
+    return [a for a in alive if a != 0], sorted(dropped + [0])
+
+
+def _too_few_alive(alive, dropped):
+    return alive[:2], sorted(dropped + alive[2:])
+
+
+def _omits_a_sharer(alive, dropped):
+    return alive[:-1], dropped
+
+
+def _lists_a_non_sharer(alive, dropped):
+    return alive, sorted(dropped + [6])  # party 6 never shared keys
+
+
+@pytest.mark.parametrize(("tamper", "reason"), [
+    (_both, "both alive and dropped"),
+    (_unknown, "outside the roster"),
+    (_self_dropped, "although it acknowledged"),
+    (_too_few_alive, "below the threshold"),
+    (_omits_a_sharer, "neither alive nor dropped"),
+    (_lists_a_non_sharer, "never shared keys"),
+])
+def test_party_refuses_inconsistent_unmask_lists(tamper, reason):
+    r = Round(7).advertise().share(skip={6}).mask(skip={5})
+    request = r.requests[0]
+    assert request.alive == [0, 1, 2, 3, 4] and request.dropped == [5]
+    alive, dropped = tamper(list(request.alive), list(request.dropped))
+    bad = UnmaskRequest(request.round_id, request.session, 0, sorted(alive), sorted(dropped))
+    with pytest.raises(SecAggError, match=reason):
+        r.parties[0].unmask(wire(bad))
+    with pytest.raises(SecAggError):  # and it reveals nothing afterwards, even for the honest request
+        r.parties[0].unmask(request)
+
+
+def test_party_answers_one_unmask_request_only():
+    r = Round(5).advertise().share().mask(skip={4})
+    first = r.parties[1].unmask(r.requests[1])
+    assert 4 in first.key_owners and 4 not in first.seed_owners
+    flipped = dataclasses.replace(r.requests[1], alive=[0, 1, 2, 4], dropped=[3])
+    with pytest.raises(SecAggError, match="stage"):
+        r.parties[1].unmask(flipped)
+
+
+def test_an_owner_lying_about_a_dropout_cannot_rebuild_both_secrets():
+    """Tell parties 1, 2 that party 0 is alive and parties 3, 4 that it dropped: with a strict-majority
+    threshold the owner gets t seed shares or t key shares of party 0, never both."""
+    r = Round(5).advertise().share().mask()
+    t = r.server.share_threshold
+    assert t == 3
+    seed_shares, key_shares = {}, {}
+    for u in range(5):
+        request = r.requests[u]
+        if u in (3, 4):
+            request = dataclasses.replace(request, alive=[1, 2, 3, 4], dropped=[0])
+        try:
+            reply = r.parties[u].unmask(request)
+        except SecAggError:
+            continue
+        if 0 in reply.seed_owners:
+            seed_shares[u] = reply.seed_shares[reply.seed_owners.index(0)]
+        if 0 in reply.key_owners:
+            key_shares[u] = reply.key_shares[reply.key_owners.index(0)]
+    assert not (len(seed_shares) >= t and len(key_shares) >= t)
+    assert len(key_shares) < t
+    # What the key shares it did get rebuild is not party 0's mask key.
+    try:
+        guess = shamir.combine(key_shares)
+        assert crypto.public_of(guess) != r.adverts[0].s_pk
+    except ValueError:
+        pass
+
+
+def test_reply_revealing_both_secrets_of_a_peer_is_rejected_on_the_wire():
+    reply = UnmaskShares(0, "s", 1, [2], [2], [bytes(33)], [bytes(33)])
+    with pytest.raises(SecAggError, match="both the seed and the mask key"):
+        UnmaskShares.from_wire(*reply.to_wire())
+
+
+@pytest.mark.parametrize("which", ["seed", "key"])
+def test_tampered_unmask_share_aborts_the_round(which):
+    r = Round(5).advertise().share().mask(skip={4})
+    for u, request in r.requests.items():
+        reply = r.parties[u].unmask(request)
+        if u == 1:
+            if which == "seed":
+                reply = dataclasses.replace(reply, seed_shares=[flip(s, 30) for s in reply.seed_shares])
+            else:
+                reply = dataclasses.replace(reply, key_shares=[flip(s, 30) for s in reply.key_shares])
+        r.server.receive_unmask(wire(reply))
+    with pytest.raises(SecAggError, match="tampered"):
+        r.server.finish()
+    assert r.server.stage == "aborted"
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("min_survivors", 2, "roster threshold"),
+    ("share_threshold", 2, "share threshold"),
+    ("ring_bits", 32, "bit ring"),
+    ("neighbours", [1, 2], "neighbours"),
+    ("recipient", 1, "addressed to party 1"),
+    ("round_id", 5, "replay"),
+])
+def test_party_refuses_a_manipulated_roster(field, value, reason):
+    r = Round(4).advertise()
+    roster = r.rosters[0]
+    if field == "neighbours":
+        roster = dataclasses.replace(roster, neighbours=value, c_pks=roster.c_pks[:2], s_pks=roster.s_pks[:2])
+    else:
+        roster = dataclasses.replace(roster, **{field: value})
+    with pytest.raises(SecAggError, match=reason):
+        r.parties[0].share_keys(roster)
+
+
+def test_party_refuses_a_roster_with_a_repeated_key():
+    r = Round(4).advertise()
+    roster = r.rosters[0]
+    bad = dataclasses.replace(roster, s_pks=[roster.s_pks[0]] * len(roster.s_pks))
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        r.parties[0].share_keys(bad)
+
+
+def test_party_refuses_an_ack_for_another_input():
+    r = Round(3).advertise().share()
+    server_ack = r.server.receive_masked_input(r.parties[0].masked_input(r.relays[0], r.vectors[0], 3))
+    with pytest.raises(SecAggError, match="did not send"):
+        r.parties[0].receive_ack(dataclasses.replace(server_ack, digest=bytes(32)))
+
+
+def test_server_rejects_bad_messages_without_losing_the_round():
+    r = Round(4).advertise()
+    shares = [r.parties[u].share_keys(r.rosters[u]) for u in range(4)]
+    r.server.receive_shares(shares[0])
+    with pytest.raises(SecAggError, match="twice"):
+        r.server.receive_shares(shares[0])
+    with pytest.raises(SecAggError, match="not to its neighbours"):
+        r.server.receive_shares(dataclasses.replace(shares[1], receivers=[0, 2, 3][:2],
+                                                    ciphertexts=shares[1].ciphertexts[:2]))
+    with pytest.raises(SecAggError, match="round 3"):
+        r.server.receive_shares(dataclasses.replace(shares[1], round_id=3))
+    with pytest.raises(SecAggError, match="not accepting"):
+        r.server.receive_advertise(SecAggParty(r.config, 1, r.n, 0, "s").advertise())
+    for s in shares[1:]:
+        r.server.receive_shares(s)
+    r.relays = r.server.close_shares()
+    masked = r.parties[0].masked_input(r.relays[0], r.vectors[0], r.weights[0])
+    with pytest.raises(SecAggError, match="elements"):
+        r.server.receive_masked_input(dataclasses.replace(masked, length=5, masked=masked.masked[:25]))
+    r.server.receive_masked_input(masked)
+    for u in (1, 2, 3):
+        r.server.receive_masked_input(r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u]))
+    r.requests = r.server.close_inputs()
+    reply = r.parties[0].unmask(r.requests[0])
+    with pytest.raises(SecAggError, match="request called for"):
+        r.server.receive_unmask(dataclasses.replace(reply, seed_owners=reply.seed_owners[:-1],
+                                                    seed_shares=reply.seed_shares[:-1]))
+    r.server.receive_unmask(reply)
+    for u in (1, 2, 3):
+        r.server.receive_unmask(r.parties[u].unmask(r.requests[u]))
+    result = r.server.finish()
+    np.testing.assert_allclose(result.weighted_sum, r.expected(range(4)), atol=4 * 2.0 ** -16)
+
+
+def test_sparse_graph_leaves_out_a_starved_party_and_still_sums_the_rest():
+    n, session = 20, "prune"
+    config = SecAggConfig(graph="sparse", degree=4)  # shares are 3-of-5
+    neighbours = neighbour_graph(range(n), 4, session, 0)[0]
+    lost = set(neighbours[:3])  # party 0 keeps one sharing neighbour: its secrets would be unrecoverable
+    rng = np.random.default_rng(0)
+    vectors = [rng.uniform(-1, 1, 10) for _ in range(n)]
+    result = aggregate_in_process(vectors, [2] * n, config, round_id=0, seed=0, session=session,
+                                  drop_before_share=lost)
+    assert 0 in result.left_out and 0 not in result.included
+    assert lost <= set(result.left_out)
+    expected = sum(2 * vectors[m] for m in result.included)
+    np.testing.assert_allclose(result.weighted_sum, expected, atol=n * 2.0 ** -16)
+
+
+def test_graph_from_another_session_is_refused():
+    r = Round(12, config=SecAggConfig(graph="sparse", degree=4)).advertise()
+    roster = r.rosters[3]
+    other = neighbour_graph(range(12), 4, "other-session", 0)[3]
+    assert other != roster.neighbours
+    bad = dataclasses.replace(roster, neighbours=other)
+    with pytest.raises(SecAggError, match="differ from the graph"):
+        r.parties[3].share_keys(bad)
+
+
+def test_relay_from_a_non_neighbour_is_refused():
+    r = Round(12, config=SecAggConfig(graph="sparse", degree=4)).advertise().share()
+    relay = r.relays[3]
+    outsider = next(u for u in range(12) if u != 3 and u not in r.rosters[3].neighbours)
+    bad = RelayedShares(relay.round_id, relay.session, 3, sorted([*relay.senders[:-1], outsider]),
+                        relay.ciphertexts)
+    with pytest.raises(SecAggError, match="non-neighbours"):
+        r.parties[3].masked_input(bad, r.vectors[3], 1)

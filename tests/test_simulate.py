@@ -1,0 +1,124 @@
+"""The in-process run end to end on a tiny model: outputs, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from owner.cli import main
+from owner.state import latest_checkpoint_dir, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    words = "red blue green yellow black white".split()
+    train = [{"instruction": f"Colour of item {i}?", "input": "", "output": f"Item {i} is {words[i % 6]}."}
+             for i in range(24)]
+    public = [{"instruction": f"Say hello {i} times.", "context": "", "response": "hello " * (i % 4 + 1),
+               "category": "open_qa"} for i in range(16)]
+    evaluation = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+                  for i in range(6)]
+    for name, rows in [("train.jsonl", train), ("public.jsonl", public), ("eval.jsonl", evaluation)]:
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def args_for(model_dir, data, out, *extra):
+    return [
+        "--simulate", "2", "--rounds", "2", "--out", str(out), "--model", str(model_dir),
+        "--party-data", str(data / "train.jsonl"), "--public-data", str(data / "public.jsonl"),
+        "--eval-data", str(data / "eval.jsonl"), "--eval-items", "6", "--max-length", "96",
+        "--local-steps", "2", "--batch-size", "4", "--align-pre-steps", "2", "--align-steps", "1",
+        "--lr", "1e-2", "--quiet", *extra,
+    ]
+
+
+def adapfu_tensors(out):
+    return load_file(str(out / "adapfu" / "adapter_model.safetensors"))
+
+
+def test_simulation_writes_every_output(tiny_llama_dir, data_files, tmp_path):
+    out = tmp_path / "run"
+    assert main(args_for(tiny_llama_dir, data_files, out)) == 0
+    for rel in ["compressed/config.json", "compressed/fedbiot.json", "adapemu/adapter_config.json",
+                "adapfu/adapter_config.json", "adapfu/adapter_model.safetensors", "config.json"]:
+        assert (out / rel).is_file(), rel
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("nll_base", "nll_adapemu", "nll_adapfu"):
+        assert summary[key] > 0
+    assert summary["rounds"] == 2
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("round") == 2 and "party_step" in events and "align_step" in events
+    ckpt = load_checkpoint(latest_checkpoint_dir(out))
+    assert ckpt.round == 2
+    # AdapFu loads on the full model with plain transformers + peft and carries the final adapter LoRA.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = PeftModel.from_pretrained(base, out / "adapfu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(model(ids).logits).all()
+    n_layers = 8
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert loaded and all(f"layers.{n_layers - 1}." in n or f"layers.{n_layers - 2}." in n for n in loaded)
+    assert sum(float(t.abs().sum()) for n, t in ckpt.adapter_state.items() if "lora_B" in n) > 0
+
+
+def test_same_seed_same_result_and_resume_continues(tiny_llama_dir, data_files, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main(args_for(tiny_llama_dir, data_files, a)) == 0
+    assert main(args_for(tiny_llama_dir, data_files, b)) == 0
+    ta, tb = adapfu_tensors(a), adapfu_tensors(b)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    # One round, then --resume to two rounds: same adapter as two rounds straight.
+    first = args_for(tiny_llama_dir, data_files, c)
+    first[first.index("--rounds") + 1] = "1"
+    assert main(first) == 0
+    assert load_checkpoint(latest_checkpoint_dir(c)).round == 1
+    assert main(args_for(tiny_llama_dir, data_files, c, "--resume")) == 0
+    tc = adapfu_tensors(c)
+    assert all(torch.allclose(ta[n], tc[n], atol=1e-6) for n in ta)
+    rounds = [json.loads(x) for x in (c / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if r["event"] == "round"] == [1, 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--party-data": "missing.jsonl"}, "missing.jsonl"),
+    ({"--adapter-size": "8"}, "adapter"),
+    ({"--drop-rate": "1.0"}, "drop"),
+    ({"--party-limit": "1"}, "empty"),
+    ({"--public-data": "bad.jsonl"}, "bad.jsonl"),
+])
+def test_bad_input_gives_one_error_line_and_writes_nothing(tiny_llama_dir, data_files, tmp_path, capsys,
+                                                           change, message):
+    (data_files / "bad.jsonl").write_text(json.dumps({"instruction": "no output field"}) + "\n")
+    out = tmp_path / "run"
+    args = args_for(tiny_llama_dir, data_files, out)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value if "/" in value or not value.endswith("jsonl") \
+                else str(data_files / value)
+        else:
+            args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and message in err[-1].lower(), err
+    assert not out.exists()
+
+
+def test_secure_aggregation_gives_the_plain_result_within_fixed_point_error(tiny_llama_dir, data_files,
+                                                                             tmp_path):
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    assert main(args_for(tiny_llama_dir, data_files, plain)) == 0
+    assert main(args_for(tiny_llama_dir, data_files, secure, "--secure-agg")) == 0
+    tp, ts = adapfu_tensors(plain), adapfu_tensors(secure)
+    assert tp.keys() == ts.keys()
+    worst = max(float((tp[n] - ts[n]).abs().max()) for n in tp)
+    assert worst < 1e-5, worst
+    assert any(float(t.abs().max()) > 1e-3 for n, t in tp.items() if "lora_B" in n)
+    rounds = [json.loads(x) for x in (secure / "metrics.jsonl").read_text().splitlines()]
+    assert all("secagg" in r for r in rounds if r["event"] == "round")
