@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from tasks.errors import ConfigError
@@ -41,27 +40,3 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], n_examples: Sequence[in
         name: sum(w * s[name].double() for w, s in zip(weights, states, strict=True)).float().contiguous()
         for name in states[0]
     }
-
-
-def flatten(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray:
-    """Concatenate tensors in a fixed name order into one float64 vector (the secure-aggregation input)."""
-    return np.concatenate([state[n].detach().double().reshape(-1).numpy() for n in names])
-
-
-def unflatten(vector: np.ndarray, like: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for n in names:
-        size = like[n].numel()
-        out[n] = torch.from_numpy(np.ascontiguousarray(vector[offset:offset + size])).float().reshape(like[n].shape)
-        offset += size
-    if offset != vector.size:
-        raise ConfigError(f"aggregate has {vector.size} values, expected {offset}")
-    return out
-
-
-def delta(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: state[n].float() - base[n].float() for n in base}
-
-
-def apply_delta(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: (base[n].float() + update[n].float()).contiguous() for n in base}

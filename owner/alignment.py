@@ -4,8 +4,10 @@
 
 E* is the full model's lower n-s layers, E the compressed emulator with its LoRA, A the adapter with the current
 global adapter LoRA. Both terms are taken on response positions only (the paper's "ground truth part"); padding
-never counts. One forward of the full model (with the adapter LoRA on its last s layers) gives both targets: the
-hidden states entering layer n-s and the output logits. Only the emulator LoRA trains.
+never counts. One forward of the full model (with the adapter LoRA on its adapter layers) gives both targets: the
+hidden states entering layer n-s and the output logits. Only the emulator LoRA trains. With a bottom adapter (the
+Offsite-tuning/FedOT layout) its first a layers run with the adapter LoRA in both models, and the L2 boundary stays
+the input of the first top adapter layer.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def alignment_loss(
             hidden_t = teacher_lm.get_decoder()(**inputs).last_hidden_state
         emu_t = seen[0][mask]
         log_p_t = torch.log_softmax(project(teacher_lm, hidden_t[mask]), dim=-1)
-    boundary = decoder_layers(student_lm)[manifest.adapter_layers[0]]
+    boundary = decoder_layers(student_lm)[manifest.top_adapter_start]
     with capture_layer_input(boundary) as seen:
         hidden_s = student_lm.get_decoder()(**inputs).last_hidden_state
     emu_s = seen[0][mask]

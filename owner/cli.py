@@ -12,13 +12,17 @@ from tasks.errors import FedbiotError
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `--simulate` and `--listen` (the method's hyperparameters)."""
     from owner.alignment import AlignSettings  # noqa: PLC0415 - keep `owner --help` fast
-    from owner.config import RunConfig  # noqa: PLC0415
+    from owner.config import METHODS, RunConfig  # noqa: PLC0415
     from party.training import TrainSettings  # noqa: PLC0415
 
     d, t, a = RunConfig(), TrainSettings(), AlignSettings()
     g = p.add_argument_group("model and compression")
     g.add_argument("--model", default=None,
                    help="hub id, local checkpoint dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--method", default=d.method, choices=list(METHODS),
+                   help="fedbiot; or a baseline on the same engine: offsite (Offsite-tuning: 1 party, adapter "
+                        "= first 2 + last s layers, emulator aligned once), fedot (the same with N parties), "
+                        "fedavg-full (LoRA on every layer of the full model)")
     g.add_argument("--adapter-size", type=int, default=d.adapter_size, help="s: layers in the adapter")
     g.add_argument("--drop-rate", type=float, default=d.drop_rate,
                    help="beta: fraction of the lower layers dropped to form the emulator")
@@ -86,7 +90,8 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
     from party.training import TrainSettings  # noqa: PLC0415
 
     return RunConfig(
-        model=args.model, adapter_size=args.adapter_size, drop_rate=args.drop_rate, rounds=args.rounds,
+        model=args.model, method=args.method, adapter_size=args.adapter_size, drop_rate=args.drop_rate,
+        rounds=args.rounds,
         parties=parties, seed=args.seed, party_data=args.party_data, party_data_kind=args.party_data_kind,
         split=args.split, party_limit=args.party_limit, public_data=args.public_data,
         public_data_kind=args.public_data_kind, public_limit=args.public_limit, eval_data=args.eval_data,

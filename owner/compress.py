@@ -46,6 +46,24 @@ def emulator_layer_indices(n_layers: int, adapter_size: int, drop_rate: float) -
     return [j * (m - 1) // (kept - 1) for j in range(kept)]
 
 
+def kept_layer_indices(n_layers: int, adapter_size: int, drop_rate: float,
+                       bottom_adapter_size: int = 0) -> list[int]:
+    """Original indices of every layer the compressed model keeps: bottom adapter, emulator, top adapter.
+
+    The first a and the last s layers are the adapter; the layers between (E*) are uniformly dropped. With
+    a + s = n the adapter is the whole model and there is no emulator (FedAvg-LoRA on the full model).
+    """
+    a = bottom_adapter_size
+    if isinstance(a, bool) or not isinstance(a, int) or a < 0:
+        raise ModelError(f"bottom adapter size must be an integer >= 0, got {a!r}")
+    if a + adapter_size == n_layers and adapter_size >= 1:
+        return list(range(n_layers))
+    if a and a + adapter_size > n_layers:
+        raise ModelError(f"adapter of {a} + {adapter_size} layers leaves no emulator in {n_layers} layers")
+    emulator = emulator_layer_indices(n_layers - a, adapter_size, drop_rate)
+    return list(range(a)) + [a + i for i in emulator] + list(range(n_layers - adapter_size, n_layers))
+
+
 def _cut_config(config, kept: list[int], n: int):
     """Copy of `config` with num_hidden_layers = len(kept) and every per-layer list cut to `kept`."""
     config = copy.deepcopy(config)
@@ -64,9 +82,9 @@ def _check_no_lora(model: torch.nn.Module, what: str) -> None:
         raise ModelError(f"{what}: the model carries LoRA adapters; use the plain model (before attach_lora)")
 
 
-def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_identity: str
-             ) -> tuple[PreTrainedModel, Manifest]:
-    """Build the compressed model (kept emulator layers + last s layers) and its manifest.
+def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_identity: str,
+             bottom_adapter_size: int = 0) -> tuple[PreTrainedModel, Manifest]:
+    """Build the compressed model (first a layers + kept emulator layers + last s layers) and its manifest.
 
     Embeddings, final norm and lm_head are kept as they are; weights are copied, never shared with
     `model`. The manifest records `base_identity`, not the config's `_name_or_path`.
@@ -77,8 +95,7 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
     _check_no_lora(base, "compress")
     path = decoder_layers_path(base)
     n = len(base.get_submodule(path))
-    emulator = emulator_layer_indices(n, adapter_size, drop_rate)
-    kept = emulator + list(range(n - adapter_size, n))
+    kept = kept_layer_indices(n, adapter_size, drop_rate, bottom_adapter_size)
     new_index = {orig: i for i, orig in enumerate(kept)}
 
     layer_key = re.compile(re.escape(path) + r"\.(\d+)\.")
@@ -105,7 +122,7 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
         compressed.generation_config = copy.deepcopy(base.generation_config)
     manifest = Manifest(format_version=FORMAT_VERSION, base_model=str(base_identity), n_layers=n,
                         adapter_size=adapter_size, drop_rate=float(drop_rate), kept_layers=kept,
-                        layers_path=path)
+                        layers_path=path, bottom_adapter_size=bottom_adapter_size)
     return compressed.eval(), manifest
 
 

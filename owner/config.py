@@ -12,6 +12,12 @@ from party.lora import LoraSettings
 from party.training import TrainSettings
 from tasks.errors import ConfigError
 
+# fedbiot: adapter = last s layers, emulator re-aligned every round. offsite (Offsite-tuning): one party
+# with all the data, adapter = first 2 + last s layers, emulator aligned once. fedot: the same adapter and
+# one-time alignment, N parties. fedavg-full: LoRA on every layer of the full model (no emulator).
+METHODS = ("fedbiot", "offsite", "fedot", "fedavg-full")
+BASELINE_BOTTOM_ADAPTER = 2
+
 
 @dataclass
 class RunConfig:
@@ -40,8 +46,13 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     dp: DPSettings | None = None  # DP-SGD for the simulated parties; None = no DP
+    method: str = "fedbiot"  # one of METHODS
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.method == "offsite":  # Offsite-tuning: a single data holder
+            self.parties, self.split = 1, "iid"
         if self.rounds < 1:
             raise ConfigError("--rounds must be at least 1")
         if self.parties < 1:
@@ -54,6 +65,19 @@ class RunConfig:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8")
+
+    def adapter_layout(self, n_layers: int) -> tuple[int, int]:
+        """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""
+        if self.method == "fedavg-full":
+            return 0, n_layers
+        if self.method in ("offsite", "fedot"):
+            return BASELINE_BOTTOM_ADAPTER, self.adapter_size
+        return 0, self.adapter_size
+
+    @property
+    def realigns_each_round(self) -> bool:
+        """Only FedBiOT re-aligns the emulator after every round; the baselines align it once (or never)."""
+        return self.method == "fedbiot"
 
     def to_dict(self) -> dict:
         data = asdict(self)

