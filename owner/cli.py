@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--min-parties", type=int, help="rounds proceed with at least this many (default: all)")
     net.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for parties to join")
     net.add_argument("--round-timeout", type=float, default=1800.0, help="deadline of one round, seconds")
+    net.add_argument("--party-timeout", type=float, default=60.0,
+                     help="a party silent this long (no heartbeat) is left out of the round")
     return p
 
 
@@ -148,7 +150,8 @@ def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from owner.metrics import MetricsLog, quiet_libraries  # noqa: PLC0415
+    from owner.metrics import MetricsLog  # noqa: PLC0415
+    from party.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     log = MetricsLog(None, quiet=args.quiet)

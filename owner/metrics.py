@@ -45,16 +45,3 @@ class MetricsLog:
 def megabytes(n_bytes: int) -> float:
     return n_bytes / 1e6
 
-
-def quiet_libraries() -> None:
-    """Silence library progress bars and deprecation chatter so our own progress lines stay readable."""
-    import logging  # noqa: PLC0415
-    import warnings  # noqa: PLC0415
-
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-    logging.getLogger("tasks").setLevel(logging.INFO)

@@ -1,0 +1,81 @@
+"""The `party` command: join an owner's run over ZeroMQ, or make a key pair."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.errors import FedbiotError
+
+
+def keygen_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="party keygen", description="write a party's CurveZMQ key pair")
+    p.add_argument("--name", required=True, help="party name (the owner allowlists NAME.key)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    from protocol.keys import generate_keypair  # noqa: PLC0415
+
+    public, secret = generate_keypair(args.out, args.name)
+    print(f"public key: {public} (give it to the owner)\nsecret key: {secret} (keep it private)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="party",
+        description="FedBiOT party: trains the adapter LoRA on local data; the data never leave this machine. "
+                    "`party keygen --name NAME --out KEYDIR` writes a key pair.")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT", help="owner address, e.g. tcp://host:5555")
+    p.add_argument("--data", required=True, help="local training data (JSON/JSONL) or a packaged sample name")
+    p.add_argument("--data-kind", default="auto", help="gsm8k | dolly | alpaca | auto")
+    p.add_argument("--key", type=Path, required=True, help="this party's secret key file (NAME.key_secret)")
+    p.add_argument("--owner-key", type=Path, required=True, help="the owner's public key file (pinned)")
+    p.add_argument("--name", help="party name (default: the key file's name)")
+    p.add_argument("--work", type=Path, help="where the model and download state live "
+                                             "(default: the fedbiot cache dir / party / NAME)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
+    dp = p.add_argument_group("differential privacy (DP-SGD)")
+    dp.add_argument("--dp-noise", type=float, help="noise multiplier")
+    dp.add_argument("--dp-epsilon", type=float, help="target epsilon over the whole run")
+    dp.add_argument("--dp-delta", type=float, help="delta (default 1/N^1.1)")
+    dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient norm bound")
+    return p
+
+
+def dp_settings(args: argparse.Namespace):
+    if args.dp_noise is None and args.dp_epsilon is None:
+        return None
+    from party.dp import DPSettings  # noqa: PLC0415
+
+    return DPSettings(noise_multiplier=args.dp_noise, target_epsilon=args.dp_epsilon, delta=args.dp_delta,
+                      max_grad_norm=args.dp_clip)
+
+
+def run(argv: list[str]) -> int:
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from party.client import PartyOptions, run_party  # noqa: PLC0415
+    from party.console import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    return run_party(PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
+                                  data_kind=args.data_kind, name=args.name, work_dir=args.work,
+                                  dp=dp_settings(args), timeout=args.timeout))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except FedbiotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""The `party --connect` node: joins the owner over CurveZMQ, fetches the compressed model once, trains.
+
+The party pins the owner's public key, so it talks to nobody else. Training runs in a worker thread while
+the main thread keeps the socket and sends heartbeats, so the owner can tell a busy party from a dead one.
+A restarted party says HELLO again, reuses the model it already unpacked (or resumes the download), and
+joins at the next round boundary. Every owner message is schema-, replay- and round-checked; a bad one is
+logged and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from party.compressed_model import Manifest, cache_root, load_compressed
+from party.lora import LoraSettings, attach_lora, lora_state_spec
+from party.secure_update import update_vector
+from party.training import PartyTrainer, PartyUpdate, TrainSettings, derive_seed
+from protocol import messages as m
+from protocol.chunks import ArchiveInfo, ChunkReceiver
+from protocol.codec import decode
+from protocol.errors import ProtocolError, TransportError
+from protocol.messages import Message, MessageType
+from protocol.replay import ReplayGuard, SeqCounter
+from protocol.sockets import connect_dealer, recv, send
+from secure_agg import (
+    InputAck,
+    RelayedShares,
+    Roster,
+    SecAggConfig,
+    SecAggError,
+    SecAggParty,
+    UnmaskRequest,
+    message_from_wire,
+)
+from tasks.datasets import Example, load_examples
+from tasks.errors import FedbiotError
+from tasks.prompts import tokenize_examples
+
+HEARTBEAT_S = 2.0
+REHELLO_S = 15.0
+CHUNK_WINDOW = 4
+
+
+@dataclass
+class PartyOptions:
+    endpoint: str
+    key: Path
+    owner_key: Path
+    data: str
+    data_kind: str = "auto"
+    name: str | None = None
+    work_dir: Path | None = None
+    dp: object | None = None  # party.dp.DPSettings when DP-SGD is on
+    timeout: float = 3600.0  # give up after this long without hearing from the owner
+
+    @property
+    def party_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.key).name
+        return stem[: -len(".key_secret")] if stem.endswith(".key_secret") else Path(stem).stem
+
+
+class OwnerGone(FedbiotError):
+    """The owner ended the run (BYE) or stayed silent past the timeout."""
+
+
+class Superseded(Exception):  # noqa: N818 - control flow, not an error
+    """A newer ROUND_START arrived while this round was still open."""
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+
+
+def say(line: str) -> None:
+    print(f"[party {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+class PartyNode:
+    """State and event loop of one party."""
+
+    def __init__(self, opts: PartyOptions, log: Callable[[str], None] = say) -> None:
+        self.opts, self.log = opts, log
+        self.name = opts.party_name
+        self.examples: list[Example] = load_examples(opts.data, opts.data_kind)
+        self.work = Path(opts.work_dir or cache_root() / "party" / self.name)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, identity=self.name)
+        self.out = SeqCounter()
+        self.guard = ReplayGuard()
+        self.config: dict | None = None
+        self.archive: ArchiveInfo | None = None
+        self.receiver: ChunkReceiver | None = None
+        self.trainer: PartyTrainer | None = None
+        self.manifest: Manifest | None = None
+        self.spec: dict | None = None
+        self.last_heard = time.monotonic()
+        self.last_hello = 0.0
+        self.next_heartbeat = 0.0
+        self.welcomed = False
+        self.finished = False
+        self.rounds_done = 0
+        self.state_path = self.work / "party-state.json"
+
+    # ------------------------------------------------------------------------------ wire
+    def send(self, msg: Message) -> None:
+        self.out.stamp(msg)
+        try:
+            send(self.sock, msg)
+        except TransportError as exc:
+            self.log(f"send failed ({exc}); the owner will see this party as silent")
+
+    def hello(self) -> None:
+        sha = self.archive.model_sha256 if self.trainer is not None and self.archive else self.cached_sha()
+        self.last_hello = time.monotonic()
+        self.send(m.hello(name=self.name, n_examples=len(self.examples), model_sha256=sha,
+                          capabilities=["secure_agg"] + (["dp"] if self.opts.dp else []),
+                          last_round=self.rounds_done - 1))
+
+    def cached_sha(self) -> str:
+        try:
+            return json.loads(self.state_path.read_text()).get("model_sha256", "")
+        except (OSError, ValueError):
+            return ""
+
+    def receive(self, timeout: float) -> Message | None:
+        """One checked owner message, or None. Handles heartbeats, REJECT, BYE and re-HELLO itself."""
+        now = time.monotonic()
+        if now >= self.next_heartbeat and self.welcomed:
+            self.next_heartbeat = now + HEARTBEAT_S
+            self.send(m.heartbeat())
+        if not self.welcomed and now - self.last_hello > REHELLO_S:
+            self.hello()
+        if now - self.last_heard > self.opts.timeout:
+            raise OwnerGone(f"no word from the owner for {self.opts.timeout:.0f} s")
+        got = recv(self.sock, timeout)
+        if got is None:
+            return None
+        try:
+            msg = decode(got.frames, sender="owner", expect=self.expect())
+            if msg.type is MessageType.WELCOME:
+                self.guard = ReplayGuard()  # a (re)started owner counts from 1 again
+            if msg.type is not MessageType.REJECT:  # a REJECT changes no state; a restarted owner's
+                self.guard.check(msg)              # first one must get through to trigger HELLO
+                self.guard.commit(msg)
+        except ProtocolError as exc:
+            self.log(f"dropped a bad message from the owner: {exc.reason}")
+            return None
+        self.last_heard = time.monotonic()
+        if msg.type is MessageType.HEARTBEAT:
+            return None
+        if msg.type is MessageType.REJECT:
+            self.log(f"the owner rejected our {msg['ref_type'] or 'message'}: {msg['reason']}")
+            if msg["reason"].startswith("hello required"):
+                self.welcomed = False
+                self.hello()
+            return None
+        if msg.type is MessageType.BYE:
+            self.finished = True
+            raise OwnerGone(f"the owner ended the run: {msg['reason'] or 'no reason given'}")
+        return msg
+
+    def expect(self) -> dict:
+        return {MessageType.ROUND_START: self.spec} if self.spec else {}
+
+    # ------------------------------------------------------------------------------ joining
+    def on_welcome(self, msg: Message) -> None:
+        self.welcomed = True
+        self.config = dict(msg["config"])
+        info = ArchiveInfo.from_fields(msg.fields)
+        self.log(f"welcomed to {msg['run_id']} at round {msg['round'] + 1}; model archive "
+                 f"{info.model_size / 1e6:.1f} MB")
+        if self.trainer is not None and self.archive == info:
+            self.send(m.ready(info.model_sha256))
+            return
+        self.archive = info
+        model_dir = self.work / "model"
+        if self.cached_sha() == info.model_sha256 and model_dir.is_dir():
+            self.load_model(model_dir)
+            return
+        self.receiver = ChunkReceiver(self.work / "download", info)
+        self.requested: set[int] = set()
+        self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
+                 "chunks to fetch")
+        self.request_chunks()
+
+    def request_chunks(self) -> None:
+        """Keep CHUNK_WINDOW requests in flight; finish when nothing is missing."""
+        missing = self.receiver.missing()
+        if not missing:
+            self.finish_download()
+            return
+        for index in missing:
+            if len(self.requested) >= CHUNK_WINDOW:
+                break
+            if index not in self.requested:
+                self.requested.add(index)
+                self.send(m.chunk_request(index))
+
+    def on_chunk(self, msg: Message) -> None:
+        if self.receiver is None:
+            return
+        index = msg["index"]
+        self.requested.discard(index)
+        try:
+            self.receiver.add(index, msg.blob or b"", msg["sha256"])
+        except ProtocolError as exc:
+            self.log(f"bad chunk {index}: {exc.reason}; asking again")
+        done = self.archive.n_chunks - len(self.receiver.missing())
+        if done % 25 == 0 or done == self.archive.n_chunks:
+            self.log(f"model download: {done}/{self.archive.n_chunks} chunks")
+        self.request_chunks()
+
+    def finish_download(self) -> None:
+        model_dir = self.receiver.finish(self.work / "model")
+        self.receiver = None
+        self.state_path.write_text(json.dumps({"model_sha256": self.archive.model_sha256}))
+        self.load_model(model_dir)
+
+    def load_model(self, model_dir: Path) -> None:
+        cfg = self.config
+        model, tokenizer, manifest = load_compressed(model_dir)
+        lora = LoraSettings.from_dict(cfg["lora"])
+        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+        peft_model = attach_lora(model, layers, lora, derive_seed(cfg["seed"], "lora-init"))
+        data = tokenize_examples(self.examples, tokenizer, cfg["max_length"], cfg["template"])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.trainer = build_trainer(self.name, peft_model, manifest, data, int(pad), lora,
+                                     TrainSettings.from_dict(cfg["train"]), cfg["seed"], cfg["rounds"], self.opts.dp)
+        self.manifest = manifest
+        self.spec = {n: (shape, "F32") for n, (shape, _) in lora_state_spec(peft_model, layers).items()}
+        self.send(m.ready(self.archive.model_sha256))
+        self.log(f"model ready ({len(manifest.emulator_layers)} emulator + {manifest.adapter_size} adapter "
+                 f"layers); training data: {len(data)} examples")
+
+    # ------------------------------------------------------------------------------ rounds
+    def split_payload(self, msg: Message) -> tuple[dict, dict]:
+        tensors = {k: torch.from_numpy(v.copy()) for k, v in msg.tensors.items()}
+        adapter_prefixes = tuple(f"{self.manifest.layers_path}.{i}." for i in self.manifest.adapter_layers)
+        adapter = {k: v for k, v in tensors.items() if k.startswith(adapter_prefixes)}
+        emulator = {k: v for k, v in tensors.items() if not k.startswith(adapter_prefixes)}
+        return adapter, emulator
+
+    def train(self, r: int, adapter: dict, emulator: dict) -> PartyUpdate:
+        """Train in a worker thread; keep the socket (heartbeats, BYE, newer rounds) in this one."""
+        self.log(f"round {r + 1}: training {self.trainer.settings.local_steps} steps")
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(self.trainer.train_round, r, adapter, emulator, self.progress)
+            newer = None
+            while not future.done():
+                msg = self.receive(0.2)
+                if msg is not None and msg.type is MessageType.ROUND_START:
+                    newer = msg
+            update = future.result()
+        if newer is not None:
+            raise Superseded(newer)
+        return update
+
+    def progress(self, info: dict) -> None:
+        if info["step"] == info["steps"] or info["step"] % 4 == 0:
+            self.log(f"round {info['round'] + 1}: step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
+
+    def wait_for(self, kind: MessageType, r: int, stage: str | None = None, timeout: float = 600.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.receive(0.5)
+            if msg is None:
+                continue
+            if msg.type is MessageType.ROUND_START:
+                raise Superseded(msg)
+            if msg.type is MessageType.ROUND_END and kind is not MessageType.ROUND_END:
+                raise SecAggError(f"the owner closed round {r + 1} early: {msg['summary']}")
+            if msg.type is kind and (stage is None or msg["stage"] == stage):
+                return msg
+            self.log(f"ignored an unexpected {msg.type.value} in round {r + 1}")
+        raise SecAggError(f"timed out waiting for {stage or kind.value} in round {r + 1}")
+
+    def secure_exchange(self, r: int, msg: Message, update: PartyUpdate, received: dict) -> None:
+        fields = msg["secagg"]
+        cfg = SecAggConfig.from_dict(fields["config"])
+        agg = SecAggParty(cfg, fields["party_id"], fields["n_parties"], r, fields["session"])
+
+        def push(obj) -> None:
+            header, arrays = obj.to_wire()
+            self.send(m.secagg(round=r, stage=header["type"], data=header, arrays=arrays))
+
+        def pull(kind: type):
+            got = self.wait_for(MessageType.SECAGG, r, kind.TYPE)
+            obj = message_from_wire(got["data"], dict(got.tensors))
+            if not isinstance(obj, kind):
+                raise SecAggError(f"expected {kind.TYPE}, got {type(obj).TYPE}")
+            return obj
+
+        self.send(m.update(round=r, n_examples=0, stats=update.stats))
+        push(agg.advertise())
+        push(agg.share_keys(pull(Roster)))
+        push(agg.masked_input(pull(RelayedShares), update_vector(update.adapter_state, received), update.n_examples))
+        agg.receive_ack(pull(InputAck))
+        push(agg.unmask(pull(UnmaskRequest)))
+
+    def run_round(self, msg: Message) -> None:
+        r = msg["round"]
+        adapter, emulator = self.split_payload(msg)
+        update = self.train(r, adapter, emulator)
+        if msg["secagg"]:
+            self.secure_exchange(r, msg, update, adapter)
+        else:
+            self.send(m.update(round=r, n_examples=update.n_examples, stats=update.stats,
+                               tensors=update.adapter_state))
+        eps = f", epsilon {update.stats['epsilon']:.3f}" if "epsilon" in update.stats else ""
+        self.log(f"round {r + 1}: sent update (loss {update.stats['loss_mean']:.4f}{eps})")
+        end = self.wait_for(MessageType.ROUND_END, r, timeout=self.opts.timeout)
+        self.rounds_done = r + 1
+        self.log(f"round {r + 1} closed by the owner ({end['summary']})")
+
+    # ------------------------------------------------------------------------------ main loop
+    def dispatch(self, msg: Message) -> None:
+        while msg is not None:
+            try:
+                if msg.type is MessageType.WELCOME:
+                    self.on_welcome(msg)
+                elif msg.type is MessageType.CHUNK:
+                    self.on_chunk(msg)
+                elif msg.type is MessageType.ROUND_START:
+                    if self.trainer is None:
+                        self.log("round started before the model was ready; waiting for the next one")
+                    else:
+                        self.run_round(msg)
+                elif msg.type is not MessageType.ROUND_END:
+                    self.log(f"ignored an unexpected {msg.type.value}")
+                msg = None
+            except Superseded as newer:
+                self.log("the owner started a new round; abandoning the current one")
+                msg = newer.msg
+            except (SecAggError, ProtocolError) as exc:
+                self.log(f"round abandoned: {exc}")
+                msg = None
+
+    def run(self) -> int:
+        self.log(f"{self.name}: connecting to {self.opts.endpoint} with {len(self.examples)} examples")
+        self.hello()
+        try:
+            while True:
+                msg = self.receive(0.5)
+                if msg is not None:
+                    self.dispatch(msg)
+        except OwnerGone as exc:
+            self.log(str(exc))
+            return 0 if self.finished else 1
+        finally:
+            self.sock.close(linger=500)
+
+
+def build_trainer(name: str, model, manifest: Manifest, data, pad_id: int, lora: LoraSettings,
+                  settings: TrainSettings, seed: int, rounds: int, dp) -> PartyTrainer:
+    """A plain or a DP-SGD trainer, as this party chose."""
+    return PartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed)
+
+
+def run_party(opts: PartyOptions) -> int:
+    return PartyNode(opts).run()
+
+
