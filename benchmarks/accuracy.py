@@ -125,6 +125,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--align-steps", type=int, default=4, help="owner alignment steps per round (FedBiOT)")
     g.add_argument("--max-length", type=int, default=256)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-items", type=int, default=32, help="held-out items for the response NLL")
     g.add_argument("--acc-items", "--gsm8k-items", dest="acc_items", type=int, default=20,
@@ -135,7 +137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     numbers = {"--rounds": args.rounds, "--local-steps": args.local_steps, "--batch-size": args.batch_size,
                "--eval-items": args.eval_items, "--acc-items": args.acc_items,
-               "--gen-batch-size": args.gen_batch_size, "--baseline-adapter-size": args.baseline_adapter_size}
+               "--gen-batch-size": args.gen_batch_size, "--baseline-adapter-size": args.baseline_adapter_size,
+               "--threads": 1 if args.threads is None else args.threads}
     bad = [flag for flag, value in numbers.items() if value < 1]
     if bad or any(s < 1 for s in args.adapter_sizes) or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         p.error(f"{', '.join(bad) or '--adapter-sizes/--max-new-tokens'} must be at least 1")
@@ -301,10 +304,13 @@ def task_accuracy(model, tokenizer, spec: TaskSpec, data: TaskData, args: argpar
             "n_correct": sum(r["n_correct"] for r in result["records"])}
 
 
-def cached(path: Path, compute) -> dict:
+def cached(path: Path, settings: dict, compute) -> dict:
+    """A score computed once: read from `path` when it was computed with the same `settings`."""
     if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
+        value = json.loads(path.read_text())
+        if value.get("settings") == settings:
+            return value
+    value = {**compute(), "settings": settings}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=1, default=float) + "\n")
@@ -354,7 +360,8 @@ def markdown(result: dict) -> str:
     lines += [
         "Adapter: FedBiOT's last s layers; Offsite-tuning/FedOT: the first 2 + last s layers. AdapEmu = adapter "
         "on the emulator, AdapFu = adapter plugged into the full model.",
-        f"Wall time {result['seconds'] / 60:.1f} min on {result['machine']}.",
+        f"Compute: {result['run_seconds'] / 60:.1f} min of federated runs (training, alignment, export, NLL) and "
+        f"{result['eval_seconds'] / 60:.1f} min of accuracy evaluation on {result['machine']}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -365,7 +372,7 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    labels = [f"{METHOD_LABELS[r['method']]}\n{r['adapter']} b{_fmt(r['drop_rate'], 1)} "
+    labels = [f"{METHOD_LABELS[r['method']]}\ns={r['adapter']} beta={_fmt(r['drop_rate'], 1)} "
               f"{VARIANT_LABELS[r['variant']]}" if r["method"] != "untouched" else "untouched" for r in rows]
     panels = [("nll", "held-out response NLL (lower is better)")]
     if accuracy_label and any(r["accuracy"] is not None for r in rows):
@@ -376,8 +383,11 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
                "fedavg-full": "#2ca02c"}
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         values = [r[key] if r[key] is not None else 0.0 for r in rows]
-        ax.bar(range(len(rows)), values, color=[colours[r["method"]] for r in rows],
-               hatch=None, edgecolor="black", linewidth=0.5)
+        bars = ax.bar(range(len(rows)), values, color=[colours[r["method"]] for r in rows],
+                      edgecolor="black", linewidth=0.5)
+        for bar, r in zip(bars, rows, strict=True):
+            if r["variant"] == "adapemu":  # hatched: the adapter on the emulator, not on the full model
+                bar.set_hatch("//")
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         if key == "nll":
@@ -400,10 +410,14 @@ def _write(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    from owner.metrics import quiet_libraries  # noqa: PLC0415
+    from party.console import quiet_libraries  # noqa: PLC0415
     from tasks.datasets import load_examples  # noqa: PLC0415
 
     quiet_libraries()
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
     say = Progress()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -421,13 +435,17 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
     reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
     rows: list[dict] = []
+    eval_seconds = 0.0
     for entry in entries:
         for variant in entry.variants:
             key = f"{entry.name}-{variant}"
             if entry.method == "untouched":
                 adapter_dir = None
-                nll = cached(out / "evals" / f"{key}-nll.json",
-                             lambda: {"nll": base_nll(args.model, reference)})["nll"]
+                def untouched_nll() -> dict:
+                    say(f"untouched model: NLL on {args.eval_items} held-out items")
+                    return {"nll": base_nll(args.model, reference)}
+                nll = cached(out / "evals" / f"{key}-nll.json", {"eval_items": args.eval_items,
+                             "max_length": args.max_length, "test": data.test}, untouched_nll)["nll"]
             else:
                 adapter_dir = out / "runs" / entry.name / variant
                 nll = summaries[entry.name][f"nll_{variant}"]
@@ -441,7 +459,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                     result = task_accuracy(model, tokenizer, spec, data, args)
                     result["seconds"] = round(time.perf_counter() - started, 1)
                     return result
-                scores = cached(out / "evals" / f"{key}-{spec.metric}.json", compute)
+                settings = {"acc_items": args.acc_items, "max_new_tokens": args.max_new_tokens}
+                scores = cached(out / "evals" / f"{key}-{spec.metric}.json", settings, compute)
+                eval_seconds += scores.get("seconds", 0.0)
             row = {
                 "method": entry.method, "adapter": entry.adapter_label, "adapter_size": entry.adapter_size,
                 "drop_rate": entry.drop_rate, "variant": variant, "nll": nll,
@@ -474,8 +494,10 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "max_new_tokens": args.max_new_tokens or (200 if spec.metric == "gsm8k" else 384),
         },
         "rows": rows,
-        "seconds": round(time.perf_counter() - say.start, 1),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "run_seconds": round(sum(s.get("seconds", 0.0) for s in summaries.values()), 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
+                   f"{args.threads or 'default'} torch threads",
     }
     _write(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)

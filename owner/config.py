@@ -70,9 +70,11 @@ class RunConfig:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""
         if self.method == "fedavg-full":
             return 0, n_layers
-        if self.method in ("offsite", "fedot"):
-            return BASELINE_BOTTOM_ADAPTER, self.adapter_size
-        return 0, self.adapter_size
+        bottom = BASELINE_BOTTOM_ADAPTER if self.method in ("offsite", "fedot") else 0
+        if bottom + self.adapter_size >= n_layers:
+            raise ConfigError(f"--adapter-size {self.adapter_size}{f' (+ the first {bottom})' if bottom else ''} "
+                              f"leaves no emulator in a model of {n_layers} layers")
+        return bottom, self.adapter_size
 
     @property
     def realigns_each_round(self) -> bool:

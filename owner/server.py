@@ -6,6 +6,10 @@ handler stamped on it must be on the allowlist and match the socket identity), r
 then handled; anything wrong is answered with REJECT and logged, and the owner's state is untouched.
 Parties that stop sending heartbeats, or miss a deadline, are left out of the round; the round completes
 with the others (FedAvg renormalises over who answered) unless fewer than `--min-parties` remain.
+
+Advisory replies (REJECT, HEARTBEAT) never wait on a party's full queue, so a party that floods the owner
+with junk and reads nothing cannot stall it. Connections refused by ZAP (unknown keys) are logged and
+counted from the socket monitor; they never reach the message loop.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from owner.aggregation import fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.session import OwnerSession
 from owner.simulate import prepare_out_dir
+from party.client import RUN_FINISHED
 from party.lora import apply_delta, unflatten_state
 from party.secure_update import secagg_config
 from protocol import messages as m
@@ -36,7 +43,7 @@ from protocol.keys import load_allowlist
 from protocol.liveness import Liveness
 from protocol.messages import Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
-from protocol.sockets import bind_router, close_router, peer_name, recv, send
+from protocol.sockets import bind_router, close_router, peer_name, recv
 from secure_agg import (
     AdvertiseKeys,
     MaskedInput,
@@ -49,6 +56,7 @@ from secure_agg import (
 from tasks.errors import ConfigError, FedbiotError
 
 HEARTBEAT_S = 2.0
+LOUD_REJECTS = 20  # per party, rejections printed one by one; after that every 1000th (all are in metrics)
 
 
 @dataclass
@@ -84,7 +92,7 @@ class OwnerServer:
 
     def __init__(self, session: OwnerSession, config: RunConfig, sock, allowlist: dict[str, bytes],
                  archive: ChunkSource, log: MetricsLog, *, min_parties: int, join_timeout: float,
-                 round_timeout: float, party_timeout: float, run_id: str) -> None:
+                 round_timeout: float, party_timeout: float, run_id: str, monitor=None) -> None:
         self.session, self.config, self.sock, self.allowlist = session, config, sock, allowlist
         self.archive, self.log = archive, log
         self.min_parties, self.join_timeout = min_parties, join_timeout
@@ -99,19 +107,35 @@ class OwnerServer:
         self.adapter_spec = {n: (tuple(t.shape), "F32") for n, t in adapter.items()}
         self.payload_spec = {**self.adapter_spec, **{n: (tuple(t.shape), "F32") for n, t in emulator.items()}}
         self.rejected = 0
+        self.rejected_by: dict[str, int] = {}
+        self.refused_connections = 0
+        self.round_ids: dict[str, int] = {}  # secure-aggregation party id of each party invited this round
+        self.monitor = monitor if monitor is not None else refusal_monitor(sock)
 
     # ------------------------------------------------------------------------------ sending
-    def send_to(self, name: str, msg: Message) -> bool:
+    def send_to(self, name: str, msg: Message, *, wait: bool = True) -> bool:
+        """Send to a party with a session. wait=False: drop the message if the party's queue is full."""
         link = self.links[name]
-        link.out.stamp(msg)
+        sent = self.transmit(name, link.identity, link.out, msg, wait=wait)
+        link.bytes_down += sent
+        return sent > 0
+
+    def transmit(self, name: str, identity: bytes, counter: SeqCounter, msg: Message, *, wait: bool) -> int:
+        """Stamp, encode and send; returns the bytes sent, 0 when the party cannot be reached."""
+        counter.stamp(msg)
+        frames = encode(msg)
         try:
-            frames = encode(msg)
-            send(self.sock, msg, link.identity)
-        except TransportError as exc:
-            self.log.say(f"cannot reach {name}: {exc}")
-            return False
-        link.bytes_down += sum(len(f) for f in frames)
-        return True
+            self.sock.send_multipart([identity, *frames], flags=0 if wait else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if wait:
+                self.log.say(f"cannot reach {name}: send of {msg.type.value} timed out")
+            return 0
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise TransportError(f"send of {msg.type.value} to {name} failed: {exc}") from None
+            self.log.say(f"cannot reach {name}: not connected")
+            return 0
+        return sum(len(f) for f in frames)
 
     def heartbeats(self) -> None:
         if time.monotonic() < self.next_heartbeat:
@@ -119,21 +143,40 @@ class OwnerServer:
         self.next_heartbeat = time.monotonic() + HEARTBEAT_S
         for name, link in list(self.links.items()):
             if link.ready and self.liveness.alive(name):
-                self.send_to(name, m.heartbeat())
+                self.send_to(name, m.heartbeat(), wait=False)
+
+    def watch_refusals(self) -> None:
+        """Log connections ZAP refused (a key not on the allowlist); they never deliver a message."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            self.refused_connections += 1
+            self.log.say(f"refused a connection on {event['endpoint'].decode(errors='replace')}: its key is not "
+                         f"on the allowlist (ZAP status {int(event['value'])})")
+            self.log.record("refused_connection", status=int(event["value"]))
 
     # ------------------------------------------------------------------------------ receiving
     def reject(self, identity: bytes | None, name: str | None, error: ProtocolError) -> None:
-        """Answer a bad message with REJECT (when the sender is known) and log why; state is untouched."""
+        """Answer a bad message with REJECT (when the sender is an allowlisted party) and log why; state is
+        untouched. The REJECT is dropped rather than waited for if the party does not read its queue."""
         self.rejected += 1
         who = name or (identity.decode(errors="replace")[:64] if identity else "unknown peer")
-        self.log.say(f"rejected a message from {who}: {error.reason}")
-        self.log.record("reject", party=who, reason=error.reason)
-        if name is not None and name in self.links:
-            self.send_to(name, m.reject_for(error))
+        count = self.rejected_by[who] = self.rejected_by.get(who, 0) + 1
+        if count <= LOUD_REJECTS or count % 1000 == 0:
+            more = f" ({count} so far)" if count > LOUD_REJECTS else ""
+            self.log.say(f"rejected a message from {who}{more}: {error.reason}")
+        self.log.record("reject", party=who, reason=error.reason, ref_type=error.msg_type or "")
+        if name is None:
+            return
+        if name in self.links:
+            self.send_to(name, m.reject_for(error), wait=False)
+        else:  # authenticated but no session (e.g. the owner restarted): tell it to say HELLO
+            self.transmit(name, name.encode(), self.counters.setdefault(name, SeqCounter()), m.reject_for(error),
+                          wait=False)
 
     def pump(self, timeout: float) -> tuple[str, Message] | None:
         """Receive one message. Control messages are handled here; round messages are returned."""
         self.heartbeats()
+        self.watch_refusals()
         got = recv(self.sock, timeout)
         if got is None:
             return None
@@ -160,16 +203,15 @@ class OwnerServer:
         return {} if self.config.secure_agg else self.adapter_spec
 
     def on_hello(self, name: str, identity: bytes, msg: Message) -> None:
+        if msg["name"] != name:
+            raise ProtocolError(f"HELLO names {msg['name']!r}, but the key and socket identity are {name!r}")
+        if msg["n_examples"] < 1:
+            raise ProtocolError("a party needs at least one training example")
         if name in self.links and self.links[name].ready:
             self.restarted.add(name)
         link = PartyLink(name, identity, n_examples=msg["n_examples"], session_started=time.monotonic(),
                          out=self.counters.setdefault(name, SeqCounter()))
         link.guard.commit(msg)
-        if msg["n_examples"] < 1:
-            self.links[name] = link
-            self.reject(identity, name, ProtocolError("a party needs at least one training example"))
-            del self.links[name]
-            return
         self.links[name] = link
         self.liveness.seen(name)
         info = self.archive.info
@@ -201,10 +243,12 @@ class OwnerServer:
             return None
         return name, msg
 
-    def liveness_grace(self) -> None:
-        """Count every connected party as just heard from: the owner itself was busy, not them."""
-        for name in self.links:
-            self.liveness.seen(name)
+    def liveness_grace(self, names: Iterable[str]) -> None:
+        """Count these parties as just heard from: the owner itself was busy (aligning), not them. Only the
+        parties being waited for: one already given up on must not come back to life."""
+        for name in names:
+            if name in self.links:
+                self.liveness.seen(name)
 
     def drain(self) -> None:
         """Handle everything queued while the owner was busy (alignment), so liveness is current."""
@@ -246,7 +290,7 @@ class OwnerServer:
         """Pump until every pending party delivered (accept returned True), went silent, restarted, or the
         deadline passed. Returns who delivered; messages accept refuses are REJECTed."""
         pending, done = set(pending), set()
-        self.liveness_grace()
+        self.liveness_grace(pending)
         while pending and time.monotonic() < deadline:
             item = self.pump(0.2)
             if item is not None:
@@ -278,6 +322,7 @@ class OwnerServer:
         if self.config.secure_agg:
             cfg = secagg_config([self.links[p].n_examples for p in participants], self.config.seed)
             secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id}
+        self.round_ids = ids
         for name in participants:
             self.links[name].guard.open_round(r)
             fields = {**secagg, "party_id": ids[name]} if secagg else {}
@@ -288,9 +333,12 @@ class OwnerServer:
         return started
 
     def end_round(self, r: int, names: Iterable[str], summary: dict) -> None:
+        """ROUND_END to the parties still in the session that round r was started in (not to one that
+        restarted meanwhile: its new session never saw the round)."""
         for name in names:
-            if name in self.links:
-                self.links[name].guard.close_round()
+            link = self.links.get(name)
+            if link is not None and link.guard.round == r:
+                link.guard.close_round()
                 self.send_to(name, m.round_end(round=r, summary=summary))
 
     def plain_round(self, r: int, started: list[str], deadline: float) -> tuple[dict, dict]:
@@ -301,6 +349,11 @@ class OwnerServer:
                 raise ProtocolError(f"expected an update, got {msg.type.value}")
             if not msg.tensors:
                 raise ProtocolError("update carries no adapter tensors")
+            # The weight is what the party trained on (examples longer than max_length are dropped after
+            # HELLO), as in the in-process run; never more than it announced.
+            if not 1 <= msg["n_examples"] <= self.links[name].n_examples:
+                raise ProtocolError(f"update claims {msg['n_examples']} examples; the party announced "
+                                    f"{self.links[name].n_examples}")
             updates[name] = msg
             return True
 
@@ -308,7 +361,7 @@ class OwnerServer:
         self.require(done, r)
         names = sorted(done)
         states = [{k: torch.from_numpy(np.array(v)) for k, v in updates[n].tensors.items()} for n in names]
-        weights = [self.links[n].n_examples for n in names]
+        weights = [updates[n]["n_examples"] for n in names]
         return fedavg(states, weights), {n: updates[n]["stats"] for n in names}
 
     def require(self, done: set[str], r: int) -> None:
@@ -321,10 +374,13 @@ class OwnerServer:
         """Masked aggregation: the owner relays keys and shares and learns only the weighted sum."""
         sent, _ = self.session.payload()
         names = sorted(sent)
-        ids = {name: i for i, name in enumerate(started)}
-        cfg = secagg_config([self.links[p].n_examples for p in started], self.config.seed)
+        # Ids, party count and config exactly as announced in ROUND_START to every invited party; one whose
+        # ROUND_START could not be sent simply never advertises and is left out like any early dropout.
+        ids = dict(self.round_ids)
+        invited = sorted(ids, key=ids.get)
+        cfg = secagg_config([self.links[p].n_examples for p in invited], self.config.seed)
         vector_length = sum(sent[n].numel() for n in names)
-        server = SecAggServer(cfg, len(started), vector_length, r, self.run_id)
+        server = SecAggServer(cfg, len(invited), vector_length, r, self.run_id)
         stats: dict[str, dict] = {}
 
         def stage(kind: type, handle: Callable) -> Callable[[str, Message], bool]:
@@ -417,12 +473,20 @@ class OwnerServer:
             "mb_down_total": sum(h.get("mb_down", 0.0) for h in self.session.history),
             "mb_up_total": sum(h.get("mb_up", 0.0) for h in self.session.history),
             "secure_agg": self.config.secure_agg, "rejected_messages": self.rejected,
+            "refused_connections": self.refused_connections,
         })
         return summary
 
+
     def goodbye(self, reason: str) -> None:
+        """BYE to every party; one whose queue is full (not reading) is not waited for."""
         for name in list(self.links):
-            self.send_to(name, m.bye(reason))
+            self.send_to(name, m.bye(reason), wait=False)
+
+
+def refusal_monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor of `sock` that reports only ZAP refusals (see `OwnerServer.watch_refusals`)."""
+    return sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def run_id_for(out_dir: Path, seed: int) -> str:
@@ -442,14 +506,20 @@ def serve(config: RunConfig, args: argparse.Namespace, log: MetricsLog) -> dict:
     if config.secure_agg and min_parties < 2:
         raise ConfigError("secure aggregation needs at least 2 parties per round (--min-parties >= 2), "
                           "or pass --no-secure-agg")
+    for flag, value in (("--join-timeout", args.join_timeout), ("--round-timeout", args.round_timeout),
+                        ("--party-timeout", args.party_timeout)):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     allowlist = load_allowlist(args.allow)
     base, owner_data = OwnerSession.load_inputs(config, log)
     prepare_out_dir(out_dir, args.resume)
-    config.save(out_dir / "config.json")
-    log.path = out_dir / "metrics.jsonl"
+    # Bind before writing into --out: a busy port must not leave a half-started run behind.
     sock, auth = bind_router(args.listen, args.key, args.allow, max_msg_size=DEFAULT_LIMITS.max_frame_bytes)
+    monitor = refusal_monitor(sock)  # from the start: parties may knock while the owner pre-aligns
     server = None
     try:
+        config.save(out_dir / "config.json")
+        log.path = out_dir / "metrics.jsonl"
         log.say(f"listening on {args.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
         session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=args.resume)
         archive = pack_dir(session.compressed_dir, out_dir / "compressed.tar")
@@ -457,14 +527,18 @@ def serve(config: RunConfig, args: argparse.Namespace, log: MetricsLog) -> dict:
                 f"{archive.info.n_chunks} chunks")
         server = OwnerServer(session, config, sock, allowlist, archive, log, min_parties=min_parties,
                              join_timeout=args.join_timeout, round_timeout=args.round_timeout,
-                             party_timeout=args.party_timeout, run_id=run_id_for(out_dir, config.seed))
+                             party_timeout=args.party_timeout, run_id=run_id_for(out_dir, config.seed),
+                             monitor=monitor)
         summary = server.run()
-        server.goodbye("run finished")
+        server.goodbye(RUN_FINISHED)
         return summary
     except BaseException as exc:
         if server is not None:
-            server.goodbye(f"owner stopped: {exc}"[:200])
+            server.goodbye(f"owner stopped: {exc or type(exc).__name__}"[:200])
         raise
     finally:
-        time.sleep(0.2)  # let the BYEs leave before the socket closes
+        if server is not None:
+            time.sleep(0.2)  # let the BYEs leave before the socket closes
+        sock.disable_monitor()
+        monitor.close(linger=0)
         close_router(sock, auth)

@@ -12,18 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
 from owner.aggregation import fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.session import OwnerSession, pad_id_of
-from party.compressed_model import load_compressed
+from party.compressed_model import Manifest, load_compressed
 from party.dp import DPPartyTrainer, PrivacyLedger
 from party.lora import attach_lora
 from party.training import PartyTrainer, PartyUpdate, derive_seed
 from tasks.datasets import Example, load_examples
 from tasks.errors import ConfigError
-from tasks.prompts import tokenize_examples
+from tasks.prompts import TokenizedExample, tokenize_examples
 from tasks.splits import split_by_category, split_iid
 
 
@@ -64,7 +65,8 @@ def aggregate_updates(updates: Sequence[PartyUpdate], sent_adapter: dict, config
     return secure_fedavg(updates, sent_adapter, config, round_idx)
 
 
-def make_trainers(config: RunConfig, model, manifest, party_tokens: Sequence, pad_id: int,
+def make_trainers(config: RunConfig, model: nn.Module, manifest: Manifest,
+                  party_tokens: Sequence[Sequence[TokenizedExample]], pad_id: int,
                   history: Sequence[dict] = ()) -> list[PartyTrainer]:
     """One trainer per party, all on the shared model; with DP, each keeps its own privacy ledger.
 

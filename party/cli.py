@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = p.add_argument_group("differential privacy (DP-SGD)")
     dp.add_argument("--dp-noise", type=float, help="noise multiplier")
     dp.add_argument("--dp-epsilon", type=float, help="target epsilon over the whole run")
-    dp.add_argument("--dp-delta", type=float, help="delta (default 1/N^1.1)")
+    dp.add_argument("--dp-delta", type=float, help="delta (default min(1e-5, N^-1.1))")
     dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient norm bound")
     return p
 

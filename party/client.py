@@ -5,11 +5,21 @@ the main thread keeps the socket and sends heartbeats, so the owner can tell a b
 A restarted party says HELLO again, reuses the model it already unpacked (or resumes the download), and
 joins at the next round boundary. Every owner message is schema-, replay- and round-checked; a bad one is
 logged and dropped.
+
+Exit status of `run()`: 0 when the owner ended the run normally (BYE "run finished"), 1 when the owner
+stopped early or fell silent past `--timeout`. A key the owner refuses (ZAP) or an owner key that does not
+match the one listening (the CurveZMQ handshake fails) raises `OwnerRefused` at once instead of retrying
+until the timeout.
+
+Test hook: with the environment variable FEDBIOT_TEST_EXIT_AFTER_SHARES set (to anything non-empty), the
+party exits with status 3 right after it has sent its key shares in its first secure-aggregation round.
+The tests use it to drop a party at exactly that stage; it has no other use.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from party.compressed_model import Manifest, cache_root, load_compressed
 from party.lora import LoraSettings, attach_lora, lora_state_spec
@@ -46,7 +58,12 @@ from tasks.prompts import tokenize_examples
 
 HEARTBEAT_S = 2.0
 REHELLO_S = 15.0
+HELLO_RETRY_S = 2.0  # after a "hello required" REJECT, at most one HELLO per this many seconds
 CHUNK_WINDOW = 4
+MAX_FAILED_HANDSHAKES = 3  # consecutive CurveZMQ handshake failures before the owner key is declared wrong
+RUN_FINISHED = "run finished"  # the BYE reason of an owner that completed every round
+EXIT_AFTER_SHARES_ENV = "FEDBIOT_TEST_EXIT_AFTER_SHARES"  # test hook, see the module docstring
+EXIT_AFTER_SHARES_STATUS = 3
 
 
 @dataclass
@@ -73,8 +90,13 @@ class OwnerGone(FedbiotError):
     """The owner ended the run (BYE) or stayed silent past the timeout."""
 
 
-class Superseded(Exception):  # noqa: N818 - control flow, not an error
-    """A newer ROUND_START arrived while this round was still open."""
+class OwnerRefused(FedbiotError):
+    """The connection cannot work: the owner refuses this party's key, or is not the pinned owner."""
+
+
+class Interrupted(Exception):  # noqa: N818 - control flow, not an error
+    """The round in progress is over for this party: a newer ROUND_START, a WELCOME from a restarted owner,
+    or the owner's ROUND_END for this round arrived before the party finished it. `msg` is that message."""
 
     def __init__(self, msg: Message) -> None:
         self.msg = msg
@@ -94,6 +116,10 @@ class PartyNode:
         self.work = Path(opts.work_dir or cache_root() / "party" / self.name)
         self.work.mkdir(parents=True, exist_ok=True)
         self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, identity=self.name)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self.failed_handshakes = 0
         self.out = SeqCounter()
         self.guard = ReplayGuard()
         self.config: dict | None = None
@@ -131,8 +157,28 @@ class PartyNode:
         except (OSError, ValueError):
             return ""
 
+    def watch_handshakes(self) -> None:
+        """Turn a refused key or a wrong pinned owner key into one clear error instead of silent retries."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            kind, value = event["event"], int(event["value"])
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed_handshakes = 0
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if value == 400:
+                    raise OwnerRefused(f"the owner at {self.opts.endpoint} refused this party's key "
+                                       f"({self.opts.key}): it must put {self.name}.key in its allowlist")
+                self.log(f"the owner could not check this party's key (status {value}); retrying")
+            else:
+                self.failed_handshakes += 1
+                if self.failed_handshakes >= MAX_FAILED_HANDSHAKES:
+                    raise OwnerRefused(
+                        f"the encrypted handshake with {self.opts.endpoint} failed {self.failed_handshakes} "
+                        f"times: --owner-key {self.opts.owner_key} is not the key of the owner listening there")
+
     def receive(self, timeout: float) -> Message | None:
         """One checked owner message, or None. Handles heartbeats, REJECT, BYE and re-HELLO itself."""
+        self.watch_handshakes()
         now = time.monotonic()
         if now >= self.next_heartbeat and self.welcomed:
             self.next_heartbeat = now + HEARTBEAT_S
@@ -159,13 +205,17 @@ class PartyNode:
             return None
         if msg.type is MessageType.REJECT:
             self.log(f"the owner rejected our {msg['ref_type'] or 'message'}: {msg['reason']}")
-            if msg["reason"].startswith("hello required"):
+            # A restarted owner knows no session: say HELLO once (queued heartbeats bring a burst of these).
+            if msg["reason"].startswith("hello required") and (
+                    self.welcomed or time.monotonic() - self.last_hello > HELLO_RETRY_S):
                 self.welcomed = False
                 self.hello()
             return None
         if msg.type is MessageType.BYE:
-            self.finished = True
-            raise OwnerGone(f"the owner ended the run: {msg['reason'] or 'no reason given'}")
+            self.finished = msg["reason"] == RUN_FINISHED
+            if self.finished:
+                raise OwnerGone(f"the owner ended the run: {msg['reason']}")
+            raise OwnerGone(f"the owner stopped before the end of the run: {msg['reason'] or 'no reason given'}")
         return msg
 
     def expect(self) -> dict:
@@ -234,7 +284,8 @@ class PartyNode:
         data = tokenize_examples(self.examples, tokenizer, cfg["max_length"], cfg["template"])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.trainer = build_trainer(self.name, peft_model, manifest, data, int(pad), lora,
-                                     TrainSettings.from_dict(cfg["train"]), cfg["seed"], cfg["rounds"], self.opts.dp)
+                                     TrainSettings.from_dict(cfg["train"]), cfg["seed"], cfg["rounds"], self.opts.dp,
+                                     self.work / "dp-state.json")
         self.manifest = manifest
         self.spec = {n: (shape, "F32") for n, (shape, _) in lora_state_spec(peft_model, layers).items()}
         self.send(m.ready(self.archive.model_sha256))
@@ -254,14 +305,20 @@ class PartyNode:
         self.log(f"round {r + 1}: training {self.trainer.settings.local_steps} steps")
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self.trainer.train_round, r, adapter, emulator, self.progress)
-            newer = None
+            interrupt: Message | None = None
             while not future.done():
                 msg = self.receive(0.2)
-                if msg is not None and msg.type is MessageType.ROUND_START:
-                    newer = msg
+                if msg is None:
+                    continue
+                if msg.type in (MessageType.ROUND_START, MessageType.WELCOME):
+                    interrupt = msg
+                elif msg.type is MessageType.ROUND_END and msg["round"] == r and interrupt is None:
+                    interrupt = msg
+                else:
+                    self.log(f"ignored an unexpected {msg.type.value} while training round {r + 1}")
             update = future.result()
-        if newer is not None:
-            raise Superseded(newer)
+        if interrupt is not None:
+            raise Interrupted(interrupt)
         return update
 
     def progress(self, info: dict) -> None:
@@ -274,8 +331,8 @@ class PartyNode:
             msg = self.receive(0.5)
             if msg is None:
                 continue
-            if msg.type is MessageType.ROUND_START:
-                raise Superseded(msg)
+            if msg.type in (MessageType.ROUND_START, MessageType.WELCOME):
+                raise Interrupted(msg)
             if msg.type is MessageType.ROUND_END and kind is not MessageType.ROUND_END:
                 raise SecAggError(f"the owner closed round {r + 1} early: {msg['summary']}")
             if msg.type is kind and (stage is None or msg["stage"] == stage):
@@ -299,9 +356,13 @@ class PartyNode:
                 raise SecAggError(f"expected {kind.TYPE}, got {type(obj).TYPE}")
             return obj
 
-        self.send(m.update(round=r, n_examples=0, stats=update.stats))
+        self.send(m.update(round=r, n_examples=0, stats=shared_stats(self.trainer, update.stats)))
         push(agg.advertise())
         push(agg.share_keys(pull(Roster)))
+        if os.environ.get(EXIT_AFTER_SHARES_ENV):  # test hook (module docstring): drop out at this stage
+            self.log("test hook: exiting right after sending the key shares")
+            self.close(linger_ms=5000)
+            os._exit(EXIT_AFTER_SHARES_STATUS)
         push(agg.masked_input(pull(RelayedShares), update_vector(update.adapter_state, received), update.n_examples))
         agg.receive_ack(pull(InputAck))
         push(agg.unmask(pull(UnmaskRequest)))
@@ -313,8 +374,10 @@ class PartyNode:
         if msg["secagg"]:
             self.secure_exchange(r, msg, update, adapter)
         else:
-            self.send(m.update(round=r, n_examples=update.n_examples, stats=update.stats,
+            self.send(m.update(round=r, n_examples=update.n_examples, stats=shared_stats(self.trainer, update.stats),
                                tensors=update.adapter_state))
+        if hasattr(self.trainer, "state_dict"):
+            (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))
         eps = f", epsilon {update.stats['epsilon']:.3f}" if "epsilon" in update.stats else ""
         self.log(f"round {r + 1}: sent update (loss {update.stats['loss_mean']:.4f}{eps})")
         end = self.wait_for(MessageType.ROUND_END, r, timeout=self.opts.timeout)
@@ -337,9 +400,15 @@ class PartyNode:
                 elif msg.type is not MessageType.ROUND_END:
                     self.log(f"ignored an unexpected {msg.type.value}")
                 msg = None
-            except Superseded as newer:
-                self.log("the owner started a new round; abandoning the current one")
-                msg = newer.msg
+            except Interrupted as stop:
+                msg = stop.msg
+                if msg.type is MessageType.ROUND_END:
+                    self.log(f"the owner closed round {msg['round'] + 1} before this party finished it")
+                    msg = None
+                elif msg.type is MessageType.WELCOME:
+                    self.log("the owner restarted; rejoining")
+                else:
+                    self.log("the owner started a new round; abandoning the current one")
             except (SecAggError, ProtocolError) as exc:
                 self.log(f"round abandoned: {exc}")
                 msg = None
@@ -355,14 +424,38 @@ class PartyNode:
         except OwnerGone as exc:
             self.log(str(exc))
             return 0 if self.finished else 1
+        except KeyboardInterrupt:
+            self.send(m.bye("party interrupted"))  # the owner leaves it out at once instead of waiting
+            raise
         finally:
-            self.sock.close(linger=500)
+            self.close(linger_ms=500)
+
+    def close(self, linger_ms: int) -> None:
+        """Close the socket, giving queued messages `linger_ms` to leave."""
+        if self.sock.closed:
+            return
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
 
 def build_trainer(name: str, model, manifest: Manifest, data, pad_id: int, lora: LoraSettings,
-                  settings: TrainSettings, seed: int, rounds: int, dp) -> PartyTrainer:
-    """A plain or a DP-SGD trainer, as this party chose."""
-    return PartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed)
+                  settings: TrainSettings, seed: int, rounds: int, dp, state_file: Path | None = None) -> PartyTrainer:
+    """A plain or a DP-SGD trainer, as this party chose; a DP trainer resumes its privacy accountant."""
+    if dp is None:
+        return PartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed)
+    from party.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
+
+    trainer = DPPartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed, dp=dp, rounds=rounds)
+    if state_file is not None and state_file.is_file():
+        trainer.load_state_dict(json.loads(state_file.read_text()))
+    return trainer
+
+
+def shared_stats(trainer: PartyTrainer, stats: dict) -> dict:
+    """What the owner may see: everything for a plain party; only privacy accounting for a DP party
+    (its loss is computed from private data outside the DP guarantee)."""
+    return trainer.shareable_stats(stats) if hasattr(trainer, "shareable_stats") else stats
 
 
 def run_party(opts: PartyOptions) -> int:

@@ -260,15 +260,11 @@ def set_empty_grad_sample(params: Sequence[nn.Parameter]) -> None:
 
 
 def has_opacus_hooks(model: nn.Module) -> bool:
-    """True if any module still carries hooks or per-sample attributes from Opacus."""
+    """True if any module still carries Opacus's hook list or per-sample attributes."""
     if any(attr in p.__dict__ for p in model.parameters() for attr in _OPACUS_ATTRS):
         return True
-    for mod in model.modules():
-        if "autograd_grad_sample_hooks" in mod.__dict__ or any(a in mod.__dict__ for a in _MODULE_ATTRS):
-            return True
-        if mod._forward_hooks or mod._backward_hooks:
-            return True
-    return False
+    return any("autograd_grad_sample_hooks" in mod.__dict__ or any(a in mod.__dict__ for a in _MODULE_ATTRS)
+               for mod in model.modules())
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -341,8 +337,9 @@ class DPPartyTrainer(PartyTrainer):
         """The accounting numbers of a round's stats: what a networked party may send to the owner."""
         return {k: stats[k] for k in SHAREABLE_STATS if k in stats}
 
-    def _generator(self, *labels: object) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.secret_seed, self.name, *labels))
+    def _generator(self, device: torch.device, *labels: object) -> torch.Generator:
+        seed = derive_seed(self.secret_seed, self.name, *labels)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def train_round(
         self,
@@ -364,7 +361,7 @@ class DPPartyTrainer(PartyTrainer):
         tokens = drawn = 0
         self.model.train()
         try:
-            noise_gen = self._generator("noise", round_idx)
+            noise_gen = self._generator(params[0].device, "noise", round_idx)  # noise is drawn on p's device
             with private_optimizer(self.model, self.make_optimizer(params), self.noise_multiplier,
                                    dp.max_grad_norm, s.batch_size, noise_gen) as opt:
                 for step, batch in enumerate(batches):

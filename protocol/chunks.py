@@ -139,9 +139,7 @@ class ChunkReceiver:
     recorded chunk is re-hashed, so a crash can at worst cost a chunk, never corrupt the model.
     """
 
-    def __init__(
-        self, work_dir: str | os.PathLike[str], info: ArchiveInfo, *, max_size: int | None = None
-    ) -> None:
+    def __init__(self, work_dir: str | os.PathLike[str], info: ArchiveInfo, *, max_size: int | None = None) -> None:
         if len(info.model_sha256) != 64 or any(c not in "0123456789abcdef" for c in info.model_sha256):
             raise ProtocolError("archive sha256 must be 64 lowercase hex digits")
         if info.model_size < 0 or info.chunk_size < 1:
@@ -210,11 +208,7 @@ class ChunkReceiver:
 
     def _resume(self) -> None:
         progress = self._load_progress()
-        if (
-            progress is None
-            or not self.part_path.exists()
-            or self.part_path.stat().st_size != self.info.model_size
-        ):
+        if progress is None or not self.part_path.exists() or self.part_path.stat().st_size != self.info.model_size:
             self._start_fresh()
             return
         with self.part_path.open("rb") as fh:

@@ -128,9 +128,7 @@ def encode(msg: Message, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
             raise ProtocolError(f"{msg.type.value} carries no tensors")
         data = encode_tensors(msg.tensors)
         if len(data) > limits.max_tensor_frame_bytes:
-            raise ProtocolError(
-                f"tensor frame takes {len(data)} bytes, more than {limits.max_tensor_frame_bytes}"
-            )
+            raise ProtocolError(f"tensor frame takes {len(data)} bytes, more than {limits.max_tensor_frame_bytes}")
         frames.append(data)
     elif spec.tensors_required:
         raise ProtocolError(f"{msg.type.value} needs tensors")
@@ -206,7 +204,7 @@ def decode(
     try:
         fields = check_header(header, spec)
         if sender is not None and spec.sender not in (sender, "both"):
-            raise ProtocolError(f"a {sender} never sends {msg_type.value}")
+            raise ProtocolError(f"the {sender} never sends {msg_type.value}")
         msg = Message(msg_type, fields, seq=header["seq"])
         body = frames[1] if len(frames) == 2 else None
         if spec.payload == "none":
@@ -222,9 +220,7 @@ def decode(
                 if spec_in is not None:
                     check_infos({}, spec_in)
             else:
-                msg.tensors = decode_tensors(
-                    body, limits=limits, expect=spec_in, finite=finite, framework=framework
-                )
+                msg.tensors = decode_tensors(body, limits=limits, expect=spec_in, finite=finite, framework=framework)
         return msg
     except ProtocolError as exc:
         exc.msg_type = msg_type.value
@@ -237,9 +233,7 @@ def _spec_of(header: dict[str, Any]) -> MessageSpec:
     if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError("header has no integer protocol version 'v'")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})"
-        )
+        raise ProtocolError(f"protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})")
     name = header.get("type")
     if not isinstance(name, str):
         raise ProtocolError("header has no string 'type'")
@@ -259,9 +253,7 @@ def check_header(header: dict[str, Any], spec: MessageSpec) -> dict[str, Any]:
     known = spec.field_map()
     unknown = sorted(set(header) - known.keys() - {f.name for f in COMMON_FIELDS})
     if unknown:
-        raise ProtocolError(
-            f"{spec.type.value} has unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}"
-        )
+        raise ProtocolError(f"{spec.type.value} has unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}")
     fields: dict[str, Any] = {}
     for name, f in known.items():
         if name in header:
@@ -301,9 +293,7 @@ def parse_safetensors_header(
         raise ProtocolError("tensor frame is shorter than its 8-byte length prefix")
     n = int.from_bytes(bytes(data[:8]), "little")
     if n > limits.max_tensor_header_bytes:
-        raise ProtocolError(
-            f"safetensors header claims {n} bytes, more than {limits.max_tensor_header_bytes}"
-        )
+        raise ProtocolError(f"safetensors header claims {n} bytes, more than {limits.max_tensor_header_bytes}")
     if 8 + n > len(data):
         raise ProtocolError(f"safetensors header claims {n} bytes but the frame has {len(data) - 8}")
     raw = parse_json(data[8 : 8 + n], "safetensors header")
@@ -327,17 +317,13 @@ def parse_safetensors_header(
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: unknown dtype {str(dtype)[:20]!r}")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(_is_nat(d) for d in shape):
-            raise ProtocolError(
-                f"tensor {name!r}: shape must be a list of <= {limits.max_ndim} non-negative ints"
-            )
+            raise ProtocolError(f"tensor {name!r}: shape must be a list of <= {limits.max_ndim} non-negative ints")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nat(o) for o in offsets)):
             raise ProtocolError(f"tensor {name!r}: data_offsets must be two non-negative ints")
         begin, end = offsets
         nbytes = math.prod(shape) * DTYPES[dtype][0]
         if end < begin or end - begin != nbytes:
-            raise ProtocolError(
-                f"tensor {name!r}: offsets [{begin}, {end}] disagree with shape {shape[:8]} of {dtype}"
-            )
+            raise ProtocolError(f"tensor {name!r}: offsets [{begin}, {end}] disagree with shape {shape[:8]} of {dtype}")
         infos[name] = TensorInfo(dtype, tuple(shape), begin, end)
     position = 0
     for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
@@ -394,9 +380,7 @@ def tensor_spec(tensors: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], 
 
 def check_tensors(tensors: Mapping[str, Any], expect: TensorSpec) -> None:
     """Check already decoded tensors against a spec (exact name set, shapes, dtypes)."""
-    check_infos(
-        {n: TensorInfo(dtype_code(t.dtype), tuple(t.shape), 0, 0) for n, t in tensors.items()}, expect
-    )
+    check_infos({n: TensorInfo(dtype_code(t.dtype), tuple(t.shape), 0, 0) for n, t in tensors.items()}, expect)
 
 
 def check_infos(infos: Mapping[str, TensorInfo], expect: TensorSpec) -> None:

@@ -17,15 +17,11 @@ from protocol.messages import NAME_PATTERN
 from tasks.errors import ConfigError
 
 
-def generate_keypair(
-    out_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False
-) -> tuple[Path, Path]:
+def generate_keypair(out_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write OUT_DIR/NAME.key and OUT_DIR/NAME.key_secret (mode 0600); returns (public_file, secret_file).
     Refuses to replace an existing key unless `overwrite`."""
     if re.fullmatch(NAME_PATTERN, name) is None:
-        raise ConfigError(
-            f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no leading symbol)"
-        )
+        raise ConfigError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no leading symbol)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     public_file, secret_file = out / f"{name}.key", out / f"{name}.key_secret"

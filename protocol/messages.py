@@ -196,9 +196,7 @@ SPECS: dict[MessageType, MessageSpec] = {
             (
                 _ROUND,
                 Field("n_examples", _COUNT, doc="examples trained on this round (FedAvg weight)"),
-                Field(
-                    "stats", Obj(8 * 1024), required=False, default={}, doc="loss, epsilon, ... (JSON object)"
-                ),
+                Field("stats", Obj(8 * 1024), required=False, default={}, doc="loss, epsilon, ... (JSON object)"),
             ),
             payload="tensors",
             round_role="in",
@@ -232,7 +230,7 @@ SPECS: dict[MessageType, MessageSpec] = {
                     doc="seq of the refused message, -1 if unreadable",
                 ),
             ),
-            doc="a message from the party was refused; the owner keeps serving",
+            doc="a party's message was refused; the owner keeps serving",
         ),
         MessageSpec(
             MessageType.BYE,
@@ -333,9 +331,7 @@ def chunk_request(index: int) -> Message:
 
 def chunk(index: int, data: bytes) -> Message:
     """A CHUNK; its sha256 is computed here so sender and bytes cannot disagree."""
-    return Message(
-        MessageType.CHUNK, {"index": index, "sha256": hashlib.sha256(data).hexdigest()}, blob=bytes(data)
-    )
+    return Message(MessageType.CHUNK, {"index": index, "sha256": hashlib.sha256(data).hexdigest()}, blob=bytes(data))
 
 
 def ready(model_sha256: str) -> Message:

@@ -47,9 +47,7 @@ class ReplayGuard:
         """Raise ProtocolError if `msg` is a replay or out of round; changes nothing."""
         try:
             if msg.seq <= self.last_seq:
-                raise ProtocolError(
-                    f"replayed or reordered message: seq {msg.seq} <= last accepted {self.last_seq}"
-                )
+                raise ProtocolError(f"replayed or reordered message: seq {msg.seq} <= last accepted {self.last_seq}")
             role = msg.spec.round_role
             r = msg.get("round")
             if role == "opens":

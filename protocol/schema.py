@@ -157,9 +157,7 @@ class Str:
         if not isinstance(value, str):
             raise ProtocolError(f"field {name!r} must be a string, got {_json_type(value)}")
         if not self.min_len <= len(value) <= self.max_len:
-            raise ProtocolError(
-                f"field {name!r} has length {len(value)}, outside [{self.min_len}, {self.max_len}]"
-            )
+            raise ProtocolError(f"field {name!r} has length {len(value)}, outside [{self.min_len}, {self.max_len}]")
         if _has_control(value):
             raise ProtocolError(f"field {name!r} contains control characters")
         if self.pattern is not None and re.fullmatch(self.pattern, value) is None:
@@ -244,7 +242,9 @@ def _json_type(value: Any) -> str:
 
 
 def _short_int(value: int) -> str:
-    for power in (63, 53, 40, 31):
+    for power in (63, 40, 31, 30):
         if value == 2**power - 1:
             return f"2^{power}-1"
+        if value == 2**power:
+            return f"2^{power}"
     return str(value)

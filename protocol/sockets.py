@@ -9,10 +9,12 @@ the owner knows *who* sent a message from the key, not from the self-chosen sock
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import zmq
+from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
 from protocol.codec import DEFAULT_LIMITS, Limits, encode
@@ -69,8 +71,7 @@ def bind_router(
     public, secret = load_secret(server_secret_file)
     allowed = load_allowlist(allow_dir)
     ctx = context or zmq.Context.instance()
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
+    auth = _start_authenticator(ctx)
     sock = None
     try:
         auth.configure_curve(domain="*", location=os.fspath(allow_dir))
@@ -93,6 +94,25 @@ def bind_router(
             sock.close(linger=0)
         auth.stop()
         raise
+
+
+def _start_authenticator(ctx: zmq.Context) -> ThreadAuthenticator:
+    """Start the ZAP handler. Sockets close asynchronously, so the inproc ZAP endpoint of an authenticator
+    stopped a moment ago may still be bound: retry briefly before giving up."""
+    for _ in range(100):
+        auth = ThreadAuthenticator(ctx)
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as exc:
+            if auth.pipe is not None:  # started no thread yet: close by hand (stop() would block on it)
+                auth.pipe.close(linger=0)
+                auth.pipe = None
+            Authenticator.stop(auth)
+            if exc.errno != zmq.EADDRINUSE:
+                raise ConfigError(f"cannot start the ZAP authenticator: {exc}") from None
+            time.sleep(0.02)
+    raise ConfigError("a ZAP authenticator is already running in this ZeroMQ context (one router per context)")
 
 
 def connect_dealer(
@@ -144,9 +164,7 @@ def close_router(sock: zmq.Socket, auth: ThreadAuthenticator) -> None:
     auth.stop()
 
 
-def send(
-    sock: zmq.Socket, msg: Message, identity: bytes | None = None, *, limits: Limits = DEFAULT_LIMITS
-) -> None:
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, *, limits: Limits = DEFAULT_LIMITS) -> None:
     """Encode and send `msg`; on a ROUTER, `identity` names the party. Raises ProtocolError for a message
     that does not pass its own schema, TransportError when the party is gone or the send times out."""
     frames = encode(msg, limits=limits)

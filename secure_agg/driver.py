@@ -22,6 +22,8 @@ from secure_agg.party import SecAggParty
 from secure_agg.server import SecAggServer, ServerResult
 
 M = TypeVar("M")
+# (header, arrays) -> (bytes on the wire, header and arrays as the receiver decodes them)
+Transit = Callable[[dict, dict[str, np.ndarray]], tuple[int, dict, dict[str, np.ndarray]]]
 
 
 @dataclass
@@ -40,7 +42,8 @@ class AggregateResult(ServerResult):
 class _Meter:
     """Counts bytes and CPU time while passing messages through their wire form."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, transit: Transit) -> None:
+        self.transit = transit
         self.party_sent, self.party_received = [0] * n, [0] * n
         self.server_sent = self.server_received = 0
         self.party_cpu, self.server_cpu = [0.0] * n, 0.0
@@ -61,14 +64,14 @@ class _Meter:
 
     def to_server(self, u: int, msg: M) -> M:
         header, arrays = self.party(u, msg.to_wire)  # type: ignore[attr-defined]
-        size, header, arrays = _transit(header, arrays)
+        size, header, arrays = self.transit(header, arrays)
         self.party_sent[u] += size
         self.server_received += size
         return self.server(type(msg).from_wire, header, arrays)  # type: ignore[attr-defined]
 
     def to_party(self, u: int, msg: M) -> M:
         header, arrays = self.server(msg.to_wire)  # type: ignore[attr-defined]
-        size, header, arrays = _transit(header, arrays)
+        size, header, arrays = self.transit(header, arrays)
         self.server_sent += size
         self.party_received[u] += size
         return self.party(u, type(msg).from_wire, header, arrays)  # type: ignore[attr-defined]
@@ -85,7 +88,7 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
                          round_id: int, seed: int, drop_before_share: Collection[int] = (),
                          drop_after_share: Collection[int] = (), drop_before_unmask: Collection[int] = (),
                          drop_before_advertise: Collection[int] = (),
-                         session: str | None = None) -> AggregateResult:
+                         session: str | None = None, transit: Transit | None = None) -> AggregateResult:
     """Securely aggregate `vectors` weighted by `weights` (party m = index m), simulating dropouts.
 
     seed: the run seed; it seeds the stochastic rounding (replacing config.rounding_seed, so a networked
@@ -94,6 +97,8 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     sending its shares; drop_after_share sends its shares and no input; drop_before_unmask sends its input
     and no unmask reply. A party in several sets drops at the earliest. Raises SecAggError when the round
     aborts (fewer than the threshold left at some stage).
+    transit: carries every message across (default: JSON header + array copies, sized by `wire_size`); a
+    transport's own codec can be passed so that `party_sent` etc. count its exact bytes.
     """
     n = len(vectors)
     if len(weights) != n:
@@ -114,7 +119,7 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
 
     config = dataclasses.replace(config, rounding_seed=seed)
     session = session if session is not None else f"sim-{seed}"
-    meter = _Meter(n)
+    meter = _Meter(n, transit or _transit)
     server = meter.server(SecAggServer, config, n, lengths.pop(), round_id, session)
     parties = [meter.party(u, SecAggParty, config, u, n, round_id, session) for u in range(n)]
 

@@ -29,10 +29,7 @@ def _model_dir(root: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
-    return {
-        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
-        for p in sorted(root.rglob("*"))
-    }
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 def test_pack_is_deterministic_and_round_trips(tmp_path):

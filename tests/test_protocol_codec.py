@@ -43,9 +43,7 @@ def secagg_arrays() -> dict[str, np.ndarray]:
 def sample_messages() -> list[Message]:
     """One message of every type (UPDATE twice: with and without tensors)."""
     samples = [
-        m.hello(
-            name="alice", n_examples=120, model_sha256=SHA, capabilities=["dp", "secure_agg"], last_round=2
-        ),
+        m.hello(name="alice", n_examples=120, model_sha256=SHA, capabilities=["dp", "secure_agg"], last_round=2),
         m.welcome(
             run_id="run-1",
             config={"lr": 1e-4, "local_steps": 5, "lora": {"r": 8, "targets": ["q_proj", "v_proj"]}},
@@ -58,12 +56,8 @@ def sample_messages() -> list[Message]:
         m.chunk_request(2),
         m.chunk(1, bytes(range(256)) * 3),
         m.ready(SHA),
-        m.round_start(
-            round=4, deadline_s=60, tensors=lora_arrays(), secagg={"threshold": 2, "parties": [0, 1, 2]}
-        ),
-        m.secagg(
-            round=4, stage="share_keys", data={"type": "share_keys", "ids": [0, 1, 2]}, arrays=secagg_arrays()
-        ),
+        m.round_start(round=4, deadline_s=60, tensors=lora_arrays(), secagg={"threshold": 2, "parties": [0, 1, 2]}),
+        m.secagg(round=4, stage="share_keys", data={"type": "share_keys", "ids": [0, 1, 2]}, arrays=secagg_arrays()),
         m.update(round=4, n_examples=120, stats={"loss": 0.5, "epsilon": 1.25}, tensors=lora_arrays(1)),
         m.update(round=4, n_examples=7),
         m.round_end(round=4, summary={"loss": 0.4, "parties": 3}),
@@ -173,9 +167,7 @@ def test_bad_json_and_non_objects():
     _rejected([b"[1, 2]"], "not a JSON object")
     _rejected([b'{"v":1,"v":1,"type":"heartbeat","seq":1}'], "duplicate key")
     _rejected([b'{"v":1,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":NaN}}'], "not JSON")
-    _rejected(
-        [b'{"v":1,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows"
-    )
+    _rejected([b'{"v":1,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows")
     _rejected([b"[" * 5000 + b"]" * 5000], "nested")
     _rejected([b'{"a":' * 40 + b"1" + b"}" * 40], "nested")
     _rejected([b'{"v":1,"type":"bye","seq":1,"reason":"\\ud800"}'], "surrogate")
@@ -208,9 +200,7 @@ def test_schema_violations_name_the_message():
     header = _header(sample_messages()[7])  # an UPDATE
     err = _rejected(_frames({**header, "shell": "rm -rf /"}), "unknown field")
     assert err.msg_type == "update" and err.seq == header["seq"]
-    _rejected(
-        _frames({k: v for k, v in header.items() if k != "n_examples"}), "lacks required field 'n_examples'"
-    )
+    _rejected(_frames({k: v for k, v in header.items() if k != "n_examples"}), "lacks required field 'n_examples'")
     _rejected(_frames({k: v for k, v in header.items() if k != "seq"}), "lacks field 'seq'")
     _rejected(_frames({**header, "round": "4"}), "must be an integer")
     _rejected(_frames({**header, "round": 4.0}), "must be an integer")
@@ -239,8 +229,8 @@ def test_cross_field_check():
 def test_sender_role():
     hello = encode(sample_messages()[0])
     assert decode(hello, sender="party").type is MessageType.HELLO
-    _rejected(hello, "a owner never sends hello", sender="owner")
-    _rejected(encode(sample_messages()[1]), "a party never sends welcome", sender="party")
+    _rejected(hello, "the owner never sends hello", sender="owner")
+    _rejected(encode(sample_messages()[1]), "the party never sends welcome", sender="party")
     assert decode(encode(m.heartbeat()), sender="owner").type is MessageType.HEARTBEAT
 
 
@@ -347,9 +337,7 @@ def test_safetensors_length_prefix_lies():
     _rejected(_update_with((len(good)).to_bytes(8, "little") + good[8:]), "claims")
     _rejected(_update_with(good[:-1]), "offsets cover")
     _rejected(_update_with(b"\x02\x00\x00\x00\x00\x00\x00\x00[]"), "not a JSON object")
-    _rejected(
-        _update_with(_sf({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"")), "offsets cover"
-    )
+    _rejected(_update_with(_sf({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"")), "offsets cover")
 
 
 def test_expected_tensor_names_shapes_dtypes():
@@ -365,14 +353,10 @@ def test_expected_tensor_names_shapes_dtypes():
     reshaped = {**good, name: good[name].reshape(16, 4)}
     _rejected(encode(m.update(round=1, n_examples=1, tensors=reshaped)), "has shape", expect=spec)
     retyped = {**good, name: good[name].astype(np.float64)}
-    _rejected(
-        encode(m.update(round=1, n_examples=1, tensors=retyped)), "has dtype F64, expected F32", expect=spec
-    )
+    _rejected(encode(m.update(round=1, n_examples=1, tensors=retyped)), "has dtype F64, expected F32", expect=spec)
     _rejected(encode(m.update(round=1, n_examples=1)), "missing", expect=spec)
     assert decode(encode(m.update(round=1, n_examples=1)), expect={MessageType.UPDATE: {}}).tensors == {}
-    _rejected(
-        encode(m.update(round=1, n_examples=1, tensors=good)), "unexpected", expect={MessageType.UPDATE: {}}
-    )
+    _rejected(encode(m.update(round=1, n_examples=1, tensors=good)), "unexpected", expect={MessageType.UPDATE: {}})
     check_tensors(good, tensor_spec(good))
     with pytest.raises(ProtocolError, match="has dtype"):
         check_tensors({k: torch.from_numpy(v).double() for k, v in good.items()}, tensor_spec(good))

@@ -17,9 +17,7 @@ from tests.test_protocol_codec import EXPECT, sample_messages
 
 SAMPLES = [(msg, encode(msg)) for msg in sample_messages()]
 # What each sample's receiver pins: the exact tensors of a tensor-carrying type ({} = none at all).
-EXPECTS = [
-    {msg.type: tensor_spec(msg.tensors)} if msg.spec.payload == "tensors" else None for msg, _ in SAMPLES
-]
+EXPECTS = [{msg.type: tensor_spec(msg.tensors)} if msg.spec.payload == "tensors" else None for msg, _ in SAMPLES]
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=12)
@@ -131,13 +129,9 @@ def _wrong_value(kind, draw):
             )
         )
     if isinstance(kind, Str):
-        return draw(
-            st.one_of(st.integers(), st.booleans(), st.none(), st.lists(st.text(max_size=3), max_size=2))
-        )
+        return draw(st.one_of(st.integers(), st.booleans(), st.none(), st.lists(st.text(max_size=3), max_size=2)))
     if isinstance(kind, StrList):
-        return draw(
-            st.one_of(st.integers(), st.text(max_size=5), st.dictionaries(st.text(max_size=3), st.integers()))
-        )
+        return draw(st.one_of(st.integers(), st.text(max_size=5), st.dictionaries(st.text(max_size=3), st.integers())))
     assert isinstance(kind, Obj)
     return draw(st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.none()))
 

@@ -41,7 +41,7 @@ def keys(tmp_path):
 def ctx():
     context = zmq.Context()
     yield context
-    context.term()
+    context.destroy(linger=0)
 
 
 @pytest.fixture()
@@ -52,9 +52,7 @@ def server(keys, ctx):
 
 
 def _dealer(ctx, endpoint, keys, name, *, pinned="owner", identity=None, **kw):
-    return connect_dealer(
-        endpoint, keys[name][1], keys[pinned][0], identity=identity or name, context=ctx, **kw
-    )
+    return connect_dealer(endpoint, keys[name][1], keys[pinned][0], identity=identity or name, context=ctx, **kw)
 
 
 def _hello(name="alice"):
@@ -74,9 +72,7 @@ def test_allowed_party_exchanges_messages_and_is_identified_by_key(keys, ctx, se
 
         send(
             router,
-            m.welcome(
-                run_id="r", config={}, model_sha256="0" * 64, model_size=0, chunk_size=1, n_chunks=0, round=0
-            ),
+            m.welcome(run_id="r", config={}, model_sha256="0" * 64, model_size=0, chunk_size=1, n_chunks=0, round=0),
             got.identity,
         )
         back = recv(dealer, ARRIVE_S)
@@ -127,9 +123,7 @@ def _allowed_party_gets_through(ctx, endpoint, keys, router) -> bool:
 
 
 def test_oversize_frame_is_dropped_by_the_socket(keys, ctx):
-    router, auth = bind_router(
-        "tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx, max_msg_size=4096
-    )
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx, max_msg_size=4096)
     dealer = _dealer(ctx, bound_endpoint(router), keys, "alice")
     try:
         big = {"w": np.zeros(4096, dtype=np.float32)}
@@ -174,7 +168,11 @@ def test_bind_errors_are_config_errors(keys, ctx, tmp_path):
     with pytest.raises(ConfigError, match="no secret key"):
         bind_router("tcp://127.0.0.1:*", keys["owner"][0], keys["allow"], context=ctx)
     router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
-    close_router(router, auth)  # a failed bind left no authenticator behind
+    try:  # a failed bind left no authenticator behind, but a live router holds its context's ZAP endpoint
+        with pytest.raises(ConfigError, match="one router per context"):
+            bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
+    finally:
+        close_router(router, auth)
 
 
 # ---------------------------------------------------------------------------------------------- keys

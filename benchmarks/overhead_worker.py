@@ -1,0 +1,322 @@
+"""One measurement in a process of its own, so its peak memory (ru_maxrss) is that of one node.
+
+    python -m benchmarks.overhead_worker SPEC.json OUT.json
+
+`kind: "party"` loads a compressed checkpoint exactly as a party does and times its training rounds (plus
+the efficiency variants); `kind: "owner"` runs the owner session with N in-process parties sharing one
+model and times each part of a round. The spec is written by benchmarks.overhead; the result is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.flops import counted_flops, matmul_rate, step_flops
+from party.compressed_model import Manifest, load_compressed
+from party.forward import IGNORE_INDEX
+from party.lora import LoraSettings, attach_lora, load_lora_state, lora_state, set_trainable
+from party.training import PartyTrainer, TrainSettings, derive_seed, live_lora_pairs
+from tasks.batching import padding_fraction, round_batches
+from tasks.prompts import TokenizedExample
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def matmul_shapes(model: nn.Module, tokens: int) -> list[tuple[int, int, int]]:
+    """The model's own largest GEMMs at this many tokens, and a large square one."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    return [(tokens, d, ff), (tokens, ff, d), (2048, 2048, 2048)]
+
+
+def party_tokens(spec: Mapping, tokenizer) -> tuple[list[TokenizedExample], float]:
+    """The party's share of the data, tokenised; (examples, seconds spent tokenising)."""
+    from owner.config import RunConfig
+    from owner.simulate import party_splits
+    from tasks.prompts import tokenize_examples
+
+    config = RunConfig(parties=spec["split_parties"], seed=spec["seed"], party_data=spec["party_data"],
+                       max_length=spec["max_length"])
+    share = party_splits(config)[0]
+    start = time.perf_counter()
+    tokens = tokenize_examples(share, tokenizer, spec["max_length"], "auto")
+    return tokens, time.perf_counter() - start
+
+
+class FullLogitsTrainer(PartyTrainer):
+    """The same step with logits at every position (what a plain `model(**batch).logits` loss costs)."""
+
+    def loss(self, batch, reference, pairs):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits
+        targets = batch["labels"][:, 1:].reshape(-1)
+        ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                                         ignore_index=IGNORE_INDEX)
+        if self.settings.prox_eps == 0:
+            return ce, ce
+        from party.training import proximal_term
+
+        return ce + 0.5 * self.settings.prox_eps * proximal_term(pairs, reference, self.lora.scale), ce
+
+
+def _timed_rounds(trainer: PartyTrainer, adapter: dict, emulator: dict, reps: int, threads: int,
+                  shapes: list, flops_per_round: int, before: Callable[[], None] | None = None) -> dict:
+    """`reps` identical rounds (round 0's batches each time), each preceded by a matmul-rate probe."""
+    torch.set_num_threads(threads)
+    rounds, peaks = [], []
+    for _ in range(reps):
+        peaks.append(max(matmul_rate(shapes, seconds=0.3).values()))
+        if before:
+            before()
+        stats = trainer.train_round(0, adapter, emulator)
+        rounds.append({"seconds": stats["seconds"], "tokens": stats["tokens"],
+                       "tokens_per_s": stats["tokens_per_s"], "flops_per_s": flops_per_round / stats["seconds"]})
+    return {"threads": threads, "rounds": rounds,
+            "tokens_per_s": median([r["tokens_per_s"] for r in rounds]),
+            "seconds": median([r["seconds"] for r in rounds]),
+            "flops_per_s": median([r["flops_per_s"] for r in rounds]),
+            "matmul_flops_per_s": median(peaks), "matmul_probes": peaks,
+            "efficiency": median([r["flops_per_s"] / p for r, p in zip(rounds, peaks, strict=True)])}
+
+
+def set_emulator_lora(model: nn.Module, manifest: Manifest, enabled: bool) -> None:
+    """Switch the emulator's (frozen) LoRA modules on or off: off costs what merged weights would."""
+    from peft.tuners.lora import LoraLayer
+
+    prefixes = tuple(f"{manifest.layers_path}.{i}." for i in manifest.emulator_layers)
+    for name, mod in model.named_modules():
+        clean = name.replace("base_model.model.", "", 1)
+        if isinstance(mod, LoraLayer) and clean.startswith(prefixes):
+            mod.enable_adapters(enabled)
+
+
+def party(spec: Mapping) -> dict:
+    threads = spec["threads"]
+    torch.set_num_threads(threads)
+    out: dict = {"rss_start_mb": rss_mb()}
+    start = time.perf_counter()
+    model, tokenizer, manifest = load_compressed(spec["model_dir"])
+    lora = LoraSettings()
+    layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+    peft_model = attach_lora(model, layers, lora, derive_seed(spec["seed"], "lora-init"))
+    out["load_s"] = time.perf_counter() - start
+    tokens, out["tokenise_s"] = party_tokens(spec, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = TrainSettings(local_steps=spec["steps"], batch_size=spec["batch_size"])
+    trainer = PartyTrainer("party-1", peft_model, manifest, tokens, pad, lora, settings, spec["seed"])
+    adapter = lora_state(peft_model, manifest.adapter_layers)
+    emulator = lora_state(peft_model, manifest.emulator_layers)
+    out["rss_loaded_mb"] = rss_mb()
+
+    batches = round_batches(tokens, 0, settings.local_steps, settings.batch_size, trainer.seed, pad)
+    per_batch = [step_flops(peft_model, manifest.adapter_layers, *b["input_ids"].shape,
+                            int((b["labels"][:, 1:] != IGNORE_INDEX).sum())) for b in batches]
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    flops_round = sum(f.total for f in per_batch)
+    out.update({
+        "examples": len(tokens), "trainable_params": sum(t.numel() for t in adapter.values()),
+        "emulator_lora_params": sum(t.numel() for t in emulator.values()),
+        "layers": manifest.n_compressed, "adapter_layers": len(manifest.adapter_layers),
+        "emulator_layers": len(manifest.emulator_layers),
+        "round_tokens": real_tokens, "round_positions": sum(b["attention_mask"].numel() for b in batches),
+        "round_logits": sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+        "padding_fraction": padding_fraction(batches),
+        "flops_round": flops_round, "gflop_per_token": flops_round / real_tokens / 1e9,
+        "gflop_per_token_forward": sum(f.forward_total for f in per_batch) / real_tokens / 1e9,
+        "gflop_per_token_backward": sum(f.backward_total for f in per_batch) / real_tokens / 1e9,
+        "flops_by_kind": {which: {k: sum(getattr(f, which).get(k, 0) for f in per_batch)
+                                  for k in set().union(*(getattr(f, which) for f in per_batch))}
+                          for which in ("forward", "backward")},
+    })
+    shapes = matmul_shapes(peft_model, max(b["input_ids"].numel() for b in batches))
+    warm = PartyTrainer("party-1", peft_model, manifest, tokens, pad, lora,
+                        TrainSettings(local_steps=1, batch_size=spec["batch_size"]), spec["seed"])
+    warm.train_round(0, adapter, emulator)
+    out["main"] = _timed_rounds(trainer, adapter, emulator, spec["reps"], threads, shapes, flops_round)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["matmul_shapes"] = matmul_rate(shapes, seconds=0.3)
+
+    # torch's FLOP counter on the first batch of the round, against the analytic count
+    set_trainable(peft_model, manifest.adapter_layers)
+    pairs = live_lora_pairs(peft_model, trainer.adapter_prefixes)
+    peft_model.train()
+
+    def one_step() -> None:
+        total, _ = trainer.loss(batches[0], adapter, pairs)
+        total.backward()
+
+    counted, per_op = counted_flops(one_step)
+    peft_model.zero_grad(set_to_none=True)
+    peft_model.eval()
+    out["flop_check"] = {"analytic": per_batch[0].total, "torch": counted, "per_op": per_op,
+                         "ratio": per_batch[0].total / counted}
+
+    variants = spec.get("variants", [])
+    alt = spec.get("alt_threads")
+    if "threads" in variants and alt and alt != threads:
+        runs = {threads: [], alt: []}
+        for _ in range(spec["reps"]):  # interleaved, so both see the same load
+            for t in (alt, threads):
+                runs[t].append(_timed_rounds(trainer, adapter, emulator, 1, t, shapes, flops_round))
+        out["threads"] = {str(t): {"tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+                                   "matmul_flops_per_s": median([r["matmul_flops_per_s"] for r in rs]),
+                                   "efficiency": median([r["efficiency"] for r in rs])}
+                          for t, rs in runs.items()}
+        torch.set_num_threads(threads)
+    if "emulator_lora" in variants and manifest.emulator_layers:
+        runs = {"on": [], "off": []}
+        for _ in range(spec["reps"]):
+            for state in ("off", "on"):
+                runs[state].append(_timed_rounds(trainer, adapter, emulator, 1, threads, shapes, flops_round,
+                                                 before=lambda s=state: set_emulator_lora(peft_model, manifest,
+                                                                                          s == "on")))
+        set_emulator_lora(peft_model, manifest, True)
+        out["emulator_lora"] = {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()}
+    if "full_logits" in variants:
+        full = FullLogitsTrainer("party-1", peft_model, manifest, tokens, pad, lora, settings, spec["seed"])
+        positions = sum(b["input_ids"].numel() for b in batches)
+        head = peft_model.get_output_embeddings()
+        extra = 2 * 2 * (positions - out["round_logits"]) * head.in_features * head.out_features
+        runs = {"labelled": [], "all": []}
+        for _ in range(spec["reps"]):
+            runs["all"].append(_timed_rounds(full, adapter, emulator, 1, threads, shapes, flops_round))
+            runs["labelled"].append(_timed_rounds(trainer, adapter, emulator, 1, threads, shapes, flops_round))
+        out["full_logits"] = {"tokens_per_s": {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()},
+                              "extra_flops_round": extra}
+    if "copies" in variants:
+        times = []
+        for _ in range(max(3, spec["reps"])):
+            t0 = time.perf_counter()
+            load_lora_state(peft_model, emulator, manifest.emulator_layers)
+            load_lora_state(peft_model, adapter, manifest.adapter_layers)
+            params = set_trainable(peft_model, manifest.adapter_layers)
+            torch.optim.AdamW(params, lr=1e-4)
+            lora_state(peft_model, manifest.adapter_layers)
+            times.append(time.perf_counter() - t0)
+            for p in params:
+                p.requires_grad_(False)
+        out["round_fixed_s"] = median(times)
+    return out
+
+
+def owner(spec: Mapping) -> dict:
+    """An owner round (or several) with N in-process parties sharing one party model."""
+    from owner.aggregation import fedavg
+    from owner.alignment import AlignSettings
+    from owner.config import RunConfig
+    from owner.metrics import MetricsLog
+    from owner.session import OwnerSession, pad_id_of
+    from owner.simulate import make_trainers, party_splits
+    from party.secure_update import secagg_config, update_vector
+    from secure_agg import aggregate_in_process
+    from tasks.prompts import tokenize_examples
+
+    torch.set_num_threads(spec["threads"])
+    out: dict = {"rss_start_mb": rss_mb()}
+    config = RunConfig(
+        model=spec["model"], method=spec["method"], adapter_size=spec["adapter_size"],
+        drop_rate=spec["drop_rate"], parties=spec["parties"], rounds=spec["rounds"], seed=spec["seed"],
+        party_data=spec["party_data"], party_limit=spec.get("party_limit"), max_length=spec["max_length"],
+        eval_items=1, public_limit=spec.get("public_limit", 64),
+        train=TrainSettings(local_steps=spec["steps"], batch_size=spec["batch_size"]),
+        align=AlignSettings(pre_steps=spec["align_pre_steps"], round_steps=spec["align_steps"]),
+    )
+    work = Path(tempfile.mkdtemp(prefix="owner-", dir=spec.get("tmp")))
+    log = MetricsLog(work / "metrics.jsonl", stream=None)
+    t0 = time.perf_counter()
+    splits = party_splits(config)
+    base, owner_data = OwnerSession.load_inputs(config, log)
+    tokens = [tokenize_examples(part, base.tokenizer, config.max_length, config.template) for part in splits]
+    out["load_s"] = time.perf_counter() - t0
+    out["rss_model_mb"] = rss_mb()
+    t0 = time.perf_counter()
+    session = OwnerSession.create(config, work, log, base, owner_data)
+    out["create_s"] = time.perf_counter() - t0
+    for line in (work / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["event"] == "pre_alignment":
+            out["pre_alignment"] = {k: row.get(k) for k in ("steps", "seconds")}
+    out["rss_owner_mb"] = rss_mb()
+    model, tokenizer, manifest = load_compressed(session.compressed_dir)
+    party_model = attach_lora(model, list(manifest.emulator_layers) + list(manifest.adapter_layers), config.lora,
+                              derive_seed(config.seed, "lora-init"))
+    trainers = make_trainers(config, party_model, manifest, tokens, pad_id_of(tokenizer))
+    out["rss_setup_mb"] = rss_mb()
+    out["peak_setup_mb"] = peak_rss_mb()
+    rounds = []
+    for r in range(config.rounds):
+        adapter, emulator = session.payload()
+        party_s = []
+        updates = []
+        for trainer in trainers:
+            t0 = time.perf_counter()
+            updates.append(trainer.train_round(r, adapter, emulator))
+            party_s.append(time.perf_counter() - t0)
+        weights = [u.n_examples for u in updates]
+        plain_s, secure_s, new_adapter, info = [], [], None, {}
+        for _ in range(spec["agg_reps"]):
+            t0 = time.perf_counter()
+            new_adapter = fedavg([u.adapter_state for u in updates], weights)
+            plain_s.append(time.perf_counter() - t0)
+        rss_before_secure = rss_mb()
+        if len(updates) >= 2:
+            for _ in range(spec["agg_reps"]):
+                t0 = time.perf_counter()
+                vectors = [update_vector(u.adapter_state, adapter) for u in updates]
+                result = aggregate_in_process(vectors, weights, secagg_config(weights, config.seed),
+                                              round_id=r, seed=config.seed)
+                secure_s.append(time.perf_counter() - t0)
+                info = {"party_cpu_max_s": max(result.party_cpu_s), "party_cpu_median_s":
+                        median(result.party_cpu_s), "owner_cpu_s": result.server_cpu_s,
+                        "ring_bits": result.ring_bits}
+        peak_round = peak_rss_mb()
+        session.complete_round(new_adapter, {"participants": [u.name for u in updates]})
+        align = session.history[-1]["alignment"]
+        rounds.append({
+            "party_s": party_s, "party_s_median": median(party_s), "party_s_sum": sum(party_s),
+            "plain_agg_s": median(plain_s), "secure_agg_s": median(secure_s) if secure_s else None,
+            "secure": info, "align_s": align.get("seconds", 0.0), "align_steps": align.get("steps", 0),
+            "rss_before_secure_mb": rss_before_secure, "peak_rss_mb": peak_round,
+        })
+    out["rounds"] = rounds
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["adapter_params"] = sum(t.numel() for t in session.adapter_state.values())
+    out["owner_emulator_layers"] = len(manifest.emulator_layers)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    result = {"party": party, "owner": owner}[spec["kind"]](spec)
+    result["loadavg"] = os.getloadavg()
+    Path(argv[1]).write_text(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
