@@ -46,11 +46,11 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def matmul_shapes(model: nn.Module, tokens: int) -> list[tuple[int, int, int]]:
+def matmul_shapes(model: nn.Module, tokens: int, square: int) -> list[tuple[int, int, int]]:
     """The model's own largest GEMMs at this many tokens, and a large square one."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     d, ff = cfg.hidden_size, cfg.intermediate_size
-    return [(tokens, d, ff), (tokens, ff, d), (2048, 2048, 2048)]
+    return [(tokens, d, ff), (tokens, ff, d), (square, square, square)]
 
 
 def party_tokens(spec: Mapping, tokenizer) -> tuple[list[TokenizedExample], float]:
@@ -84,15 +84,16 @@ class FullLogitsTrainer(PartyTrainer):
 
 
 def _timed_rounds(trainer: PartyTrainer, adapter: dict, emulator: dict, reps: int, threads: int,
-                  shapes: list, flops_per_round: int, before: Callable[[], None] | None = None) -> dict:
+                  shapes: list, flops_per_round: int, before: Callable[[], None] | None = None,
+                  probe_s: float = 0.3) -> dict:
     """`reps` identical rounds (round 0's batches each time), each preceded by a matmul-rate probe."""
     torch.set_num_threads(threads)
     rounds, peaks = [], []
     for _ in range(reps):
-        peaks.append(max(matmul_rate(shapes, seconds=0.3).values()))
+        peaks.append(max(matmul_rate(shapes, seconds=probe_s).values()))
         if before:
             before()
-        stats = trainer.train_round(0, adapter, emulator)
+        stats = trainer.train_round(0, adapter, emulator).stats
         rounds.append({"seconds": stats["seconds"], "tokens": stats["tokens"],
                        "tokens_per_s": stats["tokens_per_s"], "flops_per_s": flops_per_round / stats["seconds"]})
     return {"threads": threads, "rounds": rounds,
@@ -152,13 +153,19 @@ def party(spec: Mapping) -> dict:
                                   for k in set().union(*(getattr(f, which) for f in per_batch))}
                           for which in ("forward", "backward")},
     })
-    shapes = matmul_shapes(peft_model, max(b["input_ids"].numel() for b in batches))
+    shapes = matmul_shapes(peft_model, max(b["input_ids"].numel() for b in batches), spec["square"])
     warm = PartyTrainer("party-1", peft_model, manifest, tokens, pad, lora,
                         TrainSettings(local_steps=1, batch_size=spec["batch_size"]), spec["seed"])
     warm.train_round(0, adapter, emulator)
-    out["main"] = _timed_rounds(trainer, adapter, emulator, spec["reps"], threads, shapes, flops_round)
+
+    def timed(reps: int, run_threads: int = threads, runner: PartyTrainer = trainer,
+              before: Callable[[], None] | None = None) -> dict:
+        return _timed_rounds(runner, adapter, emulator, reps, run_threads, shapes, flops_round, before=before,
+                             probe_s=spec["probe_s"])
+
+    out["main"] = timed(spec["reps"])
     out["peak_rss_mb"] = peak_rss_mb()
-    out["matmul_shapes"] = matmul_rate(shapes, seconds=0.3)
+    out["matmul_shapes"] = matmul_rate(shapes, seconds=spec["probe_s"])
 
     # torch's FLOP counter on the first batch of the round, against the analytic count
     set_trainable(peft_model, manifest.adapter_layers)
@@ -175,13 +182,14 @@ def party(spec: Mapping) -> dict:
     out["flop_check"] = {"analytic": per_batch[0].total, "torch": counted, "per_op": per_op,
                          "ratio": per_batch[0].total / counted}
 
+    # Variants, each interleaved with the baseline round so that both see the same machine load.
     variants = spec.get("variants", [])
     alt = spec.get("alt_threads")
     if "threads" in variants and alt and alt != threads:
-        runs = {threads: [], alt: []}
-        for _ in range(spec["reps"]):  # interleaved, so both see the same load
+        runs: dict = {threads: [], alt: []}
+        for _ in range(spec["variant_reps"]):
             for t in (alt, threads):
-                runs[t].append(_timed_rounds(trainer, adapter, emulator, 1, t, shapes, flops_round))
+                runs[t].append(timed(1, t))
         out["threads"] = {str(t): {"tokens_per_s": median([r["tokens_per_s"] for r in rs]),
                                    "matmul_flops_per_s": median([r["matmul_flops_per_s"] for r in rs]),
                                    "efficiency": median([r["efficiency"] for r in rs])}
@@ -189,11 +197,10 @@ def party(spec: Mapping) -> dict:
         torch.set_num_threads(threads)
     if "emulator_lora" in variants and manifest.emulator_layers:
         runs = {"on": [], "off": []}
-        for _ in range(spec["reps"]):
+        for _ in range(spec["variant_reps"]):
             for state in ("off", "on"):
-                runs[state].append(_timed_rounds(trainer, adapter, emulator, 1, threads, shapes, flops_round,
-                                                 before=lambda s=state: set_emulator_lora(peft_model, manifest,
-                                                                                          s == "on")))
+                runs[state].append(timed(1, before=lambda s=state: set_emulator_lora(peft_model, manifest,
+                                                                                     s == "on")))
         set_emulator_lora(peft_model, manifest, True)
         out["emulator_lora"] = {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()}
     if "full_logits" in variants:
@@ -202,9 +209,9 @@ def party(spec: Mapping) -> dict:
         head = peft_model.get_output_embeddings()
         extra = 2 * 2 * (positions - out["round_logits"]) * head.in_features * head.out_features
         runs = {"labelled": [], "all": []}
-        for _ in range(spec["reps"]):
-            runs["all"].append(_timed_rounds(full, adapter, emulator, 1, threads, shapes, flops_round))
-            runs["labelled"].append(_timed_rounds(trainer, adapter, emulator, 1, threads, shapes, flops_round))
+        for _ in range(spec["variant_reps"]):
+            runs["all"].append(timed(1, runner=full))
+            runs["labelled"].append(timed(1))
         out["full_logits"] = {"tokens_per_s": {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()},
                               "extra_flops_round": extra}
     if "copies" in variants:

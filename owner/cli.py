@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.errors import FedbiotError
-
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `--simulate` and `--listen` (the method's hyperparameters)."""
@@ -178,15 +176,9 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except FedbiotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed round is checkpointed; rerun with --resume", file=sys.stderr)
-        return 130
+    from party.console import run_cli  # noqa: PLC0415
+
+    return run_cli(run, argv, "interrupted: the last completed round is checkpointed; rerun with --resume")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ class OwnerServer:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise TransportError(f"send of {msg.type.value} to {name} failed: {exc}") from None
-            self.log.say(f"cannot reach {name}: not connected")
+            if wait:  # advisory messages to a vanished party are not worth a line each
+                self.log.say(f"cannot reach {name}: not connected")
             return 0
         return sum(len(f) for f in frames)
 
@@ -189,7 +190,8 @@ class OwnerServer:
                 return None
             link = self.links.get(name)
             if link is None:
-                raise ProtocolError("hello required: no session with this party (send HELLO first)")
+                raise ProtocolError("hello required: no session with this party (send HELLO first)",
+                                    msg_type=msg.type.value, seq=msg.seq)
             link.guard.check(msg)
             link.guard.commit(msg)
             link.bytes_up += sum(len(f) for f in got.frames)

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.errors import FedbiotError
-
 
 def keygen_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="party keygen", description="write a party's CurveZMQ key pair")
@@ -66,15 +64,9 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except FedbiotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from party.console import run_cli  # noqa: PLC0415
+
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

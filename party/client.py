@@ -3,8 +3,9 @@
 The party pins the owner's public key, so it talks to nobody else. Training runs in a worker thread while
 the main thread keeps the socket and sends heartbeats, so the owner can tell a busy party from a dead one.
 A restarted party says HELLO again, reuses the model it already unpacked (or resumes the download), and
-joins at the next round boundary. Every owner message is schema-, replay- and round-checked; a bad one is
-logged and dropped.
+joins at the next round boundary. HELLO goes out once per established connection (a message can only be
+lost with its connection): an owner busy pre-aligning for minutes gets one HELLO, not one per timer tick.
+Every owner message is schema-, replay- and round-checked; a bad one is logged and dropped.
 
 Exit status of `run()`: 0 when the owner ended the run normally (BYE "run finished"), 1 when the owner
 stopped early or fell silent past `--timeout`. A key the owner refuses (ZAP) or an owner key that does not
@@ -57,7 +58,7 @@ from tasks.errors import FedbiotError
 from tasks.prompts import tokenize_examples
 
 HEARTBEAT_S = 2.0
-REHELLO_S = 15.0
+REHELLO_S = 300.0  # fallback only: HELLO is repeated when a new connection comes up (see watch_handshakes)
 HELLO_RETRY_S = 2.0  # after a "hello required" REJECT, at most one HELLO per this many seconds
 CHUNK_WINDOW = 4
 MAX_FAILED_HANDSHAKES = 3  # consecutive CurveZMQ handshake failures before the owner key is declared wrong
@@ -120,11 +121,14 @@ class PartyNode:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.failed_handshakes = 0
+        self.handshakes = 0  # connections established so far
+        self.hello_handshake = 0  # the value of `handshakes` when the last HELLO was sent
         self.out = SeqCounter()
         self.guard = ReplayGuard()
         self.config: dict | None = None
         self.archive: ArchiveInfo | None = None
         self.receiver: ChunkReceiver | None = None
+        self.requested: set[int] = set()
         self.trainer: PartyTrainer | None = None
         self.manifest: Manifest | None = None
         self.spec: dict | None = None
@@ -147,6 +151,7 @@ class PartyNode:
     def hello(self) -> None:
         sha = self.archive.model_sha256 if self.trainer is not None and self.archive else self.cached_sha()
         self.last_hello = time.monotonic()
+        self.hello_handshake = self.handshakes
         self.send(m.hello(name=self.name, n_examples=len(self.examples), model_sha256=sha,
                           capabilities=["secure_agg"] + (["dp"] if self.opts.dp else []),
                           last_round=self.rounds_done - 1))
@@ -164,6 +169,7 @@ class PartyNode:
             kind, value = event["event"], int(event["value"])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.failed_handshakes = 0
+                self.handshakes += 1
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 if value == 400:
                     raise OwnerRefused(f"the owner at {self.opts.endpoint} refused this party's key "
@@ -183,8 +189,9 @@ class PartyNode:
         if now >= self.next_heartbeat and self.welcomed:
             self.next_heartbeat = now + HEARTBEAT_S
             self.send(m.heartbeat())
-        if not self.welcomed and now - self.last_hello > REHELLO_S:
-            self.hello()
+        if not self.welcomed and self.handshakes and (
+                self.handshakes != self.hello_handshake or now - self.last_hello > REHELLO_S):
+            self.hello()  # the first connection, a new one (the last HELLO may have died with the old), or late
         if now - self.last_heard > self.opts.timeout:
             raise OwnerGone(f"no word from the owner for {self.opts.timeout:.0f} s")
         got = recv(self.sock, timeout)
@@ -231,15 +238,17 @@ class PartyNode:
         if self.trainer is not None and self.archive == info:
             self.send(m.ready(info.model_sha256))
             return
-        self.archive = info
         model_dir = self.work / "model"
         if self.cached_sha() == info.model_sha256 and model_dir.is_dir():
+            self.archive = info
             self.load_model(model_dir)
             return
-        self.receiver = ChunkReceiver(self.work / "download", info)
-        self.requested: set[int] = set()
-        self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
-                 "chunks to fetch")
+        if self.receiver is None or self.archive != info:
+            self.receiver = ChunkReceiver(self.work / "download", info)
+            self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
+                     "chunks to fetch")
+        self.archive = info
+        self.requested = set()  # requests to an owner that restarted are lost: ask again
         self.request_chunks()
 
     def request_chunks(self) -> None:
@@ -415,7 +424,6 @@ class PartyNode:
 
     def run(self) -> int:
         self.log(f"{self.name}: connecting to {self.opts.endpoint} with {len(self.examples)} examples")
-        self.hello()
         try:
             while True:
                 msg = self.receive(0.5)

@@ -15,3 +15,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     logging.getLogger("tasks").setLevel(logging.INFO)
+
+
+def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> int:
+    """Run a CLI body: a FedbiotError becomes one `error: ...` line and exit status 2."""
+    import sys  # noqa: PLC0415
+
+    from tasks.errors import FedbiotError  # noqa: PLC0415
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except FedbiotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
