@@ -452,8 +452,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             scores: dict = {}
             if do_accuracy:
                 def compute(adapter_dir=adapter_dir, key=key) -> dict:
-                    say(f"{key}: loading with transformers + peft, then {spec.metric_label} on "
-                        f"{args.acc_items} items")
+                    how = "the untouched model" if adapter_dir is None else "the adapter with transformers + peft"
+                    say(f"{key}: loading {how}, then {spec.metric_label} on {args.acc_items} items")
                     model, tokenizer = load_for_eval(adapter_dir, args.model)
                     started = time.perf_counter()
                     result = task_accuracy(model, tokenizer, spec, data, args)

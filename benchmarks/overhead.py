@@ -127,7 +127,8 @@ def run_worker(spec: dict, work: Path, plan: Plan) -> dict:
 
         threads = torch.get_num_threads()
         try:
-            result = {"party": overhead_worker.party, "owner": overhead_worker.owner}[spec["kind"]](spec)
+            kinds = {"party": overhead_worker.party, "pair": overhead_worker.pair, "owner": overhead_worker.owner}
+            result = kinds[spec["kind"]](spec)
         finally:
             torch.set_num_threads(threads)
         return result
@@ -231,6 +232,19 @@ def measure_parties(model: dict, keys: list[str], variants: dict[str, list[str]]
             f"({main['efficiency']:.0%} of matmul), peak {record['party']['peak_rss_mb']:.0f} MB")
 
 
+def measure_pair(model: dict, keys: list[str], args: argparse.Namespace, work: Path) -> dict:
+    """The headline speed ratio, measured with both parties in one process and their rounds alternating."""
+    plan = args.plan
+    say(f"{model['label']} paired rounds: {' vs '.join(keys)}")
+    spec = base_spec(args, kind="pair", model_dirs={k: model["methods"][k]["dir"] for k in keys}, split_parties=3,
+                     steps=plan.steps, batch_size=plan.batch_size)
+    result = run_worker(spec, work, plan)
+    result["ratio"] = result[keys[0]]["tokens_per_s"] / result[keys[1]]["tokens_per_s"]
+    result["keys"] = keys
+    say(f"  {keys[0]} / {keys[1]}: {result['ratio']:.2f}x")
+    return result
+
+
 def owner_spec(args: argparse.Namespace, model: dict, method: Method | dict, parties: int, rounds: int,
                steps: int, batch: int, agg_reps: int, work: Path) -> dict:
     get = (lambda k: method[k]) if isinstance(method, dict) else (lambda k: getattr(method, k))
@@ -315,8 +329,12 @@ def targets(model: dict, demo: dict | None) -> list[dict]:
     head, full = headline(model), methods[FULL]
     if "party" in head and "party" in full:
         ratio = head["party"]["main"]["tokens_per_s"] / full["party"]["main"]["tokens_per_s"]
+        paired = model.get("paired", {}).get("ratio")
+        text = f"{ratio:.2f}x (separate processes)"
+        if paired is not None:
+            text = f"{paired:.2f}x (paired, alternating rounds in one process); {text}"
         rows.append({"target": f"{head['label']} party step >= 2x the tokens/s of FedAvg-LoRA (full model)",
-                     "measured": f"{ratio:.2f}x", "met": ratio >= 2.0})
+                     "measured": text, "met": (paired if paired is not None else ratio) >= 2.0})
     if demo is not None and "overhead_parallel" in demo:
         worst = max(demo["overhead_parallel"], demo["overhead_shared"])
         rows.append({"target": f"secure aggregation adds <= 10% to a round ({demo['parties']} parties, demo "
@@ -412,7 +430,9 @@ def model_section(model: dict) -> list[str]:
         lines += ["### Party compute", "",
                   "GFLOP per real token of one round (analytic matmul count, forward + backward, padding "
                   "included); `torch` = the same step under torch's FlopCounterMode. FLOP/s = analytic FLOPs / "
-                  "measured round time; matmul = the best fp32 GEMM rate measured just before each round.", ""]
+                  "measured round time; matmul = the best fp32 GEMM rate measured just before and after each "
+                  "round (mean of the two). RSS loaded = after loading the checkpoint and tokenising; training "
+                  "peak = the kernel's peak RSS mark (VmHWM) over the timed rounds.", ""]
         rows = []
         for m in measured:
             p = m["party"]
@@ -421,9 +441,16 @@ def model_section(model: dict) -> list[str]:
                          f"{p['gflop_per_token_backward']:.3f}", f"{p['flop_check']['ratio']:.4f}",
                          f"{main['tokens_per_s']:.1f}", f"{main['flops_per_s'] / 1e9:.1f}",
                          f"{main['matmul_flops_per_s'] / 1e9:.1f}", f"{main['efficiency']:.0%}",
-                         f"{p['peak_rss_mb']:.0f}"])
+                         f"{p['rss_loaded_mb']:.0f}", f"{p['peak_rss_mb']:.0f}"])
         lines += table(["method", "GFLOP/token", "forward / backward", "analytic / torch", "tokens/s",
-                        "GFLOP/s", "matmul GFLOP/s", "of matmul", "party peak RSS (MB)"], rows)
+                        "GFLOP/s", "matmul GFLOP/s", "of matmul", "RSS loaded (MB)", "training peak RSS (MB)"],
+                       rows)
+        paired = model.get("paired")
+        if paired:
+            a, b = paired["keys"]
+            lines += [f"Paired (both parties in one process, rounds alternating, so both see the same load): "
+                      f"{a} {paired[a]['tokens_per_s']:.1f} tokens/s, {b} {paired[b]['tokens_per_s']:.1f} "
+                      f"tokens/s: **{paired['ratio']:.2f}x**.", ""]
     owners = [m for m in methods.values() if "owner" in m]
     if owners:
         lines += ["### Owner", "",
@@ -626,6 +653,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.quick:  # the thread comparison is slow exactly when the machine is busy
             variants = {head: ["emulator_lora", "full_logits", "copies"]}
         measure_parties(model, keys, variants, args, work)
+        model["paired"] = measure_pair(model, [head, FULL], args, work)
         measure_owner(model, [k for k in keys if k != head] if not args.quick else [], args, work)
         scaling = measure_scaling(model, args, work)
         for row in scaling:

@@ -86,22 +86,25 @@ class FullLogitsTrainer(PartyTrainer):
 def _timed_rounds(trainer: PartyTrainer, adapter: dict, emulator: dict, reps: int, threads: int,
                   shapes: list, flops_per_round: int, before: Callable[[], None] | None = None,
                   probe_s: float = 0.3) -> dict:
-    """`reps` identical rounds (round 0's batches each time), each preceded by a matmul-rate probe."""
+    """`reps` identical rounds (round 0's batches each time) between matmul-rate probes; a round's
+    efficiency is its FLOP/s over the mean of the probes just before and just after it."""
     torch.set_num_threads(threads)
-    rounds, peaks = [], []
+    rounds = []
+    probes = [max(matmul_rate(shapes, seconds=probe_s).values())]
     for _ in range(reps):
-        peaks.append(max(matmul_rate(shapes, seconds=probe_s).values()))
         if before:
             before()
         stats = trainer.train_round(0, adapter, emulator).stats
-        rounds.append({"seconds": stats["seconds"], "tokens": stats["tokens"],
-                       "tokens_per_s": stats["tokens_per_s"], "flops_per_s": flops_per_round / stats["seconds"]})
+        probes.append(max(matmul_rate(shapes, seconds=probe_s).values()))
+        rate = flops_per_round / stats["seconds"]
+        rounds.append({"seconds": stats["seconds"], "tokens": stats["tokens"], "tokens_per_s": stats["tokens_per_s"],
+                       "flops_per_s": rate, "matmul_flops_per_s": (probes[-2] + probes[-1]) / 2})
     return {"threads": threads, "rounds": rounds,
             "tokens_per_s": median([r["tokens_per_s"] for r in rounds]),
             "seconds": median([r["seconds"] for r in rounds]),
             "flops_per_s": median([r["flops_per_s"] for r in rounds]),
-            "matmul_flops_per_s": median(peaks), "matmul_probes": peaks,
-            "efficiency": median([r["flops_per_s"] / p for r, p in zip(rounds, peaks, strict=True)])}
+            "matmul_flops_per_s": median([r["matmul_flops_per_s"] for r in rounds]), "matmul_probes": probes,
+            "efficiency": median([r["flops_per_s"] / r["matmul_flops_per_s"] for r in rounds])}
 
 
 def set_emulator_lora(model: nn.Module, manifest: Manifest, enabled: bool) -> None:
@@ -115,31 +118,76 @@ def set_emulator_lora(model: nn.Module, manifest: Manifest, enabled: bool) -> No
             mod.enable_adapters(enabled)
 
 
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS mark (VmHWM), so the next peak is that of the phase that follows."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def hwm_mb() -> float:
+    """Peak RSS since the last reset_peak (or since the start)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    return peak_rss_mb()
+
+
+def progress(text: str) -> None:
+    print(f"[worker {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+class PartySetup:
+    """A party as it runs: the compressed checkpoint loaded from disk, LoRA attached, its data tokenised."""
+
+    def __init__(self, spec: Mapping, model_dir: str) -> None:
+        start = time.perf_counter()
+        model, tokenizer, manifest = load_compressed(model_dir)
+        self.lora = LoraSettings()
+        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+        self.model = attach_lora(model, layers, self.lora, derive_seed(spec["seed"], "lora-init"))
+        self.manifest = manifest
+        self.load_s = time.perf_counter() - start
+        self.tokens, self.tokenise_s = party_tokens(spec, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.settings = TrainSettings(local_steps=spec["steps"], batch_size=spec["batch_size"])
+        self.trainer = PartyTrainer("party-1", self.model, manifest, self.tokens, self.pad, self.lora,
+                                    self.settings, spec["seed"])
+        self.adapter = lora_state(self.model, manifest.adapter_layers)
+        self.emulator = lora_state(self.model, manifest.emulator_layers)
+        self.batches = round_batches(self.tokens, 0, self.settings.local_steps, self.settings.batch_size,
+                                     self.trainer.seed, self.pad)
+        self.flops = [step_flops(self.model, manifest.adapter_layers, *b["input_ids"].shape,
+                                 int((b["labels"][:, 1:] != IGNORE_INDEX).sum())) for b in self.batches]
+        self.flops_round = sum(f.total for f in self.flops)
+        self.shapes = matmul_shapes(self.model, max(b["input_ids"].numel() for b in self.batches), spec["square"])
+        self.probe_s = spec["probe_s"]
+
+    def warm_up(self) -> None:
+        """One single-step round: first-call allocations and kernel choices stay out of the timings."""
+        warm = PartyTrainer("party-1", self.model, self.manifest, self.tokens, self.pad, self.lora,
+                            TrainSettings(local_steps=1, batch_size=self.settings.batch_size), 0)
+        warm.train_round(0, self.adapter, self.emulator)
+
+    def timed(self, reps: int, threads: int, runner: PartyTrainer | None = None,
+              before: Callable[[], None] | None = None) -> dict:
+        return _timed_rounds(runner or self.trainer, self.adapter, self.emulator, reps, threads, self.shapes,
+                             self.flops_round, before=before, probe_s=self.probe_s)
+
+
 def party(spec: Mapping) -> dict:
     threads = spec["threads"]
     torch.set_num_threads(threads)
     out: dict = {"rss_start_mb": rss_mb()}
-    start = time.perf_counter()
-    model, tokenizer, manifest = load_compressed(spec["model_dir"])
-    lora = LoraSettings()
-    layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-    peft_model = attach_lora(model, layers, lora, derive_seed(spec["seed"], "lora-init"))
-    out["load_s"] = time.perf_counter() - start
-    tokens, out["tokenise_s"] = party_tokens(spec, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = TrainSettings(local_steps=spec["steps"], batch_size=spec["batch_size"])
-    trainer = PartyTrainer("party-1", peft_model, manifest, tokens, pad, lora, settings, spec["seed"])
-    adapter = lora_state(peft_model, manifest.adapter_layers)
-    emulator = lora_state(peft_model, manifest.emulator_layers)
+    setup = PartySetup(spec, spec["model_dir"])
+    model, manifest, batches, per_batch = setup.model, setup.manifest, setup.batches, setup.flops
+    adapter, emulator, trainer = setup.adapter, setup.emulator, setup.trainer
+    out["load_s"], out["tokenise_s"] = setup.load_s, setup.tokenise_s
     out["rss_loaded_mb"] = rss_mb()
-
-    batches = round_batches(tokens, 0, settings.local_steps, settings.batch_size, trainer.seed, pad)
-    per_batch = [step_flops(peft_model, manifest.adapter_layers, *b["input_ids"].shape,
-                            int((b["labels"][:, 1:] != IGNORE_INDEX).sum())) for b in batches]
     real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    flops_round = sum(f.total for f in per_batch)
+    flops_round = setup.flops_round
     out.update({
-        "examples": len(tokens), "trainable_params": sum(t.numel() for t in adapter.values()),
+        "examples": len(setup.tokens), "trainable_params": sum(t.numel() for t in adapter.values()),
         "emulator_lora_params": sum(t.numel() for t in emulator.values()),
         "layers": manifest.n_compressed, "adapter_layers": len(manifest.adapter_layers),
         "emulator_layers": len(manifest.emulator_layers),
@@ -153,32 +201,27 @@ def party(spec: Mapping) -> dict:
                                   for k in set().union(*(getattr(f, which) for f in per_batch))}
                           for which in ("forward", "backward")},
     })
-    shapes = matmul_shapes(peft_model, max(b["input_ids"].numel() for b in batches), spec["square"])
-    warm = PartyTrainer("party-1", peft_model, manifest, tokens, pad, lora,
-                        TrainSettings(local_steps=1, batch_size=spec["batch_size"]), spec["seed"])
-    warm.train_round(0, adapter, emulator)
-
-    def timed(reps: int, run_threads: int = threads, runner: PartyTrainer = trainer,
-              before: Callable[[], None] | None = None) -> dict:
-        return _timed_rounds(runner, adapter, emulator, reps, run_threads, shapes, flops_round, before=before,
-                             probe_s=spec["probe_s"])
-
-    out["main"] = timed(spec["reps"])
-    out["peak_rss_mb"] = peak_rss_mb()
-    out["matmul_shapes"] = matmul_rate(shapes, seconds=spec["probe_s"])
+    setup.warm_up()
+    out["peak_load_mb"] = hwm_mb()
+    reset_peak()
+    progress(f"loaded ({out['rss_loaded_mb']:.0f} MB); timing {spec['reps']} rounds")
+    out["main"] = setup.timed(spec["reps"], threads)
+    out["peak_rss_mb"] = hwm_mb()  # training: model, activations, gradients, optimizer state
+    out["matmul_shapes"] = matmul_rate(setup.shapes, seconds=spec["probe_s"])
+    progress(f"{out['main']['tokens_per_s']:.1f} tokens/s, training peak {out['peak_rss_mb']:.0f} MB")
 
     # torch's FLOP counter on the first batch of the round, against the analytic count
-    set_trainable(peft_model, manifest.adapter_layers)
-    pairs = live_lora_pairs(peft_model, trainer.adapter_prefixes)
-    peft_model.train()
+    set_trainable(model, manifest.adapter_layers)
+    pairs = live_lora_pairs(model, trainer.adapter_prefixes)
+    model.train()
 
     def one_step() -> None:
         total, _ = trainer.loss(batches[0], adapter, pairs)
         total.backward()
 
     counted, per_op = counted_flops(one_step)
-    peft_model.zero_grad(set_to_none=True)
-    peft_model.eval()
+    model.zero_grad(set_to_none=True)
+    model.eval()
     out["flop_check"] = {"analytic": per_batch[0].total, "torch": counted, "per_op": per_op,
                          "ratio": per_batch[0].total / counted}
 
@@ -186,48 +229,69 @@ def party(spec: Mapping) -> dict:
     variants = spec.get("variants", [])
     alt = spec.get("alt_threads")
     if "threads" in variants and alt and alt != threads:
+        progress(f"threads {threads} vs {alt}")
         runs: dict = {threads: [], alt: []}
         for _ in range(spec["variant_reps"]):
             for t in (alt, threads):
-                runs[t].append(timed(1, t))
+                runs[t].append(setup.timed(1, t))
         out["threads"] = {str(t): {"tokens_per_s": median([r["tokens_per_s"] for r in rs]),
                                    "matmul_flops_per_s": median([r["matmul_flops_per_s"] for r in rs]),
                                    "efficiency": median([r["efficiency"] for r in rs])}
                           for t, rs in runs.items()}
         torch.set_num_threads(threads)
     if "emulator_lora" in variants and manifest.emulator_layers:
+        progress("emulator LoRA on vs off")
         runs = {"on": [], "off": []}
         for _ in range(spec["variant_reps"]):
             for state in ("off", "on"):
-                runs[state].append(timed(1, before=lambda s=state: set_emulator_lora(peft_model, manifest,
-                                                                                     s == "on")))
-        set_emulator_lora(peft_model, manifest, True)
+                runs[state].append(setup.timed(1, threads, before=lambda s=state: set_emulator_lora(
+                    model, manifest, s == "on")))
+        set_emulator_lora(model, manifest, True)
         out["emulator_lora"] = {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()}
     if "full_logits" in variants:
-        full = FullLogitsTrainer("party-1", peft_model, manifest, tokens, pad, lora, settings, spec["seed"])
+        progress("logits at labelled vs all positions")
+        full = FullLogitsTrainer("party-1", model, manifest, setup.tokens, setup.pad, setup.lora, setup.settings,
+                                 spec["seed"])
         positions = sum(b["input_ids"].numel() for b in batches)
-        head = peft_model.get_output_embeddings()
+        head = model.get_output_embeddings()
         extra = 2 * 2 * (positions - out["round_logits"]) * head.in_features * head.out_features
         runs = {"labelled": [], "all": []}
         for _ in range(spec["variant_reps"]):
-            runs["all"].append(timed(1, runner=full))
-            runs["labelled"].append(timed(1))
+            runs["all"].append(setup.timed(1, threads, runner=full))
+            runs["labelled"].append(setup.timed(1, threads))
         out["full_logits"] = {"tokens_per_s": {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()},
                               "extra_flops_round": extra}
     if "copies" in variants:
         times = []
         for _ in range(max(3, spec["reps"])):
             t0 = time.perf_counter()
-            load_lora_state(peft_model, emulator, manifest.emulator_layers)
-            load_lora_state(peft_model, adapter, manifest.adapter_layers)
-            params = set_trainable(peft_model, manifest.adapter_layers)
+            load_lora_state(model, emulator, manifest.emulator_layers)
+            load_lora_state(model, adapter, manifest.adapter_layers)
+            params = set_trainable(model, manifest.adapter_layers)
             torch.optim.AdamW(params, lr=1e-4)
-            lora_state(peft_model, manifest.adapter_layers)
+            lora_state(model, manifest.adapter_layers)
             times.append(time.perf_counter() - t0)
             for p in params:
                 p.requires_grad_(False)
         out["round_fixed_s"] = median(times)
     return out
+
+
+def pair(spec: Mapping) -> dict:
+    """Two methods' parties in one process, rounds alternating, so both see the same machine load."""
+    torch.set_num_threads(spec["threads"])
+    setups = {key: PartySetup(spec, directory) for key, directory in spec["model_dirs"].items()}
+    for setup in setups.values():
+        setup.warm_up()
+    runs: dict[str, list[dict]] = {key: [] for key in setups}
+    for rep in range(spec["reps"]):
+        for key, setup in setups.items():
+            runs[key].append(setup.timed(1, spec["threads"]))
+        progress(f"paired round {rep + 1}/{spec['reps']}: " + ", ".join(
+            f"{k} {v[-1]['tokens_per_s']:.1f} tokens/s" for k, v in runs.items()))
+    return {key: {"tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+                  "per_round": [r["tokens_per_s"] for r in rs],
+                  "efficiency": median([r["efficiency"] for r in rs])} for key, rs in runs.items()}
 
 
 def owner(spec: Mapping) -> dict:
@@ -273,7 +337,10 @@ def owner(spec: Mapping) -> dict:
                               derive_seed(config.seed, "lora-init"))
     trainers = make_trainers(config, party_model, manifest, tokens, pad_id_of(tokenizer))
     out["rss_setup_mb"] = rss_mb()
-    out["peak_setup_mb"] = peak_rss_mb()
+    out["peak_setup_mb"] = hwm_mb()
+    reset_peak()
+    progress(f"{config.parties} parties set up (owner {out['rss_owner_mb']:.0f} MB, process "
+             f"{out['rss_setup_mb']:.0f} MB)")
     rounds = []
     for r in range(config.rounds):
         adapter, emulator = session.payload()
@@ -284,6 +351,7 @@ def owner(spec: Mapping) -> dict:
             updates.append(trainer.train_round(r, adapter, emulator))
             party_s.append(time.perf_counter() - t0)
         weights = [u.n_examples for u in updates]
+        progress(f"round {r + 1}: {len(updates)} parties trained in {sum(party_s):.1f} s")
         plain_s, secure_s, new_adapter, info = [], [], None, {}
         for _ in range(spec["agg_reps"]):
             t0 = time.perf_counter()
@@ -300,9 +368,12 @@ def owner(spec: Mapping) -> dict:
                 info = {"party_cpu_max_s": max(result.party_cpu_s), "party_cpu_median_s":
                         median(result.party_cpu_s), "owner_cpu_s": result.server_cpu_s,
                         "ring_bits": result.ring_bits}
-        peak_round = peak_rss_mb()
+        peak_round = hwm_mb()
         session.complete_round(new_adapter, {"participants": [u.name for u in updates]})
         align = session.history[-1]["alignment"]
+        progress(f"round {r + 1}: aggregation {median(plain_s):.3f} s plain, "
+                 f"{median(secure_s) if secure_s else float('nan'):.2f} s secure; alignment "
+                 f"{align.get('seconds', 0.0):.1f} s")
         rounds.append({
             "party_s": party_s, "party_s_median": median(party_s), "party_s_sum": sum(party_s),
             "plain_agg_s": median(plain_s), "secure_agg_s": median(secure_s) if secure_s else None,
@@ -310,7 +381,7 @@ def owner(spec: Mapping) -> dict:
             "rss_before_secure_mb": rss_before_secure, "peak_rss_mb": peak_round,
         })
     out["rounds"] = rounds
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = max(out["peak_setup_mb"], hwm_mb())
     out["adapter_params"] = sum(t.numel() for t in session.adapter_state.values())
     out["owner_emulator_layers"] = len(manifest.emulator_layers)
     return out
@@ -319,7 +390,7 @@ def owner(spec: Mapping) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    result = {"party": party, "owner": owner}[spec["kind"]](spec)
+    result = {"party": party, "pair": pair, "owner": owner}[spec["kind"]](spec)
     result["loadavg"] = os.getloadavg()
     Path(argv[1]).write_text(json.dumps(result, indent=1, default=float))
     return 0

@@ -12,8 +12,9 @@ what costs time here, so each run exercises several requirements):
   recorded, and the result equals the in-process secure run.
 - secure dropouts: 3 parties; party-3 exits right after sending its key shares (test hook), round 1
   completes through Shamir recovery; party-2 is killed before round 2, leaving fewer than --min-parties: a
-  clean abort with the round-1 checkpoint intact. Then the owner resumes and all three parties restart, reuse
-  their downloaded model and finish the run.
+  clean abort with the round-1 checkpoint intact. Then the owner resumes (extending the run to 3 rounds)
+  and all three parties restart, reuse their downloaded model and train round 2; party-3 is killed before
+  round 3, which completes without it (invited, it never advertises keys).
 """
 
 from __future__ import annotations
@@ -204,6 +205,10 @@ def data(tmp_path_factory) -> dict:
     words = "red blue green yellow black white".split()
     train = [{"instruction": f"Colour of item {i}?", "input": "", "output": f"Item {i} is {words[i % 6]}."}
              for i in range(24)]
+    # Three whose prompt alone exceeds --max-length: dropped at tokenisation, after the party said HELLO, so
+    # the FedAvg weight must be the count trained on (as in the in-process run), not the count announced.
+    train += [{"instruction": f"Describe item {i}: " + "in great detail " * 8, "input": "", "output": "No."}
+              for i in range(3)]
     public = [{"instruction": f"Say hello {i} times.", "context": "", "response": "hello " * (i % 4 + 1),
                "category": "open_qa"} for i in range(16)]
     evaluation = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
@@ -372,6 +377,19 @@ def generate_fuzz(target: FuzzTarget, count: int) -> list[list[bytes]]:
     return out[:count]
 
 
+def oversize(target: FuzzTarget) -> list[list[bytes]]:
+    """Messages beyond the codec's limits (though within the socket's): a 300 kB header, a tensor header
+    claiming 2 MiB, and 5000 tensors in one frame."""
+    heartbeat = json.loads(_encoded(m.heartbeat(), 1)[0])
+    update = _encoded(m.update(round=0, n_examples=3), 2)[0]
+    many = encode_tensors({f"t{i}": np.zeros(1, np.float32) for i in range(5000)})
+    out = [[json.dumps({**heartbeat, "pad": "x" * 300_000}).encode()],
+           [update, (2 * 1024**2).to_bytes(8, "little") + b"{}"],
+           [update, many]]
+    assert all(target.must_reject(frames) for frames in out)
+    return out
+
+
 def blast(sock: zmq.Socket, messages: list[list[bytes]]) -> None:
     for frames in messages:
         sock.send_multipart(frames)  # blocks (up to the send timeout) when the owner lags behind
@@ -420,9 +438,10 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
         honest = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
         doomed = cluster.party("party-3", data["party-3"])
         with ThreadPoolExecutor(1) as pool:  # hypothesis works while the parties start up
-            fuzz_future = pool.submit(generate_fuzz, FuzzTarget(cluster.out), FUZZ_MESSAGES)
+            target = FuzzTarget(cluster.out)
+            fuzz_future = pool.submit(generate_fuzz, target, FUZZ_MESSAGES)
             stop_when_connecting([*honest, doomed])  # nobody joins before the flood is refused
-            fuzz = fuzz_future.result()
+            fuzz = oversize(target) + fuzz_future.result()
 
         # Intruders, as the real party command: an unknown key, and an allowlisted key pinning another owner.
         result["mallory"] = party_main(party_args(cluster.endpoint, "mallory", data["party-1"], keys, root)[2:])
@@ -463,6 +482,7 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
 def test_plain_networked_run_equals_the_in_process_run(plain_run):
     assert plain_run["owner_rc"] == 0, plain_run["logs"]["owner"][-3000:]
     assert plain_run["party_rcs"] == [0, 0]
+    assert any("examples whose prompt leaves no response token" in plain_run["logs"][f"party-{i}"] for i in (1, 2))
     out = plain_run["out"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["secure_agg"] is False
@@ -498,6 +518,11 @@ def test_the_fuzzed_owner_refuses_every_malformed_message_and_keeps_serving(plai
     rejects = events(out, "reject")
     assert summary["rejected_messages"] == sent == len(rejects)
     assert {e["party"] for e in rejects} == {"fuzzer"} and all(e["reason"] for e in rejects)
+    reasons = " | ".join(e["reason"] for e in rejects)
+    for why in ("not valid JSON", "protocol version", "unknown message type", "wrong tensor names", "has shape",
+                "has dtype", "NaN or Inf", "header frame has", "more than 4096", "safetensors header claims",
+                "replayed", "while no round is in progress", "does not exist", "HELLO names"):
+        assert why in reasons, f"no message was refused for {why!r}"
     # Nothing it sent was served: the owner only welcomed it, refused it and said goodbye.
     inbox = plain_run["fuzzer_inbox"]
     assert {msg.type for msg in inbox} <= {MessageType.WELCOME, MessageType.REJECT, MessageType.BYE}
@@ -567,8 +592,10 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
         result["after_abort"] = latest_checkpoint_dir(cluster.out)
         result["rounds_after_abort"] = [r["round"] for r in events(cluster.out, "round")]
 
-        resumed = cluster.owner(*flags, "--resume", tag="owner-resumed")
+        resumed = cluster.owner(*flags, "--resume", "--rounds", "3", tag="owner-resumed")
         again = [cluster.party(f"party-{i}", data[f"party-{i}"], tag=f"party-{i}-again") for i in (1, 2, 3)]
+        resumed.wait_log(r"round 2 alignment")
+        again[2].kill()  # between rounds: still counted as ready when round 3 is planned
         result["owner_rc"] = resumed.exit_code()
         result["party_rcs"] = [p.exit_code() for p in again]
         result["logs"] = {n.name: n.text() for n in cluster.nodes}
@@ -599,11 +626,39 @@ def test_too_few_parties_abort_cleanly_with_the_checkpoint_intact(dropout_run):
 
 def test_restarted_parties_rejoin_with_their_downloaded_model(dropout_run):
     assert dropout_run["owner_rc"] == 0, dropout_run["logs"]["owner-resumed"][-3000:]
-    assert dropout_run["party_rcs"] == [0, 0, 0]
+    assert dropout_run["party_rcs"] == [0, 0, -signal.SIGKILL]
     rounds = events(dropout_run["out"], "round")
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[1]["participants"] == ["party-1", "party-2", "party-3"]
     logs = dropout_run["logs"]
     for i in (1, 2, 3):
         assert "downloading" not in logs[f"party-{i}-again"]
         assert re.search(rf"party-{i} joined \(\d+ examples, has the model\)", logs["owner-resumed"])
+
+
+def test_secure_round_completes_when_an_invited_party_is_gone_before_advertising(dropout_run):
+    last = events(dropout_run["out"], "round")[-1]
+    assert last["round"] == 3 and last["secure_agg"] and last["participants"] == ["party-1", "party-2"]
+    assert json.loads((dropout_run["out"] / "summary.json").read_text())["rounds"] == 3
+
+
+# ----------------------------------------------------------------------------------- refused before start
+
+
+def test_a_busy_port_or_bad_flags_leave_no_run_behind(tiny_llama_dir, keys, data, tmp_path, capsys):
+    base = ["--out", str(tmp_path / "out"), "--model", str(tiny_llama_dir), "--key", str(keys["owner"][1]),
+            "--allow", str(keys["allow"]), "--public-data", str(data["public"]), "--eval-data",
+            str(data["eval"]), *TRAIN_ARGS, "--parties", "2", "--quiet"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert owner_main(["--listen", f"tcp://127.0.0.1:{busy.getsockname()[1]}", *base]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "config.json").exists()  # a plain rerun is not refused as "not empty"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    assert owner_main(["--listen", endpoint, *base, "--min-parties", "3"]) == 2
+    assert "--min-parties" in capsys.readouterr().err
+    assert owner_main(["--listen", endpoint, *base, "--min-parties", "1"]) == 2
+    assert "secure aggregation needs at least 2" in capsys.readouterr().err
+    assert owner_main(["--listen", endpoint, *base, "--party-timeout", "0"]) == 2
+    assert "--party-timeout" in capsys.readouterr().err

@@ -67,7 +67,9 @@ def test_three_parties_train_the_embedded_model_over_the_network(tmp_path: Path)
     rounds = events(out, "round")
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["participants"] == list(PARTIES) for r in rounds)
-    for name in PARTIES:  # the compressed model went to each party once, in hashed chunks
+    for name in PARTIES:  # each party joined once (the owner was busy pre-aligning) and got the model once
+        assert text["owner"].count(f"{name} joined") == 1
+        assert text[name].count("downloading the compressed model") == 1
         assert re.search(r"model download: (\d+)/\1 chunks", text[name])
         assert "the owner ended the run: run finished" in text[name]
 
