@@ -23,9 +23,16 @@ from protocol.keys import load_allowlist, load_public, load_secret
 from protocol.messages import Message
 from tasks.errors import ConfigError
 
-HEARTBEAT_IVL_MS = 2_000
-HEARTBEAT_TIMEOUT_MS = 10_000
 SEND_TIMEOUT_MS = 10_000
+# Dead connections are found by TCP, not by ZMTP heartbeats: libzmq 4.3 aborts the whole process
+# ("Assertion failed: _input_stopped") when a ZMTP heartbeat times out on a connection whose receive queue
+# is full, which a flooding peer or a busy node (the owner aligning, a party loading its model) can cause.
+# Keepalive probes an idle connection; TCP_MAXRT bounds how long unacknowledged data may wait. Liveness of
+# the peer *process* is the application HEARTBEAT's job (protocol.liveness).
+KEEPALIVE_IDLE_S = 20
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 4
+MAX_RETRANSMIT_MS = 60_000
 
 
 class Received(NamedTuple):
@@ -37,18 +44,15 @@ class Received(NamedTuple):
     frames: list[bytes]
 
 
-def _common_options(
-    sock: zmq.Socket,
-    max_msg_size: int,
-    heartbeat_ivl_ms: int,
-    heartbeat_timeout_ms: int,
-    send_timeout_ms: int,
-) -> None:
+def _common_options(sock: zmq.Socket, max_msg_size: int, send_timeout_ms: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)  # see KEEPALIVE_IDLE_S
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
+    sock.setsockopt(zmq.TCP_MAXRT, MAX_RETRANSMIT_MS)
     sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
 
 
@@ -59,8 +63,6 @@ def bind_router(
     *,
     max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
     context: zmq.Context | None = None,
-    heartbeat_ivl_ms: int = HEARTBEAT_IVL_MS,
-    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
     send_timeout_ms: int = SEND_TIMEOUT_MS,
 ) -> tuple[zmq.Socket, ThreadAuthenticator]:
     """The owner's socket: CurveZMQ server, ZAP against `allow_dir`'s *.key files, ROUTER_MANDATORY (a
@@ -83,7 +85,7 @@ def bind_router(
         sock.curve_server = True
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        _common_options(sock, max_msg_size, heartbeat_ivl_ms, heartbeat_timeout_ms, send_timeout_ms)
+        _common_options(sock, max_msg_size, send_timeout_ms)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -123,8 +125,6 @@ def connect_dealer(
     identity: str,
     max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
     context: zmq.Context | None = None,
-    heartbeat_ivl_ms: int = HEARTBEAT_IVL_MS,
-    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS,
     send_timeout_ms: int = SEND_TIMEOUT_MS,
 ) -> zmq.Socket:
     """A party's socket: CurveZMQ client pinned to the owner's public key. `identity` should be the party
@@ -143,7 +143,7 @@ def connect_dealer(
         sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
-        _common_options(sock, max_msg_size, heartbeat_ivl_ms, heartbeat_timeout_ms, send_timeout_ms)
+        _common_options(sock, max_msg_size, send_timeout_ms)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
