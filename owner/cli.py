@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
         split=args.split, party_limit=args.party_limit, public_data=args.public_data,
         public_data_kind=args.public_data_kind, public_limit=args.public_limit, eval_data=args.eval_data,
         eval_data_kind=args.eval_data_kind, eval_items=args.eval_items, max_length=args.max_length,
-        template=args.template, secure_agg=secure_agg,
+        template=args.template, secure_agg=secure_agg, secagg_graph=args.secagg_graph,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                             prox_eps=args.prox_eps),
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secure-agg", dest="secure_agg", action="store_true", default=None,
                    help="masked secure aggregation (default: on with --listen, off with --simulate)")
     p.add_argument("--no-secure-agg", dest="secure_agg", action="store_false")
+    p.add_argument("--secagg-graph", choices=["complete", "sparse"], default="complete",
+                   help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
+                        "per party (cheaper with many parties)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (metrics.jsonl is still written)")
     add_run_options(p)
     net = p.add_argument_group("network (--listen)")

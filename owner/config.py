@@ -42,6 +42,7 @@ class RunConfig:
     max_length: int = 256
     template: str = "auto"
     secure_agg: bool = False
+    secagg_graph: str = "complete"  # complete | sparse (SecAgg+: each party masks with O(log n) neighbours)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
@@ -65,6 +66,8 @@ class RunConfig:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8")
+        if self.secagg_graph not in ("complete", "sparse"):
+            raise ConfigError(f"--secagg-graph must be complete or sparse, not {self.secagg_graph!r}")
 
     def adapter_layout(self, n_layers: int) -> tuple[int, int]:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""

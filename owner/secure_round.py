@@ -19,7 +19,7 @@ def secure_fedavg(updates: Sequence[PartyUpdate], sent_adapter: dict, config, ro
     """Aggregate with masking; returns (new adapter state, cost record)."""
     weights = [u.n_examples for u in updates]
     vectors = [update_vector(u.adapter_state, sent_adapter) for u in updates]
-    result = aggregate_in_process(vectors, weights, secagg_config(weights, config.seed),
+    result = aggregate_in_process(vectors, weights, secagg_config(weights, config.seed, config.secagg_graph),
                                   round_id=round_idx, seed=config.seed)
     mean = unflatten_state(result.weighted_sum / result.total_weight, sent_adapter, sorted(sent_adapter))
     info = {

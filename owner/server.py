@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from zmq.utils.monitor import recv_monitor_message
 from owner.aggregation import fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
+from owner.models import decoder_layers
 from owner.session import OwnerSession
-from owner.simulate import prepare_out_dir
+from owner.simulate import prepare_out_dir, run_dir_setup
 from party.client import RUN_FINISHED
 from party.lora import apply_delta, unflatten_state
 from party.secure_update import secagg_config
@@ -46,6 +48,7 @@ from protocol.replay import ReplayGuard, SeqCounter
 from protocol.sockets import bind_router, close_router, peer_name, recv
 from secure_agg import (
     AdvertiseKeys,
+    ConsistencySignature,
     MaskedInput,
     SecAggError,
     SecAggServer,
@@ -56,6 +59,9 @@ from secure_agg import (
 from tasks.errors import ConfigError, FedbiotError
 
 HEARTBEAT_S = 2.0
+# A DP party's accounting numbers the owner keeps for summary.json (party.dp.DPPartyTrainer.privacy_report).
+PRIVACY_REPORT = ("epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant",
+                  "dp_steps_total")
 LOUD_REJECTS = 20  # per party, rejections printed one by one; after that every 1000th (all are in metrics)
 
 
@@ -111,6 +117,7 @@ class OwnerServer:
         self.refused_connections = 0
         self.round_ids: dict[str, int] = {}  # secure-aggregation party id of each party invited this round
         self.monitor = monitor if monitor is not None else refusal_monitor(sock)
+        self.privacy: dict[str, dict] = {}  # each DP party's latest privacy report (summary.json "dp")
 
     # ------------------------------------------------------------------------------ sending
     def send_to(self, name: str, msg: Message, *, wait: bool = True) -> bool:
@@ -170,8 +177,8 @@ class OwnerServer:
             return
         if name in self.links:
             self.send_to(name, m.reject_for(error), wait=False)
-        else:  # authenticated but no session (e.g. the owner restarted): tell it to say HELLO
-            self.transmit(name, name.encode(), self.counters.setdefault(name, SeqCounter()), m.reject_for(error),
+        elif identity is not None:  # authenticated but no session (e.g. the owner restarted): say HELLO
+            self.transmit(name, identity, self.counters.setdefault(name, SeqCounter()), m.reject_for(error),
                           wait=False)
 
     def pump(self, timeout: float) -> tuple[str, Message] | None:
@@ -228,7 +235,9 @@ class OwnerServer:
             index = msg["index"]
             if not 0 <= index < self.archive.info.n_chunks:
                 raise ProtocolError(f"chunk {index} does not exist (archive has {self.archive.info.n_chunks})")
-            self.send_to(name, m.chunk(index, self.archive.chunk(index)))
+            # Not waited for: an honest party keeps a few requests in flight and reads its queue; one that
+            # asks for chunks and reads nothing must not stall the owner (it can ask again).
+            self.send_to(name, m.chunk(index, self.archive.chunk(index)), wait=False)
             return None
         if msg.type is MessageType.READY:
             if msg["model_sha256"] != self.archive.info.model_sha256:
@@ -322,7 +331,8 @@ class OwnerServer:
         started = []
         secagg = {}
         if self.config.secure_agg:
-            cfg = secagg_config([self.links[p].n_examples for p in participants], self.config.seed)
+            cfg = secagg_config([self.links[p].n_examples for p in participants], self.config.seed,
+                                self.config.secagg_graph)
             secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id}
         self.round_ids = ids
         for name in participants:
@@ -380,7 +390,7 @@ class OwnerServer:
         # ROUND_START could not be sent simply never advertises and is left out like any early dropout.
         ids = dict(self.round_ids)
         invited = sorted(ids, key=ids.get)
-        cfg = secagg_config([self.links[p].n_examples for p in invited], self.config.seed)
+        cfg = secagg_config([self.links[p].n_examples for p in invited], self.config.seed, self.config.secagg_graph)
         vector_length = sum(sent[n].numel() for n in names)
         server = SecAggServer(cfg, len(invited), vector_length, r, self.run_id)
         stats: dict[str, dict] = {}
@@ -420,10 +430,17 @@ class OwnerServer:
         alive = self.collect(alive, stage(MaskedInput, lambda n, o: reply(n, server.receive_masked_input(o))),
                              stage_deadline, f"round {r + 1} masked inputs")
         self.require(alive, r)
-        for pid, request in server.close_inputs().items():
+        for pid, check in server.close_inputs().items():
+            reply(names_by_id[pid], check)
+        stage_deadline = time.monotonic() + self.party_timeout * 2
+        self.collect(alive, stage(ConsistencySignature, lambda n, o: server.receive_consistency(o)),
+                     stage_deadline, f"round {r + 1} consistency check")
+        signers: set[str] = set()  # only they are asked to unmask
+        for pid, request in server.close_consistency().items():
+            signers.add(names_by_id[pid])
             reply(names_by_id[pid], request)
         stage_deadline = time.monotonic() + self.party_timeout * 2
-        self.collect(alive, stage(UnmaskShares, lambda n, o: server.receive_unmask(o)), stage_deadline,
+        self.collect(signers, stage(UnmaskShares, lambda n, o: server.receive_unmask(o)), stage_deadline,
                      f"round {r + 1} unmasking")
         result = server.finish()
         mean = unflatten_state(result.weighted_sum / result.total_weight, sent, names)
@@ -449,6 +466,7 @@ class OwnerServer:
         except RoundAborted:
             self.end_round(r, started, {"aborted": True})
             raise
+        stats = {name: self.party_stats(name, raw) for name, raw in stats.items()}
         down = sum(link.bytes_down - before.get(n, (0, 0))[0] for n, link in self.links.items())
         up = sum(link.bytes_up - before.get(n, (0, 0))[1] for n, link in self.links.items())
         weight = {n: link.n_examples for n, link in self.links.items()}
@@ -459,11 +477,25 @@ class OwnerServer:
             "mb_down": megabytes(down), "mb_up": megabytes(up), "seconds": time.perf_counter() - start,
             "secure_agg": self.config.secure_agg,
         }
+        privacy = {n: {k: s[k] for k in ("epsilon", "delta")} for n, s in stats.items() if "epsilon" in s}
+        if privacy:
+            record["dp"] = privacy
+            self.privacy.update({n: {k: v for k, v in s.items() if k in PRIVACY_REPORT} for n, s in stats.items()
+                                 if "epsilon" in s})
         self.session.complete_round(new_adapter, record)
         self.end_round(r, started, {"participants": sorted(stats)})
         loss = f"train loss {record['train_loss']:.4f}, " if record["train_loss"] is not None else ""
         self.log.say(f"round {r + 1}/{self.config.rounds} done with {len(stats)} parties: {loss}"
                      f"down {record['mb_down']:.2f} MB, up {record['mb_up']:.2f} MB, {record['seconds']:.1f} s")
+        if privacy:
+            self.log.say("privacy spent: " + ", ".join(f"{n} epsilon {v['epsilon']:.3f} (delta {v['delta']:.2g})"
+                                                      for n, v in sorted(privacy.items())))
+
+    def party_stats(self, name: str, raw: object) -> dict:
+        clean, dropped = clean_stats(raw)
+        if dropped:
+            self.log.say(f"{name}: ignored malformed statistics: {', '.join(dropped)}")
+        return clean
 
     def run(self) -> dict:
         first = True
@@ -476,6 +508,7 @@ class OwnerServer:
             "mb_up_total": sum(h.get("mb_up", 0.0) for h in self.session.history),
             "secure_agg": self.config.secure_agg, "rejected_messages": self.rejected,
             "refused_connections": self.refused_connections,
+            **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
         })
         return summary
 
@@ -484,6 +517,48 @@ class OwnerServer:
         """BYE to every party; one whose queue is full (not reading) is not waited for."""
         for name in list(self.links):
             self.send_to(name, m.bye(reason), wait=False)
+
+
+def clean_stats(raw: object) -> tuple[dict, list[str]]:
+    """What a party reported about its round, kept only where it is what it claims to be (a party's numbers
+    go into metrics and the weighted train loss, so a malformed one must not reach them), and the names of
+    what was dropped."""
+    if not isinstance(raw, dict):
+        return {}, [type(raw).__name__]
+    clean, dropped = {}, []
+    for key, value in raw.items():
+        if key == "accountant_history" and _number_rows(value):
+            clean[key] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            clean[key] = value
+        elif isinstance(value, str) and len(value) <= 64:
+            clean[key] = value
+        else:
+            dropped.append(str(key)[:32])
+    if "epsilon" in clean and "delta" not in clean:
+        dropped.append("epsilon (no delta)")
+        clean.pop("epsilon")
+    return clean, dropped
+
+
+def inbound_limit(model: torch.nn.Module, config: RunConfig) -> int:
+    """The largest frame a party may send: its adapter update, as float32 (plain) or in a ring of at most 64
+    bits (masked), with room to spare. ZeroMQ drops a connection whose frame is bigger before buffering it,
+    so an allowlisted party cannot make the owner hold hundreds of MB per message."""
+    layers = decoder_layers(model)
+    bottom, top = config.adapter_layout(len(layers))
+    adapter = [*layers[:bottom], *layers[len(layers) - top:]]
+    numel = sum(config.lora.r * (mod.in_features + mod.out_features)
+                for layer in adapter for mod in layer.modules() if isinstance(mod, torch.nn.Linear))
+    return min(8 * numel + (1 << 20), DEFAULT_LIMITS.max_frame_bytes)
+
+
+def _number_rows(value: object) -> bool:
+    """A list (at most 10,000) of short lists of finite numbers: the shape of an accountant history."""
+    return isinstance(value, list) and len(value) <= 10_000 and all(
+        isinstance(row, list) and len(row) <= 8 and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in row)
+        for row in value)
 
 
 def refusal_monitor(sock: zmq.Socket) -> zmq.Socket:
@@ -514,23 +589,25 @@ def serve(config: RunConfig, args: argparse.Namespace, log: MetricsLog) -> dict:
             raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     allowlist = load_allowlist(args.allow)
     base, owner_data = OwnerSession.load_inputs(config, log)
+    limit = inbound_limit(base.model, config)
     prepare_out_dir(out_dir, args.resume)
     # Bind before writing into --out: a busy port must not leave a half-started run behind.
-    sock, auth = bind_router(args.listen, args.key, args.allow, max_msg_size=DEFAULT_LIMITS.max_frame_bytes)
+    sock, auth = bind_router(args.listen, args.key, args.allow, max_msg_size=limit)
     monitor = refusal_monitor(sock)  # from the start: parties may knock while the owner pre-aligns
     server = None
     try:
-        config.save(out_dir / "config.json")
-        log.path = out_dir / "metrics.jsonl"
-        log.say(f"listening on {args.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
-        session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=args.resume)
-        archive = pack_dir(session.compressed_dir, out_dir / "compressed.tar")
-        log.say(f"compressed model archive: {megabytes(archive.info.model_size):.1f} MB in "
-                f"{archive.info.n_chunks} chunks")
-        server = OwnerServer(session, config, sock, allowlist, archive, log, min_parties=min_parties,
-                             join_timeout=args.join_timeout, round_timeout=args.round_timeout,
-                             party_timeout=args.party_timeout, run_id=run_id_for(out_dir, config.seed),
-                             monitor=monitor)
+        with run_dir_setup(out_dir, args.resume):
+            config.save(out_dir / "config.json")
+            log.path = out_dir / "metrics.jsonl"
+            log.say(f"listening on {args.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
+            session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=args.resume)
+            archive = pack_dir(session.compressed_dir, out_dir / "compressed.tar")
+            log.say(f"compressed model archive: {megabytes(archive.info.model_size):.1f} MB in "
+                    f"{archive.info.n_chunks} chunks")
+            server = OwnerServer(session, config, sock, allowlist, archive, log, min_parties=min_parties,
+                                 join_timeout=args.join_timeout, round_timeout=args.round_timeout,
+                                 party_timeout=args.party_timeout, run_id=run_id_for(out_dir, config.seed),
+                                 monitor=monitor)
         summary = server.run()
         server.goodbye(RUN_FINISHED)
         return summary

@@ -7,8 +7,10 @@ model however many parties it runs.
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
@@ -49,6 +51,28 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
     if resume and not (out_dir / "config.json").is_file():
         raise ConfigError(f"--resume: {out_dir} holds no run to resume (no config.json)")
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def run_dir_setup(out_dir: Path, resume: bool) -> Iterator[None]:
+    """`prepare_out_dir`, then the setup in the `with` block; if a new run's setup fails (a model that does
+    not compress, an unreachable DP budget, an interrupt), what it wrote is removed, so the corrected command
+    is not refused because --out is not empty. A resumed run's directory is never touched."""
+    existed = out_dir.is_dir()
+    prepare_out_dir(out_dir, resume)
+    try:
+        yield
+    except BaseException:
+        if not resume:
+            if existed:
+                for child in out_dir.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def payload_bytes(*states: dict) -> int:
@@ -112,16 +136,15 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
     base, owner_data = OwnerSession.load_inputs(config, log)
     party_tokens = [tokenize_examples(part, base.tokenizer, config.max_length, config.template)
                     for part in splits]
-    prepare_out_dir(out_dir, resume)
-    config.save(out_dir / "config.json")
-    log.path = out_dir / "metrics.jsonl"
-    session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=resume)
-
-    model, tokenizer, manifest = load_compressed(session.compressed_dir)
-    layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-    party_model = attach_lora(model, layers, config.lora, derive_seed(config.seed, "lora-init"))
-    pad_id = pad_id_of(tokenizer)
-    trainers = make_trainers(config, party_model, manifest, party_tokens, pad_id, session.history)
+    with run_dir_setup(out_dir, resume):
+        config.save(out_dir / "config.json")
+        log.path = out_dir / "metrics.jsonl"
+        session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=resume)
+        model, tokenizer, manifest = load_compressed(session.compressed_dir)
+        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+        party_model = attach_lora(model, layers, config.lora, derive_seed(config.seed, "lora-init"))
+        pad_id = pad_id_of(tokenizer)
+        trainers = make_trainers(config, party_model, manifest, party_tokens, pad_id, session.history)
     log.say(f"{len(trainers)} parties with {[t.n_examples for t in trainers]} examples; "
             f"{config.rounds} rounds of {config.train.local_steps} steps x batch {config.train.batch_size}")
 

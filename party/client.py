@@ -33,6 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from party.compressed_model import Manifest, cache_root, load_compressed
+from party.dp import BudgetSpent
 from party.lora import LoraSettings, attach_lora, lora_state_spec
 from party.secure_update import update_vector
 from party.training import PartyTrainer, PartyUpdate, TrainSettings, derive_seed
@@ -40,10 +41,11 @@ from protocol import messages as m
 from protocol.chunks import ArchiveInfo, ChunkReceiver
 from protocol.codec import decode
 from protocol.errors import ProtocolError, TransportError
-from protocol.messages import Message, MessageType
+from protocol.messages import MAX_EXAMPLES, Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
 from protocol.sockets import connect_dealer, recv, send
 from secure_agg import (
+    ConsistencyRequest,
     InputAck,
     RelayedShares,
     Roster,
@@ -54,7 +56,7 @@ from secure_agg import (
     message_from_wire,
 )
 from tasks.datasets import Example, load_examples
-from tasks.errors import FedbiotError
+from tasks.errors import ConfigError, FedbiotError
 from tasks.prompts import tokenize_examples
 
 HEARTBEAT_S = 2.0
@@ -114,9 +116,12 @@ class PartyNode:
         self.opts, self.log = opts, log
         self.name = opts.party_name
         self.examples: list[Example] = load_examples(opts.data, opts.data_kind)
+        if len(self.examples) > MAX_EXAMPLES:
+            raise ConfigError(f"{opts.data}: {len(self.examples):,} examples; the protocol carries at most "
+                              f"{MAX_EXAMPLES:,} per party (train on a sample of them)")
         self.work = Path(opts.work_dir or cache_root() / "party" / self.name)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, identity=self.name)
+        self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, name=self.name)
         self.monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -374,19 +379,20 @@ class PartyNode:
             os._exit(EXIT_AFTER_SHARES_STATUS)
         push(agg.masked_input(pull(RelayedShares), update_vector(update.adapter_state, received), update.n_examples))
         agg.receive_ack(pull(InputAck))
+        push(agg.consistency_check(pull(ConsistencyRequest)))
         push(agg.unmask(pull(UnmaskRequest)))
 
     def run_round(self, msg: Message) -> None:
         r = msg["round"]
         adapter, emulator = self.split_payload(msg)
         update = self.train(r, adapter, emulator)
+        if hasattr(self.trainer, "state_dict"):  # before anything leaves: the accountant counts this round
+            (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))
         if msg["secagg"]:
             self.secure_exchange(r, msg, update, adapter)
         else:
             self.send(m.update(round=r, n_examples=update.n_examples, stats=shared_stats(self.trainer, update.stats),
                                tensors=update.adapter_state))
-        if hasattr(self.trainer, "state_dict"):
-            (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))
         eps = f", epsilon {update.stats['epsilon']:.3f}" if "epsilon" in update.stats else ""
         self.log(f"round {r + 1}: sent update (loss {update.stats['loss_mean']:.4f}{eps})")
         end = self.wait_for(MessageType.ROUND_END, r, timeout=self.opts.timeout)
@@ -432,6 +438,10 @@ class PartyNode:
         except OwnerGone as exc:
             self.log(str(exc))
             return 0 if self.finished else 1
+        except BudgetSpent as exc:  # the party's own decision: it leaves the run, the others go on
+            self.log(str(exc))
+            self.send(m.bye("privacy budget spent"))
+            return 0
         except KeyboardInterrupt:
             self.send(m.bye("party interrupted"))  # the owner leaves it out at once instead of waiting
             raise

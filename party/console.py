@@ -27,7 +27,8 @@ def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> in
     try:
         return run(argv)
     except FedbiotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {text or type(exc).__name__}", file=sys.stderr)  # one line, even for a library's text
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

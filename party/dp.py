@@ -121,6 +121,10 @@ class DPSettings:
         return cls(**d)
 
 
+class BudgetSpent(ConfigError):
+    """The party's privacy budget (its target epsilon) does not allow another round."""
+
+
 def _finite(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -186,6 +190,10 @@ class PrivacyLedger:
             return math.inf
         with _quiet_accountant():
             return float(self.accountant.get_epsilon(delta=delta))
+
+    def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """The epsilon this ledger would show after `steps` more steps (nothing is recorded)."""
+        return PrivacyLedger(self.mechanism, [*self.history, [noise_multiplier, sample_rate, steps]]).epsilon(delta)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism, "history": self.history}
@@ -327,6 +335,17 @@ class DPPartyTrainer(PartyTrainer):
                               f"{self.dp.accountant!r}")
         self.ledger, self.secret_seed = ledger, int(state["secret_seed"])
 
+    def check_budget(self, steps: int) -> None:
+        """Refuse a round that would spend more than the target epsilon. The noise was sized for the rounds
+        planned at the start; a retried round or a run extended on resume would otherwise overspend."""
+        if self.dp.target_epsilon is None:
+            return
+        after = self.ledger.epsilon_after(self.delta, self.noise_multiplier, self.sample_rate, steps)
+        if after > self.dp.target_epsilon * (1 + 1e-9):
+            raise BudgetSpent(f"{self.name}: another round would bring epsilon from {self.epsilon:.3f} to "
+                              f"{after:.3f}, past the target {self.dp.target_epsilon:g} (delta "
+                              f"{self.delta:.2g}); this party trains no more")
+
     def privacy_report(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "max_grad_norm": self.dp.max_grad_norm,
@@ -351,6 +370,7 @@ class DPPartyTrainer(PartyTrainer):
         """Load the global LoRA, run K DP-SGD steps on the adapter LoRA, return it with the epsilon spent."""
         start = time.perf_counter()
         s, dp = self.settings, self.dp
+        self.check_budget(s.local_steps)
         load_lora_state(self.model, emulator_state, self.manifest.emulator_layers)
         load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
         params = set_trainable(self.model, self.manifest.adapter_layers)

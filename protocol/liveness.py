@@ -1,5 +1,5 @@
 """Application-level liveness: who was heard from when, when to send the next HEARTBEAT, and round
-deadlines. ZMTP heartbeats (set in `sockets`) only detect a dead TCP connection; these detect a peer
+deadlines. TCP keepalive (set in `sockets`) only detects a dead connection; these detect a peer
 whose process is stuck or gone while ZeroMQ keeps reconnecting."""
 
 from __future__ import annotations

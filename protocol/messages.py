@@ -78,7 +78,10 @@ COMMON_FIELDS: tuple[Field, ...] = (
 _NAME = Str(64, 1, NAME_PATTERN, "name")
 _SHA = Str(64, 64, SHA256_PATTERN, "sha256 hex")
 _ROUND = Field("round", Int(0, MAX_ROUND), doc="round number")
-_COUNT = Int(0, 2**40 - 1)
+# A party's data size, the FedAvg weight. Bounded so that a secure round of up to 2^16 parties always fits
+# a 64-bit ring (secure_agg.config), whatever a party claims.
+MAX_EXAMPLES = 2**24
+_EXAMPLES = Int(0, MAX_EXAMPLES)
 
 
 def _check_welcome(fields: dict[str, Any]) -> None:
@@ -96,8 +99,8 @@ SPECS: dict[MessageType, MessageSpec] = {
             MessageType.HELLO,
             "party",
             (
-                Field("name", _NAME, doc="party name (= its key file's stem and its socket identity)"),
-                Field("n_examples", _COUNT, doc="local training examples (FedAvg weight)"),
+                Field("name", _NAME, doc="party name (= its key file's stem; its socket identity starts with it)"),
+                Field("n_examples", _EXAMPLES, doc="local training examples (FedAvg weight)"),
                 Field(
                     "model_sha256",
                     Str(64, 0, f"(|{SHA256_PATTERN})", "sha256 hex or empty"),
@@ -195,7 +198,7 @@ SPECS: dict[MessageType, MessageSpec] = {
             "party",
             (
                 _ROUND,
-                Field("n_examples", _COUNT, doc="examples trained on this round (FedAvg weight)"),
+                Field("n_examples", _EXAMPLES, doc="examples trained on this round (FedAvg weight)"),
                 Field("stats", Obj(8 * 1024), required=False, default={}, doc="loss, epsilon, ... (JSON object)"),
             ),
             payload="tensors",

@@ -9,6 +9,8 @@ the owner knows *who* sent a message from the key, not from the self-chosen sock
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -24,6 +26,8 @@ from protocol.messages import Message
 from tasks.errors import ConfigError
 
 SEND_TIMEOUT_MS = 10_000
+IDENTITY_RANDOM_BYTES = 8
+_RANDOM_PART = re.compile(rb"[0-9a-f]{%d}" % (2 * IDENTITY_RANDOM_BYTES))
 # Dead connections are found by TCP, not by ZMTP heartbeats: libzmq 4.3 aborts the whole process
 # ("Assertion failed: _input_stopped") when a ZMTP heartbeat times out on a connection whose receive queue
 # is full, which a flooding peer or a busy node (the owner aligning, a party loading its model) can cause.
@@ -117,30 +121,41 @@ def _start_authenticator(ctx: zmq.Context) -> ThreadAuthenticator:
     raise ConfigError("a ZAP authenticator is already running in this ZeroMQ context (one router per context)")
 
 
+def routing_identity(name: str) -> bytes:
+    """`NAME/<16 random hex digits>`: the party's name, which the owner checks against the sender's key, and
+    a part drawn fresh by each party process. ROUTER_HANDOVER gives a routing slot to whichever connection
+    presents its identity last; since nobody else can guess the random part, no other allowlisted party
+    can take over this party's slot and receive the owner's messages to it."""
+    return f"{name}/{secrets.token_hex(IDENTITY_RANDOM_BYTES)}".encode()
+
+
 def connect_dealer(
     endpoint: str,
     client_secret_file: str | os.PathLike[str],
     server_public_file: str | os.PathLike[str],
     *,
-    identity: str,
+    name: str,
+    identity: bytes | None = None,
     max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
     context: zmq.Context | None = None,
     send_timeout_ms: int = SEND_TIMEOUT_MS,
 ) -> zmq.Socket:
-    """A party's socket: CurveZMQ client pinned to the owner's public key. `identity` should be the party
-    name (the stem of its key file in the owner's allowlist). ZeroMQ reconnects by itself; messages sent
+    """A party's socket: CurveZMQ client pinned to the owner's public key. `name` is the party's name (the
+    stem of its key file in the owner's allowlist); the socket identity is `routing_identity(name)` unless
+    `identity` gives another (tests). ZeroMQ reconnects by itself, keeping the identity; messages sent
     meanwhile wait in the queue."""
     public, secret = load_secret(client_secret_file)
     server_key = load_public(server_public_file)
-    if not identity or len(identity.encode()) > 255:
-        raise ConfigError("socket identity must be 1-255 bytes")
+    identity = routing_identity(name) if identity is None else identity
+    if not name or not 1 <= len(identity) <= 255:
+        raise ConfigError("the party name must be non-empty and the socket identity 1-255 bytes")
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     try:
         sock.curve_publickey = public
         sock.curve_secretkey = secret
         sock.curve_serverkey = server_key
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
         _common_options(sock, max_msg_size, send_timeout_ms)
@@ -204,12 +219,14 @@ def recv(sock: zmq.Socket, timeout: float | None) -> Received | None:
 
 
 def peer_name(allowlist: Mapping[str, bytes], peer_key: bytes | None, identity: bytes | None) -> str:
-    """The allowlisted party that sent a message. Its socket identity must equal its key's name, so that
-    no party can take over another's routing slot (ROUTER_HANDOVER) by choosing its identity."""
+    """The allowlisted party that sent a message, known by its key. Its socket identity must be
+    `routing_identity` of that name, so the owner's replies by identity go to the same key's connection."""
     names = [name for name, key in allowlist.items() if key == peer_key]
     if not names:
         raise ProtocolError("message from a key that is not on the allowlist")
-    if identity is None or identity != names[0].encode():
-        shown = identity.decode(errors="replace")[:64] if identity else ""
-        raise ProtocolError(f"party {names[0]!r} uses socket identity {shown!r}; it must be its name")
+    prefix = names[0].encode() + b"/"
+    if identity is None or not identity.startswith(prefix) or not _RANDOM_PART.fullmatch(identity[len(prefix):]):
+        shown = identity.decode(errors="replace")[:80] if identity else ""
+        raise ProtocolError(f"party {names[0]!r} uses socket identity {shown!r}; it must be its name, '/' and "
+                            f"{2 * IDENTITY_RANDOM_BYTES} random hex digits")
     return names[0]

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/demo}
-owner --simulate 3 --rounds 3 --out "$OUT" "$@"
+# A second demo continues the first: an interrupted run resumes, a finished one is exported again.
+RESUME=()
+[ -f "$OUT/config.json" ] && RESUME=(--resume)
+owner --simulate 3 --rounds 3 --out "$OUT" "${RESUME[@]}" "$@"
 python -m owner.generate --adapter "$OUT/adapfu" \
   --prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"

@@ -9,6 +9,8 @@ from secure_agg.driver import AggregateResult, aggregate_in_process
 from secure_agg.errors import SecAggError
 from secure_agg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     InputAck,
     MaskedInput,
     RelayedShares,
@@ -23,7 +25,8 @@ from secure_agg.party import SecAggParty
 from secure_agg.server import SecAggServer, ServerResult
 
 __all__ = [
-    "AdvertiseKeys", "AggregateResult", "InputAck", "MaskedInput", "RelayedShares", "Roster", "RoundParams",
-    "SecAggConfig", "SecAggError", "SecAggParty", "SecAggServer", "ServerResult", "ShareKeys",
-    "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire", "round_params", "wire_size",
+    "AdvertiseKeys", "AggregateResult", "ConsistencyRequest", "ConsistencySignature", "InputAck", "MaskedInput",
+    "RelayedShares", "Roster", "RoundParams", "SecAggConfig", "SecAggError", "SecAggParty", "SecAggServer",
+    "ServerResult", "ShareKeys", "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire",
+    "round_params", "wire_size",
 ]

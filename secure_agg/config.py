@@ -27,8 +27,9 @@ class SecAggConfig:
         ring size so that the masked sum cannot overflow. Weights stay hidden inside the masked sum.
     threshold: None = strict majority (n // 2 + 1); a float f in (0.5, 1] = ceil(f * n), at least a strict
         majority; an int = that absolute number, which must be a strict majority. A strict majority is what
-        makes a lying owner harmless: it cannot gather t shares of a seed from parties told "alive" and t of
-        a key from parties told "dropped", since each party answers one unmask request only.
+        makes a lying owner harmless: each party signs one alive list and reveals only once a strict
+        majority signed that same list, so the owner cannot gather t shares of a seed from parties told
+        "alive" and t of a key from parties told "dropped".
     graph: "complete" (every pair masks) or "sparse" (SecAgg+: a random Harary graph of even degree).
     degree: sparse degree; None = 2 * ceil(log2 n). Odd values are rounded up to even; a degree of n - 1 or
         more is the complete graph.

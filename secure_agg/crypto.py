@@ -1,4 +1,4 @@
-"""The cryptographic primitives, all from `cryptography`: X25519, HKDF-SHA256, AES-256-CTR, AES-256-GCM.
+"""The cryptographic primitives, all from `cryptography`: X25519, Ed25519, HKDF-SHA256, AES-256-CTR, AES-256-GCM.
 
 Every derived key binds a purpose, the session id, the round id and the party ids, so a key (and what it
 encrypts or masks) from one round, session or pair is useless in another.
@@ -11,8 +11,9 @@ import hashlib
 import os
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -23,6 +24,7 @@ from secure_agg.errors import SecAggError
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+SIGNATURE_BYTES = 64
 _PREFIX = b"fedbiot-secagg/1/"
 
 
@@ -48,6 +50,30 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
 
 def public_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def new_signing_key() -> tuple[Ed25519PrivateKey, bytes]:
+    """A fresh per-round Ed25519 key pair: signs only this round's consistency message."""
+    key = Ed25519PrivateKey.generate()
+    return key, key.public_key().public_bytes_raw()
+
+
+def consistency_message(session: str, round_id: int, alive: list[int]) -> bytes:
+    """What a party signs in the consistency check: the exact sorted alive set U3 of this round."""
+    return context(b"consistency", session, round_id, *sorted(alive))
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
+    return key.sign(message)
+
+
+def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    """True iff `signature` is a valid Ed25519 signature of `message` under `public` (malformed: False)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, peer: int) -> bytes:

@@ -87,15 +87,16 @@ def _transit(header: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, di
 def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], config: SecAggConfig, *,
                          round_id: int, seed: int, drop_before_share: Collection[int] = (),
                          drop_after_share: Collection[int] = (), drop_before_unmask: Collection[int] = (),
-                         drop_before_advertise: Collection[int] = (),
+                         drop_before_advertise: Collection[int] = (), drop_before_consistency: Collection[int] = (),
                          session: str | None = None, transit: Transit | None = None) -> AggregateResult:
     """Securely aggregate `vectors` weighted by `weights` (party m = index m), simulating dropouts.
 
     seed: the run seed; it seeds the stochastic rounding (replacing config.rounding_seed, so a networked
     party configured with rounding_seed = run seed encodes the same numbers) and names the default session.
     Dropouts: drop_before_advertise never shows up; drop_before_share advertises keys and is lost before
-    sending its shares; drop_after_share sends its shares and no input; drop_before_unmask sends its input
-    and no unmask reply. A party in several sets drops at the earliest. Raises SecAggError when the round
+    sending its shares; drop_after_share sends its shares and no input; drop_before_consistency sends its
+    input and no consistency signature; drop_before_unmask signs and sends no unmask reply. A party in
+    several sets drops at the earliest. Raises SecAggError when the round
     aborts (fewer than the threshold left at some stage).
     transit: carries every message across (default: JSON header + array copies, sized by `wire_size`); a
     transport's own codec can be passed so that `party_sent` etc. count its exact bytes.
@@ -107,7 +108,7 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     if len(lengths) != 1:
         raise SecAggError(f"the parties' vectors differ in length: {sorted(lengths)}")
     drops = [set(drop_before_advertise), set(drop_before_share), set(drop_after_share),
-             set(drop_before_unmask)]
+             set(drop_before_consistency), set(drop_before_unmask)]
     for d in drops:
         if any(isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < n for u in d):
             raise SecAggError(f"dropout ids {sorted(d, key=str)} must be party indices in 0..{n - 1}")
@@ -137,8 +138,13 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
             masked = meter.party(u, parties[u].masked_input, relayed, np.asarray(vectors[u]), weights[u])
             ack = meter.server(server.receive_masked_input, meter.to_server(u, masked))
             meter.party(u, parties[u].receive_ack, meter.to_party(u, ack))
-    requests = meter.server(server.close_inputs)
+    checks = meter.server(server.close_inputs)
     for u in present(3):
+        if u in checks:
+            signature = meter.party(u, parties[u].consistency_check, meter.to_party(u, checks[u]))
+            meter.server(server.receive_consistency, meter.to_server(u, signature))
+    requests = meter.server(server.close_consistency)
+    for u in present(4):
         if u in requests:
             reply = meter.party(u, parties[u].unmask, meter.to_party(u, requests[u]))
             meter.server(server.receive_unmask, meter.to_server(u, reply))

@@ -1,9 +1,9 @@
-"""The eight messages of a round, as small dataclasses with a pickle-free wire form.
+"""The ten messages of a round, as small dataclasses with a pickle-free wire form.
 
 Wire form: `to_wire() -> (header, arrays)`. The header is a JSON-able dict of ints, strings and lists of
 ints: always "type" (a lower-case token, usable as a transport's stage name), "version", "round",
 "session", then the message's own fields. Every byte string
-(public keys, commitments, ciphertexts, shares, the masked vector) travels as a named uint8 numpy array,
+(public keys, commitments, signatures, ciphertexts, shares, the masked vector) travels as a named uint8 numpy array,
 so the transport can put it in a binary frame (safetensors) instead of inflating it with base64. Lists of
 party ids are strictly increasing. `from_wire` checks everything it can without round state (types,
 exact key sets, sizes, ids in [0, MAX_PARTIES), list/array agreement) and raises SecAggError; the party
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from secure_agg.config import MAX_PARTIES
-from secure_agg.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES
+from secure_agg.crypto import KEY_BYTES, NONCE_BYTES, SIGNATURE_BYTES, TAG_BYTES
 from secure_agg.errors import SecAggError
 from secure_agg.shamir import SHARE_BYTES
 
@@ -124,21 +124,24 @@ class _Message:
 
 @dataclass(frozen=True)
 class AdvertiseKeys(_Message):
-    """Party -> owner: the round's two X25519 public keys (shares, masks) and a commitment to its seed."""
+    """Party -> owner: the round's two X25519 public keys (shares, masks), its Ed25519 signing key (for the
+    consistency check) and a commitment to its seed."""
 
     TYPE: ClassVar[str] = "advertise_keys"
     FIELDS: ClassVar[tuple[str, ...]] = ("sender",)
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "seed_commit")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit")
 
     round_id: int
     session: str
     sender: int
     c_pk: bytes
     s_pk: bytes
+    sig_pk: bytes
     seed_commit: bytes
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         return self._header(sender=self.sender), {"c_pk": _as_blob(self.c_pk), "s_pk": _as_blob(self.s_pk),
+                                                  "sig_pk": _as_blob(self.sig_pk),
                                                   "seed_commit": _as_blob(self.seed_commit)}
 
     @classmethod
@@ -146,12 +149,13 @@ class AdvertiseKeys(_Message):
         round_id, session = cls._open(header, arrays)
         return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1),
                    _blob(arrays, "c_pk", KEY_BYTES), _blob(arrays, "s_pk", KEY_BYTES),
-                   _blob(arrays, "seed_commit", DIGEST_BYTES))
+                   _blob(arrays, "sig_pk", KEY_BYTES), _blob(arrays, "seed_commit", DIGEST_BYTES))
 
 
 @dataclass(frozen=True)
 class Roster(_Message):
-    """Owner -> party: who advertised, the round parameters, and the recipient's neighbours' public keys.
+    """Owner -> party: who advertised, the round parameters, the recipient's neighbours' public keys, and
+    every member's signing key (any member may sign the consistency check, neighbour or not).
 
     The party recomputes every derived field and refuses the roster if one differs.
     """
@@ -159,7 +163,7 @@ class Roster(_Message):
     TYPE: ClassVar[str] = "roster"
     FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "n_parties", "members", "min_survivors",
                                          "share_threshold", "degree", "ring_bits", "neighbours")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk")
 
     round_id: int
     session: str
@@ -173,24 +177,27 @@ class Roster(_Message):
     neighbours: list[int]
     c_pks: list[bytes] = field(repr=False)
     s_pks: list[bytes] = field(repr=False)
+    sig_pks: list[bytes] = field(repr=False)  # one per member, in members order
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         header = self._header(recipient=self.recipient, n_parties=self.n_parties, members=list(self.members),
                               min_survivors=self.min_survivors, share_threshold=self.share_threshold,
                               degree=self.degree, ring_bits=self.ring_bits, neighbours=list(self.neighbours))
-        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "s_pk": _as_rows(self.s_pks, KEY_BYTES)}
+        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "s_pk": _as_rows(self.s_pks, KEY_BYTES),
+                        "sig_pk": _as_rows(self.sig_pks, KEY_BYTES)}
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> Roster:
         round_id, session = cls._open(header, arrays)
-        neighbours = _ids(header, "neighbours")
+        neighbours, members = _ids(header, "neighbours"), _ids(header, "members")
         return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1),
-                   _int(header, "n_parties", 2, MAX_PARTIES), _ids(header, "members"),
+                   _int(header, "n_parties", 2, MAX_PARTIES), members,
                    _int(header, "min_survivors", 1, MAX_PARTIES),
                    _int(header, "share_threshold", 1, MAX_PARTIES), _int(header, "degree", 1, MAX_PARTIES),
                    _int(header, "ring_bits", 8, 64), neighbours,
                    _rows(arrays, "c_pk", len(neighbours), KEY_BYTES),
-                   _rows(arrays, "s_pk", len(neighbours), KEY_BYTES))
+                   _rows(arrays, "s_pk", len(neighbours), KEY_BYTES),
+                   _rows(arrays, "sig_pk", len(members), KEY_BYTES))
 
 
 @dataclass(frozen=True)
@@ -305,10 +312,13 @@ class InputAck(_Message):
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(_Message):
-    """Owner -> party: which parties' inputs are in the sum (alive) and which shared keys but sent none."""
+class ConsistencyRequest(_Message):
+    """Owner -> party: which parties' inputs are in the sum (alive, U3) and which shared keys but sent none.
 
-    TYPE: ClassVar[str] = "unmask_request"
+    The party checks the lists and signs U3; it reveals shares only once a majority signed the same U3.
+    """
+
+    TYPE: ClassVar[str] = "consistency_request"
     FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "alive", "dropped")
     ARRAYS: ClassVar[tuple[str, ...]] = ()
 
@@ -322,10 +332,59 @@ class UnmaskRequest(_Message):
         return self._header(recipient=self.recipient, alive=list(self.alive), dropped=list(self.dropped)), {}
 
     @classmethod
-    def from_wire(cls, header: Any, arrays: Any) -> UnmaskRequest:
+    def from_wire(cls, header: Any, arrays: Any) -> ConsistencyRequest:
         round_id, session = cls._open(header, arrays)
         return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), _ids(header, "alive"),
                    _ids(header, "dropped"))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(_Message):
+    """Party -> owner: its Ed25519 signature over ("consistency", session, round, the alive list it got)."""
+
+    TYPE: ClassVar[str] = "consistency_signature"
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender",)
+    ARRAYS: ClassVar[tuple[str, ...]] = ("signature",)
+
+    round_id: int
+    session: str
+    sender: int
+    signature: bytes = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return self._header(sender=self.sender), {"signature": _as_blob(self.signature)}
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> ConsistencySignature:
+        round_id, session = cls._open(header, arrays)
+        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1),
+                   _blob(arrays, "signature", SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(_Message):
+    """Owner -> signer: the consistency signatures it collected, all over the alive list the signer got."""
+
+    TYPE: ClassVar[str] = "unmask_request"
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "signers")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("signatures",)
+
+    round_id: int
+    session: str
+    recipient: int
+    signers: list[int]
+    signatures: list[bytes] = field(repr=False)
+
+    def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return (self._header(recipient=self.recipient, signers=list(self.signers)),
+                {"signatures": _as_rows(self.signatures, SIGNATURE_BYTES)})
+
+    @classmethod
+    def from_wire(cls, header: Any, arrays: Any) -> UnmaskRequest:
+        round_id, session = cls._open(header, arrays)
+        signers = _ids(header, "signers")
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), signers,
+                   _rows(arrays, "signatures", len(signers), SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)
@@ -363,7 +422,7 @@ class UnmaskShares(_Message):
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls for cls in (AdvertiseKeys, Roster, ShareKeys, RelayedShares, MaskedInput, InputAck,
-                              UnmaskRequest, UnmaskShares)
+                              ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskShares)
 }
 
 

@@ -1,10 +1,11 @@
 """One party's side of one round: a transport-free state machine.
 
 advertise() -> share_keys(roster) -> masked_input(relayed, vector, weight) -> [receive_ack(ack)] ->
-unmask(request). Each step checks what the owner sent against what the party can derive on its own and
-refuses (SecAggError) anything inconsistent; after a refusal the party answers nothing more this round.
-Above all it reveals, per peer, either the self-mask seed share (peer alive) or the mask-key share (peer
-dropped), never both, and it answers one unmask request only.
+consistency_check(request) -> unmask(request). Each step checks what the owner sent against what the party
+can derive on its own and refuses (SecAggError) anything inconsistent; after a refusal the party answers
+nothing more this round. Above all it reveals, per peer, either the self-mask seed share (peer alive) or the
+mask-key share (peer dropped), never both; it signs one alive list only, and reveals only once a strict
+majority of the invited parties signed that same list, so every revealing party holds the same one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from secure_agg.errors import SecAggError
 from secure_agg.graph import neighbour_graph
 from secure_agg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     InputAck,
     MaskedInput,
     RelayedShares,
@@ -67,15 +70,19 @@ class SecAggParty:
         self.stage = "new"
         self._c_key, self._c_pk = crypto.new_key_pair()  # encrypts the shares sent to peers
         self._s_key, self._s_pk = crypto.new_key_pair()  # agrees the pairwise masks
+        self._sig_key, self._sig_pk = crypto.new_signing_key()  # signs this round's alive list, once
         self._seed = os.urandom(shamir.SECRET_BYTES)  # self-mask seed b_u
         self._neighbours: list[int] = []
         self._c_pks: dict[int, bytes] = {}
         self._s_pks: dict[int, bytes] = {}
+        self._sig_pks: dict[int, bytes] = {}  # every member's, not only the neighbours'
         self._members: set[int] = set()
         self._share_threshold = 0
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
         self._held: dict[int, tuple[bytes, bytes]] = {}  # peer -> (seed share, key share) it sent me
         self._digest = b""
+        self._alive: list[int] = []  # the U3 this party signed
+        self._dropped: list[int] = []
         self.acked = False
 
     def _check_envelope(self, msg: Any, recipient: int) -> None:
@@ -94,7 +101,8 @@ class SecAggParty:
     def advertise(self) -> AdvertiseKeys:
         self.stage = "advertised"
         commit = crypto.seed_commitment(self._seed, self.session, self.round_id, self.party_id)
-        return AdvertiseKeys(self.round_id, self.session, self.party_id, self._c_pk, self._s_pk, commit)
+        return AdvertiseKeys(self.round_id, self.session, self.party_id, self._c_pk, self._s_pk, self._sig_pk,
+                             commit)
 
     @_step(("advertised",))
     def share_keys(self, roster: Roster) -> ShareKeys:
@@ -119,12 +127,16 @@ class SecAggParty:
         if roster.neighbours != expected:
             raise SecAggError(f"party {me}: roster neighbours {roster.neighbours} differ from the graph "
                               f"derived from the members ({expected})")
-        keys = [*roster.c_pks, *roster.s_pks, self._c_pk, self._s_pk]
+        if len(roster.sig_pks) != len(members) or roster.sig_pks[members.index(me)] != self._sig_pk:
+            raise SecAggError(f"party {me}: the roster's signing keys do not match its members or omit this "
+                              "party's own key")
+        keys = [*roster.c_pks, *roster.s_pks, *roster.sig_pks, self._c_pk, self._s_pk]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"party {me}: the roster repeats a public key")
         self._members, self._neighbours, self._share_threshold = set(members), expected, t
         self._c_pks = dict(zip(expected, roster.c_pks, strict=True))
         self._s_pks = dict(zip(expected, roster.s_pks, strict=True))
+        self._sig_pks = dict(zip(members, roster.sig_pks, strict=True))
 
         holders = [*expected, me]
         seed_shares = shamir.split(self._seed, holders, t)
@@ -183,8 +195,8 @@ class SecAggParty:
         self.acked = True
 
     @_step(("masked",))
-    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Check the alive/dropped lists, then reveal one share per listed peer: seed if alive, key if not."""
+    def consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
+        """Check the alive/dropped lists, then sign the alive list (U3): the only one this party signs."""
         self._check_envelope(request, request.recipient)
         me = self.party_id
         alive, dropped = set(request.alive), set(request.dropped)
@@ -213,6 +225,39 @@ class SecAggParty:
         if holders_alive < self._share_threshold:
             raise SecAggError(f"party {me}: only {holders_alive} holders of this party's shares are alive, "
                               f"below {self._share_threshold}; nothing is revealed")
+        self._alive, self._dropped = sorted(alive), sorted(dropped)
+        signature = crypto.sign(self._sig_key, crypto.consistency_message(self.session, self.round_id,
+                                                                          self._alive))
+        self.stage = "signed"
+        return ConsistencySignature(self.round_id, self.session, me, signature)
+
+    @_step(("signed",))
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Check that a strict majority signed the alive list this party signed, then reveal one share per
+        listed peer: seed if alive, key if dropped.
+
+        Each party signs once and the threshold is a strict majority of the invited parties, so no two
+        different alive lists can both gather enough signatures: every revealing party holds the same one.
+        """
+        self._check_envelope(request, request.recipient)
+        me, need = self.party_id, self.params.min_survivors
+        signers, alive = request.signers, set(self._alive)
+        if len(signers) != len(request.signatures):
+            raise SecAggError(f"party {me}: {len(signers)} signers but {len(request.signatures)} signatures")
+        if len(set(signers)) != len(signers):
+            raise SecAggError(f"party {me}: the unmask request repeats a signer")
+        outside = sorted(set(signers) - alive)
+        if outside:
+            raise SecAggError(f"party {me}: signers {outside} are not in the alive set this party signed")
+        if len(signers) < need:
+            raise SecAggError(f"party {me}: only {len(signers)} consistency signatures, below the threshold "
+                              f"{need}; nothing is revealed")
+        message = crypto.consistency_message(self.session, self.round_id, self._alive)
+        for v, signature in zip(signers, request.signatures, strict=True):
+            if not crypto.verify(self._sig_pks[v], signature, message):
+                raise SecAggError(f"party {me}: party {v}'s consistency signature is invalid (forged, or over "
+                                  "another alive list, round or session); nothing is revealed")
+        dropped = set(self._dropped)
         held = {**self._held, me: self._own_shares}
         seed_owners = sorted(v for v in held if v in alive)
         key_owners = sorted(v for v in held if v in dropped)

@@ -1,11 +1,12 @@
 """The owner's side of one round: collects, relays, and unmasks only the sum.
 
 Stages: receive_advertise* -> close_advertise() -> receive_shares* -> close_shares() ->
-receive_masked_input* -> close_inputs() -> receive_unmask* -> finish(). The caller decides when a stage
-closes (all answered, or a timeout); whoever has not answered by then is treated as dropped:
+receive_masked_input* -> close_inputs() -> receive_consistency* -> close_consistency() -> receive_unmask*
+-> finish(). The caller decides when a stage closes (all answered, or a timeout); whoever has not answered
+by then is treated as dropped:
 - lost before sharing keys: left out (nobody masks with it);
 - lost after sharing keys: its pairwise masks are removed through its Shamir-shared mask key;
-- lost before the unmask reply: its input stays in the sum, its self mask is rebuilt from shares.
+- lost before signing or before the unmask reply: its input stays in the sum, its self mask is rebuilt.
 Fewer than the threshold at any closing aborts the round (SecAggError) before anything is unmasked.
 A malformed or unexpected message raises SecAggError without changing the round: the caller may treat
 its sender as dropped.
@@ -29,6 +30,8 @@ from secure_agg.graph import neighbour_graph
 from secure_agg.messages import (
     MAX_LENGTH,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     InputAck,
     MaskedInput,
     RelayedShares,
@@ -77,6 +80,7 @@ class SecAggServer:
         self.members: list[int] = []  # U1: advertised keys
         self.sharers: list[int] = []  # U2: shared keys (and kept enough sharing neighbours)
         self.alive: list[int] = []  # U3: sent a masked input
+        self.signers: list[int] = []  # signed U3 in the consistency check
         self.responders: list[int] = []  # U4: answered the unmask request
         self.graph: dict[int, list[int]] = {}
         self.share_threshold = 0
@@ -85,6 +89,7 @@ class SecAggServer:
         self._inputs: set[int] = set()
         self._replies: dict[int, UnmaskShares] = {}
         self._sharer_set: set[int] = set()
+        self._signatures: dict[int, bytes] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -122,7 +127,7 @@ class SecAggServer:
             raise SecAggError(f"close_advertise in stage {self.stage!r}")
         members = sorted(self._keys)
         self._need(len(members), "advertised keys")
-        all_keys = [k for m in members for k in (self._keys[m].c_pk, self._keys[m].s_pk)]
+        all_keys = [k for m in members for k in (self._keys[m].c_pk, self._keys[m].s_pk, self._keys[m].sig_pk)]
         if len(set(all_keys)) != len(all_keys):
             raise self._abort("two parties advertised the same public key")
         degree = sparse_degree(self.config, len(members))
@@ -133,7 +138,8 @@ class SecAggServer:
         return {u: Roster(self.round_id, self.session, u, self.n_parties, members, self.params.min_survivors,
                           self.share_threshold, degree, self.params.ring_bits, self.graph[u],
                           [self._keys[v].c_pk for v in self.graph[u]],
-                          [self._keys[v].s_pk for v in self.graph[u]])
+                          [self._keys[v].s_pk for v in self.graph[u]],
+                          [self._keys[v].sig_pk for v in members])
                 for u in members}
 
     # -- stage 2: encrypted shares ---------------------------------------------------------------------
@@ -192,8 +198,8 @@ class SecAggServer:
         """Parties holding shares of u's secrets: u and its neighbours that shared keys."""
         return {v for v in self.graph[u] if v in self._sharer_set} | {u}
 
-    def close_inputs(self) -> dict[int, UnmaskRequest]:
-        """Fix U3; ask every alive party for its shares, unless some secret could not be rebuilt anyway."""
+    def close_inputs(self) -> dict[int, ConsistencyRequest]:
+        """Fix U3; ask every alive party to sign it, unless some secret could not be rebuilt anyway."""
         if self.stage != "inputs":
             raise SecAggError(f"close_inputs in stage {self.stage!r}")
         self._need(len(self._inputs), "sent masked inputs")
@@ -205,13 +211,42 @@ class SecAggServer:
                                   f"{self.share_threshold}")
         self.alive = sorted(alive)
         dropped = [u for u in self.sharers if u not in alive]
-        self.stage = "unmask"
-        return {v: UnmaskRequest(self.round_id, self.session, v, self.alive, dropped) for v in self.alive}
+        self.stage = "consistency"
+        return {v: ConsistencyRequest(self.round_id, self.session, v, self.alive, dropped) for v in self.alive}
 
-    # -- stage 4: unmasking ----------------------------------------------------------------------------
+    # -- stage 4: consistency check --------------------------------------------------------------------
+
+    def receive_consistency(self, msg: ConsistencySignature) -> None:
+        """Keep a valid signature over U3; refuse a bad one here, since it would make every party refuse."""
+        self._expect("consistency", msg, msg.sender, self._inputs)
+        if msg.sender in self._signatures:
+            raise SecAggError(f"party {msg.sender} signed the alive list twice")
+        message = crypto.consistency_message(self.session, self.round_id, self.alive)
+        if not crypto.verify(self._keys[msg.sender].sig_pk, msg.signature, message):
+            raise SecAggError(f"party {msg.sender}'s consistency signature is invalid")
+        self._signatures[msg.sender] = msg.signature
+
+    def close_consistency(self) -> dict[int, UnmaskRequest]:
+        """Fix the signers; send each the signatures, unless too few signed or some secret would lack shares."""
+        if self.stage != "consistency":
+            raise SecAggError(f"close_consistency in stage {self.stage!r}")
+        signers = sorted(self._signatures)
+        self._need(len(signers), "signed the alive list")
+        signer_set = set(signers)
+        for u in self.sharers:  # each needs t shares: its seed if alive, its mask key if dropped
+            live = len(self._holders(u) & signer_set)
+            if live < self.share_threshold:
+                raise self._abort(f"the shares of party {u} are held by only {live} signers, below "
+                                  f"{self.share_threshold}")
+        self.signers = signers
+        self.stage = "unmask"
+        signatures = [self._signatures[v] for v in signers]
+        return {v: UnmaskRequest(self.round_id, self.session, v, signers, signatures) for v in signers}
+
+    # -- stage 5: unmasking ----------------------------------------------------------------------------
 
     def receive_unmask(self, msg: UnmaskShares) -> None:
-        self._expect("unmask", msg, msg.sender, self._inputs)
+        self._expect("unmask", msg, msg.sender, self.signers)
         if msg.sender in self._replies:
             raise SecAggError(f"party {msg.sender} answered the unmask request twice")
         held = self._holders(msg.sender)  # whose shares it holds: the relation is symmetric

@@ -35,6 +35,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "dolly": ("instruction", "response"),
     "alpaca": ("instruction", "output"),
 }
+# Fields a converter reads when present (text joined to the prompt, or the split key).
+OPTIONAL: dict[str, tuple[str, ...]] = {
+    "gsm8k": (),
+    "dolly": ("context", "category"),
+    "alpaca": ("input",),
+}
 
 ANSWER_MARK = "####"
 
@@ -169,6 +175,9 @@ def _check(record: Any, kind: str, name: str, where: str) -> None:
     for field, value in record.items():
         if field in REQUIRED[kind] and not isinstance(value, str):
             raise DataError(f"{name}: {where}: field {field!r} must be a string, got {type(value).__name__}")
+        if field in OPTIONAL[kind] and value is not None and not isinstance(value, str):
+            raise DataError(f"{name}: {where}: field {field!r} must be a string or null, "
+                            f"got {type(value).__name__}")
 
 
 def load_examples(source: str | Path, kind: str = "auto", limit: int | None = None) -> list[Example]:

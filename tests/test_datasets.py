@@ -155,6 +155,15 @@ def test_wrong_field_type(tmp_path):
         load_examples(path)
 
 
+@pytest.mark.parametrize("field, value", [("category", ["open_qa"]), ("category", 3), ("context", {"a": 1})])
+def test_wrong_optional_field_type(tmp_path, field, value):
+    """A list category would otherwise crash the by-category split far from the file."""
+    path = write_jsonl(tmp_path / "d.jsonl", [DOLLY[0], {**DOLLY[1], field: value}])
+    with pytest.raises(DataError, match=f"line 2: field '{field}' must be a string or null"):
+        load_examples(path)
+    assert load_examples(write_jsonl(tmp_path / "ok.jsonl", [{**DOLLY[0], "context": None}]))[0].prompt
+
+
 def test_non_object_record(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps([ALPACA[0], "text"]), encoding="utf-8")

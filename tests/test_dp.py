@@ -15,6 +15,7 @@ from owner.cli import add_run_options, config_from_args, main
 from owner.compress import compress
 from owner.config import RunConfig
 from party.dp import (
+    BudgetSpent,
     DPPartyTrainer,
     DPSettings,
     PrivacyLedger,
@@ -207,6 +208,16 @@ def test_target_epsilon_sets_the_noise_and_the_run_spends_at_most_the_target():
         assert stats["epsilon"] <= 3.0
     assert stats["noise_multiplier"] == sigma and stats["delta"] == 1e-4
     assert 3.0 - 0.05 < stats["epsilon"] <= 3.0
+    # A third round (a retried one, or a run extended on resume) would overspend: refused, nothing spent.
+    steps_before = trainer.ledger.steps
+    with pytest.raises(BudgetSpent, match="past the target 3"):
+        trainer.train_round(2, adapter, emulator)
+    assert trainer.ledger.steps == steps_before and trainer.epsilon <= 3.0
+    fixed = dp_trainer(model, manifest, data, tokenizer.pad_token_id, DPSettings(noise_multiplier=sigma), rounds=2,
+                       steps=2)
+    for r in range(3):  # a fixed noise multiplier sets no budget: only reported, never refused
+        stats = fixed.train_round(r, adapter, emulator).stats
+    assert stats["epsilon"] > 3.0
     with pytest.raises(ConfigError, match="no noise multiplier"):
         dp_trainer(model, manifest, data, tokenizer.pad_token_id, DPSettings(target_epsilon=1e-9), rounds=2)
 

@@ -448,7 +448,7 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
                                                          owner_key=keys["other-owner"][0]))]
         result["mallory"], result["wrong_pin"] = [node.exit_code() for node in intruders]
 
-        fuzzer = connect_dealer(cluster.endpoint, keys["fuzzer"][1], keys["owner"][0], identity="fuzzer",
+        fuzzer = connect_dealer(cluster.endpoint, keys["fuzzer"][1], keys["owner"][0], name="fuzzer",
                                 context=ctx)
         fuzzer.send_multipart(_encoded(m.hello(name="fuzzer", n_examples=5), S0))
         blast(fuzzer, fuzz[:-FUZZ_LATE])

@@ -3,6 +3,7 @@ key; unknown keys, parties pinning the wrong owner key, and oversize frames get 
 
 from __future__ import annotations
 
+import re
 import shutil
 import stat
 import subprocess
@@ -54,7 +55,7 @@ def server(keys, ctx):
 
 
 def _dealer(ctx, endpoint, keys, name, *, pinned="owner", identity=None, **kw):
-    return connect_dealer(endpoint, keys[name][1], keys[pinned][0], identity=identity or name, context=ctx, **kw)
+    return connect_dealer(endpoint, keys[name][1], keys[pinned][0], name=name, identity=identity, context=ctx, **kw)
 
 
 def _hello(name="alice"):
@@ -68,7 +69,7 @@ def test_allowed_party_exchanges_messages_and_is_identified_by_key(keys, ctx, se
         send(dealer, _hello())
         got = recv(router, ARRIVE_S)
         assert got is not None
-        assert got.peer_key == load_public(keys["alice"][0]) and got.identity == b"alice"
+        assert got.peer_key == load_public(keys["alice"][0]) and re.fullmatch(rb"alice/[0-9a-f]{16}", got.identity)
         assert decode(got.frames, sender="party").type is MessageType.HELLO
         assert peer_name(load_allowlist(keys["allow"]), got.peer_key, got.identity) == "alice"
 
@@ -139,20 +140,45 @@ def test_oversize_frame_is_dropped_by_the_socket(keys, ctx):
         close_router(router, auth)
 
 
-def test_spoofed_identity_is_detected(keys, ctx, tmp_path):
+@pytest.mark.parametrize("identity", [b"alice", b"alice/" + b"0" * 16, b"mallory", b"mallory/xyz",
+                                      b"mallory/" + b"A" * 16])
+def test_spoofed_identity_is_detected(keys, ctx, identity):
     shutil.copy(keys["mallory"][0], keys["allow"] / "mallory.key")
     router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
-    dealer = _dealer(ctx, bound_endpoint(router), keys, "mallory", identity="alice")
+    dealer = _dealer(ctx, bound_endpoint(router), keys, "mallory", identity=identity)
     try:
         send(dealer, _hello("alice"))
         got = recv(router, ARRIVE_S)
-        assert got is not None and got.identity == b"alice"
-        with pytest.raises(ProtocolError, match="must be its name"):
+        assert got is not None and got.identity == identity
+        with pytest.raises(ProtocolError, match="must be its name, '/' and 16 random hex digits"):
             peer_name(load_allowlist(keys["allow"]), got.peer_key, got.identity)
         with pytest.raises(ProtocolError, match="not on the allowlist"):
             peer_name({"alice": load_public(keys["alice"][0])}, got.peer_key, got.identity)
     finally:
         dealer.close(linger=0)
+        close_router(router, auth)
+
+
+def test_another_party_cannot_take_over_a_routing_slot(keys, ctx):
+    """Each party process draws the random part of its identity itself: another allowlisted party, which
+    never sees it, cannot present it, so ROUTER_HANDOVER never hands it this party's replies."""
+    shutil.copy(keys["mallory"][0], keys["allow"] / "mallory.key")
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx)
+    alice = _dealer(ctx, bound_endpoint(router), keys, "alice")
+    mallory = _dealer(ctx, bound_endpoint(router), keys, "mallory")
+    try:
+        send(alice, _hello("alice"))
+        got = recv(router, ARRIVE_S)
+        assert peer_name(load_allowlist(keys["allow"]), got.peer_key, got.identity) == "alice"
+        send(mallory, _hello("mallory"))
+        assert recv(router, ARRIVE_S).identity != got.identity
+        send(router, SeqCounter().stamp(m.heartbeat()), got.identity)
+        assert recv(alice, ARRIVE_S) is not None and recv(mallory, SILENCE_S) is None
+        assert connect_dealer("tcp://127.0.0.1:1", keys["alice"][1], keys["owner"][0], name="alice",
+                              context=ctx).getsockopt(zmq.IDENTITY) != got.identity  # fresh per socket
+    finally:
+        for sock in (alice, mallory):
+            sock.close(linger=0)
         close_router(router, auth)
 
 
@@ -236,7 +262,7 @@ from protocol.sockets import bind_router, bound_endpoint, close_router, connect_
 owner_secret, owner_public, allow, alice_secret, stall_s = sys.argv[1:6]
 ctx = zmq.Context()
 router, auth = bind_router("tcp://127.0.0.1:*", owner_secret, allow, context=ctx)
-dealer = connect_dealer(bound_endpoint(router), alice_secret, owner_public, identity="alice", context=ctx)
+dealer = connect_dealer(bound_endpoint(router), alice_secret, owner_public, name="alice", context=ctx)
 dealer.send(b"hello")
 assert router.poll(10_000)
 identity = router.recv_multipart()[0]
@@ -262,7 +288,7 @@ ctx.term()
 def test_a_reader_stalled_behind_a_full_queue_survives(keys, tmp_path):
     """A node that reads nothing for a while (the owner aligning, a party loading its model) while its peer
     keeps sending must not crash: with ZMTP heartbeats libzmq 4.3 aborts the process in this situation."""
-    probe = connect_dealer("tcp://127.0.0.1:1", keys["alice"][1], keys["owner"][0], identity="alice")
+    probe = connect_dealer("tcp://127.0.0.1:1", keys["alice"][1], keys["owner"][0], name="alice")
     assert probe.getsockopt(zmq.HEARTBEAT_IVL) == 0 and probe.getsockopt(zmq.TCP_KEEPALIVE) == 1
     probe.close(linger=0)
     proc = subprocess.run(

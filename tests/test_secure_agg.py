@@ -47,7 +47,7 @@ def rounds(draw):
     vectors = [rng.uniform(-1.5 * clip, 1.5 * clip, length).astype(dtype) for _ in range(n)]
     max_weight = draw(st.sampled_from([1, 100, 1 << 16]))
     weights = [int(w) for w in rng.integers(1, max_weight + 1, n)]
-    stages = [draw(st.sets(st.integers(0, n - 1), max_size=max(0, n // 3))) for _ in range(4)]
+    stages = [draw(st.sets(st.integers(0, n - 1), max_size=max(0, n // 3))) for _ in range(5)]
     graph = draw(st.sampled_from(["complete", "sparse"]))
     config = SecAggConfig(clip=clip, max_weight=max_weight, graph=graph,
                           degree=draw(st.sampled_from([None, 2, 4])))
@@ -58,26 +58,28 @@ def rounds(draw):
 @given(rounds())
 def test_unmasked_sum_equals_plain_weighted_sum(case):
     """Any dropout pattern: either the exact sum over the parties that sent inputs, or a clean abort."""
-    vectors, weights, config, seed, (before_adv, before_share, after_share, before_unmask) = case
+    vectors, weights, config, seed, (before_adv, before_share, after_share, before_sign, before_unmask) = case
     n = len(vectors)
     t = n // 2 + 1
     # What the protocol must do, stage by stage, on the complete graph (the sparse graph may leave out more).
     u1 = set(range(n)) - before_adv
     u2 = u1 - before_share
     u3 = u2 - after_share
-    u4 = u3 - before_unmask
-    complete_ok = min(len(u1), len(u2), len(u3), len(u4)) >= t
+    signers = u3 - before_sign
+    u4 = signers - before_unmask
+    complete_ok = min(len(u1), len(u2), len(u3), len(signers), len(u4)) >= t
     try:
         result = aggregate_in_process(vectors, weights, config, round_id=7, seed=seed,
                                       drop_before_advertise=before_adv, drop_before_share=before_share,
-                                      drop_after_share=after_share, drop_before_unmask=before_unmask)
+                                      drop_after_share=after_share, drop_before_consistency=before_sign,
+                                      drop_before_unmask=before_unmask)
     except SecAggError as exc:
         event(f"aborted ({config.graph})")
         assert "aborted" in str(exc)
         assert config.graph == "sparse" or not complete_ok
         return
     assert complete_ok
-    any_drop = bool(before_adv | before_share | after_share | before_unmask)
+    any_drop = bool(before_adv | before_share | after_share | before_sign | before_unmask)
     event(f"completed ({config.graph}, {'with' if any_drop else 'no'} dropouts)")
     included = result.included
     if config.graph == "complete":
@@ -111,14 +113,14 @@ def test_no_dropout_sparse_graph_many_parties_matches_average():
 
 
 @pytest.mark.parametrize("stage", ["drop_before_advertise", "drop_before_share", "drop_after_share",
-                                   "drop_before_unmask"])
+                                   "drop_before_consistency", "drop_before_unmask"])
 def test_below_threshold_aborts_at_every_stage(stage):
     vectors = [np.full(8, 0.25) for _ in range(7)]  # n = 7, t = 4: losing 4 leaves 3
     with pytest.raises(SecAggError, match="aborted.*below the threshold 4.*nothing was unmasked"):
         aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4, 6}})
     # One fewer dropout and the same round completes.
     result = aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4}})
-    assert len(result.included) == (7 if stage == "drop_before_unmask" else 4)
+    assert len(result.included) == (7 if stage in ("drop_before_consistency", "drop_before_unmask") else 4)
 
 
 def test_aborted_server_unmasks_nothing_and_refuses_to_go_on():
@@ -244,3 +246,19 @@ def test_cost_benchmark_writes_table(tmp_path, capsys):
     assert all(r["expansion"] > 1 and r["max_abs_error_of_mean"] < 1e-4 for r in rows)
     assert table.count("\n| 6 |") == 4 and "sparse" in table
     assert "party CPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("graph", ["complete", "sparse"])
+def test_dropout_at_the_consistency_check_keeps_the_input_in_the_sum(graph):
+    """A party that sends its input but no signature is no signer; its self mask is rebuilt from shares."""
+    rng = np.random.default_rng(5)
+    n = 12
+    vectors = [rng.uniform(-1, 1, 20) for _ in range(n)]
+    weights = [int(w) for w in rng.integers(1, 9, n)]
+    config = SecAggConfig(graph=graph, degree=6)
+    result = aggregate_in_process(vectors, weights, config, round_id=3, seed=2, drop_after_share={0},
+                                  drop_before_consistency={4, 9}, drop_before_unmask={7})
+    assert result.included == [u for u in range(n) if u != 0] and result.dropped == [0]
+    expected_sum, expected_weight = plain_levels(vectors, weights, config, 3, 2, result.included)
+    np.testing.assert_array_equal(result.weighted_sum, expected_sum)
+    assert result.total_weight == expected_weight

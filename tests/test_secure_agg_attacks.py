@@ -1,4 +1,5 @@
-"""Secure aggregation against a misbehaving owner or party: tampering, replay, inconsistent lists."""
+"""Secure aggregation against a misbehaving owner or party: tampering, replay, inconsistent lists, forged
+consistency signatures."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from secure_agg import (
+    ConsistencyRequest,
+    ConsistencySignature,
     RelayedShares,
     SecAggConfig,
     SecAggError,
@@ -60,7 +63,16 @@ class Round:
                 ack = self.server.receive_masked_input(
                     wire(self.parties[u].masked_input(relay, self.vectors[u], self.weights[u])))
                 self.parties[u].receive_ack(wire(ack))
-        self.requests = {u: wire(r) for u, r in self.server.close_inputs().items()}
+        self.checks = {u: wire(r) for u, r in self.server.close_inputs().items()}
+        return self
+
+    def sign(self, skip=()):
+        self.signatures = {}
+        for u, check in self.checks.items():
+            if u not in skip:
+                self.signatures[u] = wire(self.parties[u].consistency_check(check))
+                self.server.receive_consistency(self.signatures[u])
+        self.requests = {u: wire(r) for u, r in self.server.close_consistency().items()}
         return self
 
     def unmask(self, skip=()):
@@ -80,10 +92,11 @@ def flip(blob: bytes, at: int = 20) -> bytes:
 
 
 def test_hand_driven_round_with_dropouts_is_correct():
-    r = Round(7).advertise().share(skip={6}).mask(skip={5}).unmask(skip={4})
+    r = Round(9).advertise().share(skip={8}).mask(skip={7}).sign(skip={3}).unmask(skip={4})
     result = r.server.finish()
-    assert result.included == [0, 1, 2, 3, 4] and result.dropped == [5] and result.left_out == [6]
-    np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=5 * 2.0 ** -16)
+    assert result.included == [0, 1, 2, 3, 4, 5, 6] and result.dropped == [7] and result.left_out == [8]
+    assert r.server.signers == [0, 1, 2, 4, 5, 6] and r.server.responders == [0, 1, 2, 5, 6]
+    np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=7 * 2.0 ** -16)
 
 
 def test_tampered_ciphertext_is_detected():
@@ -169,40 +182,89 @@ def _lists_a_non_sharer(alive, dropped):
     (_omits_a_sharer, "neither alive nor dropped"),
     (_lists_a_non_sharer, "never shared keys"),
 ])
-def test_party_refuses_inconsistent_unmask_lists(tamper, reason):
+def test_party_refuses_inconsistent_alive_lists(tamper, reason):
     r = Round(7).advertise().share(skip={6}).mask(skip={5})
-    request = r.requests[0]
-    assert request.alive == [0, 1, 2, 3, 4] and request.dropped == [5]
-    alive, dropped = tamper(list(request.alive), list(request.dropped))
-    bad = UnmaskRequest(request.round_id, request.session, 0, sorted(alive), sorted(dropped))
+    check = r.checks[0]
+    assert check.alive == [0, 1, 2, 3, 4] and check.dropped == [5]
+    alive, dropped = tamper(list(check.alive), list(check.dropped))
+    bad = ConsistencyRequest(check.round_id, check.session, 0, sorted(alive), sorted(dropped))
     with pytest.raises(SecAggError, match=reason):
-        r.parties[0].unmask(wire(bad))
-    with pytest.raises(SecAggError):  # and it reveals nothing afterwards, even for the honest request
-        r.parties[0].unmask(request)
+        r.parties[0].consistency_check(wire(bad))
+    with pytest.raises(SecAggError):  # and it signs nothing afterwards, even for the honest request
+        r.parties[0].consistency_check(check)
 
 
-def test_party_answers_one_unmask_request_only():
-    r = Round(5).advertise().share().mask(skip={4})
+def test_party_signs_once_and_answers_one_unmask_request_only():
+    r = Round(5).advertise().share().mask(skip={4}).sign()
+    flipped = dataclasses.replace(r.checks[1], alive=[0, 1, 2, 4], dropped=[3])
+    with pytest.raises(SecAggError, match="consistency_check called in stage 'signed'"):
+        r.parties[1].consistency_check(flipped)
+    with pytest.raises(SecAggError, match="stage"):
+        r.parties[1].consistency_check(r.checks[1])  # not even the same request twice
     first = r.parties[1].unmask(r.requests[1])
     assert 4 in first.key_owners and 4 not in first.seed_owners
-    flipped = dataclasses.replace(r.requests[1], alive=[0, 1, 2, 4], dropped=[3])
     with pytest.raises(SecAggError, match="stage"):
-        r.parties[1].unmask(flipped)
+        r.parties[1].unmask(r.requests[1])
+
+
+def lying_round(lists: dict[int, list[int]], n: int = 5) -> tuple[Round, dict[int, ConsistencySignature]]:
+    """Every party sends its input; then the owner shows party u the alive list `lists[u]` (the rest of
+    the sharers as dropped). Returns the round and each party's signature over the list it was shown."""
+    r = Round(n).advertise().share().mask()
+    signatures = {}
+    for u, alive in lists.items():
+        check = ConsistencyRequest(0, "s", u, alive, [v for v in range(n) if v not in alive])
+        signatures[u] = wire(r.parties[u].consistency_check(wire(check)))
+    return r, signatures
+
+
+def unmask_request(u: int, signatures: dict[int, ConsistencySignature], signers) -> UnmaskRequest:
+    signers = sorted(signers)
+    return UnmaskRequest(0, "s", u, signers, [signatures[v].signature for v in signers])
+
+
+# The attack of the brief: each list passes the party's own checks, and without the consistency check the
+# owner would gather >= 3 shares of b0, b1 (alive for 0, 1, 2, 3 and 4) and of sk2, sk3, sk4, so learn x0 + x1.
+SUBSET_SUM_LISTS = {0: [0, 1, 2], 1: [0, 1, 3], 2: [0, 1, 2], 3: [0, 1, 3], 4: [0, 1, 4]}
+
+
+@pytest.mark.parametrize("strategy", ["same list", "signers in its list", "every signature"])
+def test_subset_sum_attack_with_inconsistent_lists_reveals_nothing(strategy):
+    """n = 5, t = 3: no list gathers 3 signatures, so no party shown one of them reveals a share."""
+    r, signatures = lying_round(SUBSET_SUM_LISTS)
+    assert set(signatures) == set(range(5))  # every list passed the local checks: only signatures stop it
+    revealed = []
+    for u, alive in SUBSET_SUM_LISTS.items():
+        if strategy == "same list":  # valid signatures, too few
+            signers = [v for v, other in SUBSET_SUM_LISTS.items() if other == alive]
+            reason = "below the threshold 3"
+        elif strategy == "signers in its list":  # enough signers, some signed another list
+            signers = alive
+            reason = "invalid"
+        else:
+            signers = range(5)
+            reason = "not in the alive set"
+        with pytest.raises(SecAggError, match=reason):
+            revealed.append(r.parties[u].unmask(wire(unmask_request(u, signatures, signers))))
+        assert r.parties[u].stage == "aborted"
+        with pytest.raises(SecAggError):  # nothing more this round, whatever comes next
+            r.parties[u].unmask(wire(unmask_request(u, signatures, range(5))))
+    assert revealed == []
 
 
 def test_an_owner_lying_about_a_dropout_cannot_rebuild_both_secrets():
-    """Tell parties 1, 2 that party 0 is alive and parties 3, 4 that it dropped: with a strict-majority
-    threshold the owner gets t seed shares or t key shares of party 0, never both."""
-    r = Round(5).advertise().share().mask()
+    """Tell parties 0..2 that party 0 is alive and parties 3, 4 that it dropped: with a strict-majority
+    threshold only one list gathers t signatures, so the owner gets t seed shares or t key shares of party
+    0, never both."""
+    lists = {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4], 2: [0, 1, 2, 3, 4], 3: [1, 2, 3, 4], 4: [1, 2, 3, 4]}
+    r, signatures = lying_round(lists)
     t = r.server.share_threshold
     assert t == 3
     seed_shares, key_shares = {}, {}
     for u in range(5):
-        request = r.requests[u]
-        if u in (3, 4):
-            request = dataclasses.replace(request, alive=[1, 2, 3, 4], dropped=[0])
+        same = [v for v in lists if lists[v] == lists[u]]  # the owner's best: 3 for parties 0..2, 2 for 3, 4
         try:
-            reply = r.parties[u].unmask(request)
+            reply = r.parties[u].unmask(wire(unmask_request(u, signatures, same)))
         except SecAggError:
             continue
         if 0 in reply.seed_owners:
@@ -210,7 +272,7 @@ def test_an_owner_lying_about_a_dropout_cannot_rebuild_both_secrets():
         if 0 in reply.key_owners:
             key_shares[u] = reply.key_shares[reply.key_owners.index(0)]
     assert not (len(seed_shares) >= t and len(key_shares) >= t)
-    assert len(key_shares) < t
+    assert len(seed_shares) == t and key_shares == {}
     # What the key shares it did get rebuild is not party 0's mask key.
     try:
         guess = shamir.combine(key_shares)
@@ -227,7 +289,7 @@ def test_reply_revealing_both_secrets_of_a_peer_is_rejected_on_the_wire():
 
 @pytest.mark.parametrize("which", ["seed", "key"])
 def test_tampered_unmask_share_aborts_the_round(which):
-    r = Round(5).advertise().share().mask(skip={4})
+    r = Round(5).advertise().share().mask(skip={4}).sign()
     for u, request in r.requests.items():
         reply = r.parties[u].unmask(request)
         if u == 1:
@@ -297,7 +359,20 @@ def test_server_rejects_bad_messages_without_losing_the_round():
     r.server.receive_masked_input(masked)
     for u in (1, 2, 3):
         r.server.receive_masked_input(r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u]))
-    r.requests = r.server.close_inputs()
+    r.checks = r.server.close_inputs()
+    signatures = [r.parties[u].consistency_check(r.checks[u]) for u in range(4)]
+    with pytest.raises(SecAggError, match="signature is invalid"):
+        r.server.receive_consistency(dataclasses.replace(signatures[0], signature=flip(signatures[0].signature)))
+    with pytest.raises(SecAggError, match="signature is invalid"):  # party 1's signature claimed by party 0
+        r.server.receive_consistency(dataclasses.replace(signatures[1], sender=0))
+    with pytest.raises(SecAggError, match="not accepting"):
+        r.server.receive_unmask(UnmaskShares(0, "s", 0, [], [], [], []))
+    for sig in signatures[:3]:
+        r.server.receive_consistency(sig)
+    with pytest.raises(SecAggError, match="twice"):
+        r.server.receive_consistency(signatures[0])
+    r.server.receive_consistency(signatures[3])
+    r.requests = r.server.close_consistency()
     reply = r.parties[0].unmask(r.requests[0])
     with pytest.raises(SecAggError, match="request called for"):
         r.server.receive_unmask(dataclasses.replace(reply, seed_owners=reply.seed_owners[:-1],
@@ -342,3 +417,143 @@ def test_relay_from_a_non_neighbour_is_refused():
                         relay.ciphertexts)
     with pytest.raises(SecAggError, match="non-neighbours"):
         r.parties[3].masked_input(bad, r.vectors[3], 1)
+
+
+def refuses_to_unmask(party: SecAggParty, request: UnmaskRequest, reason: str) -> None:
+    """The party refuses, reveals nothing, and reveals nothing afterwards either."""
+    with pytest.raises(SecAggError, match=reason):
+        party.unmask(request)
+    assert party.stage == "aborted"
+    with pytest.raises(SecAggError, match="stage 'aborted'"):
+        party.unmask(request)
+
+
+def test_forged_consistency_signature_is_refused():
+    r = Round(5).advertise().share().mask(skip={4}).sign()
+    request = r.requests[0]
+    assert request.signers == [0, 1, 2, 3]
+    forged = dataclasses.replace(request, signatures=[*request.signatures[:2], flip(request.signatures[2], 5),
+                                                      request.signatures[3]])
+    refuses_to_unmask(r.parties[0], wire(forged), "party 2's consistency signature is invalid")
+    # Party 1's signature passed off as party 3's (right list, wrong key).
+    swapped = dataclasses.replace(r.requests[1], signatures=[*request.signatures[:3], request.signatures[1]])
+    refuses_to_unmask(r.parties[1], wire(swapped), "party 3's consistency signature is invalid")
+    # A signature from the same party over the same list but another round or session.
+    other = Round(5, round_id=1).advertise().share().mask(skip={4}).sign()
+    replayed = dataclasses.replace(r.requests[2], signatures=other.requests[2].signatures)
+    refuses_to_unmask(r.parties[2], wire(replayed), "invalid")
+    assert r.parties[3].unmask(r.requests[3]).seed_owners == [0, 1, 2, 3]  # the honest request still works
+
+
+def test_signature_over_a_different_alive_list_is_refused():
+    """Party 2 is shown a list without party 3 (it signs that one); its signature is useless to the others."""
+    lists = {u: [0, 1, 2, 3, 4] for u in range(5)}
+    lists[2] = [0, 1, 2, 4]
+    r, signatures = lying_round(lists)
+    refuses_to_unmask(r.parties[0], wire(unmask_request(0, signatures, [0, 1, 2])), "party 2's consistency")
+    refuses_to_unmask(r.parties[2], wire(unmask_request(2, signatures, [0, 1, 2])), "party 0's consistency")
+    reply = r.parties[1].unmask(wire(unmask_request(1, signatures, [0, 1, 3, 4])))  # honest majority: fine
+    assert reply.seed_owners == [0, 1, 2, 3, 4] and reply.key_owners == []
+
+
+def test_duplicate_signer_is_refused():
+    r = Round(5).advertise().share().mask(skip={4}).sign()
+    request = r.requests[0]
+    twice = UnmaskRequest(0, "s", 0, [0, 1, 1, 2], [request.signatures[0], *request.signatures[1:2] * 2,
+                                                     request.signatures[2]])
+    with pytest.raises(SecAggError, match="strictly increasing"):  # on the wire
+        UnmaskRequest.from_wire(*twice.to_wire())
+    refuses_to_unmask(r.parties[0], twice, "repeats a signer")  # and in the party itself
+
+
+def test_too_few_signatures_are_refused():
+    r = Round(5).advertise().share().mask().sign()
+    request = r.requests[0]
+    two = dataclasses.replace(request, signers=request.signers[:2], signatures=request.signatures[:2])
+    refuses_to_unmask(r.parties[0], wire(two), "only 2 consistency signatures, below the threshold 3")
+    none = dataclasses.replace(request, signers=[], signatures=[])
+    refuses_to_unmask(r.parties[1], wire(dataclasses.replace(none, recipient=1)), "only 0")
+    mismatched = dataclasses.replace(r.requests[2], signatures=request.signatures[:-1])
+    refuses_to_unmask(r.parties[2], mismatched, "5 signers but 4 signatures")
+
+
+def test_signer_outside_the_alive_list_is_refused():
+    """Party 4 shared keys but sent no input, so it is not in U3; even a valid signature of it cannot count."""
+    r = Round(5).advertise().share().mask(skip={4}).sign()
+    stray = ConsistencySignature(0, "s", 4, crypto.sign(r.parties[4]._sig_key, crypto.consistency_message(
+        "s", 0, [0, 1, 2, 3, 4])))  # what party 4 would sign, were it shown a list naming it alive
+    request = r.requests[0]
+    bad = UnmaskRequest(0, "s", 0, [*request.signers, 4], [*request.signatures, stray.signature])
+    refuses_to_unmask(r.parties[0], wire(bad), r"signers \[4\] are not in the alive set")
+    with pytest.raises(SecAggError, match="not accepting"):  # the owner's stage is over; before that, too:
+        r.server.receive_consistency(stray)
+    early = Round(5).advertise().share().mask(skip={4})
+    with pytest.raises(SecAggError, match="may not send"):
+        early.server.receive_consistency(ConsistencySignature(0, "s", 4, bytes(64)))
+
+
+def test_unmask_before_signing_and_the_old_direct_request_are_refused():
+    r = Round(4).advertise().share().mask()
+    request = UnmaskRequest(0, "s", 0, [], [])
+    with pytest.raises(SecAggError, match="unmask called in stage 'masked'"):
+        r.parties[0].unmask(request)
+    with pytest.raises(SecAggError, match="not accepting"):
+        r.server.receive_unmask(UnmaskShares(0, "s", 0, [], [], [], []))
+
+
+def test_dropout_at_the_consistency_stage_still_completes():
+    r = Round(7).advertise().share().mask(skip={6}).sign(skip={2, 5}).unmask()
+    assert r.server.signers == [0, 1, 3, 4] and sorted(r.requests) == [0, 1, 3, 4]
+    with pytest.raises(SecAggError, match="may not send"):  # a non-signer's late reply is not taken
+        r.server.receive_unmask(UnmaskShares(0, "s", 2, [], [], [], []))
+    result = r.server.finish()
+    assert result.included == [0, 1, 2, 3, 4, 5] and result.dropped == [6]
+    np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=6 * 2.0 ** -16)
+
+
+def test_too_few_signers_abort_before_anything_is_revealed():
+    r = Round(7).advertise().share().mask()
+    with pytest.raises(SecAggError, match="only 3 parties signed the alive list, below the threshold 4"):
+        r.sign(skip={0, 1, 2, 3})
+    assert r.server.stage == "aborted"
+    with pytest.raises(SecAggError):
+        r.server.finish()
+
+
+def test_sparse_graph_needs_the_global_signature_threshold():
+    """On a sparse graph too, a party reveals only with a strict majority of all invited parties' signatures,
+    not merely a majority of its neighbourhood."""
+    n = 12
+    r = Round(n, config=SecAggConfig(graph="sparse", degree=4)).advertise().share().mask()
+    assert r.server.share_threshold == 3 and r.server.params.min_survivors == 7
+    r.sign()
+    request = r.requests[0]
+    neighbourhood = [0, *r.rosters[0].neighbours]  # 5 signatures: a majority of its holders, not of all
+    few = UnmaskRequest(0, "s", 0, neighbourhood,
+                        [request.signatures[request.signers.index(v)] for v in neighbourhood])
+    refuses_to_unmask(r.parties[0], wire(few), "only 5 consistency signatures, below the threshold 7")
+    r.unmask(skip={0})
+    result = r.server.finish()
+    np.testing.assert_allclose(result.weighted_sum, r.expected(range(n)), atol=n * 2.0 ** -16)
+
+
+def test_sparse_graph_aborts_when_a_secret_lacks_signing_holders():
+    n = 20
+    config = SecAggConfig(graph="sparse", degree=4)
+    r = Round(n, config=config, session="prune").advertise().share().mask()
+    holders = r.rosters[0].neighbours[:3]  # 3 of party 0's 4 neighbours do not sign: 2 holders left, t = 3
+    with pytest.raises(SecAggError, match="party 0 are held by only 2 signers, below 3"):
+        r.sign(skip=set(holders))
+
+
+@pytest.mark.parametrize(("keys", "reason"), [
+    (lambda k: [k[1], *k[1:]], "signing keys"),  # its own key replaced
+    (lambda k: k[:-1], "signing keys"),  # one member's key missing
+    (lambda k: [k[0], k[1], k[1], k[3]], "repeats a public key"),
+])
+def test_party_refuses_a_roster_with_wrong_signing_keys(keys, reason):
+    r = Round(4).advertise()
+    roster = r.rosters[0]
+    assert len(roster.sig_pks) == 4 and roster.sig_pks[0] == r.adverts[0].sig_pk
+    with pytest.raises(SecAggError, match=reason):
+        r.parties[0].share_keys(dataclasses.replace(roster, sig_pks=keys(roster.sig_pks)))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.messages import TOKEN_PATTERN
 from secure_agg import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     MaskedInput,
     Roster,
     SecAggConfig,
@@ -26,6 +30,7 @@ from secure_agg import (
 from secure_agg.crypto import context, prg_words
 from secure_agg.encoding import decode, encode, pack, unpack
 from secure_agg.graph import neighbour_graph
+from secure_agg.messages import MESSAGE_TYPES
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -51,7 +56,13 @@ def all_messages():
         ack = server.receive_masked_input(masked)
         parties[u].receive_ack(ack)
         out += [masked, ack]
-    requests = server.close_inputs()
+    checks = server.close_inputs()
+    out += checks.values()
+    signatures = [parties[u].consistency_check(checks[u]) for u in range(3)]
+    out += signatures
+    for sig in signatures:
+        server.receive_consistency(sig)
+    requests = server.close_consistency()
     out += requests.values()
     replies = [parties[u].unmask(requests[u]) for u in range(3)]
     out += replies
@@ -85,7 +96,7 @@ def same(a, b) -> bool:
 
 def test_every_message_survives_json_and_byte_copies():
     kinds = {type(m).__name__ for m in MESSAGES}
-    assert len(kinds) == 8
+    assert len(kinds) == 10
     for msg in MESSAGES:
         header, arrays = through_json(msg)
         assert all(isinstance(a, np.ndarray) and a.dtype == np.uint8 for a in arrays.values())
@@ -137,14 +148,42 @@ def test_from_wire_rejects_corrupted_messages(what, corrupt):
         with pytest.raises(SecAggError):
             type(msg).from_wire(bad_header, bad_arrays)
         checked += 1
-    assert checked >= 8
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("ids", [[2, 1], [1, 1], [-1], [70000], [True], ["1"], "1,2"])
 def test_id_lists_must_be_sorted_unique_ints_in_range(ids):
-    header, arrays = UnmaskRequest(0, "s", 1, [0, 1, 2], []).to_wire()
+    header, arrays = ConsistencyRequest(0, "s", 1, [0, 1, 2], []).to_wire()
     with pytest.raises(SecAggError):
-        UnmaskRequest.from_wire({**header, "alive": ids}, arrays)
+        ConsistencyRequest.from_wire({**header, "alive": ids}, arrays)
+    header, arrays = UnmaskRequest(0, "s", 1, [0, 1, 2], [bytes(64)] * 3).to_wire()
+    with pytest.raises(SecAggError):  # a repeated or unsorted signer is refused before any signature check
+        UnmaskRequest.from_wire({**header, "signers": ids}, arrays)
+
+
+def test_consistency_messages_wire_form():
+    request = next(m for m in MESSAGES if isinstance(m, UnmaskRequest))
+    header, arrays = request.to_wire()
+    assert header["type"] == "unmask_request" and set(header) == {"type", "version", "round", "session",
+                                                                   "recipient", "signers"}
+    assert arrays["signatures"].shape == (len(request.signers), 64) and len(request.signers) == 3
+    with pytest.raises(SecAggError, match="signatures"):  # one row per signer
+        UnmaskRequest.from_wire(header, {"signatures": arrays["signatures"][:-1]})
+    with pytest.raises(SecAggError, match="signatures"):
+        UnmaskRequest.from_wire(header, {"signatures": np.zeros((3, 63), np.uint8)})
+    signature = next(m for m in MESSAGES if isinstance(m, ConsistencySignature))
+    header, arrays = signature.to_wire()
+    assert header["type"] == "consistency_signature" and arrays["signature"].shape == (64,)
+    with pytest.raises(SecAggError, match="signature"):
+        ConsistencySignature.from_wire(header, {"signature": arrays["signature"][:32]})
+    check = next(m for m in MESSAGES if isinstance(m, ConsistencyRequest))
+    header, arrays = check.to_wire()
+    assert header["type"] == "consistency_request" and arrays == {}
+    assert check.alive == [0, 1, 2] and check.dropped == [3]
+    with pytest.raises(SecAggError, match="recipient"):
+        ConsistencyRequest.from_wire({**header, "recipient": 1 << 16}, arrays)
+    # Every type doubles as the SECAGG message's stage token on the ZeroMQ wire.
+    assert all(re.fullmatch(TOKEN_PATTERN, kind) for kind in MESSAGE_TYPES)
 
 
 def test_masked_input_length_must_match_its_array_and_ring():
@@ -156,11 +195,14 @@ def test_masked_input_length_must_match_its_array_and_ring():
             MaskedInput.from_wire(bad, arrays)
 
 
-def test_roster_key_rows_must_match_neighbours():
+def test_roster_key_rows_must_match_neighbours_and_members():
     roster = next(m for m in MESSAGES if isinstance(m, Roster))
     header, arrays = roster.to_wire()
     with pytest.raises(SecAggError, match="c_pk"):
         Roster.from_wire(header, {**arrays, "c_pk": arrays["c_pk"][:-1]})
+    assert arrays["sig_pk"].shape == (len(roster.members), 32)
+    with pytest.raises(SecAggError, match="sig_pk"):
+        Roster.from_wire(header, {**arrays, "sig_pk": arrays["sig_pk"][:-1]})
 
 
 def test_unknown_message_type_and_non_dict_inputs():

@@ -92,6 +92,10 @@ def test_same_seed_same_result_and_resume_continues(tiny_llama_dir, data_files, 
     ({"--drop-rate": "1.0"}, "drop"),
     ({"--party-limit": "1"}, "empty"),
     ({"--public-data": "bad.jsonl"}, "bad.jsonl"),
+    ({"--drop-rate": "-0.1"}, "drop"),
+    ({"--model": "no/such-model-dir"}, "no/such-model-dir"),
+    # found only after the model is compressed into --out: what was written there is removed again
+    ({"--dp-epsilon": "1e-9"}, "no noise multiplier reaches epsilon"),
 ])
 def test_bad_input_gives_one_error_line_and_writes_nothing(tiny_llama_dir, data_files, tmp_path, capsys,
                                                            change, message):
@@ -107,6 +111,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(tiny_llama_dir, data_
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1].lower(), err
+    assert [line for line in err if line.startswith("error:")] == err[-1:]
     assert not out.exists()
 
 
@@ -122,3 +127,16 @@ def test_secure_aggregation_gives_the_plain_result_within_fixed_point_error(tiny
     assert any(float(t.abs().max()) > 1e-3 for n, t in tp.items() if "lora_B" in n)
     rounds = [json.loads(x) for x in (secure / "metrics.jsonl").read_text().splitlines()]
     assert all("secagg" in r for r in rounds if r["event"] == "round")
+
+
+def test_sparse_secure_aggregation_gives_the_plain_result(tiny_llama_dir, data_files, tmp_path):
+    """SecAgg+'s sparse graph (8 parties: 6 neighbours each instead of 7) sums to the same adapter."""
+    plain, sparse = tmp_path / "plain", tmp_path / "sparse"
+    for out, extra in ((plain, ()), (sparse, ("--secure-agg", "--secagg-graph", "sparse"))):
+        args = args_for(tiny_llama_dir, data_files, out, "--rounds", "1", *extra)
+        args[args.index("--simulate") + 1] = "8"
+        assert main(args) == 0
+    assert json.loads((sparse / "config.json").read_text())["secagg_graph"] == "sparse"
+    tp, ts = adapfu_tensors(plain), adapfu_tensors(sparse)
+    assert max(float((tp[n] - ts[n]).abs().max()) for n in tp) < 1e-5
+    assert any(float(t.abs().max()) > 1e-3 for n, t in tp.items() if "lora_B" in n)
