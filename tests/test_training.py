@@ -7,6 +7,7 @@ import torch
 from owner.compress import compress
 from party.lora import LoraSettings, attach_lora, deltas_from_state, lora_deltas, lora_state, set_trainable
 from party.training import PartyTrainer, TrainSettings, live_lora_pairs, proximal_term
+from tasks.batching import collate
 from tasks.datasets import Example
 from tasks.prompts import tokenize_examples
 from tests.tiny_models import byte_tokenizer, tiny_model
@@ -103,3 +104,25 @@ def test_train_round_is_deterministic_in_seed_and_round():
     c = party.train_round(2, adapter, emulator).adapter_state
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_party_loss_is_response_cross_entropy_plus_half_eps_times_the_proximal_term():
+    """Eq. 9: CE on response tokens (full forward, logits everywhere, masked by labels) + eps/2 ||dW - dW_t||^2."""
+    tokenizer = byte_tokenizer()
+    model, manifest = compressed_peft()
+    layers = manifest.adapter_layers
+    randomize_lora(model, layers, 1)
+    reference = lora_state(model, layers)
+    randomize_lora(model, layers, 2)
+    party = _party(model, manifest, tokenizer, prox=0.3)
+    pairs = live_lora_pairs(model, party.adapter_prefixes)
+    batch = collate(party.data[:3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        total, ce = party.loss(batch, reference, pairs)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected_ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                        ignore_index=-100)
+        prox = proximal_term(pairs, reference, SETTINGS.scale)
+    assert float(prox) > 1e-3
+    assert torch.allclose(ce, expected_ce, rtol=1e-5)
+    assert torch.allclose(total, expected_ce + 0.5 * 0.3 * prox, rtol=1e-5)
