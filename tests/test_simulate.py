@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from owner.cli import main
+from owner.plot import main as plot_main
 from owner.state import latest_checkpoint_dir, load_checkpoint
 
 
@@ -66,6 +67,9 @@ def test_simulation_writes_every_output(tiny_llama_dir, data_files, tmp_path):
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert loaded and all(f"layers.{n_layers - 1}." in n or f"layers.{n_layers - 2}." in n for n in loaded)
     assert sum(float(t.abs().sum()) for n, t in ckpt.adapter_state.items() if "lora_B" in n) > 0
+    # The metrics plot: a PNG of the run; a directory with no run is one clear error.
+    assert plot_main([str(out)]) == 0 and (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_main([str(tmp_path / "nothing")]) == 2
 
 
 def test_same_seed_same_result_and_resume_continues(tiny_llama_dir, data_files, tmp_path):
