@@ -52,6 +52,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--align-batch-size", type=int, default=a.batch_size)
     g.add_argument("--align-lr", type=float, default=a.lr)
     g.add_argument("--kl-weight", type=float, default=a.kl_weight, help="lambda of the alignment loss")
+    g = p.add_argument_group("secure aggregation (--secure-agg)")
+    g.add_argument("--secagg-graph", choices=["complete", "sparse"], default=d.secagg_graph,
+                   help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
+                        "per party (cheaper with many parties)")
     g = p.add_argument_group("differential privacy (DP-SGD on the simulated parties' adapter LoRA)")
     g.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
                    help="noise multiplier: turns DP on (give this or --dp-epsilon)")
@@ -118,9 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secure-agg", dest="secure_agg", action="store_true", default=None,
                    help="masked secure aggregation (default: on with --listen, off with --simulate)")
     p.add_argument("--no-secure-agg", dest="secure_agg", action="store_false")
-    p.add_argument("--secagg-graph", choices=["complete", "sparse"], default="complete",
-                   help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
-                        "per party (cheaper with many parties)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (metrics.jsonl is still written)")
     add_run_options(p)
     net = p.add_argument_group("network (--listen)")

@@ -200,10 +200,11 @@ class OwnerServer:
                 raise ProtocolError("hello required: no session with this party (send HELLO first)",
                                     msg_type=msg.type.value, seq=msg.seq)
             link.guard.check(msg)
-            link.guard.commit(msg)
             link.bytes_up += sum(len(f) for f in got.frames)
             self.liveness.seen(name)
-            return self.on_control(name, msg)
+            handled = self.on_control(name, msg)  # raises before any side effect when the content is bad
+            link.guard.commit(msg)  # only now: a refused message leaves the guard untouched
+            return handled
         except ProtocolError as exc:
             self.reject(got.identity, name, exc)
             return None

@@ -121,7 +121,8 @@ class PartyNode:
                               f"{MAX_EXAMPLES:,} per party (train on a sample of them)")
         self.work = Path(opts.work_dir or cache_root() / "party" / self.name)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, name=self.name)
+        self.context = zmq.Context()  # its own: closing it waits until queued messages (BYE, shares) left
+        self.sock = connect_dealer(opts.endpoint, opts.key, opts.owner_key, name=self.name, context=self.context)
         self.monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -449,12 +450,14 @@ class PartyNode:
             self.close(linger_ms=500)
 
     def close(self, linger_ms: int) -> None:
-        """Close the socket, giving queued messages `linger_ms` to leave."""
+        """Close the socket and wait up to `linger_ms` for queued messages to leave (socket close alone returns at
+        once; terminating the context is what waits)."""
         if self.sock.closed:
             return
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+        self.context.term()
 
 
 def build_trainer(name: str, model, manifest: Manifest, data, pad_id: int, lora: LoraSettings,
