@@ -72,7 +72,8 @@ def _layer_linears(layer: nn.Module) -> list[_Linear]:
         kind = name.rsplit(".", 1)[-1]
         if isinstance(mod, LoraLayer):
             base = mod.get_base_layer()
-            ranks = [mod.r[a] for a in mod.active_adapters if a in mod.lora_A]
+            # switched off (a frozen LoRA folded into the weights): the layer costs its base Linear only
+            ranks = [] if mod.disable_adapters else [mod.r[a] for a in mod.active_adapters if a in mod.lora_A]
             out.append(_Linear(kind, base.in_features, base.out_features, ranks[0] if ranks else 0))
         elif isinstance(mod, nn.Linear) and ".lora_" not in name and "base_layer" not in name:
             out.append(_Linear(kind, mod.in_features, mod.out_features, 0))

@@ -533,8 +533,9 @@ def efficiency_section(result: dict) -> list[str]:
                      f"(labelled only) vs {f['tokens_per_s']['all']:.1f} (every position)"])
     if "emulator_lora" in p:
         e = p["emulator_lora"]
-        rows.append(["frozen emulator LoRA in the party's forward", f"tokens/s {e['on']:.1f} with it, "
-                     f"{e['off']:.1f} without (= merged into the weights): {e['off'] / e['on'] - 1:+.0%}"])
+        rows.append(["frozen emulator LoRA in the party's forward", f"folded into the weights (default): tokens/s "
+                     f"{e['folded']:.1f}; as live LoRA modules: {e['live']:.1f} "
+                     f"(folding: {e['folded'] / e['live'] - 1:+.0%})"])
     rows.append(["tokenisation", f"{p['tokenise_s']:.2f} s once per party ({p['examples']} examples); "
                  "rounds reuse the token ids"])
     if "round_fixed_s" in p:

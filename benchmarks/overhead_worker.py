@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.flops import counted_flops, matmul_rate, step_flops
-from party.compressed_model import Manifest, load_compressed
+from party.compressed_model import load_compressed
 from party.forward import IGNORE_INDEX
 from party.lora import LoraSettings, attach_lora, load_lora_state, lora_state, set_trainable
 from party.training import PartyTrainer, TrainSettings, derive_seed, live_lora_pairs
@@ -107,17 +107,6 @@ def _timed_rounds(trainer: PartyTrainer, adapter: dict, emulator: dict, reps: in
             "efficiency": median([r["flops_per_s"] / r["matmul_flops_per_s"] for r in rounds])}
 
 
-def set_emulator_lora(model: nn.Module, manifest: Manifest, enabled: bool) -> None:
-    """Switch the emulator's (frozen) LoRA modules on or off: off costs what merged weights would."""
-    from peft.tuners.lora import LoraLayer
-
-    prefixes = tuple(f"{manifest.layers_path}.{i}." for i in manifest.emulator_layers)
-    for name, mod in model.named_modules():
-        clean = name.replace("base_model.model.", "", 1)
-        if isinstance(mod, LoraLayer) and clean.startswith(prefixes):
-            mod.enable_adapters(enabled)
-
-
 def reset_peak() -> None:
     """Restart the kernel's peak-RSS mark (VmHWM), so the next peak is that of the phase that follows."""
     with open("/proc/self/clear_refs", "w") as fh:
@@ -155,6 +144,7 @@ class PartySetup:
                                     self.settings, spec["seed"])
         self.adapter = lora_state(self.model, manifest.adapter_layers)
         self.emulator = lora_state(self.model, manifest.emulator_layers)
+        load_lora_state(self.model, self.emulator, manifest.emulator_layers, fold=True)  # as a round does
         self.batches = round_batches(self.tokens, 0, self.settings.local_steps, self.settings.batch_size,
                                      self.trainer.seed, self.pad)
         self.flops = [step_flops(self.model, manifest.adapter_layers, *b["input_ids"].shape,
@@ -240,13 +230,13 @@ def party(spec: Mapping) -> dict:
                           for t, rs in runs.items()}
         torch.set_num_threads(threads)
     if "emulator_lora" in variants and manifest.emulator_layers:
-        progress("emulator LoRA on vs off")
-        runs = {"on": [], "off": []}
+        progress("frozen emulator LoRA folded into the weights vs live LoRA modules")
+        runs = {"folded": [], "live": []}
         for _ in range(spec["variant_reps"]):
-            for state in ("off", "on"):
-                runs[state].append(setup.timed(1, threads, before=lambda s=state: set_emulator_lora(
-                    model, manifest, s == "on")))
-        set_emulator_lora(model, manifest, True)
+            for state in ("folded", "live"):
+                setup.trainer.fold_emulator = state == "folded"
+                runs[state].append(setup.timed(1, threads))
+        setup.trainer.fold_emulator = True
         out["emulator_lora"] = {k: median([r["tokens_per_s"] for r in v]) for k, v in runs.items()}
     if "full_logits" in variants:
         progress("logits at labelled vs all positions")
@@ -265,7 +255,7 @@ def party(spec: Mapping) -> dict:
         times = []
         for _ in range(max(3, spec["reps"])):
             t0 = time.perf_counter()
-            load_lora_state(model, emulator, manifest.emulator_layers)
+            load_lora_state(model, emulator, manifest.emulator_layers, fold=True)
             load_lora_state(model, adapter, manifest.adapter_layers)
             params = set_trainable(model, manifest.adapter_layers)
             torch.optim.AdamW(params, lr=1e-4)

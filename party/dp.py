@@ -371,7 +371,7 @@ class DPPartyTrainer(PartyTrainer):
         start = time.perf_counter()
         s, dp = self.settings, self.dp
         self.check_budget(s.local_steps)
-        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers)
+        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers, fold=self.fold_emulator)
         load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
         params = set_trainable(self.model, self.manifest.adapter_layers)
         pairs = live_lora_pairs(self.model, self.adapter_prefixes)

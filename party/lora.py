@@ -250,13 +250,59 @@ def validate_lora_state(state: Mapping[str, torch.Tensor],
 
 
 def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor],
-                    layers: Sequence[int] | None = None) -> None:
-    """Copy a LoRA state into the model; strict, and all-or-nothing (validated before any copy)."""
+                    layers: Sequence[int] | None = None, *, fold: bool = False) -> None:
+    """Copy a LoRA state into the model; strict, and all-or-nothing (validated before any copy).
+
+    fold=True is for a LoRA that stays frozen (the emulator's, on a party): scale * B @ A is also folded
+    into the float32 base weights and those LoRA modules are switched off, so a forward pass through them
+    costs what the plain layers cost (the extra small matmuls of unfolded LoRA cost a SmolLM2 party step
+    about 10% of its speed). Whatever an earlier call folded is taken out first, so the weights always hold
+    base + this state, to float rounding (a party that folds once, after a restart, can differ from one that
+    folded every round in the last bits); fold=False unfolds. Weights of other dtypes keep the LoRA unfolded:
+    bf16/fp16 would round most of a LoRA delta away.
+    """
     params = _lora_params(model, layers)
     validate_lora_state(state, {name: (tuple(p.shape), torch.float32) for name, p in params})
     with torch.no_grad():
         for name, p in params:
             p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+        for _, mod, adapter in _lora_modules(model, layers):
+            _set_folded(mod, adapter, fold and mod.get_base_layer().weight.dtype == torch.float32)
+
+
+_FOLDED = "_fedbiot_folded"  # on a LoRA layer: the (A, B) whose delta its base weight holds
+
+
+def _set_folded(mod: LoraLayer, adapter: str, fold: bool) -> None:
+    """Make the base weight hold base + the module's current LoRA delta (fold) or plain base (unfold)."""
+    weight = mod.get_base_layer().weight
+    a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+    old = getattr(mod, _FOLDED, None)
+    if not fold and old is None:
+        return  # never folded: nothing to undo
+    if fold and old is not None and torch.equal(old[0], a) and torch.equal(old[1], b):
+        return  # already folded (several simulated parties share one model; FedOT's emulator never moves)
+    transposed = getattr(mod, "fan_in_fan_out", False)
+    scale = mod.scaling[adapter]
+
+    def add(b_: torch.Tensor, a_: torch.Tensor, sign: float) -> None:
+        if transposed:
+            weight.addmm_(a_.T, b_.T, alpha=sign * scale)
+        else:
+            weight.addmm_(b_, a_, alpha=sign * scale)
+
+    if old is not None:
+        add(old[1], old[0], -1.0)
+    grads = [p.requires_grad for p in (a, b)]
+    if fold:
+        add(b, a, 1.0)
+        setattr(mod, _FOLDED, (a.detach().clone(), b.detach().clone()))
+        mod.enable_adapters(False)
+    else:
+        delattr(mod, _FOLDED)
+        mod.enable_adapters(True)
+    for p, g in zip((a, b), grads, strict=True):
+        p.requires_grad_(g)  # toggling PEFT adapters changes requires_grad; what trains is set_trainable's call
 
 
 # ------------------------------------------------------------------------------------------- deltas

@@ -141,6 +141,7 @@ class PartyTrainer:
         self.seed = derive_seed(seed, "party", name)
         self.adapter_prefixes = layer_prefixes(layers_path, manifest.adapter_layers)
         self.step_hook: Callable[[torch.Tensor], None] | None = None
+        self.fold_emulator = True  # the emulator LoRA is frozen here: fold it into the weights (load_lora_state)
 
     @property
     def n_examples(self) -> int:
@@ -169,7 +170,7 @@ class PartyTrainer:
     ) -> PartyUpdate:
         """Load the global LoRA, run K local steps on the adapter LoRA, return the new adapter LoRA."""
         start = time.perf_counter()
-        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers)
+        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers, fold=self.fold_emulator)
         load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
         params = set_trainable(self.model, self.manifest.adapter_layers)
         pairs = live_lora_pairs(self.model, self.adapter_prefixes)

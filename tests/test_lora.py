@@ -243,3 +243,61 @@ def test_state_names_survive_opacus_wrapper():
     assert torch.equal(lora_state(model)["model.layers.4.mlp.up_proj.lora_A.weight"],
                        new["model.layers.4.mlp.up_proj.lora_A.weight"])
     assert set(lora_deltas(wrapped, [4])) == {f"model.layers.4.{lin}" for lin in LINEARS}
+
+
+def _base_weights(model, layers):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if "lora_" not in n and any(f"layers.{i}." in n for i in layers) and n.endswith("base_layer.weight")}
+
+
+def _expected_weights(base, state, scale):
+    out = {}
+    for n, w in base.items():
+        module = n.replace("base_model.model.", "").replace(".base_layer.weight", "")
+        a, b = state[module + ".lora_A.weight"], state[module + ".lora_B.weight"]
+        out[n] = w + scale * (b @ a)
+    return out
+
+
+def test_folding_a_frozen_lora_keeps_the_output_and_moves_it_into_the_weights():
+    settings = LoraSettings(r=4, alpha=8)
+    model = attach_lora(tiny_model("llama", 6), (3, 4, 5), settings, seed=0)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    base = _base_weights(model, (3, 4))
+    first, second = _random_state(model, [3, 4], seed=1), _random_state(model, [3, 4], seed=2)
+    load_lora_state(model, first, [3, 4])
+    unfolded = model(input_ids=ids).logits
+    load_lora_state(model, first, [3, 4], fold=True)
+    assert torch.allclose(model(input_ids=ids).logits, unfolded, atol=1e-4)
+    weights = dict(model.named_parameters())
+    for n, want in _expected_weights(base, first, settings.scale).items():
+        assert torch.allclose(weights[n], want, atol=1e-6), n
+    assert all(torch.equal(v, first[k]) for k, v in lora_state(model, [3, 4]).items())  # the state still reads back
+    folded = {n: weights[n].detach().clone() for n in base}
+    load_lora_state(model, first, [3, 4], fold=True)  # the same state again (another party): not folded twice
+    assert all(torch.equal(weights[n], folded[n]) for n in base)
+    # A new state replaces the old delta; the layers outside `layers` keep their live LoRA.
+    load_lora_state(model, second, [3, 4], fold=True)
+    for n, want in _expected_weights(base, second, settings.scale).items():
+        assert torch.allclose(weights[n], want, atol=1e-6), n
+    assert torch.allclose(model(input_ids=ids).logits, load_and_run(second, ids), atol=1e-4)
+    load_lora_state(model, second, [3, 4])
+    assert torch.allclose(model(input_ids=ids).logits, load_and_run(second, ids), atol=1e-4)
+    for n, w in base.items():  # unfolded: plain base weights again, LoRA modules live
+        assert torch.allclose(weights[n], w, atol=1e-6), n
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def load_and_run(state, ids):
+    """Logits of a freshly built model with `state` as live (never folded) LoRA."""
+    fresh = attach_lora(tiny_model("llama", 6), (3, 4, 5), LoraSettings(r=4, alpha=8), seed=0)
+    load_lora_state(fresh, state, [3, 4])
+    return fresh(input_ids=ids).logits
+
+
+def test_half_precision_weights_keep_the_lora_unfolded():
+    model = attach_lora(tiny_model("llama", 6).to(torch.bfloat16), (4, 5), LoraSettings(r=4, alpha=8), seed=0)
+    base = _base_weights(model, (4,))
+    load_lora_state(model, _random_state(model, [4]), [4], fold=True)
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(weights[n], w) for n, w in base.items())

@@ -85,7 +85,9 @@ def test_same_seed_same_result_and_resume_continues(tiny_llama_dir, data_files, 
     assert load_checkpoint(latest_checkpoint_dir(c)).round == 1
     assert main(args_for(tiny_llama_dir, data_files, c, "--resume")) == 0
     tc = adapfu_tensors(c)
-    assert all(torch.allclose(ta[n], tc[n], atol=1e-6) for n in ta)
+    # To float tolerance, not bit for bit: the parties fold the frozen emulator LoRA into their weights, and
+    # the straight run got there as base + d1 - d1 + d2, the resumed one as base + d2 (about 4e-6 apart here).
+    assert all(torch.allclose(ta[n], tc[n], atol=2e-5) for n in ta)
     rounds = [json.loads(x) for x in (c / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds if r["event"] == "round"] == [1, 2]
 

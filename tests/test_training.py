@@ -126,3 +126,20 @@ def test_party_loss_is_response_cross_entropy_plus_half_eps_times_the_proximal_t
     assert float(prox) > 1e-3
     assert torch.allclose(ce, expected_ce, rtol=1e-5)
     assert torch.allclose(total, expected_ce + 0.5 * 0.3 * prox, rtol=1e-5)
+
+
+def test_folding_the_frozen_emulator_lora_trains_the_same_adapter():
+    tokenizer = byte_tokenizer()
+    results = {}
+    for fold in (False, True):
+        model, manifest = compressed_peft()
+        randomize_lora(model, manifest.emulator_layers, seed=3)  # an aligned emulator: a non-zero LoRA
+        adapter = lora_state(model, manifest.adapter_layers)
+        emulator = lora_state(model, manifest.emulator_layers)
+        party = _party(model, manifest, tokenizer)
+        party.fold_emulator = fold
+        results[fold] = party.train_round(0, adapter, emulator)
+    plain, folded = results[False].adapter_state, results[True].adapter_state
+    assert any(not torch.equal(plain[n], adapter[n]) for n in plain)
+    assert all(torch.allclose(plain[n], folded[n], atol=1e-5) for n in plain)
+    assert abs(results[False].stats["loss_first"] - results[True].stats["loss_first"]) < 1e-5
