@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.reports import write_report
 from tasks.errors import ConfigError, FedbiotError
 
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
@@ -401,12 +402,6 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
     os.replace(tmp, path)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -499,9 +494,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
                    f"{args.threads or 'default'} torch threads",
     }
-    _write(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
+    write_report(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    _write(out / "accuracy.md", table)
+    write_report(out / "accuracy.md", table)
     plot(rows, out / "accuracy.png", f"{args.task}: FedBiOT and baselines", result["accuracy_metric"])
     say(f"wrote {out / 'accuracy.md'}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
     print(table)

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.reports import write_report
 from tasks.errors import FedbiotError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -620,13 +621,6 @@ def plots(result: dict, out: Path) -> list[str]:
     return written
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- main
 
 def environment(args: argparse.Namespace) -> dict:
@@ -720,10 +714,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = plots(result, args.out)
     result["plots"] = written
-    write_atomic(args.out / "overhead.json", json.dumps(result, indent=1, default=float))
+    write_report(args.out / "overhead.json", json.dumps(result, indent=1, default=float))
     text = markdown(result)
     text += "\n" + "\n".join(f"![{name}]({name})" for name in written) + "\n"
-    write_atomic(args.out / "overhead.md", text)
+    write_report(args.out / "overhead.md", text)
     print(text)
     return 0
 

@@ -17,12 +17,12 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.reports import write_report
 from party.secure_update import secagg_config
 from secure_agg import SecAggConfig, aggregate_in_process, round_params
 from secure_agg.config import sparse_degree
@@ -122,13 +122,6 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['owner_cpu_s']:.3f} s, party sends {row['party_sent_mb']:.2f} MB "
                       f"({row['expansion']:.3f}x raw)", file=sys.stderr, flush=True)
     table = markdown(rows, args)
-    write_atomic(args.out / "secure_agg_cost.md", table)
+    write_report(args.out / "secure_agg_cost.md", table)
     summary = {"params": args.params, "dropout": args.dropout, "seed": args.seed, "rows": rows}
-    write_atomic(args.out / "secure_agg_cost.json", json.dumps(summary, indent=1))
+    write_report(args.out / "secure_agg_cost.json", json.dumps(summary, indent=1))
     print(table)
     return 0
 

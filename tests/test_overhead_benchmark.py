@@ -123,3 +123,14 @@ def test_quick_run_writes_report_json_and_plots(tmp_path, tiny_llama_dir):
     assert {t["target"].split()[0] for t in result["targets"]} >= {"secure", "uplink"}
     assert "## Targets" in text and "| FedAvg-LoRA, full model |" in text
     assert not any(p.name.startswith(".overhead-work") for p in out.iterdir())  # temp work removed
+
+
+def test_reports_are_written_whole_readable_and_without_the_home_directory(tmp_path, monkeypatch):
+    from benchmarks.reports import write_report  # noqa: PLC0415
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    target = tmp_path / "report.md"
+    write_report(target, f"model at {tmp_path / 'home' / '.cache' / 'm'}; elsewhere {tmp_path / 'homes'}\n")
+    assert target.read_text() == f"model at ~/.cache/m; elsewhere {tmp_path / 'homes'}\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["report.md"]  # no temporary file left
