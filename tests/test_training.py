@@ -55,7 +55,7 @@ def test_proximal_gradient_is_nonzero_and_pulls_towards_reference():
     randomize_lora(model, layers, 2)
     params = set_trainable(model, layers)
     pairs = live_lora_pairs(model, [f"model.layers.{i}" for i in layers])
-    before = float(proximal_term(pairs, reference, SETTINGS.scale))
+    before = float(proximal_term(pairs, reference, SETTINGS.scale).detach())
     opt = torch.optim.SGD(params, lr=0.05)
     for _ in range(20):
         opt.zero_grad()
@@ -63,7 +63,7 @@ def test_proximal_gradient_is_nonzero_and_pulls_towards_reference():
         loss.backward()
         assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
         opt.step()
-    after = float(proximal_term(pairs, reference, SETTINGS.scale))
+    after = float(proximal_term(pairs, reference, SETTINGS.scale).detach())
     assert after < 0.5 * before
 
 
