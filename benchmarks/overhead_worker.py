@@ -255,9 +255,7 @@ def party(spec: Mapping) -> dict:
         times = []
         for _ in range(max(3, spec["reps"])):
             t0 = time.perf_counter()
-            load_lora_state(model, emulator, manifest.emulator_layers, fold=True)
-            load_lora_state(model, adapter, manifest.adapter_layers)
-            params = set_trainable(model, manifest.adapter_layers)
+            params, _ = trainer.load_global(adapter, emulator)
             torch.optim.AdamW(params, lr=1e-4)
             lora_state(model, manifest.adapter_layers)
             times.append(time.perf_counter() - t0)

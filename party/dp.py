@@ -39,13 +39,12 @@ from torch import nn
 
 from party.compressed_model import Manifest
 from party.forward import response_logits
-from party.lora import LoraSettings, load_lora_state, lora_state, set_trainable
+from party.lora import LoraSettings, lora_state
 from party.training import (
     PartyTrainer,
     PartyUpdate,
     TrainSettings,
     derive_seed,
-    live_lora_pairs,
     proximal_term,
 )
 from tasks.batching import poisson_round_batches
@@ -371,10 +370,7 @@ class DPPartyTrainer(PartyTrainer):
         start = time.perf_counter()
         s, dp = self.settings, self.dp
         self.check_budget(s.local_steps)
-        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers, fold=self.fold_emulator)
-        load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
-        params = set_trainable(self.model, self.manifest.adapter_layers)
-        pairs = live_lora_pairs(self.model, self.adapter_prefixes)
+        params, pairs = self.load_global(adapter_state, emulator_state)
         batches = poisson_round_batches(self.data, round_idx, s.local_steps, self.sample_rate,
                                         derive_seed(self.secret_seed, self.name, "poisson"), self.pad_id)
         losses: list[float] = []

@@ -128,8 +128,12 @@ def _lora_modules(model: nn.Module, layers: Sequence[int] | None) -> list[tuple[
 
 
 def _lora_params(model: nn.Module, layers: Sequence[int] | None) -> list[tuple[str, nn.Parameter]]:
+    return _params_of(_lora_modules(model, layers))
+
+
+def _params_of(modules: list[tuple[str, LoraLayer, str]]) -> list[tuple[str, nn.Parameter]]:
     out: list[tuple[str, nn.Parameter]] = []
-    for name, mod, adapter in _lora_modules(model, layers):
+    for name, mod, adapter in modules:
         out.append((name + _SUFFIXES[0], mod.lora_A[adapter].weight))
         out.append((name + _SUFFIXES[1], mod.lora_B[adapter].weight))
     return out
@@ -261,12 +265,13 @@ def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor],
     folded every round in the last bits); fold=False unfolds. Weights of other dtypes keep the LoRA unfolded:
     bf16/fp16 would round most of a LoRA delta away.
     """
-    params = _lora_params(model, layers)
+    modules = _lora_modules(model, layers)
+    params = _params_of(modules)
     validate_lora_state(state, {name: (tuple(p.shape), torch.float32) for name, p in params})
     with torch.no_grad():
         for name, p in params:
             p.copy_(state[name].to(device=p.device, dtype=p.dtype))
-        for _, mod, adapter in _lora_modules(model, layers):
+        for _, mod, adapter in modules:
             _set_folded(mod, adapter, fold and mod.get_base_layer().weight.dtype == torch.float32)
 
 

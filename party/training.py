@@ -151,6 +151,15 @@ class PartyTrainer:
         s = self.settings
         return torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
 
+    def load_global(self, adapter_state: Mapping[str, torch.Tensor], emulator_state: Mapping[str, torch.Tensor]
+                    ) -> tuple[list[nn.Parameter], dict[str, tuple[nn.Parameter, nn.Parameter]]]:
+        """Start of a round: load the global LoRA (the frozen emulator's folded into the weights), make only
+        the adapter LoRA trainable; returns its parameters and the (A, B) pairs the proximal term reads."""
+        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers, fold=self.fold_emulator)
+        load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
+        params = set_trainable(self.model, self.manifest.adapter_layers)
+        return params, live_lora_pairs(self.model, self.adapter_prefixes)
+
     def loss(self, batch: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
              pairs: Mapping[str, tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, cross-entropy part) for one batch."""
@@ -170,10 +179,7 @@ class PartyTrainer:
     ) -> PartyUpdate:
         """Load the global LoRA, run K local steps on the adapter LoRA, return the new adapter LoRA."""
         start = time.perf_counter()
-        load_lora_state(self.model, emulator_state, self.manifest.emulator_layers, fold=self.fold_emulator)
-        load_lora_state(self.model, adapter_state, self.manifest.adapter_layers)
-        params = set_trainable(self.model, self.manifest.adapter_layers)
-        pairs = live_lora_pairs(self.model, self.adapter_prefixes)
+        params, pairs = self.load_global(adapter_state, emulator_state)
         optimizer = self.make_optimizer(params)
         s = self.settings
         batches = round_batches(self.data, round_idx, s.local_steps, s.batch_size, self.seed, self.pad_id)
