@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.reports import write_report
-from tasks.errors import ConfigError, FedbiotError
+from errors import ConfigError, FedbiotError
 
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
 METHOD_LABELS = {"untouched": "untouched", "offsite": "Offsite-tuning", "fedot": "FedOT", "fedbiot": "FedBiOT",
@@ -211,9 +211,9 @@ def prepare_data(spec: TaskSpec, args: argparse.Namespace, data_dir: Path) -> Ta
 
 
 def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: TaskData):
+    from learning.training import TrainSettings  # noqa: PLC0415
     from owner.alignment import AlignSettings  # noqa: PLC0415
     from owner.config import RunConfig  # noqa: PLC0415
-    from party.training import TrainSettings  # noqa: PLC0415
 
     return RunConfig(
         model=args.model, method=entry.method, adapter_size=entry.adapter_size or 2,
@@ -405,7 +405,7 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
 # ------------------------------------------------------------------------------------------------ main
 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    from party.console import quiet_libraries  # noqa: PLC0415
+    from console.terminal import quiet_libraries  # noqa: PLC0415
     from tasks.datasets import load_examples  # noqa: PLC0415
 
     quiet_libraries()

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from party.compressed_model import decoder_layers, unwrap_model
+from learning.compressed_model import decoder_layers, unwrap_model
 
 ATTN_IN = ("q_proj", "k_proj", "v_proj")
 ATTN_OUT = ("o_proj",)

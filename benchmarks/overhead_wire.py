@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from party.secure_update import secagg_config
+from learning.secure_update import secagg_config
 from protocol import messages as m
 from protocol.chunks import pack_dir
 from protocol.codec import decode, encode

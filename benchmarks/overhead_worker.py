@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from benchmarks.flops import counted_flops, matmul_rate, step_flops
-from party.compressed_model import load_compressed
-from party.forward import IGNORE_INDEX
-from party.lora import LoraSettings, attach_lora, load_lora_state, lora_state, set_trainable
-from party.training import PartyTrainer, TrainSettings, derive_seed, live_lora_pairs
+from learning.compressed_model import load_compressed
+from learning.forward import IGNORE_INDEX
+from learning.lora import LoraSettings, attach_lora, load_lora_state, lora_state, set_trainable
+from learning.training import PartyTrainer, TrainSettings, derive_seed, live_lora_pairs
 from tasks.batching import padding_fraction, round_batches
 from tasks.prompts import TokenizedExample
 
@@ -78,7 +78,7 @@ class FullLogitsTrainer(PartyTrainer):
                                          ignore_index=IGNORE_INDEX)
         if self.settings.prox_eps == 0:
             return ce, ce
-        from party.training import proximal_term
+        from learning.training import proximal_term
 
         return ce + 0.5 * self.settings.prox_eps * proximal_term(pairs, reference, self.lora.scale), ce
 
@@ -284,13 +284,13 @@ def pair(spec: Mapping) -> dict:
 
 def owner(spec: Mapping) -> dict:
     """An owner round (or several) with N in-process parties sharing one party model."""
+    from learning.secure_update import secagg_config, update_vector
     from owner.aggregation import fedavg
     from owner.alignment import AlignSettings
     from owner.config import RunConfig
     from owner.metrics import MetricsLog
     from owner.session import OwnerSession, pad_id_of
     from owner.simulate import make_trainers, party_splits
-    from party.secure_update import secagg_config, update_vector
     from secure_agg import aggregate_in_process
     from tasks.prompts import tokenize_examples
 

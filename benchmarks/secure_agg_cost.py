@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.reports import write_report
-from party.secure_update import secagg_config
+from learning.secure_update import secagg_config
 from secure_agg import SecAggConfig, aggregate_in_process, round_params
 from secure_agg.config import sparse_degree
 
@@ -58,7 +58,7 @@ def measure(n: int, graph: str, n_dropped: int, params: int, degree: int | None,
     rng = np.random.default_rng([seed, n, params])
     vectors = [rng.normal(0.0, 0.01, params).astype(np.float32) for _ in range(n)]
     weights = [int(w) for w in rng.integers(50, 1000, n)]
-    # The settings a FedBiOT round uses (party.secure_update): a 32-bit ring whenever the round allows it.
+    # The settings a FedBiOT round uses (learning.secure_update): a 32-bit ring whenever the round allows it.
     config = dataclasses.replace(secagg_config(weights, seed, graph), degree=degree)
     dropped = set(int(u) for u in rng.choice(n, size=n_dropped, replace=False))
     start = time.perf_counter()
@@ -117,7 +117,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     worst = max(row["max_abs_error_of_mean"] for row in rows)
     lines += ["", f"Largest absolute error of the unmasked mean against the float64 mean: {worst:.2e} "
               "(fixed-point rounding at the fraction bits shown). Settings as in a FedBiOT round "
-              "(`party.secure_update.secagg_config`): party weights (data sizes) drawn from 50..999, clip 1, the "
+              "(`learning.secure_update.secagg_config`): party weights (data sizes) drawn from 50..999, clip 1, the "
               "most fraction bits (at most 22, at least 16) that keep the ring at 32 bits.", ""]
     return "\n".join(lines)
 

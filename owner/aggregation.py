@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tasks.errors import ConfigError
+from errors import ConfigError
 
 
 def check_same_layout(states: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor]) -> None:

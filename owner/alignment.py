@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from errors import ConfigError
+from learning.compressed_model import Manifest
+from learning.forward import capture_layer_input, project, response_positions, unwrap_causal_lm
+from learning.lora import set_trainable
+from learning.training import derive_seed
 from owner.models import decoder_layers
-from party.compressed_model import Manifest
-from party.forward import capture_layer_input, project, response_positions, unwrap_causal_lm
-from party.lora import set_trainable
-from party.training import derive_seed
 from tasks.batching import round_batches
-from tasks.errors import ConfigError
 from tasks.prompts import TokenizedExample
 
 

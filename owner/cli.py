@@ -9,9 +9,10 @@ from pathlib import Path
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `--simulate` and `--listen` (the method's hyperparameters)."""
+    from console.options import add_dp_options  # noqa: PLC0415
+    from learning.training import TrainSettings  # noqa: PLC0415
     from owner.alignment import AlignSettings  # noqa: PLC0415 - keep `owner --help` fast
     from owner.config import METHODS, RunConfig  # noqa: PLC0415
-    from party.training import TrainSettings  # noqa: PLC0415
 
     d, t, a = RunConfig(), TrainSettings(), AlignSettings()
     g = p.add_argument_group("model and compression")
@@ -56,40 +57,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secagg-graph", choices=["complete", "sparse"], default=d.secagg_graph,
                    help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
                         "per party (cheaper with many parties)")
-    g = p.add_argument_group("differential privacy (DP-SGD on the simulated parties' adapter LoRA)")
-    g.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
-                   help="noise multiplier: turns DP on (give this or --dp-epsilon)")
-    g.add_argument("--dp-epsilon", type=float, default=None,
-                   help="target epsilon over the whole run: the noise multiplier is derived from it")
-    g.add_argument("--dp-delta", type=float, default=None,
-                   help="delta (default: min(1e-5, N^-1.1) for a party with N examples)")
-    g.add_argument("--dp-clip", type=float, default=None, metavar="C", help="per-sample clipping norm (1.0)")
-    g.add_argument("--dp-accountant", default=None, choices=["rdp", "prv"], help="privacy accountant (rdp)")
-
-
-def dp_from_args(args: argparse.Namespace):
-    """DPSettings from the --dp-* flags, or None when DP is off (a lone --dp-delta/--dp-clip is an error)."""
-    from party.dp import DPSettings  # noqa: PLC0415
-    from tasks.errors import ConfigError  # noqa: PLC0415
-
-    noise, epsilon = getattr(args, "dp_noise", None), getattr(args, "dp_epsilon", None)
-    extras = {"--dp-delta": getattr(args, "dp_delta", None), "--dp-clip": getattr(args, "dp_clip", None),
-              "--dp-accountant": getattr(args, "dp_accountant", None)}
-    if noise is None and epsilon is None:
-        given = [flag for flag, value in extras.items() if value is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} given without --dp-noise or --dp-epsilon")
-        return None
-    return DPSettings(noise_multiplier=noise, target_epsilon=epsilon, delta=args.dp_delta,
-                      max_grad_norm=1.0 if args.dp_clip is None else args.dp_clip,
-                      accountant=args.dp_accountant or "rdp")
+    add_dp_options(p, "differential privacy (DP-SGD on the simulated parties' adapter LoRA)")
 
 
 def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
+    from console.options import dp_from_args  # noqa: PLC0415
+    from learning.lora import LoraSettings  # noqa: PLC0415
+    from learning.training import TrainSettings  # noqa: PLC0415
     from owner.alignment import AlignSettings  # noqa: PLC0415
     from owner.config import RunConfig  # noqa: PLC0415
-    from party.lora import LoraSettings  # noqa: PLC0415
-    from party.training import TrainSettings  # noqa: PLC0415
 
     return RunConfig(
         model=args.model, method=args.method, adapter_size=args.adapter_size, drop_rate=args.drop_rate,
@@ -152,8 +128,8 @@ def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from console.terminal import quiet_libraries  # noqa: PLC0415
     from owner.metrics import MetricsLog  # noqa: PLC0415
-    from party.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     log = MetricsLog(None, quiet=args.quiet)
@@ -170,7 +146,7 @@ def run(argv: list[str]) -> int:
         secure = True if args.secure_agg is None else args.secure_agg
         config = config_from_args(args, args.parties, secure)
         if config.dp is not None:
-            from tasks.errors import ConfigError  # noqa: PLC0415
+            from errors import ConfigError  # noqa: PLC0415
 
             raise ConfigError("--dp-* apply to the parties of --simulate; networked parties choose DP "
                               "themselves")
@@ -180,7 +156,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from party.console import run_cli  # noqa: PLC0415
+    from console.terminal import run_cli  # noqa: PLC0415
 
     return run_cli(run, argv, "interrupted: the last completed round is checkpointed; rerun with --resume")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from errors import ModelError
+from learning.compressed_model import FORMAT_VERSION, Manifest, atomic_directory, unwrap_model
 from owner.models import decoder_layers_path
-from party.compressed_model import FORMAT_VERSION, Manifest, atomic_directory, unwrap_model
-from tasks.errors import ModelError
 
 # Config lists that never describe one entry per layer, even when their length happens to equal n.
 _NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",

@@ -6,11 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from errors import ConfigError
+from learning.dp import DPSettings
+from learning.lora import LoraSettings
+from learning.training import TrainSettings
 from owner.alignment import AlignSettings
-from party.dp import DPSettings
-from party.lora import LoraSettings
-from party.training import TrainSettings
-from tasks.errors import ConfigError
 
 # fedbiot: adapter = last s layers, emulator re-aligned every round. offsite (Offsite-tuning): one party
 # with all the data, adapter = first 2 + last s layers, emulator aligned once. fedot: the same adapter and

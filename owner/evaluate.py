@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from party.forward import response_nll_sum
+from learning.forward import response_nll_sum
 from tasks.batching import eval_batches
 from tasks.prompts import TokenizedExample
 

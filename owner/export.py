@@ -15,9 +15,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from party.compressed_model import Manifest, atomic_directory
-from party.lora import LoraSettings, remap_layer_indices, split_lora_name
-from tasks.errors import ModelError
+from errors import ModelError
+from learning.compressed_model import Manifest, atomic_directory
+from learning.lora import LoraSettings, remap_layer_indices, split_lora_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."

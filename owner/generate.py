@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import FedbiotError, ModelError
+from errors import FedbiotError, ModelError
 
 
 def _base_of(adapter: Path) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from party.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
-from tasks.errors import ModelError
+from errors import ModelError
+from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
 
 __all__ = ["LoadedModel", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
            "default_gguf_path"]

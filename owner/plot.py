@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from tasks.errors import ConfigError
+from errors import ConfigError
 
 
 def read_events(run_dir: Path) -> list[dict]:

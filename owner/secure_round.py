@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from party.lora import apply_delta, unflatten_state
-from party.secure_update import secagg_config, update_vector
-from party.training import PartyUpdate
+from learning.lora import apply_delta, unflatten_state
+from learning.secure_update import secagg_config, update_vector
+from learning.training import PartyUpdate
 from secure_agg import aggregate_in_process
 
 

@@ -28,6 +28,9 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from errors import ConfigError, FedbiotError
+from learning.lora import apply_delta, unflatten_state
+from learning.secure_update import secagg_config
 from owner.aggregation import fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
@@ -35,8 +38,6 @@ from owner.models import decoder_layers
 from owner.session import OwnerSession
 from owner.simulate import prepare_out_dir, run_dir_setup
 from party.client import RUN_FINISHED
-from party.lora import apply_delta, unflatten_state
-from party.secure_update import secagg_config
 from protocol import messages as m
 from protocol.chunks import ChunkSource, pack_dir
 from protocol.codec import DEFAULT_LIMITS, decode, encode
@@ -56,10 +57,9 @@ from secure_agg import (
     UnmaskShares,
     message_from_wire,
 )
-from tasks.errors import ConfigError, FedbiotError
 
 HEARTBEAT_S = 2.0
-# A DP party's accounting numbers the owner keeps for summary.json (party.dp.DPPartyTrainer.privacy_report).
+# A DP party's accounting numbers the owner keeps for summary.json (learning.dp.DPPartyTrainer.privacy_report).
 PRIVACY_REPORT = ("epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant",
                   "dp_steps_total")
 LOUD_REJECTS = 20  # per party, rejections printed one by one; after that every 1000th (all are in metrics)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+from errors import ConfigError
+from learning.compressed_model import Manifest
+from learning.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
+from learning.training import derive_seed
 from owner.alignment import EmulatorAligner
 from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
@@ -22,11 +26,7 @@ from owner.export import export_adapemu, export_adapfu
 from owner.metrics import MetricsLog
 from owner.models import LoadedModel, decoder_layers, load_model
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
-from party.compressed_model import Manifest
-from party.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
-from party.training import derive_seed
 from tasks.datasets import Example, load_examples
-from tasks.errors import ConfigError
 from tasks.prompts import TokenizedExample, tokenize_examples
 
 

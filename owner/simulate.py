@@ -16,16 +16,16 @@ from pathlib import Path
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from errors import ConfigError
+from learning.compressed_model import Manifest, load_compressed
+from learning.dp import DPPartyTrainer, PrivacyLedger
+from learning.lora import attach_lora
+from learning.training import PartyTrainer, PartyUpdate, derive_seed
 from owner.aggregation import fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.session import OwnerSession, pad_id_of
-from party.compressed_model import Manifest, load_compressed
-from party.dp import DPPartyTrainer, PrivacyLedger
-from party.lora import attach_lora
-from party.training import PartyTrainer, PartyUpdate, derive_seed
 from tasks.datasets import Example, load_examples
-from tasks.errors import ConfigError
 from tasks.prompts import TokenizedExample, tokenize_examples
 from tasks.splits import split_by_category, split_iid
 

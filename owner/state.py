@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.errors import ConfigError
+from errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from console.options import add_dp_options, dp_from_args
+
 
 def keygen_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="party keygen", description="write a party's CurveZMQ key pair")
@@ -33,38 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="where the model and download state live "
                                              "(default: the fedbiot cache dir / party / NAME)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
-    dp = p.add_argument_group("differential privacy (DP-SGD)")
-    dp.add_argument("--dp-noise", type=float, help="noise multiplier")
-    dp.add_argument("--dp-epsilon", type=float, help="target epsilon over the whole run")
-    dp.add_argument("--dp-delta", type=float, help="delta (default min(1e-5, N^-1.1))")
-    dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient norm bound")
+    add_dp_options(p, "differential privacy (DP-SGD)")
     return p
-
-
-def dp_settings(args: argparse.Namespace):
-    if args.dp_noise is None and args.dp_epsilon is None:
-        return None
-    from party.dp import DPSettings  # noqa: PLC0415
-
-    return DPSettings(noise_multiplier=args.dp_noise, target_epsilon=args.dp_epsilon, delta=args.dp_delta,
-                      max_grad_norm=args.dp_clip)
 
 
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from console.terminal import quiet_libraries  # noqa: PLC0415
     from party.client import PartyOptions, run_party  # noqa: PLC0415
-    from party.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     return run_party(PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
                                   data_kind=args.data_kind, name=args.name, work_dir=args.work,
-                                  dp=dp_settings(args), timeout=args.timeout))
+                                  dp=dp_from_args(args), timeout=args.timeout))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from party.console import run_cli  # noqa: PLC0415
+    from console.terminal import run_cli  # noqa: PLC0415
 
     return run_cli(run, argv)
 

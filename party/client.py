@@ -32,11 +32,12 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from party.compressed_model import Manifest, cache_root, load_compressed
-from party.dp import BudgetSpent
-from party.lora import LoraSettings, attach_lora, lora_state_spec
-from party.secure_update import update_vector
-from party.training import PartyTrainer, PartyUpdate, TrainSettings, derive_seed
+from errors import ConfigError, FedbiotError
+from learning.compressed_model import Manifest, cache_root, load_compressed
+from learning.dp import BudgetSpent
+from learning.lora import LoraSettings, attach_lora, lora_state_spec
+from learning.secure_update import update_vector
+from learning.training import PartyTrainer, PartyUpdate, TrainSettings, derive_seed
 from protocol import messages as m
 from protocol.chunks import ArchiveInfo, ChunkReceiver
 from protocol.codec import decode
@@ -56,7 +57,6 @@ from secure_agg import (
     message_from_wire,
 )
 from tasks.datasets import Example, load_examples
-from tasks.errors import ConfigError, FedbiotError
 from tasks.prompts import tokenize_examples
 
 HEARTBEAT_S = 2.0
@@ -78,7 +78,7 @@ class PartyOptions:
     data_kind: str = "auto"
     name: str | None = None
     work_dir: Path | None = None
-    dp: object | None = None  # party.dp.DPSettings when DP-SGD is on
+    dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
     timeout: float = 3600.0  # give up after this long without hearing from the owner
 
     @property
@@ -465,7 +465,7 @@ def build_trainer(name: str, model, manifest: Manifest, data, pad_id: int, lora:
     """A plain or a DP-SGD trainer, as this party chose; a DP trainer resumes its privacy accountant."""
     if dp is None:
         return PartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed)
-    from party.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
+    from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
 
     trainer = DPPartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed, dp=dp, rounds=rounds)
     if state_file is not None and state_file.is_file():

@@ -13,8 +13,8 @@ from pathlib import Path
 import zmq.auth
 from zmq.utils import z85
 
+from errors import ConfigError
 from protocol.messages import NAME_PATTERN
-from tasks.errors import ConfigError
 
 
 def generate_keypair(out_dir: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> tuple[Path, Path]:

@@ -19,11 +19,11 @@ import zmq
 from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 
+from errors import ConfigError
 from protocol.codec import DEFAULT_LIMITS, Limits, encode
 from protocol.errors import ProtocolError, TransportError
 from protocol.keys import load_allowlist, load_public, load_secret
 from protocol.messages import Message
-from tasks.errors import ConfigError
 
 SEND_TIMEOUT_MS = 10_000
 IDENTITY_RANDOM_BYTES = 8

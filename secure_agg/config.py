@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from errors import ConfigError
 from secure_agg.errors import SecAggError
-from tasks.errors import ConfigError
 
 MAX_PARTIES = 1 << 16
 MIN_RING_BITS = 16

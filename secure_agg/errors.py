@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.errors import FedbiotError
+from errors import FedbiotError
 
 
 class SecAggError(FedbiotError):

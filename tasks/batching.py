@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 from tasks.prompts import IGNORE_INDEX, TokenizedExample
 
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 KINDS = ("auto", "gsm8k", "dolly", "alpaca")
 

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from tasks.errors import ConfigError
+from errors import ConfigError
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:

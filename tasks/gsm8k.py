@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 from tasks.generation import generate_batched
 from tasks.generation import truncate_at_stop as _truncate
 

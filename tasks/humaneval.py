@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 from tasks.generation import generate_batched
 from tasks.sandbox import SandboxResult, run_sandboxed
 

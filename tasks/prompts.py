@@ -11,8 +11,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from errors import ConfigError, DataError
 from tasks.datasets import Example
-from tasks.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

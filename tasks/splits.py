@@ -10,8 +10,8 @@ import hashlib
 import random
 from collections.abc import Sequence
 
+from errors import ConfigError, DataError
 from tasks.datasets import Example
-from tasks.errors import ConfigError, DataError
 
 
 def derived_rng(*parts: object) -> random.Random:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from errors import ConfigError
+from learning.lora import apply_delta, flatten_state, state_delta, unflatten_state
 from owner.aggregation import fedavg, fedavg_weights
-from party.lora import apply_delta, flatten_state, state_delta, unflatten_state
-from tasks.errors import ConfigError
 
 
 def states():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from learning.lora import LoraSettings, attach_lora, lora_state
 from owner.alignment import AlignSettings, EmulatorAligner, alignment_loss
 from owner.compress import compress
-from party.lora import LoraSettings, attach_lora, lora_state
 from tasks.batching import collate
 from tasks.datasets import Example
 from tasks.prompts import tokenize_examples

@@ -10,18 +10,18 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from errors import ConfigError, DataError
+from learning.compressed_model import Manifest
+from learning.lora import LoraSettings, attach_lora, load_lora_state, lora_state, remap_layer_indices
+from learning.training import PartyTrainer, TrainSettings
 from owner.alignment import alignment_loss
 from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
 from owner.export import export_adapemu, export_adapfu
 from owner.metrics import MetricsLog
 from owner.simulate import run_simulation
-from party.compressed_model import Manifest
-from party.lora import LoraSettings, attach_lora, load_lora_state, lora_state, remap_layer_indices
-from party.training import PartyTrainer, TrainSettings
 from tasks.batching import eval_batches
 from tasks.datasets import Example
-from tasks.errors import ConfigError, DataError
 from tasks.prompts import tokenize_examples
 from tests.tiny_models import byte_tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from errors import ConfigError, DataError
 from tasks.batching import collate, eval_batches, padding_fraction, round_batches
-from tasks.errors import ConfigError, DataError
 from tasks.prompts import IGNORE_INDEX, TokenizedExample
 
 PAD = 0

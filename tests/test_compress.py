@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from errors import DataError, FedbiotError, ModelError
+from learning.compressed_model import MANIFEST_NAME, Manifest, load_compressed
 from owner.compress import compress, emulator_layer_indices, save_compressed
-from party.compressed_model import MANIFEST_NAME, Manifest, load_compressed
-from tasks.errors import DataError, FedbiotError, ModelError
 from tests.tiny_models import ARCHITECTURES, byte_tokenizer, tiny_model
 
 TOKENS = torch.tensor([[257, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 65]])
@@ -186,7 +186,7 @@ def test_load_compressed_layer_count_mismatch(tmp_path):
 
 
 def test_models_with_lora_are_refused(tmp_path):
-    from party.lora import LoraSettings, attach_lora
+    from learning.lora import LoraSettings, attach_lora
 
     full = tiny_model("llama", n_layers=4)
     compressed, manifest = compress(full, 1, 0.0, "x")

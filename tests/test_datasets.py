@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from errors import ConfigError, DataError
 from tasks.datasets import SAMPLES, Example, gsm8k_final_answer, load_examples
-from tasks.errors import ConfigError, DataError
 
 GSM = {"question": "Tom has 3 apples and buys 1,077 more. How many?",
        "answer": "3 + 1077 = <<3+1077=1080>>1080\n#### 1,080"}

@@ -11,10 +11,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from owner.cli import add_run_options, config_from_args, main
-from owner.compress import compress
-from owner.config import RunConfig
-from party.dp import (
+from errors import ConfigError
+from learning.dp import (
     BudgetSpent,
     DPPartyTrainer,
     DPSettings,
@@ -25,11 +23,13 @@ from party.dp import (
     private_optimizer,
     set_empty_grad_sample,
 )
-from party.lora import LoraSettings, attach_lora, lora_state, set_trainable
-from party.training import PartyTrainer, TrainSettings
+from learning.lora import LoraSettings, attach_lora, lora_state, set_trainable
+from learning.training import PartyTrainer, TrainSettings
+from owner.cli import add_run_options, config_from_args, main
+from owner.compress import compress
+from owner.config import RunConfig
 from tasks.batching import collate, poisson_indices
 from tasks.datasets import Example
-from tasks.errors import ConfigError
 from tasks.prompts import tokenize_examples
 from tests.tiny_models import byte_tokenizer, tiny_model
 

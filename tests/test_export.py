@@ -9,11 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from errors import ModelError
+from learning.lora import LoraSettings, attach_lora, load_lora_state, lora_state
 from owner.compress import compress, save_compressed
 from owner.export import export_adapemu, export_adapfu
 from owner.generate import generate, main
-from party.lora import LoraSettings, attach_lora, load_lora_state, lora_state
-from tasks.errors import ModelError
 from tests.tiny_models import byte_tokenizer
 
 TOKENS = torch.tensor([[257, 87, 104, 97, 116, 32, 105, 115, 32, 49, 50, 32, 42, 32, 55, 63]])

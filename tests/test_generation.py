@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.errors import ConfigError
+from errors import ConfigError
 from tasks.generation import StopOnStrings, generate_batched, truncate_at_stop
 from tests.tiny_models import byte_tokenizer, tiny_model
 

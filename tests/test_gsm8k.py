@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 from tasks.gsm8k import (
     FEW_SHOT,
     STOP_STRINGS,

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from tasks.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 from tasks.humaneval import (
     STOP_STRINGS,
     build_program,

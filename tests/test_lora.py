@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from owner.models import decoder_layers, decoder_layers_path
-from party.lora import (
+from errors import ConfigError, ModelError
+from learning.lora import (
     LoraSettings,
     attach_lora,
     deltas_from_state,
@@ -20,7 +20,7 @@ from party.lora import (
     remap_layer_indices,
     set_trainable,
 )
-from tasks.errors import ConfigError, ModelError
+from owner.models import decoder_layers, decoder_layers_path
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from errors import ModelError
+from learning.lora import LoraSettings, attach_lora
 from owner import models
 from owner.models import LoadedModel, cache_root, decoder_layers, decoder_layers_path, load_model
-from party.lora import LoraSettings, attach_lora
-from tasks.errors import ModelError
 from tests.tiny_models import byte_tokenizer
 
 

@@ -11,10 +11,10 @@ import torch
 from benchmarks import overhead
 from benchmarks.flops import counted_flops, step_flops
 from benchmarks.overhead_wire import protocol_transit, round_bytes
+from learning.lora import LoraSettings, attach_lora, lora_state, set_trainable
+from learning.secure_update import secagg_config
+from learning.training import PartyTrainer, TrainSettings, live_lora_pairs
 from owner.compress import compress
-from party.lora import LoraSettings, attach_lora, lora_state, set_trainable
-from party.secure_update import secagg_config
-from party.training import PartyTrainer, TrainSettings, live_lora_pairs
 from secure_agg import aggregate_in_process
 from tasks.batching import collate
 from tasks.prompts import IGNORE_INDEX, TokenizedExample

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from errors import ConfigError, DataError
 from tasks.datasets import Example, load_examples
-from tasks.errors import ConfigError, DataError
 from tasks.prompts import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,

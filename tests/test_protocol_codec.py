@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from errors import FedbiotError
 from protocol import messages as m
 from protocol.codec import DEFAULT_LIMITS, Limits, check_tensors, decode, encode, tensor_spec
 from protocol.errors import ProtocolError
 from protocol.messages import PROTOCOL_VERSION, SPECS, Message, MessageType, message_table
 from protocol.replay import ReplayGuard, SeqCounter
-from tasks.errors import FedbiotError
 
 SHA = hashlib.sha256(b"model").hexdigest()
 

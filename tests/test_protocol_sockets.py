@@ -14,6 +14,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from errors import ConfigError
 from protocol import messages as m
 from protocol.codec import decode, tensor_spec
 from protocol.errors import ProtocolError, TransportError
@@ -21,7 +22,6 @@ from protocol.keys import generate_keypair, load_allowlist, load_public, load_se
 from protocol.messages import MessageType
 from protocol.replay import SeqCounter
 from protocol.sockets import bind_router, bound_endpoint, close_router, connect_dealer, peer_name, recv, send
-from tasks.errors import ConfigError
 
 SILENCE_S = 1.5  # how long "nothing arrives" is waited for
 ARRIVE_S = 10.0  # upper bound for something that must arrive

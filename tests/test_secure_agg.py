@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from errors import ConfigError, FedbiotError
 from secure_agg import (
     SecAggConfig,
     SecAggError,
@@ -20,7 +21,6 @@ from secure_agg import (
     round_params,
 )
 from secure_agg.encoding import encode, rounding_rng, unpack
-from tasks.errors import ConfigError, FedbiotError
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

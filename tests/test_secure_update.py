@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from party.secure_update import FRAC_BITS, MIN_FRAC_BITS, frac_bits_for, secagg_config, update_vector
+from learning.secure_update import FRAC_BITS, MIN_FRAC_BITS, frac_bits_for, secagg_config, update_vector
 from secure_agg import aggregate_in_process, round_params
 from secure_agg.encoding import pack
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from errors import ConfigError, DataError
 from tasks.datasets import Example, load_examples
-from tasks.errors import ConfigError, DataError
 from tasks.splits import split_by_category, split_iid
 
 DATA = [Example(f"prompt {i}", f"response {i}", "abc"[i % 3]) for i in range(23)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from learning.lora import LoraSettings, attach_lora, deltas_from_state, lora_deltas, lora_state, set_trainable
+from learning.training import PartyTrainer, TrainSettings, live_lora_pairs, proximal_term
 from owner.compress import compress
-from party.lora import LoraSettings, attach_lora, deltas_from_state, lora_deltas, lora_state, set_trainable
-from party.training import PartyTrainer, TrainSettings, live_lora_pairs, proximal_term
 from tasks.batching import collate
 from tasks.datasets import Example
 from tasks.prompts import tokenize_examples

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasks.errors import DataError, ModelError
+from errors import DataError, ModelError
 
 MANIFEST_NAME = "fedbiot.json"
 FORMAT_VERSION = 1

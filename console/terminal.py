@@ -21,7 +21,7 @@ def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> in
     """Run a CLI body: a FedbiotError becomes one `error: ...` line and exit status 2."""
     import sys  # noqa: PLC0415
 
-    from tasks.errors import FedbiotError  # noqa: PLC0415
+    from errors import FedbiotError  # noqa: PLC0415
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -22,8 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from party.compressed_model import decoder_layers, decoder_layers_path, unwrap_model
-from tasks.errors import ConfigError, ModelError
+from errors import ConfigError, ModelError
+from learning.compressed_model import decoder_layers, decoder_layers_path, unwrap_model
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

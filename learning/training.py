@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from party.compressed_model import Manifest
-from party.forward import response_logits
-from party.lora import LoraSettings, load_lora_state, lora_state, set_trainable
+from errors import ConfigError
+from learning.compressed_model import Manifest
+from learning.forward import response_logits
+from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
 from tasks.batching import round_batches
-from tasks.errors import ConfigError
 from tasks.prompts import TokenizedExample
 
 _LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")

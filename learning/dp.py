@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from party.compressed_model import Manifest
-from party.forward import response_logits
-from party.lora import LoraSettings, lora_state
-from party.training import (
+from errors import ConfigError
+from learning.compressed_model import Manifest
+from learning.forward import response_logits
+from learning.lora import LoraSettings, lora_state
+from learning.training import (
     PartyTrainer,
     PartyUpdate,
     TrainSettings,
@@ -48,7 +49,6 @@ from party.training import (
     proximal_term,
 )
 from tasks.batching import poisson_round_batches
-from tasks.errors import ConfigError
 from tasks.prompts import TokenizedExample
 
 ACCOUNTANTS = ("rdp", "prv")

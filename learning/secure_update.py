@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from party.lora import flatten_state, state_delta
+from learning.lora import flatten_state, state_delta
 from secure_agg import SecAggConfig, round_params
 from secure_agg.config import MAX_PARTIES
 

@@ -1,0 +1,36 @@
+"""Command-line options both nodes take, parsed one way: the DP-SGD flags."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_dp_options(p: argparse.ArgumentParser, title: str) -> None:
+    """The --dp-* flags; `dp_from_args` turns them into DPSettings."""
+    g = p.add_argument_group(title)
+    g.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                   help="noise multiplier: turns DP on (give this or --dp-epsilon)")
+    g.add_argument("--dp-epsilon", type=float, default=None,
+                   help="target epsilon over the whole run: the noise multiplier is derived from it")
+    g.add_argument("--dp-delta", type=float, default=None,
+                   help="delta (default: min(1e-5, N^-1.1) for a party with N examples)")
+    g.add_argument("--dp-clip", type=float, default=None, metavar="C", help="per-sample clipping norm (1.0)")
+    g.add_argument("--dp-accountant", default=None, choices=["rdp", "prv"], help="privacy accountant (rdp)")
+
+
+def dp_from_args(args: argparse.Namespace):
+    """DPSettings from the --dp-* flags, or None when DP is off (a lone --dp-delta/--dp-clip is an error)."""
+    from errors import ConfigError  # noqa: PLC0415
+    from learning.dp import DPSettings  # noqa: PLC0415
+
+    noise, epsilon = getattr(args, "dp_noise", None), getattr(args, "dp_epsilon", None)
+    extras = {"--dp-delta": getattr(args, "dp_delta", None), "--dp-clip": getattr(args, "dp_clip", None),
+              "--dp-accountant": getattr(args, "dp_accountant", None)}
+    if noise is None and epsilon is None:
+        given = [flag for flag, value in extras.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} given without --dp-noise or --dp-epsilon")
+        return None
+    return DPSettings(noise_multiplier=noise, target_epsilon=epsilon, delta=args.dp_delta,
+                      max_grad_norm=1.0 if args.dp_clip is None else args.dp_clip,
+                      accountant=args.dp_accountant or "rdp")
