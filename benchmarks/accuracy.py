@@ -280,7 +280,8 @@ def load_for_eval(adapter_dir: Path | None, base_spec: str | None):
 def base_nll(base_spec: str | None, config) -> float:
     """Held-out response NLL of the untouched model, computed as the runs compute theirs."""
     from owner.evaluate import mean_response_nll  # noqa: PLC0415
-    from owner.session import OwnerData, pad_id_of  # noqa: PLC0415
+    from owner.session import OwnerData  # noqa: PLC0415
+    from tasks.prompts import pad_id_of  # noqa: PLC0415
 
     model, tokenizer = load_for_eval(None, base_spec)
     data = OwnerData.load(config)

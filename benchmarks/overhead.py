@@ -161,7 +161,7 @@ def prepare_model(spec: str | None, label: str, methods: list[Method], work: Pat
     """Compress the model for every method (written as a party receives it) and count the wire bytes."""
     from benchmarks.overhead_wire import round_bytes, shipping_bytes
     from learning.lora import LoraSettings, attach_lora, lora_state
-    from learning.training import derive_seed
+    from learning.seeds import derive_seed
     from owner.compress import compress, save_compressed
     from owner.config import RunConfig
     from owner.models import decoder_layers, load_model

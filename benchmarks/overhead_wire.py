@@ -64,21 +64,22 @@ def round_bytes(adapter: Mapping[str, torch.Tensor], emulator: Mapping[str, torc
                 n_examples: Sequence[int], seed: int = 0, round_id: int = 1) -> RoundBytes:
     """Wire bytes of one round for the first of `len(n_examples)` parties with these data sizes."""
     n = len(n_examples)
-    tensors = {**adapter, **emulator}
     round_end = frame_bytes(m.round_end(round=round_id, summary={}))
-    down_plain = frame_bytes(m.round_start(round=round_id, deadline_s=DEADLINE_S, tensors=tensors)) + round_end
+    down_plain = frame_bytes(m.round_start(round=round_id, deadline_s=DEADLINE_S, adapter=adapter,
+                                           emulator=emulator)) + round_end
     up_plain = frame_bytes(m.update(round=round_id, n_examples=n_examples[0], stats=STATS,
                                     tensors=dict(adapter)))
     raw = 4 * sum(t.numel() for t in adapter.values())
     cfg = secagg_config(n_examples, seed)
     fields = {"config": cfg.to_dict(), "n_parties": n, "session": "run-0123456789abcdef", "party_id": 0}
-    start = frame_bytes(m.round_start(round=round_id, deadline_s=DEADLINE_S, tensors=tensors, secagg=fields))
+    start = frame_bytes(m.round_start(round=round_id, deadline_s=DEADLINE_S, adapter=adapter, emulator=emulator,
+                                     secagg=fields))
     length = sum(t.numel() for t in adapter.values())
     rng = np.random.default_rng([seed, round_id, length])
     vectors = [rng.normal(0.0, 1e-3, length) for _ in range(n)]
     result = aggregate_in_process(vectors, list(n_examples), cfg, round_id=round_id, seed=seed,
                                   transit=protocol_transit(round_id))
-    stats_only = frame_bytes(m.update(round=round_id, n_examples=0, stats=STATS))
+    stats_only = frame_bytes(m.round_stats(round=round_id, stats=STATS))
     return RoundBytes(down_plain=down_plain, up_plain=up_plain,
                       down_secure=start + result.party_received[0] + round_end,
                       up_secure=stats_only + result.party_sent[0], raw_adapter=raw,

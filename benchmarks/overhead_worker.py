@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from benchmarks.flops import counted_flops, matmul_rate, step_flops
-from learning.compressed_model import load_compressed
 from learning.forward import IGNORE_INDEX
-from learning.lora import LoraSettings, attach_lora, load_lora_state, lora_state, set_trainable
-from learning.training import PartyTrainer, TrainSettings, derive_seed, live_lora_pairs
+from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
+from learning.party_model import PartyModel
+from learning.training import PartyTrainer, TrainSettings, live_lora_pairs
 from tasks.batching import padding_fraction, round_batches
 from tasks.prompts import TokenizedExample
 
@@ -130,18 +130,13 @@ class PartySetup:
     """A party as it runs: the compressed checkpoint loaded from disk, LoRA attached, its data tokenised."""
 
     def __init__(self, spec: Mapping, model_dir: str) -> None:
-        start = time.perf_counter()
-        model, tokenizer, manifest = load_compressed(model_dir)
         self.lora = LoraSettings()
-        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        self.model = attach_lora(model, layers, self.lora, derive_seed(spec["seed"], "lora-init"))
-        self.manifest = manifest
-        self.load_s = time.perf_counter() - start
-        self.tokens, self.tokenise_s = party_tokens(spec, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        party = PartyModel.load(model_dir, self.lora, spec["seed"])
+        self.model, self.manifest, self.pad, self.load_s = party.model, party.manifest, party.pad_id, party.load_s
+        manifest = party.manifest
+        self.tokens, self.tokenise_s = party_tokens(spec, party.tokenizer)
         self.settings = TrainSettings(local_steps=spec["steps"], batch_size=spec["batch_size"])
-        self.trainer = PartyTrainer("party-1", self.model, manifest, self.tokens, self.pad, self.lora,
-                                    self.settings, spec["seed"])
+        self.trainer = party.trainer("party-1", self.tokens, self.lora, self.settings, spec["seed"])
         self.adapter = lora_state(self.model, manifest.adapter_layers)
         self.emulator = lora_state(self.model, manifest.emulator_layers)
         load_lora_state(self.model, self.emulator, manifest.emulator_layers, fold=True)  # as a round does
@@ -284,14 +279,13 @@ def pair(spec: Mapping) -> dict:
 
 def owner(spec: Mapping) -> dict:
     """An owner round (or several) with N in-process parties sharing one party model."""
-    from learning.secure_update import secagg_config, update_vector
-    from owner.aggregation import fedavg
+    from learning.secure_update import secagg_config
+    from owner.aggregation import fedavg, secure_fedavg
     from owner.alignment import AlignSettings
     from owner.config import RunConfig
     from owner.metrics import MetricsLog
-    from owner.session import OwnerSession, pad_id_of
+    from owner.session import OwnerSession
     from owner.simulate import make_trainers, party_splits
-    from secure_agg import aggregate_in_process
     from tasks.prompts import tokenize_examples
 
     torch.set_num_threads(spec["threads"])
@@ -320,10 +314,9 @@ def owner(spec: Mapping) -> dict:
         if row["event"] == "pre_alignment":
             out["pre_alignment"] = {k: row.get(k) for k in ("steps", "seconds")}
     out["rss_owner_mb"] = rss_mb()
-    model, tokenizer, manifest = load_compressed(session.compressed_dir)
-    party_model = attach_lora(model, list(manifest.emulator_layers) + list(manifest.adapter_layers), config.lora,
-                              derive_seed(config.seed, "lora-init"))
-    trainers = make_trainers(config, party_model, manifest, tokens, pad_id_of(tokenizer))
+    party = PartyModel.load(session.compressed_dir, config.lora, config.seed)
+    manifest = party.manifest
+    trainers = make_trainers(config, party, tokens)
     out["rss_setup_mb"] = rss_mb()
     out["peak_setup_mb"] = hwm_mb()
     reset_peak()
@@ -349,9 +342,7 @@ def owner(spec: Mapping) -> dict:
         if len(updates) >= 2:
             for _ in range(spec["agg_reps"]):
                 t0 = time.perf_counter()
-                vectors = [update_vector(u.adapter_state, adapter) for u in updates]
-                result = aggregate_in_process(vectors, weights, secagg_config(weights, config.seed),
-                                              round_id=r, seed=config.seed)
+                _, result = secure_fedavg(updates, adapter, secagg_config(weights, config.seed), r, config.seed)
                 secure_s.append(time.perf_counter() - t0)
                 info = {"party_cpu_max_s": max(result.party_cpu_s), "party_cpu_median_s":
                         median(result.party_cpu_s), "owner_cpu_s": result.server_cpu_s,

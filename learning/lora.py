@@ -9,7 +9,6 @@ state-dict keys, so the names stay the same whatever wraps the model.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from errors import ConfigError, ModelError
 from learning.compressed_model import decoder_layers, decoder_layers_path, unwrap_model
+from learning.seeds import lora_module_seed
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -165,11 +165,6 @@ def _target_names(model: nn.Module, layers: Sequence[int], settings: LoraSetting
     return [f"{path}.{i}.{rel}" for i in sorted(set(layers)) for rel in chosen]
 
 
-def _seed_for(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"fedbiot-lora-init:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 # ------------------------------------------------------------------------------------------ attach
 
 def attach_lora(model: nn.Module, layers: Sequence[int], settings: LoraSettings, seed: int) -> PeftModel:
@@ -191,7 +186,7 @@ def attach_lora(model: nn.Module, layers: Sequence[int], settings: LoraSettings,
     with torch.no_grad():
         for name, mod, adapter in _lora_modules(peft_model, None):
             a = mod.lora_A[adapter].weight
-            gen = torch.Generator(device="cpu").manual_seed(_seed_for(seed, name))
+            gen = torch.Generator(device="cpu").manual_seed(lora_module_seed(seed, name))
             fresh = torch.empty(a.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
             a.copy_(fresh)

@@ -9,7 +9,6 @@ materialises a d x d matrix and its gradient is exact.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,16 +21,11 @@ from errors import ConfigError
 from learning.compressed_model import Manifest
 from learning.forward import response_logits
 from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
+from learning.seeds import derive_seed
 from tasks.batching import round_batches
 from tasks.prompts import TokenizedExample
 
 _LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from a tuple of labels, so every random draw is reproducible across processes."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""FedAvg of LoRA states (paper Eq. 11): p_m = |D_m| / sum |D|.
+"""FedAvg of LoRA states (paper Eq. 11): p_m = |D_m| / sum |D|, plain or through masked secure aggregation.
 
 The owner aggregates *deltas* from the state it sent (identical to averaging states, since the weights sum
 to one); deltas are small, so the secure-aggregation fixed-point ring spends its precision where it matters.
@@ -11,6 +11,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from errors import ConfigError
+from learning.lora import apply_delta, unflatten_state
+from learning.secure_update import update_vector
+from learning.training import PartyUpdate
+from secure_agg import SecAggConfig, ServerResult, aggregate_in_process
 
 
 def check_same_layout(states: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor]) -> None:
@@ -40,3 +44,18 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], n_examples: Sequence[in
         name: sum(w * s[name].double() for w, s in zip(weights, states, strict=True)).float().contiguous()
         for name in states[0]
     }
+
+
+def secure_mean(result: ServerResult, sent: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FedAvg out of masked aggregation: the state the owner sent plus the weighted mean of the deltas
+    (`ServerResult.mean()`), the only thing the owner learns."""
+    return apply_delta(sent, unflatten_state(result.mean(), sent, sorted(sent)))
+
+
+def secure_fedavg(updates: Sequence[PartyUpdate], sent: Mapping[str, torch.Tensor], config: SecAggConfig,
+                  round_idx: int, seed: int) -> tuple[dict[str, torch.Tensor], ServerResult]:
+    """FedAvg through the full in-process message flow of `secure_agg` (wire round-trips included), with the
+    settings the networked run announces, so the two runs encode the same numbers."""
+    vectors = [update_vector(u.adapter_state, sent) for u in updates]
+    result = aggregate_in_process(vectors, [u.n_examples for u in updates], config, round_id=round_idx, seed=seed)
+    return secure_mean(result, sent), result

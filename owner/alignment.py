@@ -23,7 +23,7 @@ from errors import ConfigError
 from learning.compressed_model import Manifest
 from learning.forward import capture_layer_input, project, response_positions, unwrap_causal_lm
 from learning.lora import set_trainable
-from learning.training import derive_seed
+from learning.seeds import derive_seed
 from owner.models import decoder_layers
 from tasks.batching import round_batches
 from tasks.prompts import TokenizedExample

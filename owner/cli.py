@@ -139,7 +139,7 @@ def run(argv: list[str]) -> int:
         config = config_from_args(args, args.simulate, bool(args.secure_agg))
         summary = run_simulation(config, args.out, resume=args.resume, log=log)
     else:
-        from owner.server import serve  # noqa: PLC0415
+        from owner.server import ServeOptions, serve  # noqa: PLC0415
 
         if args.parties is None or args.key is None or args.allow is None:
             raise SystemExit("owner --listen needs --parties, --key and --allow")
@@ -150,7 +150,10 @@ def run(argv: list[str]) -> int:
 
             raise ConfigError("--dp-* apply to the parties of --simulate; networked parties choose DP "
                               "themselves")
-        summary = serve(config, args, log=log)
+        opts = ServeOptions(listen=args.listen, out=args.out, key=args.key, allow=args.allow, resume=args.resume,
+                            min_parties=args.min_parties, join_timeout=args.join_timeout,
+                            round_timeout=args.round_timeout, party_timeout=args.party_timeout)
+        summary = serve(config, opts, log=log)
     print(f"done: {args.out} (AdapFu nll {summary['nll_adapfu']:.4f} vs base {summary['nll_base']:.4f})")
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from errors import ConfigError
 from learning.dp import DPSettings
 from learning.lora import LoraSettings
+from learning.run_settings import PartyRunSettings
 from learning.training import TrainSettings
 from owner.alignment import AlignSettings
 
@@ -114,3 +115,18 @@ class RunConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read run config {path}: {exc}") from exc
+
+    def resumed(self, out_dir: Path, resume: bool) -> RunConfig:
+        """The config a run continues with: with --resume, the saved config.json (only --rounds may grow);
+        otherwise this one."""
+        path = Path(out_dir) / "config.json"
+        if not (resume and path.is_file()):
+            return self
+        saved = RunConfig.load(path)
+        saved.rounds = self.rounds
+        return saved
+
+    def party_settings(self, run_id: str) -> PartyRunSettings:
+        """What a networked party needs to train exactly as this run expects (sent in WELCOME)."""
+        return PartyRunSettings(run_id=run_id, seed=self.seed, rounds=self.rounds, max_length=self.max_length,
+                                template=self.template, lora=self.lora, train=self.train, secure_agg=self.secure_agg)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from errors import FedbiotError, ModelError
+from tasks.prompts import pad_id_of
 
 
 def _base_of(adapter: Path) -> str:
@@ -50,7 +51,7 @@ def generate(adapter: Path, prompt: str, max_new_tokens: int = 128) -> str:
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -17,7 +17,7 @@ import torch
 from errors import ConfigError
 from learning.compressed_model import Manifest
 from learning.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
-from learning.training import derive_seed
+from learning.seeds import derive_seed
 from owner.alignment import EmulatorAligner
 from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
@@ -27,7 +27,7 @@ from owner.metrics import MetricsLog
 from owner.models import LoadedModel, decoder_layers, load_model
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import Example, load_examples
-from tasks.prompts import TokenizedExample, tokenize_examples
+from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
 
 
 @dataclass
@@ -48,15 +48,6 @@ class OwnerData:
     def tokenize(self, tokenizer, config: RunConfig) -> None:
         self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template)
         self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template)
-
-
-def pad_id_of(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError("the tokenizer has neither a pad nor an eos token")
-    return int(pad)
 
 
 class OwnerSession:

@@ -14,17 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
 from errors import ConfigError
-from learning.compressed_model import Manifest, load_compressed
 from learning.dp import DPPartyTrainer, PrivacyLedger
-from learning.lora import attach_lora
-from learning.training import PartyTrainer, PartyUpdate, derive_seed
-from owner.aggregation import fedavg
+from learning.party_model import PartyModel
+from learning.secure_update import secagg_config
+from learning.seeds import derive_seed
+from learning.training import PartyTrainer, PartyUpdate
+from owner.aggregation import fedavg, secure_fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
-from owner.session import OwnerSession, pad_id_of
+from owner.records import round_lines, round_record, run_totals
+from owner.session import OwnerSession
 from tasks.datasets import Example, load_examples
 from tasks.prompts import TokenizedExample, tokenize_examples
 from tasks.splits import split_by_category, split_iid
@@ -84,13 +85,18 @@ def aggregate_updates(updates: Sequence[PartyUpdate], sent_adapter: dict, config
     """Combine the parties' adapters: plain FedAvg, or FedAvg inside masked secure aggregation."""
     if not config.secure_agg:
         return fedavg([u.adapter_state for u in updates], [u.n_examples for u in updates]), {}
-    from owner.secure_round import secure_fedavg  # noqa: PLC0415 - only needed with --secure-agg
+    weights = [u.n_examples for u in updates]
+    new_adapter, result = secure_fedavg(updates, sent_adapter, secagg_config(weights, config.seed,
+                                                                             config.secagg_graph),
+                                        round_idx, config.seed)
+    return new_adapter, {
+        "bytes_up": int(sum(result.party_sent)),
+        "secagg": {"ring_bits": result.ring_bits, "party_cpu_s": max(result.party_cpu_s),
+                   "owner_cpu_s": result.server_cpu_s, "owner_bytes_sent": result.server_sent},
+    }
 
-    return secure_fedavg(updates, sent_adapter, config, round_idx)
 
-
-def make_trainers(config: RunConfig, model: nn.Module, manifest: Manifest,
-                  party_tokens: Sequence[Sequence[TokenizedExample]], pad_id: int,
+def make_trainers(config: RunConfig, party: PartyModel, party_tokens: Sequence[Sequence[TokenizedExample]],
                   history: Sequence[dict] = ()) -> list[PartyTrainer]:
     """One trainer per party, all on the shared model; with DP, each keeps its own privacy ledger.
 
@@ -102,8 +108,7 @@ def make_trainers(config: RunConfig, model: nn.Module, manifest: Manifest,
     for i, tokens in enumerate(party_tokens):
         name = f"party-{i + 1}"
         if config.dp is None:
-            trainers.append(PartyTrainer(name, model, manifest, tokens, pad_id, config.lora, config.train,
-                                         config.seed))
+            trainers.append(party.trainer(name, tokens, config.lora, config.train, config.seed))
             continue
         ledger = PrivacyLedger(config.dp.accountant)
         for record in reversed(history):
@@ -112,9 +117,9 @@ def make_trainers(config: RunConfig, model: nn.Module, manifest: Manifest,
                 ledger = PrivacyLedger(stats.get("accountant", config.dp.accountant),
                                        stats["accountant_history"])
                 break
-        trainers.append(DPPartyTrainer(name, model, manifest, tokens, pad_id, config.lora, config.train,
-                                       config.seed, dp=config.dp, rounds=config.rounds, ledger=ledger,
-                                       secret_seed=derive_seed(config.seed, "dp-secret", name)))
+        trainers.append(party.trainer(name, tokens, config.lora, config.train, config.seed, dp=config.dp,
+                                      rounds=config.rounds, ledger=ledger,
+                                      secret_seed=derive_seed(config.seed, "dp-secret", name)))
     return trainers
 
 
@@ -127,10 +132,7 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
                    log: MetricsLog | None = None) -> dict:
     """Run the whole method in one process and write every output under `out_dir`; returns the summary."""
     out_dir = Path(out_dir)
-    if resume and (out_dir / "config.json").is_file():
-        saved = RunConfig.load(out_dir / "config.json")
-        saved.rounds = config.rounds
-        config = saved
+    config = config.resumed(out_dir, resume)
     log = log or MetricsLog(None)
     splits = party_splits(config)
     base, owner_data = OwnerSession.load_inputs(config, log)
@@ -140,11 +142,8 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
         config.save(out_dir / "config.json")
         log.path = out_dir / "metrics.jsonl"
         session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=resume)
-        model, tokenizer, manifest = load_compressed(session.compressed_dir)
-        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        party_model = attach_lora(model, layers, config.lora, derive_seed(config.seed, "lora-init"))
-        pad_id = pad_id_of(tokenizer)
-        trainers = make_trainers(config, party_model, manifest, party_tokens, pad_id, session.history)
+        party = PartyModel.load(session.compressed_dir, config.lora, config.seed)
+        trainers = make_trainers(config, party, party_tokens, session.history)
     log.say(f"{len(trainers)} parties with {[t.n_examples for t in trainers]} examples; "
             f"{config.rounds} rounds of {config.train.local_steps} steps x batch {config.train.batch_size}")
 
@@ -157,28 +156,13 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
         up_each = [payload_bytes(u.adapter_state) for u in updates]
         new_adapter, agg_info = aggregate_updates(updates, adapter, config, r)
         up = agg_info.pop("bytes_up", sum(up_each))
-        record = {
-            "participants": [u.name for u in updates],
-            "train_loss": sum(u.stats["loss_mean"] * u.n_examples for u in updates)
-            / sum(u.n_examples for u in updates),
-            "parties": {u.name: u.stats for u in updates},
-            "mb_down": megabytes(down * len(updates)), "mb_up": megabytes(up),
-            "seconds": time.perf_counter() - start, **agg_info,
-        }
-        privacy = {u.name: {"epsilon": u.stats["epsilon"], "delta": u.stats["delta"]}
-                   for u in updates if "epsilon" in u.stats}
-        if privacy:
-            record["dp"] = privacy
+        record = round_record({u.name: u.stats for u in updates}, {u.name: u.n_examples for u in updates},
+                              mb_down=megabytes(down * len(updates)), mb_up=megabytes(up),
+                              seconds=time.perf_counter() - start, **agg_info)
         session.complete_round(new_adapter, record)
-        log.say(f"round {session.round}/{config.rounds} done: train loss {record['train_loss']:.4f}, "
-                f"down {record['mb_down']:.2f} MB, up {record['mb_up']:.2f} MB, "
-                f"{time.perf_counter() - start:.1f} s")
-        if privacy:
-            log.say("privacy spent: " + ", ".join(f"{n} epsilon {v['epsilon']:.3f} (delta {v['delta']:.2g})"
-                                                  for n, v in privacy.items()))
+        for line in round_lines(session.round, config.rounds, record):
+            log.say(line)
     return session.finish({
-        "mb_down_total": sum(h.get("mb_down", 0.0) for h in session.history),
-        "mb_up_total": sum(h.get("mb_up", 0.0) for h in session.history),
-        "secure_agg": config.secure_agg,
+        **run_totals(session.history, config.secure_agg),
         **({"dp": dp_report(trainers)} if config.dp is not None else {}),
     })

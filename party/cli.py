@@ -39,17 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_from_args(args: argparse.Namespace):
+    """The PartyOptions the parsed flags describe."""
+    from party.client import PartyOptions  # noqa: PLC0415
+
+    return PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
+                        data_kind=args.data_kind, name=args.name, work_dir=args.work, dp=dp_from_args(args),
+                        timeout=args.timeout)
+
+
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
     from console.terminal import quiet_libraries  # noqa: PLC0415
-    from party.client import PartyOptions, run_party  # noqa: PLC0415
+    from party.client import run_party  # noqa: PLC0415
 
     quiet_libraries()
-    return run_party(PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
-                                  data_kind=args.data_kind, name=args.name, work_dir=args.work,
-                                  dp=dp_from_args(args), timeout=args.timeout))
+    return run_party(options_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

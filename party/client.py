@@ -12,15 +12,13 @@ stopped early or fell silent past `--timeout`. A key the owner refuses (ZAP) or 
 match the one listening (the CurveZMQ handshake fails) raises `OwnerRefused` at once instead of retrying
 until the timeout.
 
-Test hook: with the environment variable FEDBIOT_TEST_EXIT_AFTER_SHARES set (to anything non-empty), the
-party exits with status 3 right after it has sent its key shares in its first secure-aggregation round.
-The tests use it to drop a party at exactly that stage; it has no other use.
+`after_stage` (a constructor argument) is called with each secure-aggregation stage the party completed;
+the tests inject a fault there (a party that vanishes right after sharing its keys).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,16 +31,17 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from errors import ConfigError, FedbiotError
-from learning.compressed_model import Manifest, cache_root, load_compressed
+from learning.compressed_model import Manifest, cache_root
 from learning.dp import BudgetSpent
-from learning.lora import LoraSettings, attach_lora, lora_state_spec
+from learning.party_model import PartyModel
+from learning.run_settings import PartyRunSettings
 from learning.secure_update import update_vector
-from learning.training import PartyTrainer, PartyUpdate, TrainSettings, derive_seed
+from learning.training import PartyTrainer, PartyUpdate
 from protocol import messages as m
 from protocol.chunks import ArchiveInfo, ChunkReceiver
 from protocol.codec import decode
 from protocol.errors import ProtocolError, TransportError
-from protocol.messages import MAX_EXAMPLES, Message, MessageType
+from protocol.messages import MAX_EXAMPLES, RUN_FINISHED, Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
 from protocol.sockets import connect_dealer, recv, send
 from secure_agg import (
@@ -57,16 +56,12 @@ from secure_agg import (
     message_from_wire,
 )
 from tasks.datasets import Example, load_examples
-from tasks.prompts import tokenize_examples
 
 HEARTBEAT_S = 2.0
 REHELLO_S = 300.0  # fallback only: HELLO is repeated when a new connection comes up (see watch_handshakes)
 HELLO_RETRY_S = 2.0  # after a "hello required" REJECT, at most one HELLO per this many seconds
 CHUNK_WINDOW = 4
 MAX_FAILED_HANDSHAKES = 3  # consecutive CurveZMQ handshake failures before the owner key is declared wrong
-RUN_FINISHED = "run finished"  # the BYE reason of an owner that completed every round
-EXIT_AFTER_SHARES_ENV = "FEDBIOT_TEST_EXIT_AFTER_SHARES"  # test hook, see the module docstring
-EXIT_AFTER_SHARES_STATUS = 3
 
 
 @dataclass
@@ -112,8 +107,10 @@ def say(line: str) -> None:
 class PartyNode:
     """State and event loop of one party."""
 
-    def __init__(self, opts: PartyOptions, log: Callable[[str], None] = say) -> None:
+    def __init__(self, opts: PartyOptions, log: Callable[[str], None] = say,
+                 after_stage: Callable[[str], None] | None = None) -> None:
         self.opts, self.log = opts, log
+        self.after_stage = after_stage or (lambda stage: None)
         self.name = opts.party_name
         self.examples: list[Example] = load_examples(opts.data, opts.data_kind)
         if len(self.examples) > MAX_EXAMPLES:
@@ -131,7 +128,7 @@ class PartyNode:
         self.hello_handshake = 0  # the value of `handshakes` when the last HELLO was sent
         self.out = SeqCounter()
         self.guard = ReplayGuard()
-        self.config: dict | None = None
+        self.settings: PartyRunSettings | None = None
         self.archive: ArchiveInfo | None = None
         self.receiver: ChunkReceiver | None = None
         self.requested: set[int] = set()
@@ -236,8 +233,11 @@ class PartyNode:
 
     # ------------------------------------------------------------------------------ joining
     def on_welcome(self, msg: Message) -> None:
+        try:
+            self.settings = PartyRunSettings.from_dict(msg["settings"])
+        except ConfigError as exc:
+            raise ProtocolError(f"WELCOME carries unusable run settings: {exc}") from None
         self.welcomed = True
-        self.config = dict(msg["config"])
         info = ArchiveInfo.from_fields(msg.fields)
         self.log(f"welcomed to {msg['run_id']} at round {msg['round'] + 1}; model archive "
                  f"{info.model_size / 1e6:.1f} MB")
@@ -291,29 +291,25 @@ class PartyNode:
         self.load_model(model_dir)
 
     def load_model(self, model_dir: Path) -> None:
-        cfg = self.config
-        model, tokenizer, manifest = load_compressed(model_dir)
-        lora = LoraSettings.from_dict(cfg["lora"])
-        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        peft_model = attach_lora(model, layers, lora, derive_seed(cfg["seed"], "lora-init"))
-        data = tokenize_examples(self.examples, tokenizer, cfg["max_length"], cfg["template"])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.trainer = build_trainer(self.name, peft_model, manifest, data, int(pad), lora,
-                                     TrainSettings.from_dict(cfg["train"]), cfg["seed"], cfg["rounds"], self.opts.dp,
-                                     self.work / "dp-state.json")
-        self.manifest = manifest
-        self.spec = {n: (shape, "F32") for n, (shape, _) in lora_state_spec(peft_model, layers).items()}
+        cfg = self.settings
+        party = PartyModel.load(model_dir, cfg.lora, cfg.seed)
+        data = party.tokenize(self.examples, cfg.max_length, cfg.template)
+        dp_file = self.work / "dp-state.json"
+        dp_state = json.loads(dp_file.read_text()) if self.opts.dp is not None and dp_file.is_file() else None
+        self.trainer = party.trainer(self.name, data, cfg.lora, cfg.train, cfg.seed, dp=self.opts.dp,
+                                     rounds=cfg.rounds, dp_state=dp_state)
+        self.manifest = party.manifest
+        adapter_spec, emulator_spec = party.part_specs()
+        self.spec = m.part_tensors(adapter={n: (shape, "F32") for n, (shape, _) in adapter_spec.items()},
+                                   emulator={n: (shape, "F32") for n, (shape, _) in emulator_spec.items()})
         self.send(m.ready(self.archive.model_sha256))
-        self.log(f"model ready ({len(manifest.emulator_layers)} emulator + {manifest.adapter_size} adapter "
-                 f"layers); training data: {len(data)} examples")
+        self.log(f"model ready ({len(party.manifest.emulator_layers)} emulator + {party.manifest.adapter_size} "
+                 f"adapter layers); training data: {len(data)} examples")
 
     # ------------------------------------------------------------------------------ rounds
-    def split_payload(self, msg: Message) -> tuple[dict, dict]:
-        tensors = {k: torch.from_numpy(v.copy()) for k, v in msg.tensors.items()}
-        adapter_prefixes = tuple(f"{self.manifest.layers_path}.{i}." for i in self.manifest.adapter_layers)
-        adapter = {k: v for k, v in tensors.items() if k.startswith(adapter_prefixes)}
-        emulator = {k: v for k, v in tensors.items() if not k.startswith(adapter_prefixes)}
-        return adapter, emulator
+    @staticmethod
+    def tensors(part: dict) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v.copy()) for k, v in part.items()}
 
     def train(self, r: int, adapter: dict, emulator: dict) -> PartyUpdate:
         """Train in a worker thread; keep the socket (heartbeats, BYE, newer rounds) in this one."""
@@ -371,21 +367,22 @@ class PartyNode:
                 raise SecAggError(f"expected {kind.TYPE}, got {type(obj).TYPE}")
             return obj
 
-        self.send(m.update(round=r, n_examples=0, stats=shared_stats(self.trainer, update.stats)))
+        self.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))
         push(agg.advertise())
+        self.after_stage("advertise")
         push(agg.share_keys(pull(Roster)))
-        if os.environ.get(EXIT_AFTER_SHARES_ENV):  # test hook (module docstring): drop out at this stage
-            self.log("test hook: exiting right after sending the key shares")
-            self.close(linger_ms=5000)
-            os._exit(EXIT_AFTER_SHARES_STATUS)
+        self.after_stage("share_keys")
         push(agg.masked_input(pull(RelayedShares), update_vector(update.adapter_state, received), update.n_examples))
         agg.receive_ack(pull(InputAck))
+        self.after_stage("masked_input")
         push(agg.consistency_check(pull(ConsistencyRequest)))
+        self.after_stage("consistency")
         push(agg.unmask(pull(UnmaskRequest)))
+        self.after_stage("unmask")
 
     def run_round(self, msg: Message) -> None:
         r = msg["round"]
-        adapter, emulator = self.split_payload(msg)
+        adapter, emulator = (self.tensors(part) for part in m.round_parts(msg))
         update = self.train(r, adapter, emulator)
         if hasattr(self.trainer, "state_dict"):  # before anything leaves: the accountant counts this round
             (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))
@@ -458,19 +455,6 @@ class PartyNode:
         self.monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
         self.context.term()
-
-
-def build_trainer(name: str, model, manifest: Manifest, data, pad_id: int, lora: LoraSettings,
-                  settings: TrainSettings, seed: int, rounds: int, dp, state_file: Path | None = None) -> PartyTrainer:
-    """A plain or a DP-SGD trainer, as this party chose; a DP trainer resumes its privacy accountant."""
-    if dp is None:
-        return PartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed)
-    from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
-
-    trainer = DPPartyTrainer(name, model, manifest, data, pad_id, lora, settings, seed, dp=dp, rounds=rounds)
-    if state_file is not None and state_file.is_file():
-        trainer.load_state_dict(json.loads(state_file.read_text()))
-    return trainer
 
 
 def shared_stats(trainer: PartyTrainer, stats: dict) -> dict:

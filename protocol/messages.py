@@ -16,13 +16,14 @@ from typing import Any, Literal
 from protocol.errors import ProtocolError
 from protocol.schema import CrossCheck, Field, Float, Int, Obj, Str, StrList
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_SEQ = 2**63 - 1
 MAX_ROUND = 2**31 - 1
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 TOKEN_PATTERN = r"[a-z][a-z0-9_]{0,31}"
 SHA256_PATTERN = r"[0-9a-f]{64}"
+RUN_FINISHED = "run finished"  # the BYE reason of an owner that completed every round
 
 
 class MessageType(StrEnum):
@@ -34,6 +35,7 @@ class MessageType(StrEnum):
     ROUND_START = "round_start"
     SECAGG = "secagg"
     UPDATE = "update"
+    ROUND_STATS = "round_stats"
     ROUND_END = "round_end"
     HEARTBEAT = "heartbeat"
     REJECT = "reject"
@@ -130,7 +132,7 @@ SPECS: dict[MessageType, MessageSpec] = {
             "owner",
             (
                 Field("run_id", _NAME, doc="identifies the training run"),
-                Field("config", Obj(32 * 1024), doc="training settings for the party (opaque JSON object)"),
+                Field("settings", Obj(32 * 1024), doc="the run settings a party trains with (learning.run_settings)"),
                 Field("model_sha256", _SHA, doc="sha256 of the compressed-model archive"),
                 Field("model_size", Int(0, 2**40 - 1), doc="archive size in bytes"),
                 Field("chunk_size", Int(1, 2**30), doc="bytes per chunk (the last may be shorter)"),
@@ -179,7 +181,7 @@ SPECS: dict[MessageType, MessageSpec] = {
             payload="tensors",
             tensors_required=True,
             round_role="opens",
-            doc="tensors: adapter LoRA + emulator LoRA (canonical names)",
+            doc="tensors: two named parts, `adapter/<canonical name>` and `emulator/<canonical name>`",
         ),
         MessageSpec(
             MessageType.SECAGG,
@@ -203,7 +205,17 @@ SPECS: dict[MessageType, MessageSpec] = {
             ),
             payload="tensors",
             round_role="in",
-            doc="tensors: adapter LoRA, or none when secure aggregation carries the update",
+            doc="tensors: adapter LoRA (plain rounds; in secure rounds the update travels masked in SECAGG)",
+        ),
+        MessageSpec(
+            MessageType.ROUND_STATS,
+            "party",
+            (
+                _ROUND,
+                Field("stats", Obj(8 * 1024), required=False, default={}, doc="loss, epsilon, ... (JSON object)"),
+            ),
+            round_role="in",
+            doc="a secure round's statistics (the update itself travels masked)",
         ),
         MessageSpec(
             MessageType.ROUND_END,
@@ -307,7 +319,7 @@ def hello(
 def welcome(
     *,
     run_id: str,
-    config: Mapping[str, Any],
+    settings: Mapping[str, Any],
     model_sha256: str,
     model_size: int,
     chunk_size: int,
@@ -318,7 +330,7 @@ def welcome(
         MessageType.WELCOME,
         {
             "run_id": run_id,
-            "config": dict(config),
+            "settings": dict(settings),
             "model_sha256": model_sha256,
             "model_size": model_size,
             "chunk_size": chunk_size,
@@ -341,14 +353,40 @@ def ready(model_sha256: str) -> Message:
     return Message(MessageType.READY, {"model_sha256": model_sha256})
 
 
+ROUND_PARTS = ("adapter", "emulator")
+
+
 def round_start(
-    *, round: int, deadline_s: float, tensors: Mapping[str, Any], secagg: Mapping[str, Any] | None = None
+    *,
+    round: int,
+    deadline_s: float,
+    adapter: Mapping[str, Any],
+    emulator: Mapping[str, Any],
+    secagg: Mapping[str, Any] | None = None,
 ) -> Message:
+    """The round's global LoRA as two named parts: the adapter the parties train and the emulator's, frozen."""
     return Message(
         MessageType.ROUND_START,
         {"round": round, "deadline_s": float(deadline_s), "secagg": dict(secagg or {})},
-        tensors=dict(tensors),
+        tensors=part_tensors(adapter=adapter, emulator=emulator),
     )
+
+
+def part_tensors(**parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Name every tensor `part/name` (the ROUND_START layout); also builds the matching `expect` spec."""
+    return {f"{part}/{name}": value for part in ROUND_PARTS for name, value in parts[part].items()}
+
+
+def round_parts(msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ROUND_START's (adapter, emulator) tensors by canonical name."""
+    parts: dict[str, dict[str, Any]] = {part: {} for part in ROUND_PARTS}
+    for key, value in msg.tensors.items():
+        part, _, name = key.partition("/")
+        if part not in parts or not name:
+            raise ProtocolError(f"round tensor {key[:80]!r} is in no part (expected adapter/... or emulator/...)",
+                                msg_type=msg.type.value, seq=msg.seq)
+        parts[part][name] = value
+    return parts["adapter"], parts["emulator"]
 
 
 def secagg(
@@ -374,6 +412,10 @@ def update(
         {"round": round, "n_examples": n_examples, "stats": dict(stats or {})},
         tensors=dict(tensors or {}),
     )
+
+
+def round_stats(*, round: int, stats: Mapping[str, Any] | None = None) -> Message:
+    return Message(MessageType.ROUND_STATS, {"round": round, "stats": dict(stats or {})})
 
 
 def round_end(*, round: int, summary: Mapping[str, Any] | None = None) -> Message:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import ConfigError
+from tasks.prompts import pad_id_of
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -116,11 +117,7 @@ def generate_batched(
     if not prompts:
         return []
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    pad_id = pad_id_of(tokenizer)
     device = _model_device(model)
     config = _generation_config(model, tokenizer, max_new_tokens=max_new_tokens, greedy=greedy,
                                 temperature=temperature, top_p=top_p, pad_token_id=pad_id)

@@ -132,3 +132,13 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
         log.warning("dropped %d of %d examples whose prompt leaves no response token within max_length=%d",
                     dropped, len(examples), max_length)
     return out
+
+
+def pad_id_of(tokenizer) -> int:
+    """The token that pads batches: the tokenizer's pad token, else its EOS token (padding is masked out)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return int(pad)

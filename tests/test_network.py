@@ -43,7 +43,6 @@ from safetensors.torch import load_file
 
 from owner.cli import main as owner_main
 from owner.state import latest_checkpoint_dir, load_checkpoint
-from party.client import EXIT_AFTER_SHARES_ENV, EXIT_AFTER_SHARES_STATUS
 from protocol import messages as m
 from protocol.codec import decode, encode, encode_tensors
 from protocol.errors import ProtocolError
@@ -52,6 +51,7 @@ from protocol.messages import Message, MessageType
 from protocol.sockets import connect_dealer
 from tasks.datasets import load_examples
 from tasks.splits import split_iid
+from tests import quitting_party
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -65,8 +65,8 @@ TRAIN_ARGS = [
     "--batch-size", "4", "--align-pre-steps", "2", "--align-steps", "1", "--lr", "1e-2", "--seed", str(SEED),
     "--rounds", "2",
 ]
-# Subprocesses: one thread each (two cores, several processes), no hub, unbuffered logs, no test hook.
-ENV = {k: v for k, v in os.environ.items() if k != EXIT_AFTER_SHARES_ENV} | {
+# Subprocesses: one thread each (two cores, several processes), no hub, unbuffered logs.
+ENV = dict(os.environ) | {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
 }
@@ -139,8 +139,9 @@ class Cluster:
             "--public-data", str(self.data["public"]), "--eval-data", str(self.data["eval"]), *TRAIN_ARGS,
             "--join-timeout", "90", "--round-timeout", "60", "--party-timeout", str(party_timeout), *extra])
 
-    def party(self, name: str, data: Path, tag: str | None = None, env: dict[str, str] | None = None) -> Node:
-        return self.start(tag or name, party_args(self.endpoint, name, data, self.keys, self.root), env)
+    def party(self, name: str, data: Path, tag: str | None = None, module: str = "party.cli") -> Node:
+        args = party_args(self.endpoint, name, data, self.keys, self.root)
+        return self.start(tag or name, ["-m", module, *args[2:]])
 
     def close(self) -> None:
         for node in self.nodes:
@@ -588,7 +589,7 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     try:
         owner = cluster.owner(*flags)
         parties = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
-        quitter = cluster.party("party-3", data["party-3"], env={EXIT_AFTER_SHARES_ENV: "1"})
+        quitter = cluster.party("party-3", data["party-3"], module="tests.quitting_party")
         owner.wait_log(r"round 1 alignment")  # round 1 is aggregated: everybody's part in it is done
         parties[1].kill()  # leaves party-1 alone in round 2: fewer than --min-parties
         result["abort_rc"] = owner.exit_code()
@@ -610,8 +611,8 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
 
 def test_secure_round_completes_when_a_party_drops_after_sharing_keys(dropout_run):
     logs = dropout_run["logs"]
-    assert dropout_run["first_party_rcs"][1] == EXIT_AFTER_SHARES_STATUS
-    assert "test hook: exiting right after sending the key shares" in logs["party-3"]
+    assert dropout_run["first_party_rcs"][1] == quitting_party.EXIT_STATUS
+    assert quitting_party.MESSAGE in logs["party-3"]
     first = events(dropout_run["out"], "round")[0]
     assert first["round"] == 1 and first["secure_agg"] and first["participants"] == ["party-1", "party-2"]
     assert re.search(r"party-3 is gone .*round 1 masked inputs", logs["owner"])

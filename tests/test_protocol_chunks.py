@@ -56,7 +56,7 @@ def test_pack_is_deterministic_and_round_trips(tmp_path):
 
 def test_chunks_travel_as_messages(tmp_path):
     src = pack_dir(_model_dir(tmp_path), tmp_path / "a.tar", chunk_size=10_000)
-    hello = decode(encode(m.welcome(run_id="r", config={}, round=0, **src.info.welcome_fields())))
+    hello = decode(encode(m.welcome(run_id="r", settings={}, round=0, **src.info.welcome_fields())))
     info = ArchiveInfo.from_fields(hello.fields)
     assert info == src.info
     rx = ChunkReceiver(tmp_path / "work", info)

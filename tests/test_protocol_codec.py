@@ -46,7 +46,7 @@ def sample_messages() -> list[Message]:
         m.hello(name="alice", n_examples=120, model_sha256=SHA, capabilities=["dp", "secure_agg"], last_round=2),
         m.welcome(
             run_id="run-1",
-            config={"lr": 1e-4, "local_steps": 5, "lora": {"r": 8, "targets": ["q_proj", "v_proj"]}},
+            settings={"lr": 1e-4, "local_steps": 5, "lora": {"r": 8, "targets": ["q_proj", "v_proj"]}},
             model_sha256=SHA,
             model_size=10_000_001,
             chunk_size=4 * 1024 * 1024,
@@ -56,10 +56,12 @@ def sample_messages() -> list[Message]:
         m.chunk_request(2),
         m.chunk(1, bytes(range(256)) * 3),
         m.ready(SHA),
-        m.round_start(round=4, deadline_s=60, tensors=lora_arrays(), secagg={"threshold": 2, "parties": [0, 1, 2]}),
+        m.round_start(round=4, deadline_s=60, adapter=lora_arrays(), emulator=lora_arrays(2),
+                      secagg={"threshold": 2, "parties": [0, 1, 2]}),
         m.secagg(round=4, stage="share_keys", data={"type": "share_keys", "ids": [0, 1, 2]}, arrays=secagg_arrays()),
         m.update(round=4, n_examples=120, stats={"loss": 0.5, "epsilon": 1.25}, tensors=lora_arrays(1)),
         m.update(round=4, n_examples=7),
+        m.round_stats(round=4, stats={"loss_mean": 0.5}),
         m.round_end(round=4, summary={"loss": 0.4, "parties": 3}),
         m.heartbeat(),
         m.reject("round 3 is over", ref_type="update", ref_seq=17),
@@ -71,7 +73,7 @@ def sample_messages() -> list[Message]:
 
 
 EXPECT = {
-    MessageType.ROUND_START: tensor_spec(lora_arrays()),
+    MessageType.ROUND_START: tensor_spec(m.part_tensors(adapter=lora_arrays(), emulator=lora_arrays(2))),
     MessageType.UPDATE: tensor_spec(lora_arrays()),
     MessageType.SECAGG: tensor_spec(secagg_arrays()),
 }
@@ -107,7 +109,7 @@ def test_round_trip(msg):
 
 
 def test_optional_fields_get_defaults():
-    out = decode([b'{"v":1,"type":"hello","seq":3,"name":"bob","n_examples":0}'])
+    out = decode([b'{"v":2,"type":"hello","seq":3,"name":"bob","n_examples":0}'])
     assert out["model_sha256"] == "" and out["capabilities"] == [] and out["last_round"] == -1
     out["capabilities"].append("x")  # defaults are copies, not shared
     assert SPECS[MessageType.HELLO].field_map()["capabilities"].default == []
@@ -165,12 +167,12 @@ def test_bad_json_and_non_objects():
     _rejected([b"{not json"], "not valid JSON")
     _rejected([b"\xff\xfe"], "not UTF-8")
     _rejected([b"[1, 2]"], "not a JSON object")
-    _rejected([b'{"v":1,"v":1,"type":"heartbeat","seq":1}'], "duplicate key")
-    _rejected([b'{"v":1,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":NaN}}'], "not JSON")
-    _rejected([b'{"v":1,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows")
+    _rejected([b'{"v":2,"v":2,"type":"heartbeat","seq":1}'], "duplicate key")
+    _rejected([b'{"v":2,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":NaN}}'], "not JSON")
+    _rejected([b'{"v":2,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows")
     _rejected([b"[" * 5000 + b"]" * 5000], "nested")
     _rejected([b'{"a":' * 40 + b"1" + b"}" * 40], "nested")
-    _rejected([b'{"v":1,"type":"bye","seq":1,"reason":"\\ud800"}'], "surrogate")
+    _rejected([b'{"v":2,"type":"bye","seq":1,"reason":"\\ud800"}'], "surrogate")
 
 
 def test_frame_count_and_frame_types():
@@ -187,8 +189,9 @@ def test_frame_count_and_frame_types():
 
 def test_wrong_version_and_unknown_type():
     header = _header(m.heartbeat())
-    err = _rejected(_frames({**header, "v": 2}), "version 2 is not supported")
+    err = _rejected(_frames({**header, "v": PROTOCOL_VERSION + 1}), f"version {PROTOCOL_VERSION + 1} is not supported")
     assert err.msg_type is None
+    _rejected(_frames({**header, "v": PROTOCOL_VERSION - 1}), f"version {PROTOCOL_VERSION - 1} is not supported")
     _rejected(_frames({**header, "v": "1"}), "no integer protocol version")
     _rejected(_frames({**header, "v": True}), "no integer protocol version")
     _rejected(_frames({k: v for k, v in header.items() if k != "v"}), "no integer protocol version")
@@ -257,7 +260,7 @@ def test_encode_refuses_what_decode_would_refuse():
     with pytest.raises(ProtocolError, match="set by the codec"):
         encode(Message(MessageType.HEARTBEAT, {"seq": 1}))
     with pytest.raises(ProtocolError, match="needs tensors"):
-        encode(m.round_start(round=1, deadline_s=5, tensors={}))
+        encode(m.round_start(round=1, deadline_s=5, adapter={}, emulator={}))
     with pytest.raises(ProtocolError, match="carries no tensors"):
         encode(Message(MessageType.HEARTBEAT, tensors={"a": np.zeros(1)}))
     with pytest.raises(ProtocolError, match="not a JSON type"):
@@ -414,18 +417,18 @@ def test_round_guard_party_side():
     with pytest.raises(ProtocolError, match="no round is in progress"):
         guard.accept(_stamped(m.secagg(round=0, stage="advertise"), 1))
     assert guard.last_seq == -1  # a refused message does not consume its seq
-    guard.accept(_stamped(m.round_start(round=3, deadline_s=5, tensors=lora_arrays()), 1))
+    guard.accept(_stamped(m.round_start(round=3, deadline_s=5, adapter=lora_arrays(), emulator={}), 1))
     assert guard.round == 3
     with pytest.raises(ProtocolError, match="for round 2 during round 3"):
         guard.accept(_stamped(m.secagg(round=2, stage="advertise"), 2))
     guard.accept(_stamped(m.secagg(round=3, stage="advertise"), 2))
     with pytest.raises(ProtocolError, match="already opened"):
-        guard.accept(_stamped(m.round_start(round=3, deadline_s=5, tensors=lora_arrays()), 3))
+        guard.accept(_stamped(m.round_start(round=3, deadline_s=5, adapter=lora_arrays(), emulator={}), 3))
     guard.accept(_stamped(m.round_end(round=3), 3))
     assert guard.round is None
     with pytest.raises(ProtocolError, match="no round is in progress"):
         guard.accept(_stamped(m.round_end(round=3), 4))
-    guard.accept(_stamped(m.round_start(round=4, deadline_s=5, tensors=lora_arrays()), 4))
+    guard.accept(_stamped(m.round_start(round=4, deadline_s=5, adapter=lora_arrays(), emulator={}), 4))
     assert (guard.round, guard.last_round, guard.last_seq) == (4, 4, 4)
 
 
@@ -449,3 +452,16 @@ def test_round_guard_owner_side():
 def test_default_limits_fit_socket_frames():
     assert DEFAULT_LIMITS.max_frame_bytes >= DEFAULT_LIMITS.max_tensor_frame_bytes
     assert DEFAULT_LIMITS.max_frame_bytes >= DEFAULT_LIMITS.max_chunk_bytes
+
+
+def test_round_start_carries_adapter_and_emulator_as_named_parts():
+    adapter, emulator = lora_arrays(1), lora_arrays(2)
+    msg = decode(encode(m.round_start(round=2, deadline_s=5, adapter=adapter, emulator=emulator)))
+    got_adapter, got_emulator = m.round_parts(msg)
+    assert got_adapter.keys() == adapter.keys() and got_emulator.keys() == emulator.keys()
+    for name in adapter:
+        np.testing.assert_array_equal(got_adapter[name], adapter[name])
+        np.testing.assert_array_equal(got_emulator[name], emulator[name])
+    stray = Message(MessageType.ROUND_START, msg.fields, tensors={"model.layers.1.x": np.zeros(2, np.float32)})
+    with pytest.raises(ProtocolError, match="in no part"):
+        m.round_parts(stray)

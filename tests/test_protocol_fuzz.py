@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from protocol.codec import decode, encode, tensor_spec
 from protocol.errors import ProtocolError
-from protocol.messages import SPECS, Message, MessageType
+from protocol.messages import PROTOCOL_VERSION, SPECS, Message, MessageType
 from protocol.schema import Float, Int, Obj, Str, StrList
 from tests.test_protocol_codec import EXPECT, sample_messages
 
@@ -158,7 +158,7 @@ def field_mutations(draw):
         name = draw(st.sampled_from(sorted(kinds)))
         header[name] = _wrong_value(kinds[name], draw)
     elif action == "version":
-        header["v"] = draw(json_values.filter(lambda v: v != 1 or isinstance(v, bool | float)))
+        header["v"] = draw(json_values.filter(lambda v: v != PROTOCOL_VERSION or isinstance(v, bool | float)))
     elif action == "type":
         header["type"] = draw(json_values.filter(lambda v: not (isinstance(v, str) and v in TYPE_NAMES)))
     elif action == "swap":

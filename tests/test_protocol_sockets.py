@@ -75,7 +75,7 @@ def test_allowed_party_exchanges_messages_and_is_identified_by_key(keys, ctx, se
 
         send(
             router,
-            m.welcome(run_id="r", config={}, model_sha256="0" * 64, model_size=0, chunk_size=1, n_chunks=0, round=0),
+            m.welcome(run_id="r", settings={}, model_sha256="0" * 64, model_size=0, chunk_size=1, n_chunks=0, round=0),
             got.identity,
         )
         back = recv(dealer, ARRIVE_S)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from owner.server import clean_stats
+from owner.records import clean_stats
 
 
 def test_numbers_and_short_strings_are_kept():

@@ -1,0 +1,64 @@
+"""Building a party: the compressed checkpoint loaded as a party receives it, LoRA attached with the run's
+seed, data tokenised, and the trainer the party chose (plain or DP-SGD). The networked party, the
+in-process run and the benchmarks build parties here and nowhere else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from learning.compressed_model import Manifest, load_compressed
+from learning.lora import LoraSettings, attach_lora, lora_state_spec
+from learning.seeds import derive_seed
+from learning.training import PartyTrainer, TrainSettings
+from tasks.datasets import Example
+from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
+
+
+@dataclass
+class PartyModel:
+    """A compressed model as a party trains it: LoRA on every emulator and adapter layer, all frozen."""
+
+    model: PeftModel
+    tokenizer: Any
+    manifest: Manifest
+    pad_id: int
+    load_s: float = 0.0
+
+    @classmethod
+    def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int) -> PartyModel:
+        """Load the checkpoint the owner shipped and attach LoRA initialised from the run seed (every party
+        and the owner draw the same initial A matrices)."""
+        start = time.perf_counter()
+        model, tokenizer, manifest = load_compressed(model_dir)
+        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
+        peft_model = attach_lora(model, layers, lora, derive_seed(seed, "lora-init"))
+        return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)
+
+    def tokenize(self, examples: Sequence[Example], max_length: int, template: str) -> list[TokenizedExample]:
+        return tokenize_examples(examples, self.tokenizer, max_length, template)
+
+    def part_specs(self) -> tuple[dict, dict]:
+        """Names -> (shape, dtype) of the adapter and of the emulator LoRA state a round carries."""
+        return (lora_state_spec(self.model, self.manifest.adapter_layers),
+                lora_state_spec(self.model, self.manifest.emulator_layers))
+
+    def trainer(self, name: str, data: Sequence[TokenizedExample], lora: LoraSettings, train: TrainSettings,
+                seed: int, *, dp=None, rounds: int = 0, ledger=None, secret_seed: int | None = None,
+                dp_state: dict | None = None) -> PartyTrainer:
+        """A plain trainer, or a DP-SGD one when `dp` (DPSettings) is given; `ledger` / `dp_state` resume its
+        privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp)."""
+        if dp is None:
+            return PartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed)
+        from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
+
+        trainer = DPPartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed, dp=dp,
+                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed)
+        if dp_state is not None:
+            trainer.load_state_dict(dp_state)
+        return trainer

@@ -1,0 +1,248 @@
+"""The networked owner's rounds: start a round, collect plain or masked updates, aggregate, record, end it.
+
+A secure round is a table of stages (`SECURE_STAGES`): each collects one kind of party message into the
+`SecAggServer`, then closes the stage and relays what the server answers to the parties still in. The
+stages run one after the other; whoever is missing when a stage closes is treated as dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learning.secure_update import secagg_config
+from owner.aggregation import fedavg, secure_mean
+from owner.config import RunConfig
+from owner.links import OwnerLinks, RoundAborted
+from owner.metrics import MetricsLog, megabytes
+from owner.records import clean_stats, privacy_reports, round_lines, round_record, run_totals
+from owner.session import OwnerSession
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.messages import Message, MessageType
+from secure_agg import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    MaskedInput,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    ShareKeys,
+    UnmaskShares,
+    message_from_wire,
+)
+
+
+@dataclass(frozen=True)
+class SecureStage:
+    """One stage of a masked round: what the parties send, how the server takes it and closes the stage."""
+
+    kind: type
+    receive: str  # SecAggServer method taking one party message (its answer, if any, goes back at once)
+    close: str  # SecAggServer method closing the stage: {party id: message to relay}, or the result
+    what: str  # for progress lines
+    needs_quorum: bool  # fewer than --min-parties delivering aborts the round
+
+
+SECURE_STAGES = (
+    SecureStage(AdvertiseKeys, "receive_advertise", "close_advertise", "training and keys", True),
+    SecureStage(ShareKeys, "receive_shares", "close_shares", "key shares", False),
+    SecureStage(MaskedInput, "receive_masked_input", "close_inputs", "masked inputs", True),
+    SecureStage(ConsistencySignature, "receive_consistency", "close_consistency", "consistency check", False),
+    SecureStage(UnmaskShares, "receive_unmask", "finish", "unmasking", False),
+)
+
+
+@dataclass
+class RoundPlan:
+    """What ROUND_START announced: who was invited, with which secure-aggregation ids and settings."""
+
+    round: int
+    started: list[str]
+    ids: dict[str, int]
+    secagg: SecAggConfig | None
+
+
+class RoundDriver:
+    """Runs the session's rounds over the parties' links."""
+
+    def __init__(self, session: OwnerSession, config: RunConfig, links: OwnerLinks, log: MetricsLog, *,
+                 run_id: str, min_parties: int, join_timeout: float, round_timeout: float,
+                 party_timeout: float) -> None:
+        self.session, self.config, self.links, self.log = session, config, links, log
+        self.run_id, self.min_parties, self.join_timeout = run_id, min_parties, join_timeout
+        self.round_timeout, self.party_timeout = round_timeout, party_timeout
+        self.privacy: dict[str, dict] = {}  # each DP party's latest privacy report (summary.json "dp")
+        adapter, _ = session.payload()
+        self.adapter_spec = {n: (tuple(t.shape), "F32") for n, t in adapter.items()}
+        links.update_spec = {} if config.secure_agg else self.adapter_spec
+
+    def welcome(self) -> Message:
+        return m.welcome(run_id=self.run_id, settings=self.config.party_settings(self.run_id).to_dict(),
+                         round=self.session.round, **self.links.archive.info.welcome_fields())
+
+    def run(self) -> dict:
+        first = True
+        while not self.session.done:
+            participants = self.links.wait_for_parties(self.config.parties, self.min_parties, self.join_timeout,
+                                                       first, self.session.round)
+            first = False
+            self.run_round(participants)
+        return self.session.finish({
+            **run_totals(self.session.history, self.config.secure_agg),
+            "rejected_messages": self.links.rejected, "refused_connections": self.links.refused_connections,
+            **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
+        })
+
+    # ------------------------------------------------------------------------------ one round
+    def run_round(self, participants: list[str]) -> None:
+        r = self.session.round
+        start = time.perf_counter()
+        links = self.links.links
+        before = {n: (link.bytes_down, link.bytes_up) for n, link in links.items()}
+        self.log.say(f"round {r + 1}/{self.config.rounds}: {len(participants)} parties ({', '.join(participants)})")
+        plan = self.start_round(r, participants)
+        deadline = time.monotonic() + self.round_timeout
+        try:
+            if plan.secagg is not None:
+                new_adapter, stats, weights = self.secure_round(plan, deadline)
+            else:
+                new_adapter, stats, weights = self.plain_round(plan, deadline)
+        except SecAggError as exc:
+            self.end_round(r, plan.started, {"aborted": str(exc)})
+            raise RoundAborted(f"round {r + 1} aborted by secure aggregation: {exc}; {r} rounds are "
+                               "checkpointed, restart with --resume") from None
+        except RoundAborted:
+            self.end_round(r, plan.started, {"aborted": True})
+            raise
+        stats = {name: self.party_stats(name, stats[name]) for name in sorted(stats)}
+        down = sum(link.bytes_down - before.get(n, (0, 0))[0] for n, link in links.items())
+        up = sum(link.bytes_up - before.get(n, (0, 0))[1] for n, link in links.items())
+        record = round_record(stats, weights, mb_down=megabytes(down), mb_up=megabytes(up),
+                              seconds=time.perf_counter() - start, secure_agg=self.config.secure_agg)
+        self.privacy.update(privacy_reports(stats))
+        self.session.complete_round(new_adapter, record)
+        self.end_round(r, plan.started, {"participants": record["participants"]})
+        for line in round_lines(r + 1, self.config.rounds, record):
+            self.log.say(line)
+
+    def start_round(self, r: int, participants: list[str]) -> RoundPlan:
+        adapter, emulator = self.session.payload()
+        ids = {name: i for i, name in enumerate(participants)}
+        cfg = None
+        secagg: dict = {}
+        if self.config.secure_agg:
+            cfg = secagg_config([self.links.links[p].n_examples for p in participants], self.config.seed,
+                                self.config.secagg_graph)
+            secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id}
+        started = []
+        for name in participants:
+            self.links.links[name].guard.open_round(r)
+            fields = {**secagg, "party_id": ids[name]} if secagg else {}
+            msg = m.round_start(round=r, deadline_s=self.round_timeout, adapter=adapter, emulator=emulator,
+                                secagg=fields)
+            if self.links.send_to(name, msg):
+                started.append(name)
+        self.links.restarted -= set(started)
+        # Ids, party count and config exactly as announced to every invited party; one whose ROUND_START could
+        # not be sent simply never advertises and is left out like any early dropout.
+        return RoundPlan(r, started, ids, cfg)
+
+    def end_round(self, r: int, names: list[str], summary: dict) -> None:
+        """ROUND_END to the parties still in the session that round r was started in (not to one that
+        restarted meanwhile: its new session never saw the round)."""
+        for name in names:
+            link = self.links.links.get(name)
+            if link is not None and link.guard.round == r:
+                link.guard.close_round()
+                self.links.send_to(name, m.round_end(round=r, summary=summary))
+
+    def require(self, done: set[str], r: int) -> None:
+        if len(done) < self.min_parties:
+            raise RoundAborted(f"round {r + 1}: only {len(done)} parties answered, fewer than the minimum "
+                               f"{self.min_parties}; {self.session.round} rounds are checkpointed, restart with "
+                               "--resume")
+
+    def plain_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict]:
+        updates: dict[str, Message] = {}
+
+        def accept(name: str, msg: Message) -> bool:
+            if msg.type is not MessageType.UPDATE:
+                raise ProtocolError(f"expected an update, got {msg.type.value}")
+            if not msg.tensors:
+                raise ProtocolError("update carries no adapter tensors")
+            # The weight is what the party trained on (examples longer than max_length are dropped after
+            # HELLO), as in the in-process run; never more than it announced.
+            if not 1 <= msg["n_examples"] <= self.links.links[name].n_examples:
+                raise ProtocolError(f"update claims {msg['n_examples']} examples; the party announced "
+                                    f"{self.links.links[name].n_examples}")
+            updates[name] = msg
+            return True
+
+        done = self.links.collect(plan.started, accept, deadline, f"round {plan.round + 1} updates")
+        self.require(done, plan.round)
+        names = sorted(done)
+        states = [{k: torch.from_numpy(np.array(v)) for k, v in updates[n].tensors.items()} for n in names]
+        weights = {n: updates[n]["n_examples"] for n in names}
+        return fedavg(states, [weights[n] for n in names]), {n: updates[n]["stats"] for n in names}, weights
+
+    def secure_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict]:
+        """Masked aggregation: the owner relays keys and shares and learns only the weighted sum."""
+        r, ids = plan.round, plan.ids
+        sent, _ = self.session.payload()
+        names_by_id = {i: n for n, i in ids.items()}
+        server = SecAggServer(plan.secagg, len(ids), sum(t.numel() for t in sent.values()), r, self.run_id)
+        stats: dict[str, dict] = {}
+
+        def accept_stage(stage: SecureStage) -> Callable[[str, Message], bool]:
+            def accept(name: str, msg: Message) -> bool:
+                if msg.type is MessageType.ROUND_STATS:  # statistics only; the update itself is masked
+                    stats[name] = msg["stats"]
+                    return False
+                if msg.type is not MessageType.SECAGG:
+                    raise ProtocolError(f"expected a secure-aggregation message, got {msg.type.value}")
+                obj = message_from_wire(msg["data"], dict(msg.tensors))
+                if not isinstance(obj, stage.kind):
+                    raise ProtocolError(f"expected {stage.kind.TYPE}, got {type(obj).TYPE}")
+                if obj.sender != ids[name]:
+                    raise ProtocolError(f"{name} is party {ids[name]} but claims to be {obj.sender}")
+                answer = getattr(server, stage.receive)(obj)
+                if answer is not None:
+                    self.relay(r, name, answer)
+                return True
+            return accept
+
+        pending: set[str] = set(plan.started)
+        stage_deadline = deadline  # the first stage includes the parties' training
+        result = None
+        for stage in SECURE_STAGES:
+            delivered = self.links.collect(pending, accept_stage(stage), stage_deadline,
+                                           f"round {r + 1} {stage.what}")
+            if stage.needs_quorum:
+                self.require(delivered, r)
+            closed = getattr(server, stage.close)()
+            if stage is SECURE_STAGES[-1]:
+                result = closed
+                break
+            pending = set()  # the next stage waits only for those who were sent this stage's answer
+            for pid, answer in closed.items():
+                pending.add(names_by_id[pid])
+                self.relay(r, names_by_id[pid], answer)
+            stage_deadline = time.monotonic() + self.party_timeout * 2
+        included = sorted(names_by_id[i] for i in result.included)
+        weights = {n: self.links.links[n].n_examples if n in self.links.links else 1 for n in included}
+        return secure_mean(result, sent), {n: stats.get(n, {}) for n in included}, weights
+
+    def relay(self, r: int, name: str, obj) -> None:
+        header, arrays = obj.to_wire()
+        self.links.send_to(name, m.secagg(round=r, stage=header["type"], data=header, arrays=arrays))
+
+    def party_stats(self, name: str, raw: object) -> dict:
+        clean, dropped = clean_stats(raw)
+        if dropped:
+            self.log.say(f"{name}: ignored malformed statistics: {', '.join(dropped)}")
+        return clean
