@@ -1,4 +1,4 @@
-"""Command-line options both nodes take, parsed one way: the DP-SGD flags."""
+"""Command-line options both nodes take, parsed one way: device and dtype, and the DP-SGD flags."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ def dp_from_args(args: argparse.Namespace):
     return DPSettings(noise_multiplier=noise, target_epsilon=epsilon, delta=args.dp_delta,
                       max_grad_norm=1.0 if args.dp_clip is None else args.dp_clip,
                       accountant=args.dp_accountant or "rdp")
+
+
+def add_placement_options(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype; `placement_from_args` resolves them (learning.hardware)."""
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when present)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="frozen weights' precision; LoRA and optimizer state stay float32 (auto: bfloat16 on a GPU "
+                        "that supports it, else float32)")
+
+
+def placement_from_args(args: argparse.Namespace, dp: bool = False):
+    """The resolved Placement; DP-SGD (Opacus' per-sample gradients) keeps float32 unless told otherwise."""
+    from errors import ConfigError  # noqa: PLC0415
+    from learning.hardware import resolve_placement  # noqa: PLC0415
+
+    dtype = getattr(args, "dtype", "auto")
+    if dp and dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
+    return resolve_placement(getattr(args, "device", "auto"), "float32" if dp and dtype == "auto" else dtype)

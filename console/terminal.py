@@ -10,6 +10,7 @@ def quiet_libraries() -> None:
 
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import about an extra
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)

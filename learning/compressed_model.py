@@ -266,15 +266,22 @@ class Manifest:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load_compressed(directory: Path | str, dtype: torch.dtype = torch.float32
-                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
-    """Load a compressed checkpoint with plain transformers, plus its manifest (checked against it)."""
+def load_compressed(directory: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    quantization_config=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
+    """Load a compressed checkpoint with plain transformers, plus its manifest (checked against it): frozen
+    weights in `dtype` on `device`, or quantised by `quantization_config` (transformers' BitsAndBytesConfig)."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise ModelError(f"compressed model directory {directory} does not exist")
     manifest = Manifest.load(directory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        if quantization_config is None:
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+            if torch.device(device).type != "cpu":
+                model = model.to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map={"": str(device)},
+                                                         quantization_config=quantization_config)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load compressed model from {directory}: {str(e).splitlines()[0]}") from None

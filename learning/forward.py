@@ -7,6 +7,7 @@ next token is a labelled response token cuts that cost to the response length.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,15 +54,39 @@ def project(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings."""
+    return unwrap_causal_lm(model).get_input_embeddings().weight.device
+
+
+def precision_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast to the frozen weights' dtype when it is half precision (bf16/fp16), so the float32 LoRA and
+    the half-precision base layers meet in one dtype; nothing (exact float32) otherwise."""
+    weight = unwrap_causal_lm(model).get_input_embeddings().weight
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=weight.device.type, dtype=weight.dtype)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if all(t.device == device for t in batch.values()):
+        return batch
+    return {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+
+
 def response_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> ResponseLogits:
-    """Run the decoder on the batch and project only the positions that predict response tokens."""
+    """Run the decoder on the batch and project only the positions that predict response tokens (on the
+    model's device, in its precision; the logits come back float32)."""
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder()
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
-    mask, targets = response_positions(batch["labels"])
-    return ResponseLogits(project(causal_lm, hidden[mask]), targets, mask.nonzero())
+    batch = to_device(batch, model_device(model))
+    with precision_context(model):
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        mask, targets = response_positions(batch["labels"])
+        logits = project(causal_lm, hidden[mask])
+    return ResponseLogits(logits, targets, mask.nonzero())
 
 
 def response_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -10,14 +10,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 
+from errors import ConfigError
 from learning.compressed_model import Manifest, load_compressed
+from learning.hardware import Placement
 from learning.lora import LoraSettings, attach_lora, lora_state_spec
 from learning.seeds import derive_seed
 from learning.training import PartyTrainer, TrainSettings
 from tasks.datasets import Example
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
+
+QUANTIZE = ("int8", "nf4")
+
+
+def quantization_config(quantize: str | None, placement: Placement):
+    """transformers' BitsAndBytesConfig for a party's frozen weights, or None (no quantisation)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"unknown --quantize {quantize!r}: expected {' or '.join(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401, PLC0415 - an optional extra
+    except ImportError:
+        raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install 'fedbiot[quantize]'") from None
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    compute = placement.dtype if placement.dtype != torch.float32 else torch.float32
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
 
 
 @dataclass
@@ -31,11 +54,15 @@ class PartyModel:
     load_s: float = 0.0
 
     @classmethod
-    def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int) -> PartyModel:
-        """Load the checkpoint the owner shipped and attach LoRA initialised from the run seed (every party
-        and the owner draw the same initial A matrices)."""
+    def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, placement: Placement | None = None,
+             quantize: str | None = None) -> PartyModel:
+        """Load the checkpoint the owner shipped (frozen weights on the placement's device and dtype, or
+        quantised: `int8` / `nf4`) and attach LoRA initialised from the run seed (every party and the owner
+        draw the same initial A matrices). LoRA parameters are float32 whatever the frozen weights are."""
         start = time.perf_counter()
-        model, tokenizer, manifest = load_compressed(model_dir)
+        placement = placement or Placement(torch.device("cpu"), torch.float32)
+        model, tokenizer, manifest = load_compressed(model_dir, placement.dtype, placement.device,
+                                                     quantization_config(quantize, placement))
         layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
         peft_model = attach_lora(model, layers, lora, derive_seed(seed, "lora-init"))
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)

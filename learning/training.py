@@ -47,7 +47,8 @@ class TrainSettings:
             raise ConfigError("learning rate must be > 0 and the proximal weight >= 0")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON types only (betas as a list): the settings travel to networked parties."""
+        return {**asdict(self), "betas": list(self.betas)}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> TrainSettings:

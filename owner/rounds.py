@@ -77,6 +77,7 @@ class RoundDriver:
         self.run_id, self.min_parties, self.join_timeout = run_id, min_parties, join_timeout
         self.round_timeout, self.party_timeout = round_timeout, party_timeout
         self.privacy: dict[str, dict] = {}  # each DP party's latest privacy report (summary.json "dp")
+        self.stage_s = 2 * party_timeout  # a secure stage after the first stays open this long (parties told)
         adapter, _ = session.payload()
         self.adapter_spec = {n: (tuple(t.shape), "F32") for n, t in adapter.items()}
         links.update_spec = {} if config.secure_agg else self.adapter_spec
@@ -138,7 +139,8 @@ class RoundDriver:
         if self.config.secure_agg:
             cfg = secagg_config([self.links.links[p].n_examples for p in participants], self.config.seed,
                                 self.config.secagg_graph)
-            secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id}
+            secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id,
+                      "stage_s": self.stage_s}
         started = []
         for name in participants:
             self.links.links[name].guard.open_round(r)
@@ -232,7 +234,7 @@ class RoundDriver:
             for pid, answer in closed.items():
                 pending.add(names_by_id[pid])
                 self.relay(r, names_by_id[pid], answer)
-            stage_deadline = time.monotonic() + self.party_timeout * 2
+            stage_deadline = time.monotonic() + self.stage_s
         included = sorted(names_by_id[i] for i in result.included)
         weights = {n: self.links.links[n].n_examples if n in self.links.links else 1 for n in included}
         return secure_mean(result, sent), {n: stats.get(n, {}) for n in included}, weights

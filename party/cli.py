@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from console.options import add_dp_options, dp_from_args
+from console.options import add_dp_options, add_placement_options, dp_from_args, placement_from_args
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="where the model and download state live "
                                              "(default: the fedbiot cache dir / party / NAME)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
+    p.add_argument("--allow-plain", action="store_true",
+                   help="take part in rounds without secure aggregation (the owner then sees this party's raw "
+                        "adapter update); by default such a round is refused")
+    p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                   help="hold the frozen compressed model in 8-bit or 4-bit (bitsandbytes; pip install "
+                        "'fedbiot[quantize]'): less memory, the adapter LoRA still trains in float32")
+    add_placement_options(p)
     add_dp_options(p, "differential privacy (DP-SGD)")
     return p
 
@@ -43,9 +50,11 @@ def options_from_args(args: argparse.Namespace):
     """The PartyOptions the parsed flags describe."""
     from party.client import PartyOptions  # noqa: PLC0415
 
+    dp = dp_from_args(args)
     return PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
-                        data_kind=args.data_kind, name=args.name, work_dir=args.work, dp=dp_from_args(args),
-                        timeout=args.timeout)
+                        data_kind=args.data_kind, name=args.name, work_dir=args.work, dp=dp,
+                        timeout=args.timeout, placement=placement_from_args(args, dp=dp is not None),
+                        quantize=args.quantize, require_secure_agg=not args.allow_plain)
 
 
 def run(argv: list[str]) -> int:
@@ -53,9 +62,10 @@ def run(argv: list[str]) -> int:
         return keygen_main(argv[1:])
     args = build_parser().parse_args(argv)
     from console.terminal import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()  # before the learning stack is imported: some libraries talk on import
     from party.client import run_party  # noqa: PLC0415
 
-    quiet_libraries()
     return run_party(options_from_args(args))
 
 

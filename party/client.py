@@ -33,6 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from errors import ConfigError, FedbiotError
 from learning.compressed_model import Manifest, cache_root
 from learning.dp import BudgetSpent
+from learning.hardware import Placement
 from learning.party_model import PartyModel
 from learning.run_settings import PartyRunSettings
 from learning.secure_update import update_vector
@@ -61,6 +62,7 @@ HEARTBEAT_S = 2.0
 REHELLO_S = 300.0  # fallback only: HELLO is repeated when a new connection comes up (see watch_handshakes)
 HELLO_RETRY_S = 2.0  # after a "hello required" REJECT, at most one HELLO per this many seconds
 CHUNK_WINDOW = 4
+STAGE_GRACE_S = 30.0  # beyond the owner's own stage budget: transit and a busy owner
 MAX_FAILED_HANDSHAKES = 3  # consecutive CurveZMQ handshake failures before the owner key is declared wrong
 
 
@@ -75,6 +77,9 @@ class PartyOptions:
     work_dir: Path | None = None
     dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
     timeout: float = 3600.0  # give up after this long without hearing from the owner
+    placement: Placement | None = None  # device and dtype of the frozen weights (None: CPU, float32)
+    quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
+    require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
 
     @property
     def party_name(self) -> str:
@@ -141,6 +146,8 @@ class PartyNode:
         self.welcomed = False
         self.finished = False
         self.rounds_done = 0
+        self.round_deadline = 0.0
+        self.stage_s = 600.0  # how long the owner keeps a secure stage open (ROUND_START says)
         self.state_path = self.work / "party-state.json"
 
     # ------------------------------------------------------------------------------ wire
@@ -292,7 +299,7 @@ class PartyNode:
 
     def load_model(self, model_dir: Path) -> None:
         cfg = self.settings
-        party = PartyModel.load(model_dir, cfg.lora, cfg.seed)
+        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, self.opts.placement, self.opts.quantize)
         data = party.tokenize(self.examples, cfg.max_length, cfg.template)
         dp_file = self.work / "dp-state.json"
         dp_state = json.loads(dp_file.read_text()) if self.opts.dp is not None and dp_file.is_file() else None
@@ -303,8 +310,10 @@ class PartyNode:
         self.spec = m.part_tensors(adapter={n: (shape, "F32") for n, (shape, _) in adapter_spec.items()},
                                    emulator={n: (shape, "F32") for n, (shape, _) in emulator_spec.items()})
         self.send(m.ready(self.archive.model_sha256))
+        where = self.opts.placement.describe() if self.opts.placement else "cpu float32"
         self.log(f"model ready ({len(party.manifest.emulator_layers)} emulator + {party.manifest.adapter_size} "
-                 f"adapter layers); training data: {len(data)} examples")
+                 f"adapter layers, {where}{f', {self.opts.quantize}' if self.opts.quantize else ''}); "
+                 f"training data: {len(data)} examples")
 
     # ------------------------------------------------------------------------------ rounds
     @staticmethod
@@ -336,8 +345,13 @@ class PartyNode:
         if info["step"] == info["steps"] or info["step"] % 4 == 0:
             self.log(f"round {info['round'] + 1}: step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
-    def wait_for(self, kind: MessageType, r: int, stage: str | None = None, timeout: float = 600.0) -> Message:
-        deadline = time.monotonic() + timeout
+    def wait_for(self, kind: MessageType, r: int, stage: str | None = None, timeout: float | None = None
+                 ) -> Message:
+        """The next `kind` message of round r. By default it waits as long as the owner may keep the stage open:
+        until the round's deadline, then one stage budget (both announced in ROUND_START), so a fast party does
+        not abandon a round the owner still runs for its slowest trainer."""
+        deadline = time.monotonic() + timeout if timeout is not None else (
+            max(self.round_deadline, time.monotonic()) + self.stage_s + STAGE_GRACE_S)
         while time.monotonic() < deadline:
             msg = self.receive(0.5)
             if msg is None:
@@ -353,6 +367,7 @@ class PartyNode:
 
     def secure_exchange(self, r: int, msg: Message, update: PartyUpdate, received: dict) -> None:
         fields = msg["secagg"]
+        self.stage_s = float(fields.get("stage_s", self.stage_s))
         cfg = SecAggConfig.from_dict(fields["config"])
         agg = SecAggParty(cfg, fields["party_id"], fields["n_parties"], r, fields["session"])
 
@@ -382,7 +397,13 @@ class PartyNode:
 
     def run_round(self, msg: Message) -> None:
         r = msg["round"]
+        if not msg["secagg"] and self.opts.require_secure_agg:
+            # The owner cannot switch protection off silently: no raw update leaves this party.
+            self.log(f"refused round {r + 1}: the owner asked for an unmasked update, and this party requires "
+                     "secure aggregation (start it with --allow-plain to permit plain rounds)")
+            return
         adapter, emulator = (self.tensors(part) for part in m.round_parts(msg))
+        self.round_deadline = time.monotonic() + msg["deadline_s"]
         update = self.train(r, adapter, emulator)
         if hasattr(self.trainer, "state_dict"):  # before anything leaves: the accountant counts this round
             (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))

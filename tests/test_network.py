@@ -152,7 +152,7 @@ def party_args(endpoint: str, name: str, data: Path, keys: dict, root: Path, own
                ) -> list[str]:
     return ["-m", "party.cli", "--connect", endpoint, "--data", str(data), "--key", str(keys[name][1]),
             "--owner-key", str(owner_key or keys["owner"][0]), "--work", str(root / f"work-{name}"),
-            "--timeout", "90"]
+            "--timeout", "90", "--allow-plain"]
 
 
 def free_port() -> int:
