@@ -8,7 +8,9 @@ attention and gate/up/down MLP projections, which covers Llama, Mistral, Qwen2/3
 
 Traffic per round, per party (LoRA tensors travel as float32; 1 MB = 10^6 bytes, as in the paper):
   - FedBiOT: down = adapter LoRA + emulator LoRA (the emulator is re-aligned every round); up = adapter LoRA.
-  - Offsite-tuning / FedOT: down = up = adapter LoRA (the emulator is aligned once and ships with the model).
+  - Offsite-tuning / FedOT: down = up = adapter LoRA (the emulator is aligned once and ships with the model;
+    the owner of this implementation still re-sends that unchanged emulator LoRA every round, which the
+    plan reports beside the method's figure).
   - FedAvg on the full model: down = up = the LoRA of every layer.
 The paper's Table 5 "MB/round" is down + up: for LLaMA-2-7B with LoRA r=8 on q_proj and v_proj (131,072
 parameters a layer), FedBiOT with 2 adapter layers and 24 emulator layers moves (2 + 24) x 0.524 MB down and
@@ -236,8 +238,9 @@ class Plan:
     lora_per_layer: int
     trainable: int  # adapter LoRA parameters a party trains
     emulator_lora: int
-    down_bytes: int  # per round, per party
+    down_bytes: int  # per round, per party, as the method needs
     up_bytes: int
+    resent_bytes: int  # the unchanged emulator LoRA this implementation re-sends each round (baselines)
     rounds: int
     batch_size: int
     max_length: int
@@ -399,7 +402,8 @@ def make_plan(shape: ModelShape, config: RunConfig) -> Plan:
         model=shape.name, method=config.method, n_layers=n, params_full=shape.params(),
         kept_layers=kept, adapter_layers=[kept[i] for i in adapter_c], emulator_layers=[kept[i] for i in emulator_c],
         targets=targets, lora_per_layer=per_layer, trainable=trainable, emulator_lora=emulator_lora,
-        down_bytes=down, up_bytes=up, rounds=config.rounds, batch_size=train.batch_size,
+        down_bytes=down, up_bytes=up, resent_bytes=0 if config.realigns_each_round else emulator_lora * WIRE_BYTES,
+        rounds=config.rounds, batch_size=train.batch_size,
         max_length=config.max_length, local_steps=train.local_steps,
         step_forward_flops=sum(flops["forward"].values()), step_backward_flops=sum(flops["backward"].values()),
         download_bytes=download, party_memory=party, owner_memory=owner)
@@ -440,8 +444,9 @@ def format_plan(plan: Plan) -> str:
         ("LoRA", f"on {', '.join(plan.targets)}: {plan.lora_per_layer:,} parameters a layer"),
         ("trainable parameters", f"{plan.trainable / 1e6:.3f} M (adapter LoRA)"),
         ("emulator LoRA", f"{plan.emulator_lora / 1e6:.3f} M"),
-        ("per round, down", f"{_mb(plan.down_bytes)}"
-                            f"{' (adapter + emulator LoRA)' if plan.method == 'fedbiot' else ' (adapter LoRA)'}"),
+        ("per round, down", f"{_mb(plan.down_bytes)} " + ("(adapter + emulator LoRA)" if plan.method == "fedbiot" else
+                            "(adapter LoRA" + (f"; the owner also re-sends the unchanged emulator LoRA: "
+                                               f"+{_mb(plan.resent_bytes)})" if plan.resent_bytes else ")"))),
         ("per round, up", f"{_mb(plan.up_bytes)} (adapter LoRA)"),
         ("per round, total", f"{_mb(plan.round_bytes)} a party; {_size(plan.round_bytes * plan.rounds)} "
                              f"over {plan.rounds} rounds"),

@@ -66,6 +66,9 @@ def test_fedbiot_round_is_emulator_plus_adapter_down_and_adapter_up():
     assert plan.up_bytes == 4 * plan.trainable
     assert plan.down_bytes == 4 * (plan.trainable + plan.emulator_lora)
     assert plan.adapter_layers == [30, 31] and plan.emulator_layers[0] == 0 and plan.emulator_layers[-1] == 29
+    assert plan.resent_bytes == 0
+    fedot = _plan(_shape(LLAMA2), 0.2, "fedot", 2)
+    assert fedot.adapter_layers == [0, 1, 30, 31] and fedot.resent_bytes == 4 * fedot.emulator_lora > 0
     full = make_plan(_shape(LLAMA2), RunConfig(method="fedavg-full", lora=PAPER_LORA))
     assert full.emulator_layers == [] and full.trainable == 32 * 131072 and full.down_bytes == full.up_bytes
 
