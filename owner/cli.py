@@ -27,6 +27,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="beta: fraction of the lower layers dropped to form the emulator")
     g.add_argument("--lora-r", type=int, default=d.lora.r)
     g.add_argument("--lora-alpha", type=int, default=d.lora.alpha)
+    g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="the projections that get LoRA, by PEFT name (e.g. q_proj v_proj; default: every Linear "
+                        "of a decoder layer)")
     g = p.add_argument_group("data")
     g.add_argument("--party-data", default=d.party_data,
                    help="parties' training data in --simulate: a JSON/JSONL path or a packaged sample name")
@@ -75,7 +78,7 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
         public_data_kind=args.public_data_kind, public_limit=args.public_limit, eval_data=args.eval_data,
         eval_data_kind=args.eval_data_kind, eval_items=args.eval_items, max_length=args.max_length,
         template=args.template, secure_agg=secure_agg, secagg_graph=args.secagg_graph,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.target_modules),
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                             prox_eps=args.prox_eps),
         align=AlignSettings(pre_steps=args.align_pre_steps, round_steps=args.align_steps,
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="owner",
         description="FedBiOT model owner: compresses the model, aligns the emulator, aggregates parties' "
-                    "adapter LoRA. `owner keygen --out KEYDIR` writes the owner's CurveZMQ key pair.",
+                    "adapter LoRA. `owner keygen --out KEYDIR` writes the owner's CurveZMQ key pair; "
+                    "`owner plan --model M ...` prints what a run would cost, from the model's config alone.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--simulate", type=int, metavar="N", help="run owner + N parties in this process")
@@ -124,9 +128,41 @@ def keygen_main(argv: list[str]) -> int:
     return 0
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A parser whose usage errors are ConfigErrors, so the CLI prints them as one `error:` line."""
+
+    def error(self, message: str):
+        from errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(message)
+
+
+def plan_main(argv: list[str]) -> int:
+    """`owner plan`: the run's layers, traffic, FLOPs and memory from the model's config, before any download."""
+    p = _OneLineErrors(prog="owner plan",
+                       description="Plan a run from the model's config alone (no weights are read or downloaded). "
+                                   "Takes the options of a run, so a run's command line can be planned as it is; "
+                                   "those that change no figure are accepted and ignored.")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    add_run_options(p)
+    p.set_defaults(model=None)
+    args = p.parse_args(argv)
+    import json  # noqa: PLC0415
+
+    from owner.plan import format_plan, make_plan, read_model_config, shape_from_config  # noqa: PLC0415
+
+    config = config_from_args(args, 1, False)
+    name, model_config = read_model_config(args.model)
+    plan = make_plan(shape_from_config(model_config, name), config)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     from console.terminal import quiet_libraries  # noqa: PLC0415
     from owner.metrics import MetricsLog  # noqa: PLC0415
