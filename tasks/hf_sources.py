@@ -109,12 +109,24 @@ def iter_file_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[str, Any]]
         # Text stays text: only an empty cell is missing ("NA" or "None" may be a real answer).
         options = {"sep": sep, "keep_default_na": False, "na_values": [""], "encoding": "utf-8",
                    "features": datasets.Features({c: datasets.Value("string") for c in header})}
+    if fmt == "parquet" and _parquet_rows(path) == 0:
+        return  # the library's stream fails on a file without rows rather than yielding none
     datasets = _library()
     try:
         stream = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{name}: cannot read as {what} ({_first_line(exc)})") from exc
     yield from _rows(stream, name, what)
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Rows in a Parquet file's footer; None when it has no readable footer (the library then says why)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _pick_split(splits: dict[str, Any], split: str | None, name: str) -> Any:
