@@ -41,8 +41,10 @@ class OwnerData:
 
     @classmethod
     def load(cls, config: RunConfig) -> OwnerData:
-        public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit)
-        evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items)
+        public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit,
+                               columns=config.public_columns)
+        evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items,
+                                   columns=config.eval_columns)
         return cls(public, evaluation)
 
     def tokenize(self, tokenizer, config: RunConfig) -> None:

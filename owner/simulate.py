@@ -32,7 +32,8 @@ from tasks.splits import split_by_category, split_iid
 
 def party_splits(config: RunConfig) -> list[list[Example]]:
     """Load the parties' training data and split it (i.i.d. or one party per category)."""
-    examples = load_examples(config.party_data, config.party_data_kind, limit=config.party_limit)
+    examples = load_examples(config.party_data, config.party_data_kind, limit=config.party_limit,
+                             columns=config.party_columns)
     if config.split == "iid":
         return split_iid(examples, config.parties, config.seed)
     by_category = split_by_category(examples, config.seed)

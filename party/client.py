@@ -56,6 +56,7 @@ from secure_agg import (
     UnmaskRequest,
     message_from_wire,
 )
+from tasks.columns import ColumnMap
 from tasks.datasets import Example, load_examples
 from tasks.prompts import tokenize_examples
 
@@ -76,6 +77,7 @@ class PartyOptions:
     owner_key: Path
     data: str
     data_kind: str = "auto"
+    columns: ColumnMap | None = None  # column mapping for a layout the loader does not recognise
     name: str | None = None
     work_dir: Path | None = None
     dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
@@ -115,7 +117,7 @@ class PartyNode:
     def __init__(self, opts: PartyOptions, log: Callable[[str], None] = say) -> None:
         self.opts, self.log = opts, log
         self.name = opts.party_name
-        self.examples: list[Example] = load_examples(opts.data, opts.data_kind)
+        self.examples: list[Example] = load_examples(opts.data, opts.data_kind, columns=opts.columns)
         if len(self.examples) > MAX_EXAMPLES:
             raise ConfigError(f"{opts.data}: {len(self.examples):,} examples; the protocol carries at most "
                               f"{MAX_EXAMPLES:,} per party (train on a sample of them)")
