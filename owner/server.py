@@ -509,6 +509,7 @@ class OwnerServer:
             "mb_up_total": sum(h.get("mb_up", 0.0) for h in self.session.history),
             "secure_agg": self.config.secure_agg, "rejected_messages": self.rejected,
             "refused_connections": self.refused_connections,
+            "party_examples": sum(link.n_examples for link in self.links.values()),
             **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
         })
         return summary

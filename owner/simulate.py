@@ -180,6 +180,6 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
     return session.finish({
         "mb_down_total": sum(h.get("mb_down", 0.0) for h in session.history),
         "mb_up_total": sum(h.get("mb_up", 0.0) for h in session.history),
-        "secure_agg": config.secure_agg,
+        "secure_agg": config.secure_agg, "party_examples": sum(t.n_examples for t in trainers),
         **({"dp": dp_report(trainers)} if config.dp is not None else {}),
     })
