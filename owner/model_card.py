@@ -114,7 +114,7 @@ def render_card(kind: str, facts: CardFacts) -> str:
     nll = {"base model": facts.nll.get("base")}
     nll.update({f"{KINDS[k][0]}{' (this adapter)' if k == kind else ''}": facts.nll.get(k)
                 for k in KINDS if k in facts.nll})
-    nll = {k: v for k, v in nll.items() if v is not None}
+    nll = {k: f"{v:.4f}" for k, v in nll.items() if v is not None}
     body = [
         _front_matter(kind, facts),
         "",

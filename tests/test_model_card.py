@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learning.lora import LoraSettings, attach_lora, lora_state
 from owner.cli import main
@@ -46,8 +46,8 @@ def test_card_states_the_run(kind):
                  "| party training examples | 1,234 |", "| learning rate | 0.0003 |", "32 held-out items",
                  f'AutoPeftModelForCausalLM.from_pretrained("path/to/{kind}")'):
         assert text in card, text
-    this = "AdapFu (this adapter) | 1.25 |" if kind == "adapfu" else "AdapEmu (this adapter) | 1.5 |"
-    assert this in card and "| base model | 2.5 |" in card
+    this = "AdapFu (this adapter) | 1.2500 |" if kind == "adapfu" else "AdapEmu (this adapter) | 1.5000 |"
+    assert this in card and "| base model | 2.5000 |" in card
 
 
 def test_card_without_dp_and_the_default_model():
@@ -102,7 +102,12 @@ def test_simulated_run_writes_cards_and_reads_csv_with_columns(tiny_llama_dir, t
         assert front_matter(card)["base_model"] == str(tiny_llama_dir)
         assert "| parties | 2 |" in card and "| rounds | 1 |" in card
         assert "| party training examples | 16 |" in card and "| public alignment examples | 8 |" in card
-        assert f"| {summary['nll_' + kind]:.4g} |" in card and "4 held-out items of `eval.tsv`" in card
+        assert f"(this adapter) | {summary['nll_' + kind]:.4f} |" in card and "4 held-out items of `eval.tsv`" in card
         assert "| differential privacy | none |" in card
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
-    assert torch.isfinite(PeftModel.from_pretrained(base, out / "adapfu")(torch.tensor([[5, 6, 7]])).logits).all()
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(PeftModel.from_pretrained(base, out / "adapfu")(ids).logits).all()
+    for kind in ("adapfu", "adapemu"):  # the card's loading snippet, as written there
+        model = AutoPeftModelForCausalLM.from_pretrained(str(out / kind))
+        tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"].base_model_name_or_path)
+        assert torch.isfinite(model(**tokenizer("hi", return_tensors="pt")).logits).all()
