@@ -49,7 +49,7 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
 
 ANSWER_MARK = "####"
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-READABLE = ("JSON/JSONL (.json, .jsonl, optionally .gz), CSV (.csv, .tsv), Parquet (.parquet), Arrow (.arrow), "
+READABLE = ("JSON/JSONL (.json, .jsonl), CSV (.csv, .tsv), both optionally .gz, Parquet (.parquet), Arrow (.arrow), "
             "a `datasets` save_to_disk directory, or a hub id")
 # A hub data set id, optionally with :CONFIG and :SPLIT; anything else that does not exist is a missing path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+){0,2}")
@@ -151,16 +151,18 @@ def _looks_like_path(source: str) -> bool:
     """A spec that can only mean a local path (so, when missing, it is reported as a missing file)."""
     name = Path(source).name
     return (source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
-            or _is_json_name(Path(name.split(":")[0])) or Path(name).suffix.lower() in hf_sources.FILE_FORMATS
+            or _is_json_name(Path(name.split(":")[0])) or hf_sources.data_suffix(Path(name)) in hf_sources.FILE_FORMATS
             or _HUB_ID.fullmatch(source) is None)
 
 
 def _file_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    if _is_json_name(path) or path.suffix.lower() == ".gz":
+    if _is_json_name(path):
         return iter_records(path, name)
     fmt = hf_sources.file_format(path)
     if fmt is not None:
         return hf_sources.iter_file_rows(path, fmt, name)
+    if path.suffix.lower() == ".gz":
+        return iter_records(path, name)
     text = _read_text(path, name)  # no telling suffix: JSON/JSONL if it reads as such, else a clear refusal
     if text.strip() and text.lstrip()[0] not in "[{":
         raise DataError(f"{name}: unknown data format{f' {path.suffix!r}' if path.suffix else ''} "

@@ -10,6 +10,7 @@ corrupt file, a missing split, no network) becomes one `DataError` line naming t
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import socket
 import threading
@@ -32,9 +33,17 @@ HUB_SPEC = "ID, ID:SPLIT or ID:CONFIG:SPLIT"
 HUB_PROBE_S = 5.0  # how long to wait for the hub before saying it cannot be reached
 
 
+def data_suffix(path: Path) -> str:
+    """The suffix that names the format: `.csv` for both `x.csv` and `x.csv.gz`."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if len(suffixes) == 2 and suffixes[-1] == ".gz":
+        return suffixes[0]
+    return suffixes[-1] if suffixes else ""
+
+
 def file_format(path: Path) -> str | None:
     """The builder for `path` from its suffix, else from its first bytes; None when neither says."""
-    fmt = FILE_FORMATS.get(path.suffix.lower())
+    fmt = FILE_FORMATS.get(data_suffix(path))
     if fmt is not None:
         return fmt
     try:
@@ -83,12 +92,13 @@ def _rows(rows: Iterable[Any], name: str, what: str) -> Iterator[tuple[str, Any]
 
 def _csv_header(path: Path, name: str, sep: str) -> list[str]:
     """The header row, read here so every column can be loaded as text (pandas would turn '007' into 7)."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
             header = next(csv.reader(fh, delimiter=sep), [])
     except UnicodeDecodeError as exc:
         raise DataError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except (OSError, csv.Error) as exc:
+    except (OSError, EOFError, csv.Error) as exc:
         raise DataError(f"{name}: cannot read as CSV ({exc})") from exc
     header = [c.strip() for c in header]
     if not any(header):
@@ -104,7 +114,7 @@ def iter_file_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[str, Any]]
     options: dict[str, Any] = {}
     if fmt == "csv":
         datasets = _library()
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        sep = "\t" if data_suffix(path) == ".tsv" else ","
         header = _csv_header(path, name, sep)
         # Text stays text: only an empty cell is missing ("NA" or "None" may be a real answer).
         options = {"sep": sep, "keep_default_na": False, "na_values": [""], "encoding": "utf-8",

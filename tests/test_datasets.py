@@ -233,7 +233,9 @@ def test_csv_and_tsv_with_column_mapping(tmp_path):
     """Every cell is text: '007' keeps its zeros, 'NA' is an answer, only an empty cell is missing."""
     _frame(TABLE).to_csv(tmp_path / "t.csv", index=False)
     _frame(TABLE).to_csv(tmp_path / "t.tsv", index=False, sep="\t")
-    for name in ("t.csv", "t.tsv"):
+    _frame(TABLE).to_csv(tmp_path / "t.csv.gz", index=False)
+    _frame(TABLE).to_csv(tmp_path / "t.tsv.gz", index=False, sep="\t")
+    for name in ("t.csv", "t.tsv", "t.csv.gz", "t.tsv.gz"):
         assert load_examples(tmp_path / name, columns=TABLE_COLUMNS) == TABLE_EXAMPLES
     assert load_examples(str(tmp_path / "t.csv"), columns=ColumnMap("question_text", "gold"), limit=2) == [
         Example("What is 2 + 2?", "4"), Example("Spell 007.", "007")]
