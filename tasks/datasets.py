@@ -150,8 +150,9 @@ def _is_json_name(path: Path) -> bool:
 def _looks_like_path(source: str) -> bool:
     """A spec that can only mean a local path (so, when missing, it is reported as a missing file)."""
     name = Path(source).name
-    return (source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
-            or _is_json_name(Path(name.split(":")[0])) or hf_sources.data_suffix(Path(name)) in hf_sources.FILE_FORMATS
+    named_file = (_is_json_name(Path(name.split(":")[0]))
+                  or hf_sources.data_suffix(Path(name)) in hf_sources.FILE_FORMATS)
+    return (source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1 or named_file
             or _HUB_ID.fullmatch(source) is None)
 
 
@@ -182,7 +183,7 @@ def open_records(source: str | Path) -> tuple[str, Iterator[tuple[str, Any]]]:
         return name, iter_records(_sample_path(source), name)
     text = str(source)
     if isinstance(source, str) and source.startswith("hub:"):
-        return text, hf_sources.iter_hub_rows(source[4:], text, "asked for by hub:")
+        return text, hf_sources.iter_hub_rows(source[4:], text)
     path = Path(source).expanduser()
     if path.is_file():
         return text, _file_records(path, text)

@@ -209,7 +209,7 @@ def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
     return f"cannot reach {host}: {outcome.get('error', f'no answer within {timeout:g} s')}"
 
 
-def iter_hub_rows(spec: str, name: str, not_local: str) -> Iterator[tuple[str, Any]]:
+def iter_hub_rows(spec: str, name: str, not_local: str | None = None) -> Iterator[tuple[str, Any]]:
     """Rows of a hub data set (downloaded to, or read from, the library's cache).
 
     `not_local` says why the spec was not taken as a local source; it leads every error, since a mistyped
@@ -217,7 +217,7 @@ def iter_hub_rows(spec: str, name: str, not_local: str) -> Iterator[tuple[str, A
     """
     repo, config, split = parse_hub_spec(spec, name)
     datasets = _library()
-    lead = f"{name}: {not_local}, and the Hugging Face hub"
+    lead = f"{name}: {not_local}, and the Hugging Face hub" if not_local else f"{name}: the Hugging Face hub"
     if hub_offline():
         offline = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
     else:
