@@ -32,15 +32,21 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "of a decoder layer)")
     g = p.add_argument_group("data")
     g.add_argument("--party-data", default=d.party_data,
-                   help="parties' training data in --simulate: a JSON/JSONL path or a packaged sample name")
+                   help="parties' training data in --simulate: a JSON/JSONL, CSV/TSV, Parquet or Arrow file, a "
+                        "`datasets` save_to_disk directory (DIR:SPLIT), a packaged sample name, or a hub id "
+                        "(ID, ID:SPLIT, ID:CONFIG:SPLIT)")
     g.add_argument("--party-data-kind", default=d.party_data_kind, help="gsm8k | dolly | alpaca | auto")
+    g.add_argument("--party-columns", default=None, metavar="MAP",
+                   help="column mapping for any other layout: prompt=COL,response=COL[,context=COL][,category=COL]")
     g.add_argument("--split", default=d.split, choices=["iid", "category"])
     g.add_argument("--party-limit", type=int, default=d.party_limit, help="cap on training examples")
     g.add_argument("--public-data", default=d.public_data, help="owner's public alignment data")
     g.add_argument("--public-data-kind", default=d.public_data_kind)
+    g.add_argument("--public-columns", default=None, metavar="MAP", help="column mapping of --public-data")
     g.add_argument("--public-limit", type=int, default=d.public_limit)
     g.add_argument("--eval-data", default=d.eval_data, help="held-out items for the NLL in summary.json")
     g.add_argument("--eval-data-kind", default=d.eval_data_kind)
+    g.add_argument("--eval-columns", default=None, metavar="MAP", help="column mapping of --eval-data")
     g.add_argument("--eval-items", type=int, default=d.eval_items)
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
     g.add_argument("--template", default=d.template, choices=["auto", "chat", "plain"])
@@ -74,9 +80,10 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
         model=args.model, method=args.method, adapter_size=args.adapter_size, drop_rate=args.drop_rate,
         rounds=args.rounds,
         parties=parties, seed=args.seed, party_data=args.party_data, party_data_kind=args.party_data_kind,
-        split=args.split, party_limit=args.party_limit, public_data=args.public_data,
-        public_data_kind=args.public_data_kind, public_limit=args.public_limit, eval_data=args.eval_data,
-        eval_data_kind=args.eval_data_kind, eval_items=args.eval_items, max_length=args.max_length,
+        party_columns=args.party_columns, split=args.split, party_limit=args.party_limit,
+        public_data=args.public_data, public_data_kind=args.public_data_kind, public_columns=args.public_columns,
+        public_limit=args.public_limit, eval_data=args.eval_data, eval_data_kind=args.eval_data_kind,
+        eval_columns=args.eval_columns, eval_items=args.eval_items, max_length=args.max_length,
         template=args.template, secure_agg=secure_agg, secagg_graph=args.secagg_graph,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.target_modules),
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,

@@ -12,6 +12,7 @@ from learning.lora import LoraSettings
 from learning.run_settings import PartyRunSettings
 from learning.training import TrainSettings
 from owner.alignment import AlignSettings
+from tasks.columns import ColumnMap
 
 # fedbiot: adapter = last s layers, emulator re-aligned every round. offsite (Offsite-tuning): one party
 # with all the data, adapter = first 2 + last s layers, emulator aligned once. fedot: the same adapter and
@@ -30,15 +31,18 @@ class RunConfig:
     rounds: int = 3
     parties: int = 3
     seed: int = 0
-    party_data: str = "gsm8k-train"  # path or packaged sample name
+    party_data: str = "gsm8k-train"  # file, save_to_disk dir, packaged sample name or hub id
     party_data_kind: str = "auto"
+    party_columns: str | None = None  # column mapping "prompt=COL,response=COL[,context=COL][,category=COL]"
     split: str = "iid"  # iid | category
     party_limit: int | None = None  # cap on training examples in total (before splitting)
     public_data: str = "dolly"
     public_data_kind: str = "auto"
+    public_columns: str | None = None
     public_limit: int | None = 400
     eval_data: str = "gsm8k-test"
     eval_data_kind: str = "auto"
+    eval_columns: str | None = None
     eval_items: int = 32
     max_length: int = 256
     template: str = "auto"
@@ -69,6 +73,13 @@ class RunConfig:
             raise ConfigError("--max-length must be at least 8")
         if self.secagg_graph not in ("complete", "sparse"):
             raise ConfigError(f"--secagg-graph must be complete or sparse, not {self.secagg_graph!r}")
+        for which in ("party", "public", "eval"):  # a mistyped mapping fails here, not after the model loads
+            spec = getattr(self, f"{which}_columns")
+            if spec is not None:
+                try:
+                    ColumnMap.parse(spec)
+                except ConfigError as exc:
+                    raise ConfigError(f"--{which}-columns: {exc}") from None
 
     def adapter_layout(self, n_layers: int) -> tuple[int, int]:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""

@@ -2,7 +2,8 @@
 
 AdapFu = full model E* with the adapter LoRA on its last s layers (what matters for accuracy);
 AdapEmu = compressed model with the aligned emulator LoRA and the adapter LoRA. Both are written
-directly (config + safetensors), so exporting never needs the full model in memory.
+directly (config + safetensors), so exporting never needs the full model in memory. Each directory may get
+a README.md model card (owner/model_card.py) written in the same atomic step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from learning.compressed_model import Manifest, atomic_directory
 from learning.lora import LoraSettings, remap_layer_indices, split_lora_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CARD = "README.md"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -48,7 +50,7 @@ def _check_state(state: Mapping[str, torch.Tensor], manifest: Manifest, layers: 
 
 
 def _write_adapter(state: Mapping[str, torch.Tensor], base: str, settings: LoraSettings,
-                   out_dir: Path) -> None:
+                   out_dir: Path, card: str | None = None) -> None:
     if not state:
         raise ModelError("nothing to export: the LoRA state is empty")
     targets = sorted({split_lora_name(name)[0] for name in state})
@@ -60,20 +62,24 @@ def _write_adapter(state: Mapping[str, torch.Tensor], base: str, settings: LoraS
     with atomic_directory(Path(out_dir)) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if card is not None:
+            (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
 def export_adapfu(adapter_state: Mapping[str, torch.Tensor], manifest: Manifest, base_identity: str,
-                  settings: LoraSettings, out_dir: Path) -> None:
-    """AdapFu: the adapter LoRA (compressed adapter layers) moved onto the full model's last s layers."""
+                  settings: LoraSettings, out_dir: Path, card: str | None = None) -> None:
+    """AdapFu: the adapter LoRA (compressed adapter layers) moved onto the full model's last s layers;
+    `card` is the README.md text, if any."""
     _check_state(adapter_state, manifest, manifest.adapter_layers, "adapter", settings)
     mapping = dict(zip(manifest.adapter_layers, manifest.full_adapter_layers, strict=True))
     full = remap_layer_indices(adapter_state, mapping, manifest.layers_path)
-    _write_adapter(full, str(base_identity), settings, out_dir)
+    _write_adapter(full, str(base_identity), settings, out_dir, card)
 
 
 def export_adapemu(adapter_state: Mapping[str, torch.Tensor], emulator_state: Mapping[str, torch.Tensor],
-                   manifest: Manifest, compressed_dir: Path, settings: LoraSettings, out_dir: Path) -> None:
-    """AdapEmu: the compressed model with the aligned emulator LoRA and the adapter LoRA."""
+                   manifest: Manifest, compressed_dir: Path, settings: LoraSettings, out_dir: Path,
+                   card: str | None = None) -> None:
+    """AdapEmu: the compressed model with the aligned emulator LoRA and the adapter LoRA (`card`: README.md)."""
     compressed_dir = Path(compressed_dir).absolute()
     on_disk = Manifest.load(compressed_dir)
     if on_disk.kept_layers != manifest.kept_layers or on_disk.n_layers != manifest.n_layers:
@@ -81,4 +87,4 @@ def export_adapemu(adapter_state: Mapping[str, torch.Tensor], emulator_state: Ma
                          f"(kept layers {on_disk.kept_layers} vs {manifest.kept_layers})")
     _check_state(adapter_state, manifest, manifest.adapter_layers, "adapter", settings)
     _check_state(emulator_state, manifest, manifest.emulator_layers, "emulator", settings)
-    _write_adapter({**emulator_state, **adapter_state}, str(compressed_dir), settings, out_dir)
+    _write_adapter({**emulator_state, **adapter_state}, str(compressed_dir), settings, out_dir, card)

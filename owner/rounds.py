@@ -95,6 +95,7 @@ class RoundDriver:
             self.run_round(participants)
         return self.session.finish({
             **run_totals(self.session.history, self.config.secure_agg),
+            "party_examples": sum(link.n_examples for link in self.links.links.values()),
             "rejected_messages": self.links.rejected, "refused_connections": self.links.refused_connections,
             **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
         })

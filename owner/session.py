@@ -24,9 +24,10 @@ from owner.config import RunConfig
 from owner.evaluate import mean_response_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.metrics import MetricsLog
+from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
 from owner.models import LoadedModel, decoder_layers, load_model
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
-from tasks.datasets import Example, load_examples
+from tasks.datasets import SAMPLES, Example, load_examples
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
 
 
@@ -41,13 +42,23 @@ class OwnerData:
 
     @classmethod
     def load(cls, config: RunConfig) -> OwnerData:
-        public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit)
-        evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items)
+        public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit,
+                               columns=config.public_columns)
+        evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items,
+                                   columns=config.eval_columns)
         return cls(public, evaluation)
 
     def tokenize(self, tokenizer, config: RunConfig) -> None:
         self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template)
         self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template)
+
+
+def data_label(spec: str) -> str:
+    """A data source as a model card names it: samples and hub ids as given, a local path by its file name."""
+    if spec in SAMPLES:
+        return f"packaged sample {spec}"
+    path = Path(spec).expanduser()
+    return path.name if path.exists() or path.is_absolute() else spec
 
 
 class OwnerSession:
@@ -179,14 +190,43 @@ class OwnerSession:
             "nll_adapfu": mean_response_nll(self.teacher, data, pad),
         }
 
-    def finish(self, extra: dict | None = None) -> dict:
-        """Export AdapEmu and AdapFu, evaluate, write summary.json."""
+    def card_facts(self, scores: dict[str, float], extra: dict) -> CardFacts:
+        """What the adapters' model cards state; `extra` may carry `party_examples` and the parties' `dp`."""
         cfg, m = self.config, self.manifest
-        export_adapemu(self.adapter_state, self.emulator_state, m, self.compressed_dir.resolve(), cfg.lora,
-                       self.out_dir / "adapemu")
-        export_adapfu(self.adapter_state, m, self.base.identity, cfg.lora, self.out_dir / "adapfu")
-        self.log.say(f"exported AdapEmu and AdapFu; evaluating NLL on {len(self.data.eval_tokens)} held-out items")
+        name, note = base_model_name(cfg.model)
+        bottom = f"first {m.bottom_adapter_size} + " if m.bottom_adapter_size else ""
+        settings = {
+            "adapter layers": f"{bottom}last {m.adapter_size} of {m.n_layers}",
+            "emulator layers": f"{len(m.emulator_layers)} (drop rate {cfg.drop_rate:g})",
+            "LoRA": f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout:g}",
+            "local steps x batch": f"{cfg.train.local_steps} x {cfg.train.batch_size}",
+            "learning rate": cfg.train.lr, "proximal eps": cfg.train.prox_eps,
+            "alignment steps": f"{cfg.align.pre_steps} before round 1, "
+                               f"{cfg.align.round_steps if cfg.realigns_each_round else 0} per round",
+            "alignment KL weight": cfg.align.kl_weight, "max length": cfg.max_length,
+            "party split": cfg.split, "seed": cfg.seed,
+        }
+        data = {"party training examples": extra.get("party_examples"),
+                "public alignment examples": len(self.data.public),
+                "held-out evaluation items": len(self.data.eval_tokens)}
+        return CardFacts(
+            base_model=name, base_note=note, method=cfg.method, rounds=self.round, parties=cfg.parties,
+            settings=settings, data={k: v for k, v in data.items() if isinstance(v, int)},
+            nll={"base": scores["nll_base"], "adapfu": scores["nll_adapfu"], "adapemu": scores["nll_adapemu"]},
+            eval_items=len(self.data.eval_tokens), eval_data=data_label(cfg.eval_data),
+            secure_agg=cfg.secure_agg, dp=dp_summary(extra.get("dp")))
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Evaluate, export AdapEmu and AdapFu with their model cards, write summary.json."""
+        cfg, m = self.config, self.manifest
+        self.log.say(f"evaluating NLL on {len(self.data.eval_tokens)} held-out items")
         scores = self.evaluate()
+        facts = self.card_facts(scores, extra or {})
+        export_adapemu(self.adapter_state, self.emulator_state, m, self.compressed_dir.resolve(), cfg.lora,
+                       self.out_dir / "adapemu", card=render_card("adapemu", facts))
+        export_adapfu(self.adapter_state, m, self.base.identity, cfg.lora, self.out_dir / "adapfu",
+                      card=render_card("adapfu", facts))
+        self.log.say("exported AdapEmu and AdapFu with their model cards")
         summary = {
             **scores,
             "rounds": self.round,

@@ -33,7 +33,8 @@ from tasks.splits import split_by_category, split_iid
 
 def party_splits(config: RunConfig) -> list[list[Example]]:
     """Load the parties' training data and split it (i.i.d. or one party per category)."""
-    examples = load_examples(config.party_data, config.party_data_kind, limit=config.party_limit)
+    examples = load_examples(config.party_data, config.party_data_kind, limit=config.party_limit,
+                             columns=config.party_columns)
     if config.split == "iid":
         return split_iid(examples, config.parties, config.seed)
     by_category = split_by_category(examples, config.seed)
@@ -163,6 +164,6 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
         for line in round_lines(session.round, config.rounds, record):
             log.say(line)
     return session.finish({
-        **run_totals(session.history, config.secure_agg),
+        **run_totals(session.history, config.secure_agg), "party_examples": sum(t.n_examples for t in trainers),
         **({"dp": dp_report(trainers)} if config.dp is not None else {}),
     })

@@ -27,8 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="FedBiOT party: trains the adapter LoRA on local data; the data never leave this machine. "
                     "`party keygen --name NAME --out KEYDIR` writes a key pair.")
     p.add_argument("--connect", required=True, metavar="ENDPOINT", help="owner address, e.g. tcp://host:5555")
-    p.add_argument("--data", required=True, help="local training data (JSON/JSONL) or a packaged sample name")
+    p.add_argument("--data", required=True,
+                   help="local training data: a JSON/JSONL, CSV/TSV, Parquet or Arrow file, a `datasets` "
+                        "save_to_disk directory (DIR:SPLIT), a packaged sample name, or a hub id "
+                        "(ID, ID:SPLIT, ID:CONFIG:SPLIT)")
     p.add_argument("--data-kind", default="auto", help="gsm8k | dolly | alpaca | auto")
+    p.add_argument("--columns", metavar="MAP",
+                   help="column mapping for any other layout: prompt=COL,response=COL[,context=COL][,category=COL]")
     p.add_argument("--key", type=Path, required=True, help="this party's secret key file (NAME.key_secret)")
     p.add_argument("--owner-key", type=Path, required=True, help="the owner's public key file (pinned)")
     p.add_argument("--name", help="party name (default: the key file's name)")
@@ -49,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace):
     """The PartyOptions the parsed flags describe."""
     from party.client import PartyOptions  # noqa: PLC0415
+    from tasks.columns import ColumnMap  # noqa: PLC0415
 
     dp = dp_from_args(args)
+    columns = ColumnMap.coerce(args.columns)  # a mistyped mapping fails before anything connects
     return PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
-                        data_kind=args.data_kind, name=args.name, work_dir=args.work, dp=dp,
+                        data_kind=args.data_kind, columns=columns, name=args.name, work_dir=args.work, dp=dp,
                         timeout=args.timeout, placement=placement_from_args(args, dp=dp is not None),
                         quantize=args.quantize, require_secure_agg=not args.allow_plain)
 

@@ -56,6 +56,7 @@ from secure_agg import (
     UnmaskRequest,
     message_from_wire,
 )
+from tasks.columns import ColumnMap
 from tasks.datasets import Example, load_examples
 
 HEARTBEAT_S = 2.0
@@ -73,6 +74,7 @@ class PartyOptions:
     owner_key: Path
     data: str
     data_kind: str = "auto"
+    columns: ColumnMap | None = None  # column mapping for a layout the loader does not recognise
     name: str | None = None
     work_dir: Path | None = None
     dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
@@ -117,7 +119,7 @@ class PartyNode:
         self.opts, self.log = opts, log
         self.after_stage = after_stage or (lambda stage: None)
         self.name = opts.party_name
-        self.examples: list[Example] = load_examples(opts.data, opts.data_kind)
+        self.examples: list[Example] = load_examples(opts.data, opts.data_kind, columns=opts.columns)
         if len(self.examples) > MAX_EXAMPLES:
             raise ConfigError(f"{opts.data}: {len(self.examples):,} examples; the protocol carries at most "
                               f"{MAX_EXAMPLES:,} per party (train on a sample of them)")
