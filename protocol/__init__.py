@@ -14,6 +14,7 @@ from protocol.codec import (
     tensor_spec,
 )
 from protocol.errors import ProtocolError, TransportError
+from protocol.identities import IdentityLimit, IdentityRefused
 from protocol.liveness import Deadline, Liveness, Ticker
 from protocol.messages import PROTOCOL_VERSION, SPECS, Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
@@ -26,6 +27,8 @@ __all__ = [
     "ChunkReceiver",
     "ChunkSource",
     "Deadline",
+    "IdentityLimit",
+    "IdentityRefused",
     "Limits",
     "Liveness",
     "Message",

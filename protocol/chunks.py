@@ -3,8 +3,9 @@
 Owner: `pack_dir(src, archive)` -> `ChunkSource` (serves `chunk(i)`). Party: `ChunkReceiver` writes each
 verified chunk at its offset in a partial file and records progress on disk after every chunk, so a
 broken connection or a restarted party asks only for what is missing. Once complete, the whole-archive
-sha256 is checked and the archive is extracted (regular files and directories only, no absolute paths,
-no `..`, no links) into a temporary directory that is then renamed into place.
+sha256 is checked and the archive is extracted (regular files and directories only, no sparse members,
+no absolute paths, no `..`, no links, at most the announced archive size in file data) into a temporary
+directory that is then renamed into place.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from protocol.errors import ProtocolError
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 _HASH_BLOCK = 1024 * 1024
+# Exactly what pack_dir writes: plain files (type "0", or NUL from old writers) and directories. Not contiguous
+# files, links, devices, FIFOs or GNU sparse files, which tarfile would otherwise count as "regular".
+_ALLOWED_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE})
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,11 @@ class ChunkReceiver:
         self._done: dict[int, str] = {}
         self._resume()
 
+    @property
+    def received_bytes(self) -> int:
+        """Bytes of the archive stored so far; never more than the announced `model_size`."""
+        return sum(self.info.chunk_length(i) for i in self._done)
+
     # -- state
 
     def missing(self) -> list[int]:
@@ -175,6 +184,9 @@ class ChunkReceiver:
             raise ProtocolError(f"chunk {index} does not match its sha256")
         if index in self._done:
             return False
+        if self.received_bytes + len(data) > self.info.model_size:  # cannot happen with the checks above
+            raise ProtocolError(f"chunk {index} would take the download past the announced "
+                                f"{self.info.model_size} bytes")
         with self.part_path.open("r+b") as fh:
             fh.seek(index * self.info.chunk_size)
             fh.write(data)
@@ -191,10 +203,13 @@ class ChunkReceiver:
         so the next attempt starts over."""
         if not self.complete:
             raise ProtocolError(f"archive incomplete: {len(self.missing())} chunk(s) missing")
+        if self.part_path.stat().st_size != self.info.model_size:
+            self.discard()
+            raise ProtocolError("the partial archive is not the announced size; download discarded")
         if _file_sha256(self.part_path) != self.info.model_sha256:
             self.discard()
             raise ProtocolError("archive does not match its announced sha256; download discarded")
-        dest = extract_archive(self.part_path, dest_dir)
+        dest = extract_archive(self.part_path, dest_dir, max_bytes=self.info.model_size)
         self.discard()
         return dest
 
@@ -263,9 +278,19 @@ class ChunkReceiver:
 # ------------------------------------------------------------------------------------------ extract
 
 
-def extract_archive(archive_path: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) -> Path:
-    """Safely unpack a tar into `dest_dir`: members are checked before anything is written, data is
-    copied by us (never `extractall`), and the result appears at `dest_dir` by a rename."""
+def extract_archive(
+    archive_path: str | os.PathLike[str], dest_dir: str | os.PathLike[str], *, max_bytes: int
+) -> Path:
+    """Safely unpack a tar into `dest_dir`: every member is checked before anything is written (regular
+    files and directories only, no sparse members, safe unique paths, file data totalling at most
+    `max_bytes`), data is copied by us (never `extractall`), and the result appears at `dest_dir` by a
+    rename.
+
+    `max_bytes` is what the archive may expand to on disk; the party passes the size WELCOME announced,
+    which an honest archive never exceeds (a tar stores file data whole, plus headers). A sparse member
+    would let a few kilobytes describe terabytes of holes, so it is refused outright."""
+    if max_bytes < 0:
+        raise ProtocolError("the unpack bound must be >= 0 bytes")
     dest = Path(dest_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -276,6 +301,9 @@ def extract_archive(archive_path: str | os.PathLike[str], dest_dir: str | os.Pat
                 names = [_safe_member_name(m) for m in members]
                 if len(set(names)) != len(names):
                     raise ProtocolError("archive lists a path twice")
+                total = sum(m.size for m in members if m.isreg())
+                if total > max_bytes:
+                    raise ProtocolError(f"archive members hold {total} bytes, more than the bound of {max_bytes}")
                 for member, name in zip(members, names, strict=True):
                     target = tmp.joinpath(*name.parts)
                     if member.isdir():
@@ -286,8 +314,8 @@ def extract_archive(archive_path: str | os.PathLike[str], dest_dir: str | os.Pat
                     if source is None:
                         raise ProtocolError(f"archive member {member.name!r} has no data")
                     with source, target.open("xb") as out:
-                        shutil.copyfileobj(source, out)
-        except (tarfile.TarError, EOFError) as exc:
+                        _copy_exactly(source, out, member)
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as exc:
             raise ProtocolError(f"model archive is not a valid tar: {exc}") from None
         except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
             raise ProtocolError(f"model archive has conflicting paths: {exc.filename}") from None
@@ -304,8 +332,23 @@ def extract_archive(archive_path: str | os.PathLike[str], dest_dir: str | os.Pat
         raise
 
 
+def _copy_exactly(source: BinaryIO, out: BinaryIO, member: tarfile.TarInfo) -> None:
+    """Copy one member's data, never more than its declared size (which the bound was checked against)."""
+    left = member.size
+    while left > 0:
+        block = source.read(min(left, _HASH_BLOCK))
+        if not block:
+            raise ProtocolError(f"archive member {member.name!r} is truncated")
+        out.write(block)
+        left -= len(block)
+
+
 def _safe_member_name(member: tarfile.TarInfo) -> PurePosixPath:
-    if not (member.isreg() or member.isdir()):
+    if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE or any(
+        key.startswith("GNU.sparse.") for key in member.pax_headers
+    ):
+        raise ProtocolError(f"archive member {member.name!r} is a sparse file; only plain regular files are shipped")
+    if member.type not in _ALLOWED_TYPES:
         raise ProtocolError(f"archive member {member.name!r} is not a regular file or directory")
     name = PurePosixPath(member.name)
     if name.is_absolute() or member.name.startswith(("/", "\\")):

@@ -4,6 +4,10 @@ Every connection is encrypted (CurveZMQ). The owner authenticates parties throug
 keys in its allowlist directory; a party pins the owner's public key, so it talks to nobody else. The
 ZAP handler stamps each inbound message with the sender's public key (`User-Id`), which `recv` returns:
 the owner knows *who* sent a message from the key, not from the self-chosen socket identity.
+
+Inbound memory is bounded three ways: MAXMSGSIZE per frame, receive high-water marks per connection (a
+peer that sends faster than the node reads is held back by TCP, not buffered), and on the owner an
+`IdentityLimit` that admits at most a few socket identities per party key (`recv` drops the rest).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -22,6 +27,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from errors import ConfigError
 from protocol.codec import DEFAULT_LIMITS, Limits, encode
 from protocol.errors import ProtocolError, TransportError
+from protocol.identities import IdentityLimit, IdentityRefused
 from protocol.keys import load_allowlist, load_public, load_secret
 from protocol.messages import Message
 
@@ -37,6 +43,17 @@ KEEPALIVE_IDLE_S = 20
 KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_PROBES = 4
 MAX_RETRANSMIT_MS = 60_000
+# High-water marks, in messages per connection (libzmq's default is 1000 each way). An honest party has a
+# handful of messages in flight (CHUNK_REQUESTs within its window, a HEARTBEAT, one UPDATE or SECAGG stage),
+# so a full queue means a peer sending faster than the node reads: TCP then holds it back. Worst-case
+# buffered bytes per connection are about HWM x MAXMSGSIZE. The owner's send queue bounds what a party that
+# asks for chunks and reads none makes the owner hold (16 x 4 MiB); sends without waiting are dropped.
+ROUTER_RCVHWM = 16
+ROUTER_SNDHWM = 16
+DEALER_RCVHWM = 16
+DEALER_SNDHWM = 64  # a party's own messages queued across a reconnect (2 minutes of HEARTBEATs)
+MAX_LATE_DROPS = 1024
+_ROUTER_LIMITS: weakref.WeakKeyDictionary[zmq.Socket, IdentityLimit] = weakref.WeakKeyDictionary()
 
 
 class Received(NamedTuple):
@@ -48,9 +65,14 @@ class Received(NamedTuple):
     frames: list[bytes]
 
 
-def _common_options(sock: zmq.Socket, max_msg_size: int, send_timeout_ms: int) -> None:
+def _common_options(sock: zmq.Socket, max_msg_size: int, send_timeout_ms: int, rcv_hwm: int, snd_hwm: int) -> None:
+    """Set before bind/connect: a connection's queues take the high-water marks in force when it opens."""
+    if rcv_hwm < 1 or snd_hwm < 1:
+        raise ConfigError("high-water marks must be >= 1 (0 would mean unbounded)")
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
+    sock.setsockopt(zmq.RCVHWM, rcv_hwm)
+    sock.setsockopt(zmq.SNDHWM, snd_hwm)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 0)  # see KEEPALIVE_IDLE_S
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
@@ -68,12 +90,16 @@ def bind_router(
     max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
     context: zmq.Context | None = None,
     send_timeout_ms: int = SEND_TIMEOUT_MS,
+    rcv_hwm: int = ROUTER_RCVHWM,
+    snd_hwm: int = ROUTER_SNDHWM,
+    identities: IdentityLimit | None = None,
 ) -> tuple[zmq.Socket, ThreadAuthenticator]:
     """The owner's socket: CurveZMQ server, ZAP against `allow_dir`'s *.key files, ROUTER_MANDATORY (a
     send to a gone party raises instead of vanishing), ROUTER_HANDOVER (a reconnecting party with the same
-    identity replaces its old connection), MAXMSGSIZE per frame. One router per context (ZAP is bound
-    per context). `bound_endpoint(sock)` tells the port when `endpoint` ends in ":*".
-    Close with `close_router(sock, auth)`."""
+    identity replaces its old connection), MAXMSGSIZE per frame, RCVHWM / SNDHWM per party connection.
+    `identities` (default: `IdentityLimit()` naming the allowlisted parties) is what `recv` on this socket
+    enforces; `identity_limit(sock)` returns it. One router per context (ZAP is bound per context).
+    `bound_endpoint(sock)` tells the port when `endpoint` ends in ":*". Close with `close_router(sock, auth)`."""
     public, secret = load_secret(server_secret_file)
     allowed = load_allowlist(allow_dir)
     ctx = context or zmq.Context.instance()
@@ -89,7 +115,10 @@ def bind_router(
         sock.curve_server = True
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        _common_options(sock, max_msg_size, send_timeout_ms)
+        _common_options(sock, max_msg_size, send_timeout_ms, rcv_hwm, snd_hwm)
+        limit = identities if identities is not None else IdentityLimit()
+        limit.learn_names(allowed)
+        _ROUTER_LIMITS[sock] = limit
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -139,6 +168,8 @@ def connect_dealer(
     max_msg_size: int = DEFAULT_LIMITS.max_frame_bytes,
     context: zmq.Context | None = None,
     send_timeout_ms: int = SEND_TIMEOUT_MS,
+    rcv_hwm: int = DEALER_RCVHWM,
+    snd_hwm: int = DEALER_SNDHWM,
 ) -> zmq.Socket:
     """A party's socket: CurveZMQ client pinned to the owner's public key. `name` is the party's name (the
     stem of its key file in the owner's allowlist); the socket identity is `routing_identity(name)` unless
@@ -158,7 +189,7 @@ def connect_dealer(
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
-        _common_options(sock, max_msg_size, send_timeout_ms)
+        _common_options(sock, max_msg_size, send_timeout_ms, rcv_hwm, snd_hwm)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -174,7 +205,14 @@ def bound_endpoint(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def identity_limit(sock: zmq.Socket) -> IdentityLimit | None:
+    """The identity limit `recv` enforces on a router made by `bind_router` (None for other sockets). The
+    owner calls `.release(identity)` when a party says BYE or is given up on, and may set `.on_refuse`."""
+    return _ROUTER_LIMITS.get(sock)
+
+
 def close_router(sock: zmq.Socket, auth: ThreadAuthenticator) -> None:
+    _ROUTER_LIMITS.pop(sock, None)
     sock.close(linger=0)
     auth.stop()
 
@@ -201,9 +239,29 @@ def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, *, limit
 
 
 def recv(sock: zmq.Socket, timeout: float | None) -> Received | None:
-    """Wait up to `timeout` seconds (None: forever) for one message; None when nothing came."""
-    if sock.poll(None if timeout is None else max(0, int(timeout * 1000)), zmq.POLLIN) == 0:
-        return None
+    """Wait up to `timeout` seconds (None: forever) for one message; None when nothing came. On a router
+    from `bind_router`, messages from identities beyond the per-key limit are dropped here (logged, never
+    returned), so the caller only sees admitted identities."""
+    limit = _ROUTER_LIMITS.get(sock) if sock.type == zmq.ROUTER else None
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    late_drops = 0  # past the deadline, keep looking only through what is queued already (bounded)
+    while late_drops < MAX_LATE_DROPS:
+        wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        if sock.poll(wait_ms, zmq.POLLIN) == 0:
+            return None
+        got = _recv_now(sock)
+        if limit is None or got.identity is None:
+            return got
+        try:
+            limit.admit(got.peer_key, got.identity)
+            return got
+        except IdentityRefused as exc:
+            limit.report(exc)
+        late_drops += wait_ms == 0
+    return None
+
+
+def _recv_now(sock: zmq.Socket) -> Received:
     parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
     identity = None
     if sock.type == zmq.ROUTER:

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -197,7 +199,7 @@ def test_path_traversal_and_links_are_refused(tmp_path, member, reason):
     archive = _evil_tar(tmp_path / "evil.tar", member, b"pwned")
     dest = tmp_path / "deep" / "out"
     with pytest.raises(ProtocolError, match=reason):
-        extract_archive(archive, dest)
+        extract_archive(archive, dest, max_bytes=1 << 20)
     assert not dest.exists()
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "deep" / "escape.txt").exists()
     assert list((tmp_path / "deep").iterdir()) == []  # the temporary directory is gone too
@@ -218,7 +220,7 @@ def test_not_a_tar_is_refused(tmp_path):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(os.urandom(3000))
     with pytest.raises(ProtocolError, match="not a valid tar"):
-        extract_archive(junk, tmp_path / "out")
+        extract_archive(junk, tmp_path / "out", max_bytes=1 << 20)
 
 
 def test_extraction_replaces_destination_atomically(tmp_path):
@@ -226,6 +228,159 @@ def test_extraction_replaces_destination_atomically(tmp_path):
     dest = tmp_path / "model"
     dest.mkdir()
     (dest / "stale.bin").write_bytes(b"old")
-    extract_archive(src.path, dest)
+    extract_archive(src.path, dest, max_bytes=src.info.model_size)
     assert _tree(dest) == _tree(tmp_path / "compressed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "compressed", "model"]
+
+
+# ------------------------------------------------------------------------------- expansion bounds
+
+SPARSE_SIZE = 10 * 2**40  # what a few kilobytes of sparse tar claim to expand to: 10 TiB
+DATA = b"tail" * 256
+
+
+def _ok_member(tar: tarfile.TarFile) -> None:
+    good = tarfile.TarInfo("ok.txt")
+    good.size = 2
+    tar.addfile(good, io.BytesIO(b"ok"))
+
+
+def _gnu_sparse_tar(path: Path) -> Path:
+    """Old GNU sparse member (type "S"): the header's sparse map puts DATA at the end of a 10 TiB hole."""
+    info = tarfile.TarInfo("big.bin")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(DATA)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = tarfile.itn(SPARSE_SIZE - len(DATA), 12, tarfile.GNU_FORMAT)  # first (offset, numbytes)
+    header[398:410] = tarfile.itn(len(DATA), 12, tarfile.GNU_FORMAT)
+    header[482] = 0  # no extension blocks
+    header[483:495] = tarfile.itn(SPARSE_SIZE, 12, tarfile.GNU_FORMAT)  # real size
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(header))[0]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        _ok_member(tar)
+        tar.fileobj.write(bytes(header) + DATA + b"\0" * (-len(DATA) % 512))
+        tar.offset += len(header) + len(DATA) + (-len(DATA) % 512)
+    return path
+
+
+def _pax_sparse_tar(path: Path, version: str) -> Path:
+    """GNU sparse in PAX headers, versions 0.0, 0.1 and 1.0 (what `tar --sparse --format=posix` writes)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _ok_member(tar)
+        offset = SPARSE_SIZE - len(DATA)
+        data = DATA
+        if version == "1.0":
+            info = tarfile.TarInfo("GNUSparseFile.0/big.bin")
+            info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "big.bin",
+                                "GNU.sparse.realsize": str(SPARSE_SIZE)}
+            sparse_map = b"1\n%d\n%d\n" % (offset, len(DATA))
+            data = sparse_map + b"\0" * (-len(sparse_map) % 512) + DATA
+        elif version == "0.1":
+            info = tarfile.TarInfo("big.bin")
+            info.pax_headers = {"GNU.sparse.size": str(SPARSE_SIZE), "GNU.sparse.numblocks": "1",
+                                "GNU.sparse.map": f"{offset},{len(DATA)}"}
+        else:
+            info = tarfile.TarInfo("big.bin")
+            info.pax_headers = {"GNU.sparse.size": str(SPARSE_SIZE), "GNU.sparse.numblocks": "1",
+                                "GNU.sparse.offset": str(offset), "GNU.sparse.numbytes": str(len(DATA))}
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(p.lstat().st_blocks * 512 for p in root.rglob("*"))
+
+
+SPARSE_ARCHIVES = {
+    "gnu": _gnu_sparse_tar,
+    "pax-0.0": lambda p: _pax_sparse_tar(p, "0.0"),
+    "pax-0.1": lambda p: _pax_sparse_tar(p, "0.1"),
+    "pax-1.0": lambda p: _pax_sparse_tar(p, "1.0"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SPARSE_ARCHIVES))
+def test_sparse_member_is_refused_before_anything_is_written(tmp_path, kind):
+    archive = SPARSE_ARCHIVES[kind](tmp_path / "sparse.tar")
+    assert archive.stat().st_size < 20_000
+    with tarfile.open(archive) as tar:  # the archive really is what it claims: 10 TiB on extraction
+        big = tar.getmember("big.bin")
+        assert big.issparse() and big.size == SPARSE_SIZE
+    out = tmp_path / "deep"
+    out.mkdir()
+    with pytest.raises(ProtocolError, match="'big.bin' is a sparse file"):
+        extract_archive(archive, out / "model", max_bytes=SPARSE_SIZE * 2)  # refused even within the bound
+    assert list(out.iterdir()) == [] and _disk_bytes(out) == 0  # not even ok.txt, which came first
+
+
+@pytest.mark.parametrize("kind", sorted(SPARSE_ARCHIVES))
+def test_sparse_archive_via_chunks_is_refused(tmp_path, kind):
+    src = ChunkSource(SPARSE_ARCHIVES[kind](tmp_path / "sparse.tar"), chunk_size=4096)
+    rx = ChunkReceiver(tmp_path / "work", src.info)
+    for index in rx.missing():
+        rx.add(index, src.chunk(index), src.chunk_hashes[index])
+    assert rx.received_bytes == src.info.model_size
+    with pytest.raises(ProtocolError, match="sparse"):
+        rx.finish(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert _disk_bytes(tmp_path) < 200_000
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_archive_from_gnu_tar_is_refused(tmp_path, fmt):
+    """The real thing: GNU tar's own sparse encodings (old GNU headers, PAX sparse 1.0)."""
+    if shutil.which("tar") is None or b"GNU tar" not in subprocess.run(
+            ["tar", "--version"], capture_output=True, check=False).stdout:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / "holes.bin").open("wb") as fh:
+        fh.truncate(64 * 2**20)
+        fh.seek(32 * 2**20)
+        fh.write(b"x" * 100)
+    archive = tmp_path / "holes.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(archive), "-C", str(src), "holes.bin"],
+                   check=True)
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(ProtocolError, match="sparse"):
+        extract_archive(archive, tmp_path / "out", max_bytes=10**12)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.CONTTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, b"Z"])
+def test_other_member_types_are_refused(tmp_path, kind):
+    archive = _evil_tar(tmp_path / "odd.tar", _member("odd", kind), b"data")
+    with pytest.raises(ProtocolError, match="not a regular file or directory"):
+        extract_archive(archive, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_members_beyond_the_bound_are_refused(tmp_path):
+    src = pack_dir(_model_dir(tmp_path), tmp_path / "a.tar")
+    data_bytes = sum(p.stat().st_size for p in (tmp_path / "compressed").rglob("*") if p.is_file())
+    assert data_bytes < src.info.model_size  # an honest archive never expands beyond its own size
+    with pytest.raises(ProtocolError, match=f"hold {data_bytes} bytes, more than the bound of {data_bytes - 1}"):
+        extract_archive(src.path, tmp_path / "out", max_bytes=data_bytes - 1)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "compressed"]
+    assert _tree(extract_archive(src.path, tmp_path / "out", max_bytes=data_bytes)) == _tree(tmp_path / "compressed")
+
+
+def test_member_claiming_more_than_the_archive_holds_is_refused(tmp_path):
+    """A PAX `size` record can claim any length; the data is not there, and the bound would refuse it."""
+    archive = tmp_path / "liar.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size = 4
+        info.pax_headers = {"size": str(10**12)}
+        tar.addfile(info, io.BytesIO(b"tiny"))
+    assert b"size=1000000000000" in archive.read_bytes()
+    with pytest.raises(ProtocolError, match="not a valid tar|more than the bound"):
+        extract_archive(archive, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bound_must_not_be_negative(tmp_path):
+    src = pack_dir(_model_dir(tmp_path), tmp_path / "a.tar")
+    with pytest.raises(ProtocolError, match=">= 0"):
+        extract_archive(src.path, tmp_path / "out", max_bytes=-1)

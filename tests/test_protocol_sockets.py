@@ -3,6 +3,7 @@ key; unknown keys, parties pinning the wrong owner key, and oversize frames get 
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import stat
@@ -18,10 +19,24 @@ from errors import ConfigError
 from protocol import messages as m
 from protocol.codec import decode, tensor_spec
 from protocol.errors import ProtocolError, TransportError
+from protocol.identities import IdentityLimit, IdentityRefused
 from protocol.keys import generate_keypair, load_allowlist, load_public, load_secret
 from protocol.messages import MessageType
 from protocol.replay import SeqCounter
-from protocol.sockets import bind_router, bound_endpoint, close_router, connect_dealer, peer_name, recv, send
+from protocol.sockets import (
+    DEALER_RCVHWM,
+    DEALER_SNDHWM,
+    ROUTER_RCVHWM,
+    ROUTER_SNDHWM,
+    bind_router,
+    bound_endpoint,
+    close_router,
+    connect_dealer,
+    identity_limit,
+    peer_name,
+    recv,
+    send,
+)
 
 SILENCE_S = 1.5  # how long "nothing arrives" is waited for
 ARRIVE_S = 10.0  # upper bound for something that must arrive
@@ -297,4 +312,154 @@ def test_a_reader_stalled_behind_a_full_queue_survives(keys, tmp_path):
         capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sent, got = map(int, proc.stdout.split())
-    assert sent > 2000 and got == sent  # nothing lost either: the sender waited for the reader
+    assert sent > ROUTER_SNDHWM + DEALER_RCVHWM and got == sent  # nothing lost either: the sender waited
+
+
+# ------------------------------------------------------------------------------- inbound memory bounds
+
+
+def test_high_water_marks_are_set_on_both_sockets(keys, ctx, server):
+    router, endpoint = server
+    dealer = _dealer(ctx, endpoint, keys, "alice")
+    try:
+        assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (ROUTER_RCVHWM, ROUTER_SNDHWM)
+        assert (dealer.getsockopt(zmq.RCVHWM), dealer.getsockopt(zmq.SNDHWM)) == (DEALER_RCVHWM, DEALER_SNDHWM)
+        assert max(ROUTER_RCVHWM, ROUTER_SNDHWM, DEALER_RCVHWM, DEALER_SNDHWM) < 1000  # below libzmq's default
+    finally:
+        dealer.close(linger=0)
+    with pytest.raises(ConfigError, match="high-water marks"):
+        _dealer(ctx, endpoint, keys, "alice", rcv_hwm=0)
+
+
+def test_a_party_flooding_a_busy_owner_is_held_back_not_buffered(keys, ctx):
+    """The owner reads nothing for a while; a party sending 1 MiB messages as fast as it can gets only the
+    owner's receive high-water mark's worth (plus what TCP holds) queued there, then its own sends stall
+    instead of the owner's memory growing. The flooder keeps next to nothing on its side (SNDHWM 1), so
+    what it got sent sits at the owner: libzmq's default RCVHWM would have let some 1000 MiB in."""
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx,
+                               max_msg_size=2 * 2**20)
+    dealer = _dealer(ctx, bound_endpoint(router), keys, "alice", max_msg_size=2 * 2**20, snd_hwm=1)
+    try:
+        send(dealer, _hello())
+        assert recv(router, ARRIVE_S) is not None  # connected and admitted
+        blob, sent = b"x" * 2**20, 0
+        while sent < 400:
+            try:
+                dealer.send(blob, flags=zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                if dealer.poll(1000, zmq.POLLOUT) == 0:  # no room for a second: the owner holds it back
+                    break
+        assert ROUTER_RCVHWM <= sent < ROUTER_RCVHWM + 48  # 48: TCP's buffers, at 1 MiB a message
+        got = 0
+        while recv(router, SILENCE_S) is not None:
+            got += 1
+        assert got == sent  # nothing was lost: the party waited for the owner
+    finally:
+        dealer.close(linger=0)
+        close_router(router, auth)
+
+
+def test_one_key_cannot_open_more_identities_than_the_limit(keys, ctx, caplog):
+    router, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], keys["allow"], context=ctx,
+                               identities=IdentityLimit(max_per_key=1))
+    endpoint = bound_endpoint(router)
+    first, second = _dealer(ctx, endpoint, keys, "alice"), _dealer(ctx, endpoint, keys, "alice")
+    try:
+        send(first, _hello())
+        got = recv(router, ARRIVE_S)
+        assert got is not None and got.identity == first.getsockopt(zmq.IDENTITY)
+        with caplog.at_level(logging.WARNING, logger="protocol.identities"):
+            send(second, _hello())
+            assert recv(router, SILENCE_S) is None  # dropped inside recv, never handed to the owner
+        assert "party 'alice' already uses 1 socket identities (the limit)" in caplog.text
+        assert second.getsockopt(zmq.IDENTITY).decode() in caplog.text
+        assert identity_limit(router).refusals == {load_public(keys["alice"][0]): 1}
+
+        counter = SeqCounter(2)
+        for _ in range(3):  # the first identity keeps working, also while the second keeps knocking
+            send(second, counter.stamp(m.heartbeat()))
+            send(first, counter.stamp(m.heartbeat()))
+            got = recv(router, ARRIVE_S)
+            assert got is not None and got.identity == first.getsockopt(zmq.IDENTITY)
+            assert decode(got.frames).type is MessageType.HEARTBEAT
+        send(router, SeqCounter().stamp(m.heartbeat()), got.identity)
+        assert recv(first, ARRIVE_S) is not None
+
+        identity_limit(router).release(first.getsockopt(zmq.IDENTITY))  # e.g. the first said BYE
+        send(second, counter.stamp(m.heartbeat()))
+        got = recv(router, ARRIVE_S)
+        assert got is not None and got.identity == second.getsockopt(zmq.IDENTITY)
+    finally:
+        for sock in (first, second):
+            sock.close(linger=0)
+        close_router(router, auth)
+
+
+def test_the_default_limit_admits_a_restarted_party_but_not_a_third_identity(keys, ctx, server):
+    router, endpoint = server
+    limit = identity_limit(router)
+    assert limit is not None and limit.max_per_key == 2
+    dealers = [_dealer(ctx, endpoint, keys, "alice") for _ in range(3)]
+    try:
+        for dealer in dealers[:2]:  # the old process and its restarted successor
+            send(dealer, _hello())
+            got = recv(router, ARRIVE_S)
+            assert got is not None and got.identity == dealer.getsockopt(zmq.IDENTITY)
+        send(dealers[2], _hello())
+        assert recv(router, SILENCE_S) is None
+        assert limit.live(load_public(keys["alice"][0])) == [d.getsockopt(zmq.IDENTITY) for d in dealers[:2]]
+    finally:
+        for dealer in dealers:
+            dealer.close(linger=0)
+
+
+# ------------------------------------------------------------------------------------ IdentityLimit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_identity_limit_bookkeeping():
+    clock, seen = FakeClock(), []
+    limit = IdentityLimit(2, idle_s=30, names={"alice": b"K" * 40}, clock=clock, on_refuse=seen.append)
+    limit.admit(b"K" * 40, b"a1")
+    clock.now += 10
+    limit.admit(b"K" * 40, b"a2")
+    limit.admit(b"other", b"o1")  # keys are counted separately
+    clock.now += 25  # a1 silent for 35 s, a2 for 25 s
+    limit.admit(b"K" * 40, b"a2")  # a known identity is always admitted (and refreshed)
+    limit.admit(b"K" * 40, b"a3")  # takes the slot of a1, idle past 30 s
+    assert limit.live(b"K" * 40) == [b"a2", b"a3"]
+    with pytest.raises(IdentityRefused, match="party 'alice' already uses 2 socket identities") as refused:
+        limit.admit(b"K" * 40, b"a1")  # a1 is back, but both slots are live now: refused, state untouched
+    assert limit.live(b"K" * 40) == [b"a2", b"a3"] and limit.refusals == {b"K" * 40: 1}
+    limit.report(refused.value)
+    assert seen == [refused.value] and refused.value.identity == b"a1"
+    limit.release(b"a2")
+    limit.admit(b"K" * 40, b"a1")
+    assert limit.live(b"K" * 40) == [b"a3", b"a1"] and limit.live(b"other") == [b"o1"]
+
+
+def test_refusals_are_logged_rate_limited(caplog):
+    limit = IdentityLimit(1)
+    limit.admit(b"unknown12345xyz", b"x")
+    with caplog.at_level(logging.WARNING, logger="protocol.identities"):
+        for _ in range(2000):
+            with pytest.raises(IdentityRefused, match=r"key unknown12345\.\.\. already uses 1") as refused:
+                limit.admit(b"unknown12345xyz", b"y")
+            limit.report(refused.value)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 + 2  # the first three, then the 1000th and the 2000th
+    assert "(2000 so far)" in lines[-1] and limit.refusals[b"unknown12345xyz"] == 2000
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [({"max_per_key": 0}, ">= 1"), ({"idle_s": 0}, "positive")])
+def test_identity_limit_settings_are_checked(kwargs, why):
+    with pytest.raises(ConfigError, match=why):
+        IdentityLimit(**kwargs)
