@@ -28,7 +28,7 @@ from protocol.errors import ProtocolError, TransportError
 from protocol.liveness import Liveness
 from protocol.messages import Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
-from protocol.sockets import peer_name, recv
+from protocol.sockets import identity_limit, peer_name, recv
 from secure_agg import SecAggError
 
 HEARTBEAT_S = 2.0
@@ -71,6 +71,9 @@ class OwnerLinks:
         self.rejected_by: dict[str, int] = {}
         self.refused_connections = 0
         self.monitor = monitor
+        self.identities = identity_limit(sock)  # at most a few live identities per party key (protocol.identities)
+        if self.identities is not None:
+            self.identities.on_refuse = self.on_identity_refused
 
     # ------------------------------------------------------------------------------ sending
     def send_to(self, name: str, msg: Message, *, wait: bool = True) -> bool:
@@ -122,6 +125,15 @@ class OwnerLinks:
             self.log.say(f"refused a connection on {event['endpoint'].decode(errors='replace')}: its key is not "
                          f"on the allowlist (ZAP status {int(event['value'])})")
             self.log.record("refused_connection", status=int(event["value"]))
+
+    def on_identity_refused(self, error: ProtocolError) -> None:
+        self.rejected += 1
+        self.log.record("reject", party="", reason=error.reason, ref_type="")
+
+    def release(self, identity: bytes) -> None:
+        """Free a party identity's slot in the per-key limit (it said BYE or was replaced)."""
+        if self.identities is not None:
+            self.identities.release(identity)
 
     # ------------------------------------------------------------------------------ receiving
     def reject(self, identity: bytes | None, name: str | None, error: ProtocolError) -> None:
@@ -175,8 +187,11 @@ class OwnerLinks:
             raise ProtocolError(f"HELLO names {msg['name']!r}, but the key and socket identity are {name!r}")
         if msg["n_examples"] < 1:
             raise ProtocolError("a party needs at least one training example")
-        if name in self.links and self.links[name].ready:
+        old = self.links.get(name)
+        if old is not None and old.ready:
             self.restarted.add(name)
+        if old is not None and old.identity != identity:
+            self.release(old.identity)
         link = PartyLink(name, identity, n_examples=msg["n_examples"], session_started=time.monotonic(),
                          out=self.counters.setdefault(name, SeqCounter()))
         link.guard.commit(msg)
@@ -206,7 +221,9 @@ class OwnerLinks:
             return None
         if msg.type is MessageType.BYE:
             self.log.say(f"{name} left: {msg['reason'] or 'no reason given'}")
-            self.links.pop(name, None)
+            link = self.links.pop(name, None)
+            if link is not None:
+                self.release(link.identity)
             self.liveness.forget(name)
             return None
         return name, msg

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="where the model and download state live "
                                              "(default: the fedbiot cache dir / party / NAME)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
+    p.add_argument("--max-download-gb", type=float, default=200.0,
+                   help="refuse a compressed model archive larger than this (default 200 GB)")
     p.add_argument("--allow-plain", action="store_true",
                    help="take part in rounds without secure aggregation (the owner then sees this party's raw "
                         "adapter update); by default such a round is refused")
@@ -61,7 +63,8 @@ def options_from_args(args: argparse.Namespace):
     return PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
                         data_kind=args.data_kind, columns=columns, name=args.name, work_dir=args.work, dp=dp,
                         timeout=args.timeout, placement=placement_from_args(args, dp=dp is not None),
-                        quantize=args.quantize, require_secure_agg=not args.allow_plain)
+                        quantize=args.quantize, require_secure_agg=not args.allow_plain,
+                        max_download=int(args.max_download_gb * 1e9))
 
 
 def run(argv: list[str]) -> int:

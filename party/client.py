@@ -82,6 +82,7 @@ class PartyOptions:
     placement: Placement | None = None  # device and dtype of the frozen weights (None: CPU, float32)
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
     require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
+    max_download: int = 200 * 10**9  # bytes: a larger model archive is refused before anything is written
 
     @property
     def party_name(self) -> str:
@@ -259,7 +260,7 @@ class PartyNode:
             self.load_model(model_dir)
             return
         if self.receiver is None or self.archive != info:
-            self.receiver = ChunkReceiver(self.work / "download", info)
+            self.receiver = ChunkReceiver(self.work / "download", info, max_size=self.opts.max_download)
             self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
                      "chunks to fetch")
         self.archive = info
