@@ -4,9 +4,10 @@ Bonawitz et al. (CCS 2017) double masking with SecAgg+ (Bell et al., CCS 2020) s
 transport-free state machines (`SecAggParty`, `SecAggServer`) and an in-process driver. See README.md.
 """
 
-from secure_agg.config import RoundParams, SecAggConfig, round_params
+from secure_agg.config import PartyPolicy, RoundParams, SecAggConfig, round_params
 from secure_agg.driver import AggregateResult, aggregate_in_process
 from secure_agg.errors import SecAggError
+from secure_agg.ledger import SecAggLedger
 from secure_agg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -26,7 +27,8 @@ from secure_agg.server import SecAggServer, ServerResult
 
 __all__ = [
     "AdvertiseKeys", "AggregateResult", "ConsistencyRequest", "ConsistencySignature", "InputAck", "MaskedInput",
-    "RelayedShares", "Roster", "RoundParams", "SecAggConfig", "SecAggError", "SecAggParty", "SecAggServer",
+    "PartyPolicy", "RelayedShares", "Roster", "RoundParams", "SecAggConfig", "SecAggError", "SecAggLedger",
+    "SecAggParty", "SecAggServer",
     "ServerResult", "ShareKeys", "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire",
     "round_params", "wire_size",
 ]

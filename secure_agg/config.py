@@ -27,8 +27,8 @@ class SecAggConfig:
     max_weight: public upper bound on a party's weight n_m (its data size); with the party count it sets the
         ring size so that the masked sum cannot overflow. Weights stay hidden inside the masked sum.
     collusion: c, how many parties may collude with the owner. None = (n - 1) // 3 on the complete graph;
-        on the sparse graph also at most degree / 2 - 1 (raise `degree` to cover more). An int is taken
-        as is (then the sparse degree is at least 2c + 2). The thresholds follow from it.
+        on the sparse graph also at most max(1, degree / 2 - 1) (raise `degree` to cover more). An int is
+        taken as is. The sparse degree is at least 2c + 2; the thresholds follow from c.
     threshold: t, the consistency signatures and the Shamir shares a round needs. None = the least t with
         t > (n + c) / 2; a float f in (0.5, 1] = ceil(f * n), never below that; an int = that number,
         which must exceed (n + c) / 2. With t > (n + c) / 2 two different alive lists can never both gather
@@ -140,8 +140,8 @@ def collusion_bound(config: SecAggConfig, n_parties: int) -> int:
     if config.graph == "sparse":
         k = _nominal_degree(config, n_parties)
         if k < n_parties - 1:
-            c = min(c, k // 2 - 1)
-    return max(c, 0)
+            c = min(c, max(1, k // 2 - 1))  # at least one colluder: the degree then grows to 2c + 2
+    return c
 
 
 def sparse_degree(config: SecAggConfig, n_parties: int) -> int:
