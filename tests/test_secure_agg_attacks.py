@@ -18,11 +18,9 @@ from secure_agg import (
     SecAggServer,
     UnmaskRequest,
     UnmaskShares,
-    aggregate_in_process,
     crypto,
     shamir,
 )
-from secure_agg.graph import neighbour_graph
 
 
 def wire(msg):
