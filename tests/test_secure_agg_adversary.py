@@ -31,7 +31,7 @@ from secure_agg import (
 from secure_agg.encoding import decode, unpack
 from secure_agg.graph import is_k_connected, ring_position
 
-ADVERSARY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ADVERSARY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SESSION = "adv"
 
 
@@ -44,6 +44,7 @@ class Outcome:
     inputs: dict  # sharer -> MaskedInput the owner holds
     replies: dict  # honest party -> UnmaskShares it revealed
     signed: dict  # honest party -> alive list it signed
+    offered: list  # the alive lists the owner showed
 
 
 def setup(n: int, config: SecAggConfig, corrupt: set[int], skip_share=(), policy=None, length: int = 5):
@@ -66,12 +67,15 @@ def setup(n: int, config: SecAggConfig, corrupt: set[int], skip_share=(), policy
     return server, parties, vectors, inputs
 
 
-def attack(n: int, config: SecAggConfig, corrupt: set[int], lists: dict[int, list[int]], skip_share=(),
-           policy=None) -> Outcome:
+def attack(n: int, config: SecAggConfig, corrupt, lists=None, skip_share=(), policy=None) -> Outcome:
     """Show honest party u the alive list lists[u] (the other sharers as dropped); colluders sign every
-    list; each honest signer is handed every signature on its list."""
-    server, parties, _, inputs = setup(n, config, corrupt, skip_share, policy)
+    list; each honest signer is handed every signature on its list. `corrupt` may instead be a function of
+    the sharers' ring order returning (corrupt, lists): the owner picks both once it knows the coins."""
+    server, parties, _, inputs = setup(n, config, set() if callable(corrupt) else corrupt, skip_share, policy)
     sharers = server.sharers
+    if callable(corrupt):
+        order = sorted(sharers, key=lambda u: ring_position(server._shares[u].coin, SESSION, 0, u))
+        corrupt, lists = corrupt(order)
     transcript = server.transcript
     signed, signatures = {}, {}
     for u, alive in lists.items():
@@ -94,7 +98,7 @@ def attack(n: int, config: SecAggConfig, corrupt: set[int], lists: dict[int, lis
         except SecAggError:
             continue
         assert len(signers) >= server.params.min_survivors  # a party reveals only with t signatures
-    return Outcome(server, parties, corrupt, sharers, inputs, replies, signed)
+    return Outcome(server, parties, corrupt, sharers, inputs, replies, signed, list(lists.values()))
 
 
 def known_secrets(out: Outcome) -> tuple[set[int], set[int]]:
@@ -140,22 +144,31 @@ def smallest_learnable_sum(out: Outcome) -> int | None:
 
 @st.composite
 def adversaries(draw):
-    n = draw(st.integers(4, 9))
+    """(n, config, corrupt, skip_share, lists) where corrupt parties and the owner's lists are given as
+    positions on the graph's ring (resolved once the coins are known), so that runs of consecutive parties,
+    the cuts of a sparse ring, are drawn often."""
     graph = draw(st.sampled_from(["complete", "sparse"]))
-    config = SecAggConfig(graph=graph, degree=draw(st.sampled_from([None, 2, 4])))
+    n = draw(st.integers(4, 8) if graph == "complete" else st.integers(8, 18))
+    config = SecAggConfig(graph=graph, degree=draw(st.sampled_from([None, 2, 4, 4])))
     params = round_params(config, n)
-    corrupt = draw(st.sets(st.integers(0, n - 1), max_size=params.collusion))
-    honest = [u for u in range(n) if u not in corrupt]
-    skip_share = draw(st.sets(st.sampled_from(honest), max_size=n - params.min_survivors))
-    sharers = [u for u in range(n) if u not in skip_share]
-    # The owner's lists: the honest one minus a few parties it calls dropped, and any others.
-    pool = [sorted(set(sharers) - draw(st.sets(st.sampled_from(sharers), max_size=2)))]
-    pool += [sorted(draw(st.sets(st.sampled_from(sharers), min_size=1))) for _ in range(draw(st.integers(0, 2)))]
-    lists = {}
-    for u in sharers:
-        if u not in corrupt:
-            lists[u] = sorted(set(pool[draw(st.integers(0, len(pool) - 1))]) | {u})
-    return n, config, corrupt, skip_share, lists
+    skip_share = draw(st.sets(st.integers(0, n - 1), max_size=min(2, n - params.min_survivors)))
+    m = n - len(skip_share)
+    edges: set[int] = set()  # ring positions next to a run of dropped parties: where colluders cut best
+
+    def blocks(limit: int) -> set[int]:
+        out: set[int] = set()
+        for _ in range(draw(st.sampled_from([0, 1, 2, 2, 3]))):
+            start, length = draw(st.integers(0, m - 1)), draw(st.sampled_from([1, 2, 2, 3]))
+            out |= {(start + i) % m for i in range(length)}
+            edges.update({(start - 1) % m, (start + length) % m, (start + length + 1) % m})
+        return set(sorted(out)[:limit])
+
+    # The owner's lists, as ring positions of the parties called dropped: runs of consecutive parties.
+    pool = [blocks(m - params.min_survivors) for _ in range(draw(st.sampled_from([1, 1, 2, 3])))]
+    choice = [draw(st.integers(0, len(pool) - 1)) for _ in range(n)]
+    near = st.sampled_from(sorted(edges)) if edges else st.integers(0, m - 1)
+    corrupt = draw(st.sets(st.one_of(near, st.integers(0, m - 1)), max_size=params.collusion))
+    return n, config, corrupt, skip_share, pool, choice
 
 
 @ADVERSARY
@@ -163,11 +176,23 @@ def adversaries(draw):
 def test_no_sum_of_fewer_than_t_minus_c_honest_inputs_is_ever_learned(case):
     """Any dropouts, any alive lists per party, c colluders signing everything: the owner learns no sum
     of fewer than t - c honest inputs (and never one honest update)."""
-    n, config, corrupt, skip_share, lists = case
-    out = attack(n, config, corrupt, lists, skip_share)
+    n, config, corrupt_at, skip_share, pool, choice = case
+
+    def lists_for(order: list[int]) -> tuple[set[int], dict[int, list[int]]]:
+        corrupt = {order[i % len(order)] for i in corrupt_at}
+        lists = {}
+        for u in order:
+            dropped = {order[i] for i in pool[choice[u]]}
+            if u not in corrupt and u not in dropped:  # a party called dropped is not asked
+                lists[u] = sorted(set(order) - dropped)
+        return corrupt, lists
+
+    out = attack(n, config, lists_for, skip_share)
     smallest = smallest_learnable_sum(out)
     event(f"{config.graph}: {'nothing learned' if smallest is None else 'a sum learned'}")
     params = out.server.params
+    if any(not is_k_connected(out.server.graph, alive, params.collusion + 1) for alive in out.offered):
+        event("offered an alive list that c colluders could split")
     assert smallest is None or smallest >= params.min_honest >= 2
     seeds, keys = known_secrets(out)
     assert not seeds & keys
@@ -298,3 +323,24 @@ def test_the_owner_cannot_lower_the_degree_or_the_collusion_bound_below_the_part
     assert SecAggParty(SecAggConfig(), 0, 3, 0, SESSION).params.collusion == 0  # 3 parties: floor 0
     with pytest.raises(SecAggError, match="floor 1"):
         SecAggParty(SecAggConfig(), 0, 3, 0, SESSION, policy=PartyPolicy(min_collusion=1))
+
+
+def test_a_colluder_at_a_cut_vertex_cannot_isolate_the_arcs():
+    """18 parties on a degree-4 ring (c = 1, t = 10): dropping positions 0, 1 and 9 leaves an alive set that
+    is connected, but party 10 is a cut vertex. Were it a colluder, its known masks would let the owner
+    unmask the two arcs of 7 honest parties each (fewer than t - c = 9). The alive set must stay connected
+    without any c parties, so every honest party refuses the list."""
+    config = SecAggConfig(graph="sparse", degree=4)
+
+    def lists_for(order):
+        dropped = {order[0], order[1], order[9]}
+        alive = sorted(set(order) - dropped)
+        return {order[10]}, {u: alive for u in order if u not in dropped and u != order[10]}
+
+    out = attack(18, config, lists_for)
+    assert out.server.params.min_honest == 9
+    order = sorted(out.sharers, key=lambda u: ring_position(out.server._shares[u].coin, SESSION, 0, u))
+    alive = out.offered[0]
+    assert is_k_connected(out.server.graph, alive, 1)
+    assert not is_k_connected(out.server.graph, [u for u in alive if u != order[10]], 1)
+    assert out.signed == {} and out.replies == {} and smallest_learnable_sum(out) is None
