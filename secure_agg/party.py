@@ -128,6 +128,10 @@ class SecAggParty:
             raise SecAggError(f"party {me}: roster says {roster.n_parties} parties / {roster.ring_bits}-bit "
                               f"ring, expected {self.n_parties} / {p.ring_bits}")
         members = roster.members
+        count = len(members)
+        if len(set(members)) != count or {len(roster.c_pks), len(roster.sig_pks),
+                                          len(roster.coin_commits)} != {count}:
+            raise SecAggError(f"party {me}: the roster's members and keys do not line up")
         if me not in members or any(m >= self.n_parties for m in members):
             raise SecAggError(f"party {me}: roster members {members} omit this party or hold unknown ids")
         if roster.min_survivors != p.min_survivors or len(members) < p.min_survivors:
@@ -166,6 +170,12 @@ class SecAggParty:
     def _view(self, relayed: RelayedShares) -> None:
         """Check the sharers' coins, derive the graph and the round transcript from them."""
         me, p = self.party_id, self.params
+        s = len(relayed.senders)
+        if (len(set(relayed.senders)) != s or me in relayed.senders
+                or {len(relayed.ciphertexts), len(relayed.seed_commits), len(relayed.key_commits)} != {s}
+                or len(relayed.coins) != s + 1 or len(relayed.s_pks) != len(relayed.neighbours)):
+            raise SecAggError(f"party {me}: the relay's senders, ciphertexts, commitments, coins and keys do not "
+                              "line up")
         sharers = sorted([*relayed.senders, me])
         unknown = sorted(set(sharers) - set(self._members))
         if unknown:
@@ -266,6 +276,9 @@ class SecAggParty:
         if len(alive) < p.min_survivors:
             raise SecAggError(f"party {me}: only {len(alive)} parties alive, below the threshold "
                               f"{p.min_survivors}; nothing is revealed")
+        if len(request.view_signatures) != len(request.alive):
+            raise SecAggError(f"party {me}: {len(request.alive)} alive parties but {len(request.view_signatures)} "
+                              "view signatures")
         for u, signature in zip(request.alive, request.view_signatures, strict=True):
             message = crypto.view_message(self.session, self.round_id, u, self._transcript)
             if not crypto.verify(self._sig_pks[u], signature, message):

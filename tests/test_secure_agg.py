@@ -242,7 +242,7 @@ def test_a_single_masked_vector_looks_uniform():
 def test_costs_are_accounted():
     length = 1000
     result = aggregate_in_process([np.zeros(length)] * 4, [1] * 4, SecAggConfig(), round_id=0, seed=0)
-    masked_bytes = (length + 1) * result.ring_bits // 8
+    masked_bytes = (length + 2) * result.ring_bits // 8
     assert all(s > masked_bytes for s in result.party_sent)
     assert sum(result.party_sent) == result.server_received
     assert sum(result.party_received) == result.server_sent
