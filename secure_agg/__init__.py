@@ -1,7 +1,9 @@
 """Masked secure aggregation: the owner learns the weighted sum of the parties' updates, never one update.
 
-Bonawitz et al. (CCS 2017) double masking with SecAgg+ (Bell et al., CCS 2020) sparse graphs as an option;
-transport-free state machines (`SecAggParty`, `SecAggServer`) and an in-process driver. See README.md.
+Bonawitz et al. (CCS 2017) double masking with SecAgg+ (Bell et al., CCS 2020) sparse graphs as an option,
+safe against an owner colluding with up to c parties (t > (n + c) / 2, consistency and view signatures, a
+connectivity check on the summed parties); transport-free state machines (`SecAggParty`, `SecAggServer`), a
+party's own floors (`PartyPolicy`) and durable record (`SecAggLedger`), and an in-process driver. See README.md.
 """
 
 from secure_agg.config import PartyPolicy, RoundParams, SecAggConfig, round_params
