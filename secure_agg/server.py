@@ -163,6 +163,9 @@ class SecAggServer:
         others = [v for v in self.members if v != u]
         if msg.receivers != others:
             raise SecAggError(f"party {u} addressed shares to {msg.receivers}, not to the other members {others}")
+        if len(msg.ciphertexts) != len(others) or {len(msg.seed_commits), len(msg.key_commits)} != {len(self.members)}:
+            raise SecAggError(f"party {u} sent {len(msg.ciphertexts)} ciphertexts and {len(msg.seed_commits)} / "
+                              f"{len(msg.key_commits)} share commitments for {len(self.members)} members")
         if crypto.coin_commitment(msg.coin, self.session, self.round_id, u) != self._keys[u].coin_commit:
             raise SecAggError(f"party {u}'s graph coin does not match its commitment")
         self._shares[u] = msg

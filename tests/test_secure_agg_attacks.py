@@ -408,6 +408,8 @@ def test_server_rejects_bad_messages_without_losing_the_round():
                                                     key_commits=shares[1].key_commits[:3]))
     with pytest.raises(SecAggError, match="coin does not match"):
         r.server.receive_shares(dataclasses.replace(shares[1], coin=bytes(32)))
+    with pytest.raises(SecAggError, match="share commitments for 4 members"):
+        r.server.receive_shares(dataclasses.replace(shares[1], key_commits=shares[1].key_commits[:-1]))
     with pytest.raises(SecAggError, match="round 3"):
         r.server.receive_shares(dataclasses.replace(shares[1], round_id=3))
     with pytest.raises(SecAggError, match="not accepting"):
