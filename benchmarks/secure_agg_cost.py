@@ -68,7 +68,7 @@ def measure(n: int, graph: str, n_dropped: int, params: int, degree: int | None,
     expected = sum(weights[m] * vectors[m].astype(np.float64) for m in included)
     error = float(np.abs(result.weighted_sum - expected).max() / result.total_weight)
     raw = 4 * params
-    masked_bytes = (params + 1) * result.ring_bits // 8
+    masked_bytes = (params + 2) * result.ring_bits // 8
     degree = sparse_degree(config, n)
     sent = [result.party_sent[m] for m in included]
     received = [result.party_received[m] for m in included]

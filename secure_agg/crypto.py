@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -58,9 +59,39 @@ def new_signing_key() -> tuple[Ed25519PrivateKey, bytes]:
     return key, key.public_key().public_bytes_raw()
 
 
-def consistency_message(session: str, round_id: int, alive: list[int]) -> bytes:
-    """What a party signs in the consistency check: the exact sorted alive set U3 of this round."""
-    return context(b"consistency", session, round_id, *sorted(alive))
+def consistency_message(session: str, round_id: int, alive: list[int], transcript: bytes) -> bytes:
+    """What a party signs in the consistency check: the exact sorted alive set U3 of this round, and the
+    round's transcript (members, keys, graph), so every revealing party holds the same view."""
+    return context(b"consistency", session, round_id, *sorted(alive)) + transcript
+
+
+def view_message(session: str, round_id: int, party: int, transcript: bytes) -> bytes:
+    """What a party signs with its masked input: the view (members, keys, sharers, graph) it masked under."""
+    return context(b"view", session, round_id, party) + transcript
+
+
+def transcript_digest(session: str, round_id: int, numbers: Sequence[int], members: Sequence[int],
+                      member_keys: Sequence[bytes], sharers: Sequence[int], coins: Sequence[bytes]) -> bytes:
+    """SHA-256 over everything a round's view consists of: the round parameters, the members and their
+    share-encryption, signing and coin-commitment keys (concatenated per member), the sharers and their coins."""
+    h = hashlib.sha256(context(b"transcript", session, round_id, *numbers))
+    h.update(len(members).to_bytes(4, "big") + b"".join(m.to_bytes(4, "big") for m in members))
+    for keys in member_keys:
+        h.update(keys)
+    h.update(len(sharers).to_bytes(4, "big") + b"".join(m.to_bytes(4, "big") for m in sharers))
+    for coin in coins:
+        h.update(coin)
+    return h.digest()
+
+
+def coin_commitment(coin: bytes, session: str, round_id: int, owner: int) -> bytes:
+    """Binds a party to its graph coin before the members are fixed (the coin is 256 random bits: hiding)."""
+    return hashlib.sha256(context(b"coin-commit", session, round_id, owner) + coin).digest()
+
+
+def share_commitment(share: bytes, kind: bytes, session: str, round_id: int, dealer: int, holder: int) -> bytes:
+    """A dealer's commitment to one Shamir share (kind b"seed" or b"key"), checked against the revealed share."""
+    return hashlib.sha256(context(b"share-commit-" + kind, session, round_id, dealer, holder) + share).digest()
 
 
 def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from secure_agg.config import SecAggConfig
+from secure_agg.config import PartyPolicy, SecAggConfig
 from secure_agg.errors import SecAggError
 from secure_agg.messages import wire_size
 from secure_agg.party import SecAggParty
@@ -88,7 +88,8 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
                          round_id: int, seed: int, drop_before_share: Collection[int] = (),
                          drop_after_share: Collection[int] = (), drop_before_unmask: Collection[int] = (),
                          drop_before_advertise: Collection[int] = (), drop_before_consistency: Collection[int] = (),
-                         session: str | None = None, transit: Transit | None = None) -> AggregateResult:
+                         session: str | None = None, transit: Transit | None = None,
+                         policy: PartyPolicy | None = None) -> AggregateResult:
     """Securely aggregate `vectors` weighted by `weights` (party m = index m), simulating dropouts.
 
     seed: the run seed; it seeds the stochastic rounding (replacing config.rounding_seed, so a networked
@@ -100,6 +101,7 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     aborts (fewer than the threshold left at some stage).
     transit: carries every message across (default: JSON header + array copies, sized by `wire_size`); a
     transport's own codec can be passed so that `party_sent` etc. count its exact bytes.
+    policy: every party's own floors (default `PartyPolicy()`); a config below them raises SecAggError.
     """
     n = len(vectors)
     if len(weights) != n:
@@ -122,7 +124,8 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     session = session if session is not None else f"sim-{seed}"
     meter = _Meter(n, transit or _transit)
     server = meter.server(SecAggServer, config, n, lengths.pop(), round_id, session)
-    parties = [meter.party(u, SecAggParty, config, u, n, round_id, session) for u in range(n)]
+    parties = [meter.party(u, lambda u=u: SecAggParty(config, u, n, round_id, session, policy=policy))
+               for u in range(n)]
 
     for u in present(0):
         server.receive_advertise(meter.to_server(u, meter.party(u, parties[u].advertise)))

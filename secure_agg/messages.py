@@ -125,11 +125,11 @@ class _Message:
 @dataclass(frozen=True)
 class AdvertiseKeys(_Message):
     """Party -> owner: the round's two X25519 public keys (shares, masks), its Ed25519 signing key (for the
-    consistency check) and a commitment to its seed."""
+    consistency check), a commitment to its self-mask seed and one to its graph coin."""
 
     TYPE: ClassVar[str] = "advertise_keys"
     FIELDS: ClassVar[tuple[str, ...]] = ("sender",)
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit", "coin_commit")
 
     round_id: int
     session: str
@@ -138,32 +138,36 @@ class AdvertiseKeys(_Message):
     s_pk: bytes
     sig_pk: bytes
     seed_commit: bytes
+    coin_commit: bytes
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         return self._header(sender=self.sender), {"c_pk": _as_blob(self.c_pk), "s_pk": _as_blob(self.s_pk),
                                                   "sig_pk": _as_blob(self.sig_pk),
-                                                  "seed_commit": _as_blob(self.seed_commit)}
+                                                  "seed_commit": _as_blob(self.seed_commit),
+                                                  "coin_commit": _as_blob(self.coin_commit)}
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> AdvertiseKeys:
         round_id, session = cls._open(header, arrays)
         return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1),
                    _blob(arrays, "c_pk", KEY_BYTES), _blob(arrays, "s_pk", KEY_BYTES),
-                   _blob(arrays, "sig_pk", KEY_BYTES), _blob(arrays, "seed_commit", DIGEST_BYTES))
+                   _blob(arrays, "sig_pk", KEY_BYTES), _blob(arrays, "seed_commit", DIGEST_BYTES),
+                   _blob(arrays, "coin_commit", DIGEST_BYTES))
 
 
 @dataclass(frozen=True)
 class Roster(_Message):
-    """Owner -> party: who advertised, the round parameters, the recipient's neighbours' public keys, and
-    every member's signing key (any member may sign the consistency check, neighbour or not).
+    """Owner -> party: who advertised (the members), the round parameters, and every member's
+    share-encryption key, signing key and coin commitment (members order).
 
-    The party recomputes every derived field and refuses the roster if one differs.
+    The party recomputes every derived field and refuses the roster if one differs or falls below its own
+    floors. The neighbours are not known yet: they follow from the coins, revealed with the shares.
     """
 
     TYPE: ClassVar[str] = "roster"
-    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "n_parties", "members", "min_survivors",
-                                         "share_threshold", "degree", "ring_bits", "neighbours")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk")
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "n_parties", "members", "min_survivors", "collusion",
+                                         "degree", "ring_bits")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "sig_pk", "coin_commit")
 
     round_id: int
     session: str
@@ -171,94 +175,124 @@ class Roster(_Message):
     n_parties: int
     members: list[int]
     min_survivors: int
-    share_threshold: int
+    collusion: int
     degree: int
     ring_bits: int
-    neighbours: list[int]
-    c_pks: list[bytes] = field(repr=False)
-    s_pks: list[bytes] = field(repr=False)
-    sig_pks: list[bytes] = field(repr=False)  # one per member, in members order
+    c_pks: list[bytes] = field(repr=False)  # one per member, in members order
+    sig_pks: list[bytes] = field(repr=False)
+    coin_commits: list[bytes] = field(repr=False)
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         header = self._header(recipient=self.recipient, n_parties=self.n_parties, members=list(self.members),
-                              min_survivors=self.min_survivors, share_threshold=self.share_threshold,
-                              degree=self.degree, ring_bits=self.ring_bits, neighbours=list(self.neighbours))
-        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "s_pk": _as_rows(self.s_pks, KEY_BYTES),
-                        "sig_pk": _as_rows(self.sig_pks, KEY_BYTES)}
+                              min_survivors=self.min_survivors, collusion=self.collusion, degree=self.degree,
+                              ring_bits=self.ring_bits)
+        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "sig_pk": _as_rows(self.sig_pks, KEY_BYTES),
+                        "coin_commit": _as_rows(self.coin_commits, DIGEST_BYTES)}
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> Roster:
         round_id, session = cls._open(header, arrays)
-        neighbours, members = _ids(header, "neighbours"), _ids(header, "members")
+        members = _ids(header, "members")
+        m = len(members)
         return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1),
                    _int(header, "n_parties", 2, MAX_PARTIES), members,
-                   _int(header, "min_survivors", 1, MAX_PARTIES),
-                   _int(header, "share_threshold", 1, MAX_PARTIES), _int(header, "degree", 1, MAX_PARTIES),
-                   _int(header, "ring_bits", 8, 64), neighbours,
-                   _rows(arrays, "c_pk", len(neighbours), KEY_BYTES),
-                   _rows(arrays, "s_pk", len(neighbours), KEY_BYTES),
-                   _rows(arrays, "sig_pk", len(members), KEY_BYTES))
+                   _int(header, "min_survivors", 1, MAX_PARTIES), _int(header, "collusion", 0, MAX_PARTIES),
+                   _int(header, "degree", 1, MAX_PARTIES), _int(header, "ring_bits", 8, 64),
+                   _rows(arrays, "c_pk", m, KEY_BYTES), _rows(arrays, "sig_pk", m, KEY_BYTES),
+                   _rows(arrays, "coin_commit", m, DIGEST_BYTES))
 
 
 @dataclass(frozen=True)
 class ShareKeys(_Message):
-    """Party -> owner: one AEAD ciphertext of (seed share, mask-key share) per neighbour, for relaying."""
+    """Party -> owner: one AEAD ciphertext of (seed share, mask-key share) per other member, for relaying; a
+    hash commitment to every share it dealt (rows in the order of receivers + sender, sorted), so the owner
+    can check each revealed share; and its graph coin.
+    """
 
     TYPE: ClassVar[str] = "share_keys"
     FIELDS: ClassVar[tuple[str, ...]] = ("sender", "receivers")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts",)
+    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts", "seed_commits", "key_commits", "coin")
 
     round_id: int
     session: str
     sender: int
     receivers: list[int]
     ciphertexts: list[bytes] = field(repr=False)
+    seed_commits: list[bytes] = field(repr=False)  # per holder in sorted(receivers + [sender])
+    key_commits: list[bytes] = field(repr=False)
+    coin: bytes = field(repr=False, default=b"")
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         return (self._header(sender=self.sender, receivers=list(self.receivers)),
-                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES)})
+                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES),
+                 "seed_commits": _as_rows(self.seed_commits, DIGEST_BYTES),
+                 "key_commits": _as_rows(self.key_commits, DIGEST_BYTES), "coin": _as_blob(self.coin)})
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> ShareKeys:
         round_id, session = cls._open(header, arrays)
         receivers = _ids(header, "receivers")
-        return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1), receivers,
-                   _rows(arrays, "ciphertexts", len(receivers), CIPHERTEXT_BYTES))
+        sender = _int(header, "sender", 0, MAX_PARTIES - 1)
+        if sender in receivers:
+            raise SecAggError("a party cannot address shares to itself")
+        holders = len(receivers) + 1
+        return cls(round_id, session, sender, receivers,
+                   _rows(arrays, "ciphertexts", len(receivers), CIPHERTEXT_BYTES),
+                   _rows(arrays, "seed_commits", holders, DIGEST_BYTES),
+                   _rows(arrays, "key_commits", holders, DIGEST_BYTES), _blob(arrays, "coin", DIGEST_BYTES))
 
 
 @dataclass(frozen=True)
 class RelayedShares(_Message):
-    """Owner -> party: the ciphertexts addressed to the recipient by the parties that shared keys."""
+    """Owner -> party: the ciphertexts addressed to the recipient by the other parties that shared keys
+    (senders), each dealer's commitments to the recipient's two shares, the coins of every sharer (senders
+    + recipient, sorted), and the recipient's neighbours in the graph with their mask-agreement keys."""
 
     TYPE: ClassVar[str] = "relayed_shares"
-    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "senders")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts",)
+    FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "senders", "neighbours")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("ciphertexts", "seed_commits", "key_commits", "coins", "s_pk")
 
     round_id: int
     session: str
     recipient: int
     senders: list[int]
+    neighbours: list[int]
     ciphertexts: list[bytes] = field(repr=False)
+    seed_commits: list[bytes] = field(repr=False)  # per sender: its commitment to the recipient's seed share
+    key_commits: list[bytes] = field(repr=False)
+    coins: list[bytes] = field(repr=False)  # per sharer in sorted(senders + [recipient])
+    s_pks: list[bytes] = field(repr=False)  # per neighbour
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return (self._header(recipient=self.recipient, senders=list(self.senders)),
-                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES)})
+        return (self._header(recipient=self.recipient, senders=list(self.senders),
+                             neighbours=list(self.neighbours)),
+                {"ciphertexts": _as_rows(self.ciphertexts, CIPHERTEXT_BYTES),
+                 "seed_commits": _as_rows(self.seed_commits, DIGEST_BYTES),
+                 "key_commits": _as_rows(self.key_commits, DIGEST_BYTES),
+                 "coins": _as_rows(self.coins, DIGEST_BYTES), "s_pk": _as_rows(self.s_pks, KEY_BYTES)})
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> RelayedShares:
         round_id, session = cls._open(header, arrays)
-        senders = _ids(header, "senders")
-        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), senders,
-                   _rows(arrays, "ciphertexts", len(senders), CIPHERTEXT_BYTES))
+        senders, neighbours = _ids(header, "senders"), _ids(header, "neighbours")
+        recipient = _int(header, "recipient", 0, MAX_PARTIES - 1)
+        if recipient in senders or recipient in neighbours:
+            raise SecAggError("a relay lists its recipient among the senders or its neighbours")
+        s = len(senders)
+        return cls(round_id, session, recipient, senders, neighbours,
+                   _rows(arrays, "ciphertexts", s, CIPHERTEXT_BYTES), _rows(arrays, "seed_commits", s, DIGEST_BYTES),
+                   _rows(arrays, "key_commits", s, DIGEST_BYTES), _rows(arrays, "coins", s + 1, DIGEST_BYTES),
+                   _rows(arrays, "s_pk", len(neighbours), KEY_BYTES))
 
 
 @dataclass(frozen=True)
 class MaskedInput(_Message):
-    """Party -> owner: the masked ring vector (`length` elements of ring_bits / 8 bytes each)."""
+    """Party -> owner: the masked ring vector (`length` elements of ring_bits / 8 bytes each) and the party's
+    signature over the round view it masked under (relayed to the others in the consistency check)."""
 
     TYPE: ClassVar[str] = "masked_input"
     FIELDS: ClassVar[tuple[str, ...]] = ("sender", "length", "ring_bits")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("masked",)
+    ARRAYS: ClassVar[tuple[str, ...]] = ("masked", "view_signature")
 
     round_id: int
     session: str
@@ -266,10 +300,11 @@ class MaskedInput(_Message):
     length: int
     ring_bits: int
     masked: np.ndarray = field(repr=False)
+    view_signature: bytes = field(repr=False, default=b"")
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         return (self._header(sender=self.sender, length=self.length, ring_bits=self.ring_bits),
-                {"masked": self.masked})
+                {"masked": self.masked, "view_signature": _as_blob(self.view_signature)})
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> MaskedInput:
@@ -285,7 +320,7 @@ class MaskedInput(_Message):
                               f"{length} elements of {ring_bits} bits, got {getattr(masked, 'dtype', '?')} "
                               f"{getattr(masked, 'shape', '?')}")
         return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1), length, ring_bits,
-                   np.ascontiguousarray(masked))
+                   np.ascontiguousarray(masked), _blob(arrays, "view_signature", SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)
@@ -313,29 +348,34 @@ class InputAck(_Message):
 
 @dataclass(frozen=True)
 class ConsistencyRequest(_Message):
-    """Owner -> party: which parties' inputs are in the sum (alive, U3) and which shared keys but sent none.
+    """Owner -> party: which parties' inputs are in the sum (alive, U3) and which shared keys but sent none
+    (dropped), with every alive party's view signature (alive order).
 
-    The party checks the lists and signs U3; it reveals shares only once a majority signed the same U3.
+    The party checks the lists and the view signatures and signs U3; it reveals shares only once t parties
+    signed the same U3 under the same view.
     """
 
     TYPE: ClassVar[str] = "consistency_request"
     FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "alive", "dropped")
-    ARRAYS: ClassVar[tuple[str, ...]] = ()
+    ARRAYS: ClassVar[tuple[str, ...]] = ("view_signatures",)
 
     round_id: int
     session: str
     recipient: int
     alive: list[int]
     dropped: list[int]
+    view_signatures: list[bytes] = field(repr=False, default_factory=list)
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return self._header(recipient=self.recipient, alive=list(self.alive), dropped=list(self.dropped)), {}
+        return (self._header(recipient=self.recipient, alive=list(self.alive), dropped=list(self.dropped)),
+                {"view_signatures": _as_rows(self.view_signatures, SIGNATURE_BYTES)})
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> ConsistencyRequest:
         round_id, session = cls._open(header, arrays)
-        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), _ids(header, "alive"),
-                   _ids(header, "dropped"))
+        alive = _ids(header, "alive")
+        return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1), alive,
+                   _ids(header, "dropped"), _rows(arrays, "view_signatures", len(alive), SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)

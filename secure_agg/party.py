@@ -2,10 +2,12 @@
 
 advertise() -> share_keys(roster) -> masked_input(relayed, vector, weight) -> [receive_ack(ack)] ->
 consistency_check(request) -> unmask(request). Each step checks what the owner sent against what the party
-can derive on its own and refuses (SecAggError) anything inconsistent; after a refusal the party answers
-nothing more this round. Above all it reveals, per peer, either the self-mask seed share (peer alive) or the
-mask-key share (peer dropped), never both; it signs one alive list only, and reveals only once a strict
-majority of the invited parties signed that same list, so every revealing party holds the same one.
+can derive on its own, and against its own floors (`PartyPolicy`), and refuses (SecAggError) anything
+inconsistent; after a refusal the party answers nothing more this round. Above all it reveals, per peer,
+either the self-mask seed share (peer alive) or the mask-key share (peer dropped), never both; it signs one
+alive list only, and reveals only once t > (n + c) / 2 parties signed that same list under the same round
+view, and only if the alive parties' graph cannot be split by c colluders. With a ledger it also never masks
+a second input for the same round, across restarts.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from secure_agg import crypto, shamir
-from secure_agg.config import SecAggConfig, round_params, share_threshold, sparse_degree
+from secure_agg.config import PartyPolicy, SecAggConfig, round_params
 from secure_agg.encoding import encode, pack, rounding_rng
 from secure_agg.errors import SecAggError
-from secure_agg.graph import neighbour_graph
+from secure_agg.graph import is_k_connected, neighbour_graph
+from secure_agg.ledger import SecAggLedger
 from secure_agg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -55,10 +58,16 @@ def _step(expected: tuple[str, ...]) -> Callable:
 
 
 class SecAggParty:
-    """Party `party_id` of `n_parties` in round `round_id` of session `session`."""
+    """Party `party_id` of `n_parties` in round `round_id` of session `session`.
 
-    def __init__(self, config: SecAggConfig, party_id: int, n_parties: int, round_id: int,
-                 session: str) -> None:
+    policy: this party's own floors (collusion bound, sparse degree, honest inputs per sum); default
+        `PartyPolicy()`. A config below them is refused here already.
+    ledger: where the party records that it sent its input and what it revealed (see `SecAggLedger`);
+        None keeps no record across restarts.
+    """
+
+    def __init__(self, config: SecAggConfig, party_id: int, n_parties: int, round_id: int, session: str, *,
+                 policy: PartyPolicy | None = None, ledger: SecAggLedger | None = None) -> None:
         self.config = config
         self.params = round_params(config, n_parties)
         if isinstance(party_id, bool) or not isinstance(party_id, int) or not 0 <= party_id < n_parties:
@@ -67,18 +76,23 @@ class SecAggParty:
             raise SecAggError(f"the round id must be a non-negative int, got {round_id!r}")
         self.party_id, self.n_parties, self.round_id = party_id, n_parties, round_id
         self.session = check_session(session)
+        self.policy = policy if policy is not None else PartyPolicy()
+        self.policy.check(self.params, party_id)
+        self.ledger = ledger
         self.stage = "new"
         self._c_key, self._c_pk = crypto.new_key_pair()  # encrypts the shares sent to peers
         self._s_key, self._s_pk = crypto.new_key_pair()  # agrees the pairwise masks
-        self._sig_key, self._sig_pk = crypto.new_signing_key()  # signs this round's alive list, once
+        self._sig_key, self._sig_pk = crypto.new_signing_key()  # signs this round's view and alive list
         self._seed = os.urandom(shamir.SECRET_BYTES)  # self-mask seed b_u
-        self._neighbours: list[int] = []
+        self._coin = os.urandom(32)  # places this party on the graph's ring, revealed after the roster
+        self._members: list[int] = []
         self._c_pks: dict[int, bytes] = {}
-        self._s_pks: dict[int, bytes] = {}
-        self._sig_pks: dict[int, bytes] = {}  # every member's, not only the neighbours'
-        self._members: set[int] = set()
-        self._share_threshold = 0
+        self._sig_pks: dict[int, bytes] = {}  # every member's
+        self._coin_commits: dict[int, bytes] = {}
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
+        self._sharers: list[int] = []  # U2 as relayed
+        self._graph: dict[int, list[int]] = {}
+        self._transcript = b""
         self._held: dict[int, tuple[bytes, bytes]] = {}  # peer -> (seed share, key share) it sent me
         self._digest = b""
         self._alive: list[int] = []  # the U3 this party signed
@@ -100,91 +114,131 @@ class SecAggParty:
     @_step(("new",))
     def advertise(self) -> AdvertiseKeys:
         self.stage = "advertised"
-        commit = crypto.seed_commitment(self._seed, self.session, self.round_id, self.party_id)
-        return AdvertiseKeys(self.round_id, self.session, self.party_id, self._c_pk, self._s_pk, self._sig_pk,
-                             commit)
+        me = self.party_id
+        return AdvertiseKeys(self.round_id, self.session, me, self._c_pk, self._s_pk, self._sig_pk,
+                             crypto.seed_commitment(self._seed, self.session, self.round_id, me),
+                             crypto.coin_commitment(self._coin, self.session, self.round_id, me))
 
     @_step(("advertised",))
     def share_keys(self, roster: Roster) -> ShareKeys:
-        """Check the roster, then Shamir-share the seed and the mask key among the neighbours (+ self)."""
+        """Check the roster, then Shamir-share the seed and the mask key t-of-members, committing to each share."""
         self._check_envelope(roster, roster.recipient)
         me, p = self.party_id, self.params
         if roster.n_parties != self.n_parties or roster.ring_bits != p.ring_bits:
             raise SecAggError(f"party {me}: roster says {roster.n_parties} parties / {roster.ring_bits}-bit "
                               f"ring, expected {self.n_parties} / {p.ring_bits}")
         members = roster.members
+        count = len(members)
+        if len(set(members)) != count or {len(roster.c_pks), len(roster.sig_pks),
+                                          len(roster.coin_commits)} != {count}:
+            raise SecAggError(f"party {me}: the roster's members and keys do not line up")
         if me not in members or any(m >= self.n_parties for m in members):
             raise SecAggError(f"party {me}: roster members {members} omit this party or hold unknown ids")
         if roster.min_survivors != p.min_survivors or len(members) < p.min_survivors:
             raise SecAggError(f"party {me}: roster threshold {roster.min_survivors} with {len(members)} "
                               f"members, expected threshold {p.min_survivors} and at least that many members")
-        degree = sparse_degree(self.config, len(members))
-        t = share_threshold(self.config, p, len(members), degree)
-        if roster.degree != degree or roster.share_threshold != t:
-            raise SecAggError(f"party {me}: roster degree {roster.degree} / share threshold "
-                              f"{roster.share_threshold}, expected {degree} / {t}")
-        expected = neighbour_graph(members, degree, self.session, self.round_id)[me]
-        if roster.neighbours != expected:
-            raise SecAggError(f"party {me}: roster neighbours {roster.neighbours} differ from the graph "
-                              f"derived from the members ({expected})")
-        if len(roster.sig_pks) != len(members) or roster.sig_pks[members.index(me)] != self._sig_pk:
-            raise SecAggError(f"party {me}: the roster's signing keys do not match its members or omit this "
-                              "party's own key")
-        keys = [*roster.c_pks, *roster.s_pks, *roster.sig_pks, self._c_pk, self._s_pk]
+        if roster.collusion != p.collusion or roster.degree != p.degree:
+            raise SecAggError(f"party {me}: roster collusion bound {roster.collusion} / degree {roster.degree}, "
+                              f"expected {p.collusion} / {p.degree}")
+        at = members.index(me)
+        if (roster.c_pks[at], roster.sig_pks[at]) != (self._c_pk, self._sig_pk) or roster.coin_commits[at] != \
+                crypto.coin_commitment(self._coin, self.session, self.round_id, me):
+            raise SecAggError(f"party {me}: the roster's keys at this party's position are not its own")
+        keys = [*roster.c_pks, *roster.sig_pks, *roster.coin_commits, self._s_pk]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"party {me}: the roster repeats a public key")
-        self._members, self._neighbours, self._share_threshold = set(members), expected, t
-        self._c_pks = dict(zip(expected, roster.c_pks, strict=True))
-        self._s_pks = dict(zip(expected, roster.s_pks, strict=True))
+        self._members = list(members)
+        self._c_pks = dict(zip(members, roster.c_pks, strict=True))
         self._sig_pks = dict(zip(members, roster.sig_pks, strict=True))
+        self._coin_commits = dict(zip(members, roster.coin_commits, strict=True))
 
-        holders = [*expected, me]
-        seed_shares = shamir.split(self._seed, holders, t)
-        key_shares = shamir.split(crypto.private_bytes(self._s_key), holders, t)
+        t, ctx = p.min_survivors, (self.session, self.round_id, me)
+        seed_shares = shamir.split(self._seed, members, t)
+        key_shares = shamir.split(crypto.private_bytes(self._s_key), members, t)
         self._own_shares = (seed_shares[me], key_shares[me])
+        seed_commits = [crypto.share_commitment(seed_shares[h], b"seed", *ctx, h) for h in members]
+        key_commits = [crypto.share_commitment(key_shares[h], b"key", *ctx, h) for h in members]
+        receivers = [v for v in members if v != me]
         ciphertexts = []
-        for v in expected:
-            key = self._share_key(v, me, v)
+        for v in receivers:
             ad = crypto.context(b"share-ad", self.session, self.round_id, me, v)
-            ciphertexts.append(crypto.seal(key, seed_shares[v] + key_shares[v], ad))
+            ciphertexts.append(crypto.seal(self._share_key(v, me, v), seed_shares[v] + key_shares[v], ad))
         self.stage = "shared"
-        return ShareKeys(self.round_id, self.session, me, list(expected), ciphertexts)
+        return ShareKeys(self.round_id, self.session, me, receivers, ciphertexts, seed_commits, key_commits,
+                         self._coin)
+
+    def _view(self, relayed: RelayedShares) -> None:
+        """Check the sharers' coins, derive the graph and the round transcript from them."""
+        me, p = self.party_id, self.params
+        s = len(relayed.senders)
+        if (len(set(relayed.senders)) != s or me in relayed.senders
+                or {len(relayed.ciphertexts), len(relayed.seed_commits), len(relayed.key_commits)} != {s}
+                or len(relayed.coins) != s + 1 or len(relayed.s_pks) != len(relayed.neighbours)):
+            raise SecAggError(f"party {me}: the relay's senders, ciphertexts, commitments, coins and keys do not "
+                              "line up")
+        sharers = sorted([*relayed.senders, me])
+        unknown = sorted(set(sharers) - set(self._members))
+        if unknown:
+            raise SecAggError(f"party {me}: relayed shares from non-members {unknown}")
+        if len(sharers) < p.min_survivors:
+            raise SecAggError(f"party {me}: only {len(sharers)} parties shared keys, below the threshold "
+                              f"{p.min_survivors}")
+        coins = dict(zip(sharers, relayed.coins, strict=True))
+        if coins[me] != self._coin:
+            raise SecAggError(f"party {me}: the relay carries another coin for this party")
+        for u, coin in coins.items():
+            if crypto.coin_commitment(coin, self.session, self.round_id, u) != self._coin_commits[u]:
+                raise SecAggError(f"party {me}: party {u}'s graph coin does not match its commitment")
+        graph = neighbour_graph(coins, p.degree, self.session, self.round_id)
+        if relayed.neighbours != graph[me]:
+            raise SecAggError(f"party {me}: relayed neighbours {relayed.neighbours} differ from the graph "
+                              f"derived from the coins ({graph[me]})")
+        s_pks = [*relayed.s_pks, self._s_pk]
+        if len(set(s_pks)) != len(s_pks) or set(s_pks) & set(self._c_pks.values()):
+            raise SecAggError(f"party {me}: the relay repeats a public key")
+        self._sharers, self._graph = sharers, graph
+        numbers = (self.n_parties, p.collusion, p.min_survivors, p.degree, p.ring_bits)
+        keys = [self._c_pks[m] + self._sig_pks[m] + self._coin_commits[m] for m in self._members]
+        self._transcript = crypto.transcript_digest(self.session, self.round_id, numbers, self._members, keys,
+                                                    sharers, [coins[u] for u in sharers])
 
     @_step(("shared",))
     def masked_input(self, relayed: RelayedShares, vector: np.ndarray, weight: int) -> MaskedInput:
-        """Decrypt the peers' shares, then send encode(weight * x, weight) + self mask +/- pairwise masks."""
+        """Check the relay, decrypt the peers' shares against their dealers' commitments, then send
+        encode(weight * x, weight, clipped) + self mask +/- pairwise masks with the graph neighbours."""
         self._check_envelope(relayed, relayed.recipient)
         me = self.party_id
-        senders = relayed.senders
-        if not set(senders) <= set(self._neighbours):
-            raise SecAggError(f"party {me}: relayed shares from non-neighbours "
-                              f"{sorted(set(senders) - set(self._neighbours))}")
-        if len(senders) + 1 < self._share_threshold:
-            raise SecAggError(f"party {me}: only {len(senders)} neighbours shared keys; "
-                              f"{self._share_threshold - 1} are needed to keep its secrets recoverable")
-        if len(self._neighbours) == len(self._members) - 1 and len(senders) + 1 < self.params.min_survivors:
-            raise SecAggError(f"party {me}: only {len(senders) + 1} parties shared keys, below the threshold "
-                              f"{self.params.min_survivors}")
+        self._view(relayed)
         held = {}
-        for u, blob in zip(senders, relayed.ciphertexts, strict=True):
-            key = self._share_key(u, u, me)
+        for u, blob, seed_commit, key_commit in zip(relayed.senders, relayed.ciphertexts, relayed.seed_commits,
+                                                    relayed.key_commits, strict=True):
             ad = crypto.context(b"share-ad", self.session, self.round_id, u, me)
-            plain = crypto.open_sealed(key, blob, ad, f"party {me}: the key share from party {u}")
-            held[u] = (plain[:shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES:])
+            plain = crypto.open_sealed(self._share_key(u, u, me), blob, ad,
+                                       f"party {me}: the key share from party {u}")
+            seed_share, key_share = plain[:shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES:]
+            ctx = (self.session, self.round_id, u, me)
+            if (crypto.share_commitment(seed_share, b"seed", *ctx) != seed_commit
+                    or crypto.share_commitment(key_share, b"key", *ctx) != key_commit):
+                raise SecAggError(f"party {me}: party {u} dealt a share that does not match its commitment "
+                                  "(a cheating dealer, or a tampered relay)")
+            held[u] = (seed_share, key_share)
 
         words = encode(vector, weight, self.config, self.params, rounding_rng(self.config, self.round_id, me))
         n = words.size
         np.add(words, crypto.prg_words(crypto.self_mask_key(self._seed, self.session, self.round_id, me), n),
                out=words)
-        for v in senders:
-            shared = crypto.agree(self._s_key, self._s_pks[v], v)
+        for v, s_pk in zip(relayed.neighbours, relayed.s_pks, strict=True):
+            shared = crypto.agree(self._s_key, s_pk, v)
             mask = crypto.prg_words(crypto.pair_mask_key(shared, self.session, self.round_id, me, v), n)
             (np.add if me < v else np.subtract)(words, mask, out=words)
         packed = pack(words, self.params.ring_bytes)
-        self._held = held
+        view = crypto.sign(self._sig_key, crypto.view_message(self.session, self.round_id, me, self._transcript))
+        if self.ledger is not None:  # before the input leaves: a restart must not send a second one
+            self.ledger.claim_input(self.session, self.round_id)
+        self._held = {**held, me: self._own_shares}
         self._digest = hashlib.sha256(packed.data).digest()
         self.stage = "masked"
-        return MaskedInput(self.round_id, self.session, me, n, self.params.ring_bits, packed)
+        return MaskedInput(self.round_id, self.session, me, n, self.params.ring_bits, packed, view)
 
     @_step(("masked",))
     def receive_ack(self, ack: InputAck) -> None:
@@ -196,14 +250,15 @@ class SecAggParty:
 
     @_step(("masked",))
     def consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
-        """Check the alive/dropped lists, then sign the alive list (U3): the only one this party signs."""
+        """Check the alive/dropped lists, every alive party's view signature and the alive parties' graph,
+        then sign the alive list (U3) with the round transcript: the only list this party signs."""
         self._check_envelope(request, request.recipient)
-        me = self.party_id
+        me, p = self.party_id, self.params
         alive, dropped = set(request.alive), set(request.dropped)
         if alive & dropped:
             raise SecAggError(f"party {me}: parties {sorted(alive & dropped)} are listed both alive and "
                               "dropped")
-        unknown = (alive | dropped) - self._members
+        unknown = (alive | dropped) - set(self._members)
         if unknown:
             raise SecAggError(f"party {me}: the unmask lists name parties {sorted(unknown)} outside the "
                               "roster")
@@ -211,33 +266,40 @@ class SecAggParty:
             state = "acknowledged" if self.acked else "sent"
             raise SecAggError(f"party {me}: listed as dropped (or missing) although it {state} its masked "
                               "input")
-        if len(alive) < self.params.min_survivors:
+        missing = sorted(set(self._sharers) - alive - dropped)
+        if missing:
+            raise SecAggError(f"party {me}: peers {missing} shared keys but are neither alive nor dropped")
+        strangers = sorted((alive | dropped) - set(self._sharers))
+        if strangers:
+            raise SecAggError(f"party {me}: peers {strangers} never shared keys but are listed as alive or "
+                              "dropped")
+        if len(alive) < p.min_survivors:
             raise SecAggError(f"party {me}: only {len(alive)} parties alive, below the threshold "
-                              f"{self.params.min_survivors}; nothing is revealed")
-        for v in self._neighbours:
-            listed = v in alive or v in dropped
-            if v in self._held and not listed:
-                raise SecAggError(f"party {me}: peer {v} shared keys but is neither alive nor dropped")
-            if v not in self._held and listed:
-                raise SecAggError(f"party {me}: peer {v} never shared keys but is listed as "
-                                  f"{'alive' if v in alive else 'dropped'}")
-        holders_alive = sum(1 for v in [*self._held, me] if v in alive)
-        if holders_alive < self._share_threshold:
-            raise SecAggError(f"party {me}: only {holders_alive} holders of this party's shares are alive, "
-                              f"below {self._share_threshold}; nothing is revealed")
+                              f"{p.min_survivors}; nothing is revealed")
+        if len(request.view_signatures) != len(request.alive):
+            raise SecAggError(f"party {me}: {len(request.alive)} alive parties but {len(request.view_signatures)} "
+                              "view signatures")
+        for u, signature in zip(request.alive, request.view_signatures, strict=True):
+            message = crypto.view_message(self.session, self.round_id, u, self._transcript)
+            if not crypto.verify(self._sig_pks[u], signature, message):
+                raise SecAggError(f"party {me}: party {u}'s view signature is invalid: it masked under another "
+                                  "view of the round (members, keys, sharers or graph), or it is forged")
+        if not is_k_connected(self._graph, alive, p.collusion + 1):
+            raise SecAggError(f"party {me}: the alive parties' graph can be split by removing {p.collusion} "
+                              "of them (or fewer): a part's sum could be unmasked on its own; nothing is "
+                              "revealed")
         self._alive, self._dropped = sorted(alive), sorted(dropped)
-        signature = crypto.sign(self._sig_key, crypto.consistency_message(self.session, self.round_id,
-                                                                          self._alive))
+        message = crypto.consistency_message(self.session, self.round_id, self._alive, self._transcript)
         self.stage = "signed"
-        return ConsistencySignature(self.round_id, self.session, me, signature)
+        return ConsistencySignature(self.round_id, self.session, me, crypto.sign(self._sig_key, message))
 
     @_step(("signed",))
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Check that a strict majority signed the alive list this party signed, then reveal one share per
-        listed peer: seed if alive, key if dropped.
+        """Check that t parties signed the alive list this party signed, under the same transcript, then
+        reveal one share per sharer: seed if alive, key if dropped.
 
-        Each party signs once and the threshold is a strict majority of the invited parties, so no two
-        different alive lists can both gather enough signatures: every revealing party holds the same one.
+        Each honest party signs once and t > (n + c) / 2, so even with c colluders signing everything no two
+        different alive lists can both gather t signatures: every revealing honest party holds the same one.
         """
         self._check_envelope(request, request.recipient)
         me, need = self.party_id, self.params.min_survivors
@@ -252,15 +314,14 @@ class SecAggParty:
         if len(signers) < need:
             raise SecAggError(f"party {me}: only {len(signers)} consistency signatures, below the threshold "
                               f"{need}; nothing is revealed")
-        message = crypto.consistency_message(self.session, self.round_id, self._alive)
+        message = crypto.consistency_message(self.session, self.round_id, self._alive, self._transcript)
         for v, signature in zip(signers, request.signatures, strict=True):
             if not crypto.verify(self._sig_pks[v], signature, message):
                 raise SecAggError(f"party {me}: party {v}'s consistency signature is invalid (forged, or over "
-                                  "another alive list, round or session); nothing is revealed")
-        dropped = set(self._dropped)
-        held = {**self._held, me: self._own_shares}
-        seed_owners = sorted(v for v in held if v in alive)
-        key_owners = sorted(v for v in held if v in dropped)
+                                  "another alive list, view, round or session); nothing is revealed")
+        seed_owners, key_owners = list(self._alive), list(self._dropped)
+        if self.ledger is not None:
+            self.ledger.record_reveal(self.session, self.round_id, seed_owners, key_owners)
         self.stage = "done"
         return UnmaskShares(self.round_id, self.session, me, seed_owners, key_owners,
-                            [held[v][0] for v in seed_owners], [held[v][1] for v in key_owners])
+                            [self._held[v][0] for v in seed_owners], [self._held[v][1] for v in key_owners])

@@ -7,7 +7,11 @@ by then is treated as dropped:
 - lost before sharing keys: left out (nobody masks with it);
 - lost after sharing keys: its pairwise masks are removed through its Shamir-shared mask key;
 - lost before signing or before the unmask reply: its input stays in the sum, its self mask is rebuilt.
-Fewer than the threshold at any closing aborts the round (SecAggError) before anything is unmasked.
+Fewer than the threshold at any closing aborts the round (SecAggError) before anything is unmasked, and so
+does an alive set whose graph c colluders could split (the honest parties would refuse to reveal anyway).
+Every revealed share is checked against its dealer's commitment: a bad one is left out (and its holder
+named in `bad_shares`); only fewer than t good shares, or a dealer whose committed shares do not rebuild
+its committed secret (named in the error), abort the unmasking.
 A malformed or unexpected message raises SecAggError without changing the round: the caller may treat
 its sender as dropped.
 """
@@ -23,10 +27,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secure_agg import crypto, shamir
-from secure_agg.config import SecAggConfig, round_params, share_threshold, sparse_degree
+from secure_agg.config import SecAggConfig, round_params
 from secure_agg.encoding import decode, unpack
 from secure_agg.errors import SecAggError
-from secure_agg.graph import neighbour_graph
+from secure_agg.graph import is_k_connected, neighbour_graph
 from secure_agg.messages import (
     MAX_LENGTH,
     AdvertiseKeys,
@@ -47,17 +51,25 @@ _WHAT = {"seed": "self-mask seed", "key": "mask key"}
 
 @dataclass
 class ServerResult:
-    """The only thing the owner learns: the weighted sum, the total weight, and who took part."""
+    """The only thing the owner learns: the weighted sum, the total weight, the clipped count, and who took
+    part."""
 
     weighted_sum: np.ndarray  # sum over included parties of n_m * clip(x_m), float64
     total_weight: int  # sum of n_m over included parties
     included: list[int]  # parties whose input is in the sum
     dropped: list[int] = field(default_factory=list)  # shared keys, sent no input: masks removed via Shamir
     left_out: list[int] = field(default_factory=list)  # lost before sharing keys (or never advertised)
+    clipped: int = 0  # input elements the included parties clipped to [-clip, clip], in total
+    bad_shares: list[tuple[int, int, str]] = field(default_factory=list)  # (holder, dealer, kind) left out
 
     def mean(self) -> np.ndarray:
         """FedAvg: the weighted average, divided once."""
         return self.weighted_sum / self.total_weight
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Share of all summed elements that hit the clip bound: tune `clip` when this is far from 0."""
+        return self.clipped / max(1, len(self.included) * self.weighted_sum.size)
 
 
 class SecAggServer:
@@ -69,26 +81,28 @@ class SecAggServer:
         self.config = config
         self.params = round_params(config, n_parties)
         if (isinstance(vector_length, bool) or not isinstance(vector_length, int)
-                or not 1 <= vector_length < MAX_LENGTH):
-            raise SecAggError(f"the vector length must be an int in [1, {MAX_LENGTH}), got {vector_length!r}")
+                or not 1 <= vector_length < MAX_LENGTH - 1):
+            raise SecAggError(f"the vector length must be an int in [1, {MAX_LENGTH - 1}), got {vector_length!r}")
         if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 0:
             raise SecAggError(f"the round id must be a non-negative int, got {round_id!r}")
-        self.n_parties, self.length, self.round_id = n_parties, vector_length + 1, round_id
+        self.n_parties, self.length, self.round_id = n_parties, vector_length + 2, round_id
         self.session = check_session(session)
         self.stage = "advertise"
         self._keys: dict[int, AdvertiseKeys] = {}
         self.members: list[int] = []  # U1: advertised keys
-        self.sharers: list[int] = []  # U2: shared keys (and kept enough sharing neighbours)
+        self.sharers: list[int] = []  # U2: shared keys
         self.alive: list[int] = []  # U3: sent a masked input
         self.signers: list[int] = []  # signed U3 in the consistency check
         self.responders: list[int] = []  # U4: answered the unmask request
         self.graph: dict[int, list[int]] = {}
-        self.share_threshold = 0
-        self._ciphertexts: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
+        self.share_threshold = self.params.min_survivors
+        self.bad_shares: list[tuple[int, int, str]] = []
+        self.transcript = b""
+        self._shares: dict[int, ShareKeys] = {}
         self._sum = np.zeros(self.length, dtype=np.uint64)
         self._inputs: set[int] = set()
+        self._views: dict[int, bytes] = {}
         self._replies: dict[int, UnmaskShares] = {}
-        self._sharer_set: set[int] = set()
         self._signatures: dict[int, bytes] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -122,97 +136,103 @@ class SecAggServer:
         self._keys[msg.sender] = msg
 
     def close_advertise(self) -> dict[int, Roster]:
-        """Fix the members (U1) and the neighbour graph; one roster per member."""
+        """Fix the members (U1); one roster per member, with every member's keys and coin commitment."""
         if self.stage != "advertise":
             raise SecAggError(f"close_advertise in stage {self.stage!r}")
         members = sorted(self._keys)
         self._need(len(members), "advertised keys")
-        all_keys = [k for m in members for k in (self._keys[m].c_pk, self._keys[m].s_pk, self._keys[m].sig_pk)]
+        adverts = [self._keys[m] for m in members]
+        all_keys = [k for a in adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.coin_commit)]
         if len(set(all_keys)) != len(all_keys):
             raise self._abort("two parties advertised the same public key")
-        degree = sparse_degree(self.config, len(members))
-        self.share_threshold = share_threshold(self.config, self.params, len(members), degree)
-        self.graph = neighbour_graph(members, degree, self.session, self.round_id)
         self.members = members
         self.stage = "shares"
-        return {u: Roster(self.round_id, self.session, u, self.n_parties, members, self.params.min_survivors,
-                          self.share_threshold, degree, self.params.ring_bits, self.graph[u],
-                          [self._keys[v].c_pk for v in self.graph[u]],
-                          [self._keys[v].s_pk for v in self.graph[u]],
-                          [self._keys[v].sig_pk for v in members])
+        p = self.params
+        c_pks, sig_pks, coins = [a.c_pk for a in adverts], [a.sig_pk for a in adverts], [a.coin_commit for a in adverts]
+        return {u: Roster(self.round_id, self.session, u, self.n_parties, members, p.min_survivors, p.collusion,
+                          p.degree, p.ring_bits, c_pks, sig_pks, coins)
                 for u in members}
 
     # -- stage 2: encrypted shares ---------------------------------------------------------------------
 
     def receive_shares(self, msg: ShareKeys) -> None:
         self._expect("shares", msg, msg.sender, self.members)
-        if msg.sender in self._ciphertexts:
-            raise SecAggError(f"party {msg.sender} shared keys twice")
-        if msg.receivers != self.graph[msg.sender]:
-            raise SecAggError(f"party {msg.sender} addressed shares to {msg.receivers}, not to its "
-                              f"neighbours {self.graph[msg.sender]}")
-        self._ciphertexts[msg.sender] = dict(zip(msg.receivers, msg.ciphertexts, strict=True))
+        u = msg.sender
+        if u in self._shares:
+            raise SecAggError(f"party {u} shared keys twice")
+        others = [v for v in self.members if v != u]
+        if msg.receivers != others:
+            raise SecAggError(f"party {u} addressed shares to {msg.receivers}, not to the other members {others}")
+        if len(msg.ciphertexts) != len(others) or {len(msg.seed_commits), len(msg.key_commits)} != {len(self.members)}:
+            raise SecAggError(f"party {u} sent {len(msg.ciphertexts)} ciphertexts and {len(msg.seed_commits)} / "
+                              f"{len(msg.key_commits)} share commitments for {len(self.members)} members")
+        if crypto.coin_commitment(msg.coin, self.session, self.round_id, u) != self._keys[u].coin_commit:
+            raise SecAggError(f"party {u}'s graph coin does not match its commitment")
+        self._shares[u] = msg
 
     def close_shares(self) -> dict[int, RelayedShares]:
-        """Fix U2 and relay to each sharer the ciphertexts its sharing neighbours addressed to it.
-
-        A sharer with fewer than t - 1 sharing neighbours could not have its secrets rebuilt, so it is left
-        out (repeatedly, since leaving one out can starve another).
-        """
+        """Fix U2 and the graph over it (from the sharers' coins); relay to each sharer the other sharers'
+        ciphertexts and share commitments for it, every sharer's coin, and its neighbours' mask keys."""
         if self.stage != "shares":
             raise SecAggError(f"close_shares in stage {self.stage!r}")
-        sharers = set(self._ciphertexts)
+        sharers = sorted(self._shares)
         self._need(len(sharers), "shared keys")
-        while True:
-            starved = {u for u in sharers if len(set(self.graph[u]) & sharers) + 1 < self.share_threshold}
-            if not starved:
-                break
-            sharers -= starved
-        self._need(len(sharers), "kept enough sharing neighbours")
-        self.sharers = sorted(sharers)
-        self._sharer_set = sharers
+        coins = {u: self._shares[u].coin for u in sharers}
+        self.graph = neighbour_graph(coins, self.params.degree, self.session, self.round_id)
+        self.sharers = sharers
+        p = self.params
+        adverts = [self._keys[m] for m in self.members]
+        self.transcript = crypto.transcript_digest(
+            self.session, self.round_id, (self.n_parties, p.collusion, p.min_survivors, p.degree, p.ring_bits),
+            self.members, [a.c_pk + a.sig_pk + a.coin_commit for a in adverts], sharers, list(coins.values()))
         self.stage = "inputs"
+        index = {m: i for i, m in enumerate(self.members)}
         relays = {}
-        for v in self.sharers:
-            senders = [u for u in self.graph[v] if u in sharers]
-            relays[v] = RelayedShares(self.round_id, self.session, v, senders,
-                                      [self._ciphertexts[u][v] for u in senders])
-        self._ciphertexts.clear()
+        for v in sharers:
+            senders = [u for u in sharers if u != v]
+            at = [index[v] - (index[v] > index[u]) for u in senders]  # v's row among u's receivers
+            holder_row = [index[v] for u in senders]  # v's row among u's holders (all members)
+            relays[v] = RelayedShares(
+                self.round_id, self.session, v, senders, self.graph[v],
+                [self._shares[u].ciphertexts[i] for u, i in zip(senders, at, strict=True)],
+                [self._shares[u].seed_commits[i] for u, i in zip(senders, holder_row, strict=True)],
+                [self._shares[u].key_commits[i] for u, i in zip(senders, holder_row, strict=True)],
+                [coins[u] for u in sharers], [self._keys[w].s_pk for w in self.graph[v]])
         return relays
 
     # -- stage 3: masked inputs ------------------------------------------------------------------------
 
     def receive_masked_input(self, msg: MaskedInput) -> InputAck:
-        """Add the masked vector into the running sum (nothing else is kept) and acknowledge its digest."""
+        """Check the sender's view signature, add the masked vector into the running sum (nothing else of it
+        is kept) and acknowledge its digest."""
         self._expect("inputs", msg, msg.sender, self.sharers)
         if msg.sender in self._inputs:
             raise SecAggError(f"party {msg.sender} sent its masked input twice")
         if msg.length != self.length or msg.ring_bits != self.params.ring_bits:
             raise SecAggError(f"party {msg.sender} sent {msg.length} elements of {msg.ring_bits} bits, "
                               f"expected {self.length} of {self.params.ring_bits}")
+        view = crypto.view_message(self.session, self.round_id, msg.sender, self.transcript)
+        if not crypto.verify(self._keys[msg.sender].sig_pk, msg.view_signature, view):
+            raise SecAggError(f"party {msg.sender}'s view signature is invalid: it masked under another view")
         np.add(self._sum, unpack(msg.masked, self.params.ring_bytes), out=self._sum)
         self._inputs.add(msg.sender)
+        self._views[msg.sender] = msg.view_signature
         return InputAck(self.round_id, self.session, msg.sender, hashlib.sha256(msg.masked.data).digest())
 
-    def _holders(self, u: int) -> set[int]:
-        """Parties holding shares of u's secrets: u and its neighbours that shared keys."""
-        return {v for v in self.graph[u] if v in self._sharer_set} | {u}
-
     def close_inputs(self) -> dict[int, ConsistencyRequest]:
-        """Fix U3; ask every alive party to sign it, unless some secret could not be rebuilt anyway."""
+        """Fix U3; ask every alive party to sign it, unless c colluders could split the alive parties' graph."""
         if self.stage != "inputs":
             raise SecAggError(f"close_inputs in stage {self.stage!r}")
         self._need(len(self._inputs), "sent masked inputs")
-        alive = self._inputs
-        for u in self.sharers:
-            live = len(self._holders(u) & alive)
-            if live < self.share_threshold:
-                raise self._abort(f"the shares of party {u} are held by only {live} live parties, below "
-                                  f"{self.share_threshold}")
-        self.alive = sorted(alive)
-        dropped = [u for u in self.sharers if u not in alive]
+        alive = sorted(self._inputs)
+        if not is_k_connected(self.graph, alive, self.params.collusion + 1):
+            raise self._abort(f"the graph of the {len(alive)} alive parties can be split by removing "
+                              f"{self.params.collusion} of them, so the parties would refuse to unmask")
+        self.alive = alive
+        dropped = [u for u in self.sharers if u not in self._inputs]
+        views = [self._views[u] for u in alive]
         self.stage = "consistency"
-        return {v: ConsistencyRequest(self.round_id, self.session, v, self.alive, dropped) for v in self.alive}
+        return {v: ConsistencyRequest(self.round_id, self.session, v, alive, dropped, views) for v in alive}
 
     # -- stage 4: consistency check --------------------------------------------------------------------
 
@@ -221,23 +241,17 @@ class SecAggServer:
         self._expect("consistency", msg, msg.sender, self._inputs)
         if msg.sender in self._signatures:
             raise SecAggError(f"party {msg.sender} signed the alive list twice")
-        message = crypto.consistency_message(self.session, self.round_id, self.alive)
+        message = crypto.consistency_message(self.session, self.round_id, self.alive, self.transcript)
         if not crypto.verify(self._keys[msg.sender].sig_pk, msg.signature, message):
             raise SecAggError(f"party {msg.sender}'s consistency signature is invalid")
         self._signatures[msg.sender] = msg.signature
 
     def close_consistency(self) -> dict[int, UnmaskRequest]:
-        """Fix the signers; send each the signatures, unless too few signed or some secret would lack shares."""
+        """Fix the signers; send each the signatures, unless fewer than t signed."""
         if self.stage != "consistency":
             raise SecAggError(f"close_consistency in stage {self.stage!r}")
         signers = sorted(self._signatures)
         self._need(len(signers), "signed the alive list")
-        signer_set = set(signers)
-        for u in self.sharers:  # each needs t shares: its seed if alive, its mask key if dropped
-            live = len(self._holders(u) & signer_set)
-            if live < self.share_threshold:
-                raise self._abort(f"the shares of party {u} are held by only {live} signers, below "
-                                  f"{self.share_threshold}")
         self.signers = signers
         self.stage = "unmask"
         signatures = [self._signatures[v] for v in signers]
@@ -249,55 +263,62 @@ class SecAggServer:
         self._expect("unmask", msg, msg.sender, self.signers)
         if msg.sender in self._replies:
             raise SecAggError(f"party {msg.sender} answered the unmask request twice")
-        held = self._holders(msg.sender)  # whose shares it holds: the relation is symmetric
-        seeds = sorted(v for v in held if v in self._inputs)
-        keys = sorted(v for v in held if v not in self._inputs)
-        if msg.seed_owners != seeds or msg.key_owners != keys:
+        dropped = [u for u in self.sharers if u not in self._inputs]
+        if msg.seed_owners != self.alive or msg.key_owners != dropped:
             raise SecAggError(f"party {msg.sender} revealed seed shares of {msg.seed_owners} and key shares "
-                              f"of {msg.key_owners}; the request called for {seeds} and {keys}")
+                              f"of {msg.key_owners}; the request called for {self.alive} and {dropped}")
         self._replies[msg.sender] = msg
 
+    def _good_shares(self, kind: str, owner: int, responders: list[int]) -> dict[int, bytes]:
+        """The revealed shares of `owner`'s secret that match what `owner` committed to; the rest are noted."""
+        dealt = self._shares[owner]
+        commits = dealt.seed_commits if kind == "seed" else dealt.key_commits
+        row = {m: i for i, m in enumerate(self.members)}
+        good = {}
+        for h in responders:
+            reply = self._replies[h]
+            owners, shares = ((reply.seed_owners, reply.seed_shares) if kind == "seed"
+                              else (reply.key_owners, reply.key_shares))
+            share = shares[owners.index(owner)]
+            expected = commits[row[h]]
+            if crypto.share_commitment(share, kind.encode(), self.session, self.round_id, owner, h) == expected:
+                good[h] = share
+            else:
+                self.bad_shares.append((h, owner, kind))
+        return good
+
     def finish(self) -> ServerResult:
-        """Rebuild every needed secret, check it, remove the masks and decode the sum."""
+        """Check every revealed share, rebuild each needed secret from t good ones, check it, remove the
+        masks and decode the sum."""
         if self.stage != "unmask":
             raise SecAggError(f"finish in stage {self.stage!r}")
         responders = sorted(self._replies)
         self._need(len(responders), "answered the unmask request")
         t = self.share_threshold
         dropped = [u for u in self.sharers if u not in self._inputs]
-        plan: dict[tuple[str, int], dict[int, bytes]] = {}
-        for h in responders:
-            reply = self._replies[h]
-            for owner, share in zip(reply.seed_owners, reply.seed_shares, strict=True):
-                plan.setdefault(("seed", owner), {})[h] = share
-            for owner, share in zip(reply.key_owners, reply.key_shares, strict=True):
-                plan.setdefault(("key", owner), {})[h] = share
         needed = [("seed", u) for u in self.alive] + [("key", d) for d in dropped]
-        for kind, owner in needed:
-            got = len(plan.get((kind, owner), {}))
-            if got < t:
-                raise self._abort(f"only {got} shares of party {owner}'s {_WHAT[kind]} arrived, {t} are "
-                                  "needed")
         coeff_cache: dict[tuple[int, ...], list[int]] = {}
         secrets: dict[tuple[str, int], bytes] = {}
         for kind, owner in needed:
-            shares = plan[(kind, owner)]
+            shares = self._good_shares(kind, owner, responders)
+            if len(shares) < t:
+                raise self._abort(f"only {len(shares)} good shares of party {owner}'s {_WHAT[kind]} arrived "
+                                  f"({len(responders) - len(shares)} failed their commitment), {t} are needed")
             chosen = tuple(sorted(shares)[:t])
             if chosen not in coeff_cache:
                 coeff_cache[chosen] = shamir.lagrange_at_zero(chosen)
             try:
                 secret = shamir.combine({h: shares[h] for h in chosen}, coeff_cache[chosen])
-            except ValueError as exc:
-                raise self._abort(f"the shares of party {owner} are invalid ({exc}): a share was tampered "
-                                  "with") from exc
+            except ValueError:
+                secret = b""
             if kind == "seed":
-                commit = crypto.seed_commitment(secret, self.session, self.round_id, owner)
-                ok = commit == self._keys[owner].seed_commit
+                ok = bool(secret) and crypto.seed_commitment(secret, self.session, self.round_id,
+                                                              owner) == self._keys[owner].seed_commit
             else:
-                ok = crypto.public_of(secret) == self._keys[owner].s_pk
-            if not ok:
-                raise self._abort(f"the rebuilt {_WHAT[kind]} of party {owner} does not match what it "
-                                  "committed to: a share was tampered with")
+                ok = bool(secret) and crypto.public_of(secret) == self._keys[owner].s_pk
+            if not ok:  # every share used matches its commitment: the dealer committed to inconsistent shares
+                raise self._abort(f"party {owner} dealt inconsistent shares: {t} shares matching its "
+                                  f"commitments do not rebuild its committed {_WHAT[kind]} (a cheating dealer)")
             secrets[(kind, owner)] = secret
 
         total = self._sum
@@ -315,9 +336,10 @@ class SecAggServer:
                 mask = crypto.prg_words(key, self.length)
                 # v added +mask if v < d, -mask if v > d: undo it.
                 (np.subtract if v < d else np.add)(total, mask, out=total)
-        weighted_sum, total_weight = decode(total, self.config, self.params)
+        weighted_sum, total_weight, clipped = decode(total, self.config, self.params)
         self.responders = responders
         self.stage = "done"
         self._sum = np.zeros(0, dtype=np.uint64)
         left_out = [u for u in range(self.n_parties) if u not in set(self.sharers)]
-        return ServerResult(weighted_sum, total_weight, list(self.alive), dropped, left_out)
+        return ServerResult(weighted_sum, total_weight, list(self.alive), dropped, left_out, clipped,
+                            list(self.bad_shares))

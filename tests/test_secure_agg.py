@@ -29,11 +29,11 @@ def plain_levels(vectors, weights, config, round_id, seed, members):
     """Sum of the parties' own encodings (no masks): what the unmasked result must equal exactly."""
     config = dataclasses.replace(config, rounding_seed=seed)
     params = round_params(config, len(vectors))
-    total = np.zeros(len(vectors[0]) + 1, dtype=np.int64)
+    total = np.zeros(len(vectors[0]) + 2, dtype=np.int64)
     for m in members:
         words = encode(np.asarray(vectors[m]), weights[m], config, params, rounding_rng(config, round_id, m))
         total += words.view(np.int64)
-    return total[:-1] / 2.0 ** config.frac_bits, int(total[-1])
+    return total[:-2] / 2.0 ** config.frac_bits, int(total[-2])
 
 
 @st.composite
@@ -60,8 +60,9 @@ def test_unmasked_sum_equals_plain_weighted_sum(case):
     """Any dropout pattern: either the exact sum over the parties that sent inputs, or a clean abort."""
     vectors, weights, config, seed, (before_adv, before_share, after_share, before_sign, before_unmask) = case
     n = len(vectors)
-    t = n // 2 + 1
-    # What the protocol must do, stage by stage, on the complete graph (the sparse graph may leave out more).
+    t = round_params(config, n).min_survivors
+    # What the protocol must do, stage by stage, on the complete graph (the sparse graph may also abort when
+    # the alive parties' graph could be split by the colluders).
     u1 = set(range(n)) - before_adv
     u2 = u1 - before_share
     u3 = u2 - after_share
@@ -82,12 +83,10 @@ def test_unmasked_sum_equals_plain_weighted_sum(case):
     any_drop = bool(before_adv | before_share | after_share | before_sign | before_unmask)
     event(f"completed ({config.graph}, {'with' if any_drop else 'no'} dropouts)")
     included = result.included
-    if config.graph == "complete":
-        assert set(included) == u3
-        assert set(result.dropped) == u2 - u3
-    else:
-        assert set(included) <= u3 and set(result.dropped) <= u2 - u3
+    assert set(included) == u3 and set(result.dropped) == u2 - u3  # nobody is pruned: all or nothing
     assert len(included) >= t
+    clip = config.clip
+    assert result.clipped == sum(int(np.count_nonzero(np.abs(vectors[m]) > clip)) for m in included)
     expected_sum, expected_weight = plain_levels(vectors, weights, config, 7, seed, included)
     np.testing.assert_array_equal(result.weighted_sum, expected_sum)
     assert result.total_weight == expected_weight == sum(weights[m] for m in included)
@@ -115,12 +114,13 @@ def test_no_dropout_sparse_graph_many_parties_matches_average():
 @pytest.mark.parametrize("stage", ["drop_before_advertise", "drop_before_share", "drop_after_share",
                                    "drop_before_consistency", "drop_before_unmask"])
 def test_below_threshold_aborts_at_every_stage(stage):
-    vectors = [np.full(8, 0.25) for _ in range(7)]  # n = 7, t = 4: losing 4 leaves 3
-    with pytest.raises(SecAggError, match="aborted.*below the threshold 4.*nothing was unmasked"):
-        aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4, 6}})
+    vectors = [np.full(8, 0.25) for _ in range(7)]  # n = 7, c = 2, t = 5 > (7 + 2) / 2: losing 3 leaves 4
+    assert round_params(SecAggConfig(), 7).min_survivors == 5
+    with pytest.raises(SecAggError, match="aborted.*below the threshold 5.*nothing was unmasked"):
+        aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4}})
     # One fewer dropout and the same round completes.
-    result = aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4}})
-    assert len(result.included) == (7 if stage in ("drop_before_consistency", "drop_before_unmask") else 4)
+    result = aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2}})
+    assert len(result.included) == (7 if stage in ("drop_before_consistency", "drop_before_unmask") else 5)
 
 
 def test_aborted_server_unmasks_nothing_and_refuses_to_go_on():
@@ -182,13 +182,26 @@ def test_config_validation_and_threshold_rules():
     with pytest.raises(ConfigError, match="unknown"):
         SecAggConfig.from_dict({"clip": 1.0, "bits": 3})
     assert SecAggConfig().threshold_for(10) == 6
+    assert SecAggConfig().threshold_for(10, collusion=3) == 7  # t > (n + c) / 2
+    assert SecAggConfig().threshold_for(5, collusion=1) == 4
     assert SecAggConfig(threshold=0.8).threshold_for(10) == 8
-    assert SecAggConfig(threshold=0.55).threshold_for(4) == 3  # never below a strict majority
+    assert SecAggConfig(threshold=0.55).threshold_for(4) == 3  # never below (n + c) / 2
     assert SecAggConfig(threshold=7).threshold_for(10) == 7
-    with pytest.raises(SecAggError, match="not a strict majority"):
+    with pytest.raises(SecAggError, match="does not exceed"):
         SecAggConfig(threshold=5).threshold_for(10)
+    with pytest.raises(SecAggError, match="does not exceed"):
+        SecAggConfig(threshold=6).threshold_for(10, collusion=2)
     with pytest.raises(SecAggError, match="exceeds"):
         SecAggConfig(threshold=12).threshold_for(10)
+    with pytest.raises(ConfigError, match="collusion"):
+        SecAggConfig(collusion=-1)
+    # The default collusion bound: fewer than a third; on the sparse graph also below half the degree.
+    assert [round_params(SecAggConfig(), n).collusion for n in (2, 3, 4, 7, 10, 100)] == [0, 0, 1, 2, 3, 33]
+    sparse100 = round_params(SecAggConfig(graph="sparse"), 100)
+    assert (sparse100.degree, sparse100.collusion, sparse100.min_survivors) == (14, 6, 54)
+    assert round_params(SecAggConfig(graph="sparse", collusion=10), 100).degree == 22  # at least 2c + 2
+    with pytest.raises(SecAggError, match="fewer than 2 honest"):
+        round_params(SecAggConfig(collusion=3), 4)
 
 
 def chi_square_limit(dof: int, z: float = 4.75) -> float:
@@ -229,7 +242,7 @@ def test_a_single_masked_vector_looks_uniform():
 def test_costs_are_accounted():
     length = 1000
     result = aggregate_in_process([np.zeros(length)] * 4, [1] * 4, SecAggConfig(), round_id=0, seed=0)
-    masked_bytes = (length + 1) * result.ring_bits // 8
+    masked_bytes = (length + 2) * result.ring_bits // 8
     assert all(s > masked_bytes for s in result.party_sent)
     assert sum(result.party_sent) == result.server_received
     assert sum(result.party_received) == result.server_sent

@@ -11,18 +11,16 @@ import pytest
 from secure_agg import (
     ConsistencyRequest,
     ConsistencySignature,
-    RelayedShares,
+    PartyPolicy,
     SecAggConfig,
     SecAggError,
     SecAggParty,
     SecAggServer,
     UnmaskRequest,
     UnmaskShares,
-    aggregate_in_process,
     crypto,
     shamir,
 )
-from secure_agg.graph import neighbour_graph
 
 
 def wire(msg):
@@ -34,11 +32,12 @@ class Round:
     """One round driven by hand, so a test can interfere between the steps."""
 
     def __init__(self, n: int, *, length: int = 6, round_id: int = 0, session: str = "s",
-                 config: SecAggConfig | None = None) -> None:
+                 config: SecAggConfig | None = None, policy: PartyPolicy | None = None) -> None:
         self.config = config or SecAggConfig()
         self.n, self.length = n, length
         self.server = SecAggServer(self.config, n, length, round_id, session)
-        self.parties = [SecAggParty(self.config, u, n, round_id, session) for u in range(n)]
+        self.parties = [SecAggParty(self.config, u, n, round_id, session, policy=policy) for u in range(n)]
+        self.inputs = {}
         rng = np.random.default_rng(n)
         self.vectors = [rng.uniform(-1, 1, length) for _ in range(n)]
         self.weights = [int(w) for w in rng.integers(1, 50, n)]
@@ -60,9 +59,8 @@ class Round:
     def mask(self, skip=()):
         for u, relay in self.relays.items():
             if u not in skip:
-                ack = self.server.receive_masked_input(
-                    wire(self.parties[u].masked_input(relay, self.vectors[u], self.weights[u])))
-                self.parties[u].receive_ack(wire(ack))
+                self.inputs[u] = wire(self.parties[u].masked_input(relay, self.vectors[u], self.weights[u]))
+                self.parties[u].receive_ack(wire(self.server.receive_masked_input(self.inputs[u])))
         self.checks = {u: wire(r) for u, r in self.server.close_inputs().items()}
         return self
 
@@ -92,10 +90,11 @@ def flip(blob: bytes, at: int = 20) -> bytes:
 
 
 def test_hand_driven_round_with_dropouts_is_correct():
-    r = Round(9).advertise().share(skip={8}).mask(skip={7}).sign(skip={3}).unmask(skip={4})
+    r = Round(9).advertise().share(skip={8}).mask(skip={7}).sign(skip={3}).unmask()  # c = 2, t = 6
     result = r.server.finish()
     assert result.included == [0, 1, 2, 3, 4, 5, 6] and result.dropped == [7] and result.left_out == [8]
-    assert r.server.signers == [0, 1, 2, 4, 5, 6] and r.server.responders == [0, 1, 2, 5, 6]
+    assert r.server.signers == [0, 1, 2, 4, 5, 6] and r.server.responders == [0, 1, 2, 4, 5, 6]
+    assert result.bad_shares == []
     np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=7 * 2.0 ** -16)
 
 
@@ -183,11 +182,13 @@ def _lists_a_non_sharer(alive, dropped):
     (_lists_a_non_sharer, "never shared keys"),
 ])
 def test_party_refuses_inconsistent_alive_lists(tamper, reason):
-    r = Round(7).advertise().share(skip={6}).mask(skip={5})
+    r = Round(7).advertise().share(skip={6}).mask(skip={5})  # c = 2, t = 5
     check = r.checks[0]
     assert check.alive == [0, 1, 2, 3, 4] and check.dropped == [5]
     alive, dropped = tamper(list(check.alive), list(check.dropped))
-    bad = ConsistencyRequest(check.round_id, check.session, 0, sorted(alive), sorted(dropped))
+    views = dict(zip(check.alive, check.view_signatures, strict=True))
+    bad = ConsistencyRequest(check.round_id, check.session, 0, sorted(alive), sorted(dropped),
+                             [views.get(v, bytes(64)) for v in sorted(alive)])
     with pytest.raises(SecAggError, match=reason):
         r.parties[0].consistency_check(wire(bad))
     with pytest.raises(SecAggError):  # and it signs nothing afterwards, even for the honest request
@@ -207,13 +208,23 @@ def test_party_signs_once_and_answers_one_unmask_request_only():
         r.parties[1].unmask(r.requests[1])
 
 
-def lying_round(lists: dict[int, list[int]], n: int = 5) -> tuple[Round, dict[int, ConsistencySignature]]:
+def request_for(r: Round, u: int, alive, dropped) -> ConsistencyRequest:
+    """A consistency request with the alive parties' real view signatures (what any owner can relay)."""
+    alive = sorted(alive)
+    return ConsistencyRequest(0, "s", u, alive, sorted(dropped), [r.inputs[v].view_signature for v in alive])
+
+
+# Without colluders (c = 0, which the party must accept explicitly) t = 3 of 5: Bonawitz et al.'s setting.
+NO_COLLUSION = {"config": SecAggConfig(collusion=0), "policy": PartyPolicy(min_collusion=0)}
+
+
+def lying_round(lists: dict[int, list[int]], n: int = 5, **options) -> tuple[Round, dict[int, ConsistencySignature]]:
     """Every party sends its input; then the owner shows party u the alive list `lists[u]` (the rest of
     the sharers as dropped). Returns the round and each party's signature over the list it was shown."""
-    r = Round(n).advertise().share().mask()
+    r = Round(n, **(options or NO_COLLUSION)).advertise().share().mask()
     signatures = {}
     for u, alive in lists.items():
-        check = ConsistencyRequest(0, "s", u, alive, [v for v in range(n) if v not in alive])
+        check = request_for(r, u, alive, [v for v in range(n) if v not in alive])
         signatures[u] = wire(r.parties[u].consistency_check(wire(check)))
     return r, signatures
 
@@ -259,7 +270,7 @@ def test_an_owner_lying_about_a_dropout_cannot_rebuild_both_secrets():
     lists = {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4], 2: [0, 1, 2, 3, 4], 3: [1, 2, 3, 4], 4: [1, 2, 3, 4]}
     r, signatures = lying_round(lists)
     t = r.server.share_threshold
-    assert t == 3
+    assert t == 3 and r.server.params.collusion == 0
     seed_shares, key_shares = {}, {}
     for u in range(5):
         same = [v for v in lists if lists[v] == lists[u]]  # the owner's best: 3 for parties 0..2, 2 for 3, 4
@@ -288,8 +299,10 @@ def test_reply_revealing_both_secrets_of_a_peer_is_rejected_on_the_wire():
 
 
 @pytest.mark.parametrize("which", ["seed", "key"])
-def test_tampered_unmask_share_aborts_the_round(which):
-    r = Round(5).advertise().share().mask(skip={4}).sign()
+def test_a_bad_unmask_share_is_left_out_and_the_round_completes(which):
+    """Every revealed share is checked against its dealer's commitment: a tampered one is dropped, the secret
+    is rebuilt from t good ones, and the holder is named."""
+    r = Round(6).advertise().share().mask(skip={5} if which == "key" else set()).sign()  # c = 1, t = 4
     for u, request in r.requests.items():
         reply = r.parties[u].unmask(request)
         if u == 1:
@@ -298,36 +311,82 @@ def test_tampered_unmask_share_aborts_the_round(which):
             else:
                 reply = dataclasses.replace(reply, key_shares=[flip(s, 30) for s in reply.key_shares])
         r.server.receive_unmask(wire(reply))
-    with pytest.raises(SecAggError, match="tampered"):
+    result = r.server.finish()
+    owners = result.included if which == "seed" else result.dropped
+    assert result.bad_shares == [(1, owner, which) for owner in owners]
+    np.testing.assert_allclose(result.weighted_sum, r.expected(result.included), atol=6 * 2.0 ** -16)
+
+
+def test_round_aborts_only_when_fewer_than_t_good_shares_remain():
+    r = Round(5).advertise().share().mask(skip={4}).sign()  # t = 4 and exactly 4 signers
+    for u, request in r.requests.items():
+        reply = r.parties[u].unmask(request)
+        if u == 2:
+            reply = dataclasses.replace(reply, seed_shares=[flip(s, 30) for s in reply.seed_shares])
+        r.server.receive_unmask(wire(reply))
+    with pytest.raises(SecAggError, match="only 3 good shares of party 0's self-mask seed.*4 are needed"):
         r.server.finish()
     assert r.server.stage == "aborted"
 
 
+def test_a_dealer_with_inconsistent_committed_shares_is_identified(monkeypatch):
+    """Party 3 deals seed shares that lie on no polynomial (each committed, so every holder accepts it):
+    the owner's t good shares do not rebuild the committed seed, and the error names the dealer."""
+    import secure_agg.party as party_module
+
+    r = Round(5).advertise()
+    honest_split = shamir.split
+    rng = np.random.default_rng(7)
+
+    def bad_split(secret, holders, threshold):
+        if secret == r.parties[3]._seed:
+            return {h: int(rng.integers(1, 1 << 62)).to_bytes(shamir.SHARE_BYTES, "big") for h in holders}
+        return honest_split(secret, holders, threshold)
+
+    monkeypatch.setattr(party_module.shamir, "split", bad_split)
+    r.share()
+    monkeypatch.setattr(party_module.shamir, "split", honest_split)
+    r.mask().sign().unmask()
+    with pytest.raises(SecAggError, match="party 3 dealt inconsistent shares"):
+        r.server.finish()
+
+
+def test_a_share_that_does_not_match_its_commitment_is_refused_by_the_holder():
+    r = Round(4).advertise().share()
+    relay = r.relays[1]
+    bad = dataclasses.replace(relay, seed_commits=[relay.seed_commits[0], bytes(32), *relay.seed_commits[2:]])
+    with pytest.raises(SecAggError, match=f"party {relay.senders[1]} dealt a share that does not match"):
+        r.parties[1].masked_input(bad, r.vectors[1], 1)
+
+
 @pytest.mark.parametrize(("field", "value", "reason"), [
     ("min_survivors", 2, "roster threshold"),
-    ("share_threshold", 2, "share threshold"),
+    ("collusion", 0, "collusion bound"),
+    ("degree", 2, "degree"),
     ("ring_bits", 32, "bit ring"),
-    ("neighbours", [1, 2], "neighbours"),
     ("recipient", 1, "addressed to party 1"),
     ("round_id", 5, "replay"),
 ])
 def test_party_refuses_a_manipulated_roster(field, value, reason):
     r = Round(4).advertise()
-    roster = r.rosters[0]
-    if field == "neighbours":
-        roster = dataclasses.replace(roster, neighbours=value, c_pks=roster.c_pks[:2], s_pks=roster.s_pks[:2])
-    else:
-        roster = dataclasses.replace(roster, **{field: value})
+    roster = dataclasses.replace(r.rosters[0], **{field: value})
     with pytest.raises(SecAggError, match=reason):
         r.parties[0].share_keys(roster)
 
 
-def test_party_refuses_a_roster_with_a_repeated_key():
+def test_party_refuses_a_roster_with_a_repeated_key_or_a_foreign_coin_commitment():
     r = Round(4).advertise()
-    roster = r.rosters[0]
-    bad = dataclasses.replace(roster, s_pks=[roster.s_pks[0]] * len(roster.s_pks))
+    roster = r.rosters[1]
+    bad = dataclasses.replace(roster, c_pks=[roster.c_pks[0]] * len(roster.c_pks))
+    with pytest.raises(SecAggError, match="not its own|repeats a public key"):
+        r.parties[1].share_keys(bad)
+    bad = dataclasses.replace(r.rosters[0], c_pks=[roster.c_pks[0], roster.c_pks[0], *roster.c_pks[2:]])
     with pytest.raises(SecAggError, match="repeats a public key"):
         r.parties[0].share_keys(bad)
+    commits = r.rosters[2].coin_commits
+    bad = dataclasses.replace(r.rosters[2], coin_commits=[*commits[:2], commits[0], commits[3]])
+    with pytest.raises(SecAggError, match="not its own"):
+        r.parties[2].share_keys(bad)
 
 
 def test_party_refuses_an_ack_for_another_input():
@@ -343,9 +402,14 @@ def test_server_rejects_bad_messages_without_losing_the_round():
     r.server.receive_shares(shares[0])
     with pytest.raises(SecAggError, match="twice"):
         r.server.receive_shares(shares[0])
-    with pytest.raises(SecAggError, match="not to its neighbours"):
-        r.server.receive_shares(dataclasses.replace(shares[1], receivers=[0, 2, 3][:2],
-                                                    ciphertexts=shares[1].ciphertexts[:2]))
+    with pytest.raises(SecAggError, match="not to the other members"):
+        r.server.receive_shares(dataclasses.replace(shares[1], receivers=[0, 2], ciphertexts=shares[1].ciphertexts[:2],
+                                                    seed_commits=shares[1].seed_commits[:3],
+                                                    key_commits=shares[1].key_commits[:3]))
+    with pytest.raises(SecAggError, match="coin does not match"):
+        r.server.receive_shares(dataclasses.replace(shares[1], coin=bytes(32)))
+    with pytest.raises(SecAggError, match="share commitments for 4 members"):
+        r.server.receive_shares(dataclasses.replace(shares[1], key_commits=shares[1].key_commits[:-1]))
     with pytest.raises(SecAggError, match="round 3"):
         r.server.receive_shares(dataclasses.replace(shares[1], round_id=3))
     with pytest.raises(SecAggError, match="not accepting"):
@@ -356,6 +420,8 @@ def test_server_rejects_bad_messages_without_losing_the_round():
     masked = r.parties[0].masked_input(r.relays[0], r.vectors[0], r.weights[0])
     with pytest.raises(SecAggError, match="elements"):
         r.server.receive_masked_input(dataclasses.replace(masked, length=5, masked=masked.masked[:25]))
+    with pytest.raises(SecAggError, match="view signature is invalid"):
+        r.server.receive_masked_input(dataclasses.replace(masked, view_signature=flip(masked.view_signature)))
     r.server.receive_masked_input(masked)
     for u in (1, 2, 3):
         r.server.receive_masked_input(r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u]))
@@ -384,39 +450,46 @@ def test_server_rejects_bad_messages_without_losing_the_round():
     np.testing.assert_allclose(result.weighted_sum, r.expected(range(4)), atol=4 * 2.0 ** -16)
 
 
-def test_sparse_graph_leaves_out_a_starved_party_and_still_sums_the_rest():
-    n, session = 20, "prune"
-    config = SecAggConfig(graph="sparse", degree=4)  # shares are 3-of-5
-    neighbours = neighbour_graph(range(n), 4, session, 0)[0]
-    lost = set(neighbours[:3])  # party 0 keeps one sharing neighbour: its secrets would be unrecoverable
-    rng = np.random.default_rng(0)
-    vectors = [rng.uniform(-1, 1, 10) for _ in range(n)]
-    result = aggregate_in_process(vectors, [2] * n, config, round_id=0, seed=0, session=session,
-                                  drop_before_share=lost)
-    assert 0 in result.left_out and 0 not in result.included
-    assert lost <= set(result.left_out)
-    expected = sum(2 * vectors[m] for m in result.included)
-    np.testing.assert_allclose(result.weighted_sum, expected, atol=n * 2.0 ** -16)
-
-
-def test_graph_from_another_session_is_refused():
-    r = Round(12, config=SecAggConfig(graph="sparse", degree=4)).advertise()
-    roster = r.rosters[3]
-    other = neighbour_graph(range(12), 4, "other-session", 0)[3]
-    assert other != roster.neighbours
-    bad = dataclasses.replace(roster, neighbours=other)
-    with pytest.raises(SecAggError, match="differ from the graph"):
-        r.parties[3].share_keys(bad)
-
-
-def test_relay_from_a_non_neighbour_is_refused():
+def test_relayed_graph_or_coins_from_elsewhere_are_refused():
     r = Round(12, config=SecAggConfig(graph="sparse", degree=4)).advertise().share()
     relay = r.relays[3]
-    outsider = next(u for u in range(12) if u != 3 and u not in r.rosters[3].neighbours)
-    bad = RelayedShares(relay.round_id, relay.session, 3, sorted([*relay.senders[:-1], outsider]),
-                        relay.ciphertexts)
-    with pytest.raises(SecAggError, match="non-neighbours"):
+    other = [v for v in range(12) if v != 3 and v not in relay.neighbours][:4]
+    bad = dataclasses.replace(relay, neighbours=sorted(other))
+    with pytest.raises(SecAggError, match="differ from the graph"):
         r.parties[3].masked_input(bad, r.vectors[3], 1)
+    coins = list(r.relays[4].coins)
+    coins[0] = bytes(32)
+    with pytest.raises(SecAggError, match="party 0's graph coin does not match its commitment"):
+        r.parties[4].masked_input(dataclasses.replace(r.relays[4], coins=coins), r.vectors[4], 1)
+
+
+def test_relay_from_a_non_member_is_refused():
+    r = Round(6).advertise(skip={5}).share()
+    relay = r.relays[2]
+    bad = dataclasses.replace(relay, senders=[*relay.senders[:-1], 5])
+    with pytest.raises(SecAggError, match=r"non-members \[5\]"):
+        r.parties[2].masked_input(bad, r.vectors[2], 1)
+
+
+def test_an_owner_equivocating_about_the_sharers_is_caught_by_the_view_signatures():
+    """Party 0 is told that party 5 did not share keys (so it masks under another graph and transcript);
+    the owner's check refuses its input, and a party shown 0's view signature refuses to sign."""
+    r = Round(6).advertise().share()
+    relay = r.relays[0]
+    keep = [i for i, u in enumerate(relay.senders) if u != 5]
+    lied = dataclasses.replace(relay, senders=[relay.senders[i] for i in keep],
+                               ciphertexts=[relay.ciphertexts[i] for i in keep],
+                               seed_commits=[relay.seed_commits[i] for i in keep],
+                               key_commits=[relay.key_commits[i] for i in keep], coins=relay.coins[:-1],
+                               neighbours=relay.neighbours[:-1], s_pks=relay.s_pks[:-1])
+    masked = r.parties[0].masked_input(lied, r.vectors[0], r.weights[0])
+    with pytest.raises(SecAggError, match="party 0's view signature is invalid"):
+        r.server.receive_masked_input(masked)
+    r.inputs[0] = masked
+    for u in range(1, 6):
+        r.inputs[u] = r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u])
+    with pytest.raises(SecAggError, match="party 0's view signature is invalid"):
+        r.parties[1].consistency_check(request_for(r, 1, range(6), []))
 
 
 def refuses_to_unmask(party: SecAggParty, request: UnmaskRequest, reason: str) -> None:
@@ -449,10 +522,10 @@ def test_signature_over_a_different_alive_list_is_refused():
     """Party 2 is shown a list without party 3 (it signs that one); its signature is useless to the others."""
     lists = {u: [0, 1, 2, 3, 4] for u in range(5)}
     lists[2] = [0, 1, 2, 4]
-    r, signatures = lying_round(lists)
-    refuses_to_unmask(r.parties[0], wire(unmask_request(0, signatures, [0, 1, 2])), "party 2's consistency")
-    refuses_to_unmask(r.parties[2], wire(unmask_request(2, signatures, [0, 1, 2])), "party 0's consistency")
-    reply = r.parties[1].unmask(wire(unmask_request(1, signatures, [0, 1, 3, 4])))  # honest majority: fine
+    r, signatures = lying_round(lists, config=SecAggConfig())  # c = 1, t = 4
+    refuses_to_unmask(r.parties[0], wire(unmask_request(0, signatures, [0, 1, 2, 3])), "party 2's consistency")
+    refuses_to_unmask(r.parties[2], wire(unmask_request(2, signatures, [0, 1, 2, 4])), "party 0's consistency")
+    reply = r.parties[1].unmask(wire(unmask_request(1, signatures, [0, 1, 3, 4])))  # t signatures: fine
     assert reply.seed_owners == [0, 1, 2, 3, 4] and reply.key_owners == []
 
 
@@ -470,7 +543,7 @@ def test_too_few_signatures_are_refused():
     r = Round(5).advertise().share().mask().sign()
     request = r.requests[0]
     two = dataclasses.replace(request, signers=request.signers[:2], signatures=request.signatures[:2])
-    refuses_to_unmask(r.parties[0], wire(two), "only 2 consistency signatures, below the threshold 3")
+    refuses_to_unmask(r.parties[0], wire(two), "only 2 consistency signatures, below the threshold 4")
     none = dataclasses.replace(request, signers=[], signatures=[])
     refuses_to_unmask(r.parties[1], wire(dataclasses.replace(none, recipient=1)), "only 0")
     mismatched = dataclasses.replace(r.requests[2], signatures=request.signatures[:-1])
@@ -481,7 +554,7 @@ def test_signer_outside_the_alive_list_is_refused():
     """Party 4 shared keys but sent no input, so it is not in U3; even a valid signature of it cannot count."""
     r = Round(5).advertise().share().mask(skip={4}).sign()
     stray = ConsistencySignature(0, "s", 4, crypto.sign(r.parties[4]._sig_key, crypto.consistency_message(
-        "s", 0, [0, 1, 2, 3, 4])))  # what party 4 would sign, were it shown a list naming it alive
+        "s", 0, [0, 1, 2, 3, 4], r.parties[4]._transcript)))  # party 4's signature, were it shown a list naming it
     request = r.requests[0]
     bad = UnmaskRequest(0, "s", 0, [*request.signers, 4], [*request.signatures, stray.signature])
     refuses_to_unmask(r.parties[0], wire(bad), r"signers \[4\] are not in the alive set")
@@ -502,8 +575,8 @@ def test_unmask_before_signing_and_the_old_direct_request_are_refused():
 
 
 def test_dropout_at_the_consistency_stage_still_completes():
-    r = Round(7).advertise().share().mask(skip={6}).sign(skip={2, 5}).unmask()
-    assert r.server.signers == [0, 1, 3, 4] and sorted(r.requests) == [0, 1, 3, 4]
+    r = Round(7).advertise().share().mask(skip={6}).sign(skip={2}).unmask()  # c = 2, t = 5
+    assert r.server.signers == [0, 1, 3, 4, 5] and sorted(r.requests) == [0, 1, 3, 4, 5]
     with pytest.raises(SecAggError, match="may not send"):  # a non-signer's late reply is not taken
         r.server.receive_unmask(UnmaskShares(0, "s", 2, [], [], [], []))
     result = r.server.finish()
@@ -513,22 +586,22 @@ def test_dropout_at_the_consistency_stage_still_completes():
 
 def test_too_few_signers_abort_before_anything_is_revealed():
     r = Round(7).advertise().share().mask()
-    with pytest.raises(SecAggError, match="only 3 parties signed the alive list, below the threshold 4"):
-        r.sign(skip={0, 1, 2, 3})
+    with pytest.raises(SecAggError, match="only 4 parties signed the alive list, below the threshold 5"):
+        r.sign(skip={0, 1, 2})
     assert r.server.stage == "aborted"
     with pytest.raises(SecAggError):
         r.server.finish()
 
 
 def test_sparse_graph_needs_the_global_signature_threshold():
-    """On a sparse graph too, a party reveals only with a strict majority of all invited parties' signatures,
+    """On a sparse graph too, a party reveals only with t > (n + c) / 2 signatures of all invited parties,
     not merely a majority of its neighbourhood."""
     n = 12
     r = Round(n, config=SecAggConfig(graph="sparse", degree=4)).advertise().share().mask()
-    assert r.server.share_threshold == 3 and r.server.params.min_survivors == 7
+    assert r.server.share_threshold == 7 and r.server.params.collusion == 1
     r.sign()
     request = r.requests[0]
-    neighbourhood = [0, *r.rosters[0].neighbours]  # 5 signatures: a majority of its holders, not of all
+    neighbourhood = [0, *r.relays[0].neighbours]  # 5 signatures: a majority of its neighbours, not of all
     few = UnmaskRequest(0, "s", 0, neighbourhood,
                         [request.signatures[request.signers.index(v)] for v in neighbourhood])
     refuses_to_unmask(r.parties[0], wire(few), "only 5 consistency signatures, below the threshold 7")
@@ -537,18 +610,8 @@ def test_sparse_graph_needs_the_global_signature_threshold():
     np.testing.assert_allclose(result.weighted_sum, r.expected(range(n)), atol=n * 2.0 ** -16)
 
 
-def test_sparse_graph_aborts_when_a_secret_lacks_signing_holders():
-    n = 20
-    config = SecAggConfig(graph="sparse", degree=4)
-    r = Round(n, config=config, session="prune").advertise().share().mask()
-    holders = r.rosters[0].neighbours[:3]  # 3 of party 0's 4 neighbours do not sign: 2 holders left, t = 3
-    with pytest.raises(SecAggError, match="party 0 are held by only 2 signers, below 3"):
-        r.sign(skip=set(holders))
-
-
 @pytest.mark.parametrize(("keys", "reason"), [
-    (lambda k: [k[1], *k[1:]], "signing keys"),  # its own key replaced
-    (lambda k: k[:-1], "signing keys"),  # one member's key missing
+    (lambda k: [k[1], *k[1:]], "not its own"),  # its own key replaced
     (lambda k: [k[0], k[1], k[1], k[3]], "repeats a public key"),
 ])
 def test_party_refuses_a_roster_with_wrong_signing_keys(keys, reason):

@@ -29,7 +29,7 @@ from secure_agg import (
 )
 from secure_agg.crypto import context, prg_words
 from secure_agg.encoding import decode, encode, pack, unpack
-from secure_agg.graph import neighbour_graph
+from secure_agg.graph import is_k_connected, neighbour_graph
 from secure_agg.messages import MESSAGE_TYPES
 
 FAST = settings(max_examples=40, deadline=None)
@@ -153,7 +153,7 @@ def test_from_wire_rejects_corrupted_messages(what, corrupt):
 
 @pytest.mark.parametrize("ids", [[2, 1], [1, 1], [-1], [70000], [True], ["1"], "1,2"])
 def test_id_lists_must_be_sorted_unique_ints_in_range(ids):
-    header, arrays = ConsistencyRequest(0, "s", 1, [0, 1, 2], []).to_wire()
+    header, arrays = ConsistencyRequest(0, "s", 1, [0, 1, 2], [], [bytes(64)] * 3).to_wire()
     with pytest.raises(SecAggError):
         ConsistencyRequest.from_wire({**header, "alive": ids}, arrays)
     header, arrays = UnmaskRequest(0, "s", 1, [0, 1, 2], [bytes(64)] * 3).to_wire()
@@ -178,8 +178,10 @@ def test_consistency_messages_wire_form():
         ConsistencySignature.from_wire(header, {"signature": arrays["signature"][:32]})
     check = next(m for m in MESSAGES if isinstance(m, ConsistencyRequest))
     header, arrays = check.to_wire()
-    assert header["type"] == "consistency_request" and arrays == {}
+    assert header["type"] == "consistency_request" and arrays["view_signatures"].shape == (3, 64)
     assert check.alive == [0, 1, 2] and check.dropped == [3]
+    with pytest.raises(SecAggError, match="view_signatures"):  # one view signature per alive party
+        ConsistencyRequest.from_wire(header, {"view_signatures": arrays["view_signatures"][:-1]})
     with pytest.raises(SecAggError, match="recipient"):
         ConsistencyRequest.from_wire({**header, "recipient": 1 << 16}, arrays)
     # Every type doubles as the SECAGG message's stage token on the ZeroMQ wire.
@@ -262,28 +264,77 @@ def test_a_wrong_share_changes_the_result():
         pass
 
 
+def coins_for(members, seed=0):
+    rng = np.random.default_rng(seed)
+    return {m: rng.bytes(32) for m in members}
+
+
 @pytest.mark.parametrize(("n", "k"), [(5, 2), (10, 4), (21, 6), (50, 12), (100, 14)])
-def test_sparse_graph_is_regular_symmetric_and_public(n, k):
+def test_sparse_graph_is_regular_symmetric_and_follows_the_coins(n, k):
     members = list(range(0, 2 * n, 2))  # ids need not be contiguous
-    g = neighbour_graph(members, k, "sess", 3)
+    coins = coins_for(members)
+    g = neighbour_graph(coins, k, "sess", 3)
     assert set(g) == set(members)
     for u, ns in g.items():
         assert len(ns) == k and len(set(ns)) == k and u not in ns and set(ns) <= set(members)
         assert all(u in g[v] for v in ns)
-    assert g == neighbour_graph(members, k, "sess", 3)
-    assert g != neighbour_graph(members, k, "sess", 4)
-    assert g != neighbour_graph(members, k, "other", 3)
+    assert g == neighbour_graph(coins, k, "sess", 3)
+    assert g != neighbour_graph(coins, k, "sess", 4)
+    assert g != neighbour_graph(coins, k, "other", 3)
+    assert g != neighbour_graph(coins_for(members, 1), k, "sess", 3)  # other coins, another graph
+    # Removing a party only deletes it from the ring: the others keep their order.
+    fewer = neighbour_graph({m: c for m, c in coins.items() if m != members[0]}, k, "sess", 3)
+    assert set(fewer) == set(members[1:])
+    # The Harary graph H(k, n) is k-connected, and not (k + 1)-connected.
+    assert is_k_connected(g, members, k) and not is_k_connected(g, members, k + 1)
 
 
 def test_graph_degree_rules():
-    assert neighbour_graph([0, 1, 2], 4, "s", 0) == {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    assert neighbour_graph(coins_for([0, 1, 2]), 4, "s", 0) == {0: [1, 2], 1: [0, 2], 2: [0, 1]}
     with pytest.raises(ValueError):
-        neighbour_graph(range(10), 3, "s", 0)
+        neighbour_graph(coins_for(range(10)), 3, "s", 0)
     from secure_agg.config import sparse_degree
     assert sparse_degree(SecAggConfig(graph="sparse"), 100) == 14
     assert sparse_degree(SecAggConfig(graph="sparse", degree=5), 100) == 6
+    assert sparse_degree(SecAggConfig(graph="sparse", degree=2), 100) == 4  # c >= 1 needs 2c + 2
     assert sparse_degree(SecAggConfig(graph="sparse"), 5) == 4
     assert sparse_degree(SecAggConfig(), 100) == 99
+
+
+def brute_force_connectivity(graph, nodes):
+    """Vertex connectivity by trying every removal set (small graphs only)."""
+    nodes = sorted(nodes)
+    for size in range(len(nodes)):
+        for cut in itertools.combinations(nodes, size):
+            rest = [u for u in nodes if u not in cut]
+            if len(rest) <= 1:
+                return size
+            seen, stack = {rest[0]}, [rest[0]]
+            while stack:
+                for v in graph[stack.pop()]:
+                    if v in rest and v not in seen:
+                        seen.add(v)
+                        stack.append(v)
+            if len(seen) < len(rest):
+                return size
+    return len(nodes) - 1
+
+
+@FAST
+@given(n=st.integers(3, 11), data=st.data())
+def test_k_connectivity_matches_brute_force(n, data):
+    """The flow-based check against trying every cut, on random graphs (sparse rings with holes included)."""
+    if data.draw(st.booleans()):
+        k = data.draw(st.sampled_from([2, 4, 6]))
+        graph = neighbour_graph(coins_for(range(n), data.draw(st.integers(0, 99))), k, "s", 0)
+    else:
+        edges = data.draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1))))
+        graph = {u: sorted({b for a, b in edges if a == u and b != u} | {a for a, b in edges if b == u and a != u})
+                 for u in range(n)}
+    nodes = data.draw(st.sets(st.integers(0, n - 1), min_size=1))
+    kappa = brute_force_connectivity(graph, nodes)
+    for k in range(1, 5):
+        assert is_k_connected(graph, nodes, k) == (kappa >= k and len(nodes) > k)
 
 
 @FAST
@@ -293,7 +344,7 @@ def test_pack_unpack_and_signed_decode(values):
     params = round_params(config, 2)
     assert params.ring_bits == 24
     big = round_params(SecAggConfig(), 10)
-    words = np.array(values + [3], dtype=np.int64).view(np.uint64)
+    words = np.array(values + [3, 2], dtype=np.int64).view(np.uint64)
     packed = pack(words, big.ring_bytes)
     assert packed.dtype == np.uint8 and packed.size == words.size * big.ring_bytes
     back = unpack(packed, big.ring_bytes)
@@ -301,21 +352,31 @@ def test_pack_unpack_and_signed_decode(values):
     np.testing.assert_array_equal(back, words & mask)
     # Masks wrap around; decode still recovers the signed values.
     noise = np.random.default_rng(len(values)).integers(0, 2**63, words.size, dtype=np.uint64)
-    total, weight = decode(unpack(pack(words + noise, big.ring_bytes), big.ring_bytes) - noise,
-                           SecAggConfig(frac_bits=0), big)
+    total, weight, clipped = decode(unpack(pack(words + noise, big.ring_bytes), big.ring_bytes) - noise,
+                                    SecAggConfig(frac_bits=0), big)
     np.testing.assert_array_equal(total, np.array(values, dtype=np.float64))
-    assert weight == 3
+    assert weight == 3 and clipped == 2
 
 
 def test_stochastic_rounding_is_unbiased():
     config = SecAggConfig(frac_bits=4)
     params = round_params(config, 2)
     x = np.full(200_000, 0.3)  # 0.3 * 16 = 4.8 levels: 4 or 5
-    levels = encode(x, 1, config, params, np.random.default_rng(0))[:-1].view(np.int64)
+    levels = encode(x, 1, config, params, np.random.default_rng(0))[:-2].view(np.int64)
     assert set(np.unique(levels)) == {4, 5}
     assert abs(levels.mean() / 16 - 0.3) < 0.001
     with pytest.raises(SecAggError, match="1-D float"):
         encode(np.zeros((2, 2)), 1, config, params, np.random.default_rng(0))
+
+
+def test_encoding_appends_the_weight_and_the_clipped_count():
+    config = SecAggConfig(clip=0.5, frac_bits=4)
+    params = round_params(config, 3)
+    x = np.array([0.1, 0.6, -0.7, 0.5, -0.5, 2.0])  # three beyond the bound; +-0.5 itself is not clipped
+    words = encode(x, 3, config, params, np.random.default_rng(0))
+    assert words.size == x.size + 2 and int(words[-2]) == 3 and int(words[-1]) == 3
+    levels = words[:-2].view(np.int64)
+    assert levels[1] == levels[3] == 3 * 8 and levels[5] == 3 * 8 and levels[2] == -3 * 8
 
 
 def test_prg_streams_are_keyed_and_contexts_unambiguous():
