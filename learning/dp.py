@@ -281,8 +281,10 @@ class DPPartyTrainer(PartyTrainer):
 
     `rounds` is the number of rounds the party expects to train (a target epsilon is spent over
     rounds * local_steps steps). `ledger` continues a restored accountant; `secret_seed` (None: from the
-    OS) seeds the Poisson draws and the noise and must not be shared. Each round's stats carry `epsilon`
-    (spent so far, all rounds), `delta` and the accounting numbers; `shareable_stats` picks those out.
+    OS) seeds the Poisson draws and the noise and must not be shared; `fresh_noise` draws a new one from the
+    OS every round (a networked party: a round run again releases new noise, and the accountant counts it).
+    Each round's stats carry `epsilon` (spent so far, all rounds), `delta` and the accounting numbers;
+    `shareable_stats` picks those out.
     """
 
     def __init__(
@@ -300,6 +302,7 @@ class DPPartyTrainer(PartyTrainer):
         ledger: PrivacyLedger | None = None,
         secret_seed: int | None = None,
         layers_path: str = "model.layers",
+        fresh_noise: bool = False,
     ) -> None:
         super().__init__(name, model, manifest, data, pad_id, lora, settings, seed, layers_path)
         if rounds < 1:
@@ -313,6 +316,7 @@ class DPPartyTrainer(PartyTrainer):
             raise ConfigError(f"restored DP accountant is {self.ledger.mechanism!r}, settings ask for "
                               f"{dp.accountant!r}")
         self.secret_seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
+        self.fresh_noise = fresh_noise  # a new OS secret every round: no rerun can replay a draw or its noise
         if dp.noise_multiplier is not None:
             self.noise_multiplier = float(dp.noise_multiplier)
         else:
@@ -370,6 +374,8 @@ class DPPartyTrainer(PartyTrainer):
         start = time.perf_counter()
         s, dp = self.settings, self.dp
         self.check_budget(s.local_steps)
+        if self.fresh_noise:
+            self.secret_seed = secrets.randbits(63)
         params, pairs = self.load_global(adapter_state, emulator_state)
         batches = poisson_round_batches(self.data, round_idx, s.local_steps, self.sample_rate,
                                         derive_seed(self.secret_seed, self.name, "poisson"), self.pad_id)

@@ -77,7 +77,7 @@ class PartyModel:
 
     def trainer(self, name: str, data: Sequence[TokenizedExample], lora: LoraSettings, train: TrainSettings,
                 seed: int, *, dp=None, rounds: int = 0, ledger=None, secret_seed: int | None = None,
-                dp_state: dict | None = None) -> PartyTrainer:
+                dp_state: dict | None = None, fresh_noise: bool = False) -> PartyTrainer:
         """A plain trainer, or a DP-SGD one when `dp` (DPSettings) is given; `ledger` / `dp_state` resume its
         privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp)."""
         if dp is None:
@@ -85,7 +85,7 @@ class PartyModel:
         from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
 
         trainer = DPPartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed, dp=dp,
-                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed)
+                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed, fresh_noise=fresh_noise)
         if dp_state is not None:
             trainer.load_state_dict(dp_state)
         return trainer

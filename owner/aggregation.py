@@ -12,7 +12,7 @@ import torch
 
 from errors import ConfigError
 from learning.lora import apply_delta, unflatten_state
-from learning.secure_update import update_vector
+from learning.secure_update import CLIP, update_vector
 from learning.training import PartyUpdate
 from secure_agg import SecAggConfig, ServerResult, aggregate_in_process
 
@@ -59,3 +59,23 @@ def secure_fedavg(updates: Sequence[PartyUpdate], sent: Mapping[str, torch.Tenso
     vectors = [update_vector(u.adapter_state, sent) for u in updates]
     result = aggregate_in_process(vectors, [u.n_examples for u in updates], config, round_id=round_idx, seed=seed)
     return secure_mean(result, sent), result
+
+
+def clip_updates(states: Sequence[Mapping[str, torch.Tensor]], sent: Mapping[str, torch.Tensor],
+                 clip: float = CLIP) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """Bound each element of every update's delta from `sent` to [-clip, clip], as masked aggregation does,
+    so plain and secure rounds combine the same numbers; returns the states and the fraction clipped.
+    Elements within the bound are returned bit for bit."""
+    out, clipped, total = [], 0, 0
+    for state in states:
+        check_same_layout([state], sent)
+        fixed = {}
+        for name, value in state.items():
+            base = sent[name].to(value.dtype)
+            delta = value - base
+            over = delta.abs() > clip
+            clipped += int(over.sum())
+            total += delta.numel()
+            fixed[name] = torch.where(over, base + delta.clamp(-clip, clip), value) if over.any() else value
+        out.append(fixed)
+    return out, clipped / max(total, 1)

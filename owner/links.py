@@ -43,7 +43,8 @@ class PartyLink:
     identity: bytes
     guard: ReplayGuard = field(default_factory=ReplayGuard)
     out: SeqCounter = field(default_factory=SeqCounter)
-    n_examples: int = 0
+    n_examples: int = 0  # as announced in HELLO: exact, or its power-of-two ceiling
+    last_round: int = -1  # the last round it finished or sent a masked input for, as HELLO said
     ready: bool = False
     session_started: float = 0.0
     bytes_down: int = 0
@@ -192,7 +193,8 @@ class OwnerLinks:
             self.restarted.add(name)
         if old is not None and old.identity != identity:
             self.release(old.identity)
-        link = PartyLink(name, identity, n_examples=msg["n_examples"], session_started=time.monotonic(),
+        link = PartyLink(name, identity, n_examples=msg["n_examples"], last_round=msg["last_round"],
+                         session_started=time.monotonic(),
                          out=self.counters.setdefault(name, SeqCounter()))
         link.guard.commit(msg)
         self.links[name] = link

@@ -31,8 +31,10 @@ def round_record(stats: Mapping[str, dict], weights: Mapping[str, int], *, mb_do
 def round_lines(round_no: int, rounds: int, record: dict) -> list[str]:
     """The progress lines that close a round."""
     loss = f"train loss {record['train_loss']:.4f}, " if record["train_loss"] is not None else ""
+    clipped = f", {100 * record['clipped_fraction']:.2g}% of update values clipped" if record.get(
+        "clipped_fraction") else ""
     lines = [f"round {round_no}/{rounds} done with {len(record['participants'])} parties: {loss}"
-             f"down {record['mb_down']:.2f} MB, up {record['mb_up']:.2f} MB, {record['seconds']:.1f} s"]
+             f"down {record['mb_down']:.2f} MB, up {record['mb_up']:.2f} MB, {record['seconds']:.1f} s{clipped}"]
     if record.get("dp"):
         lines.append("privacy spent: " + ", ".join(f"{n} epsilon {v['epsilon']:.3f} (delta {v['delta']:.2g})"
                                                    for n, v in sorted(record["dp"].items())))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from learning.secure_update import secagg_config
-from owner.aggregation import fedavg, secure_mean
+from owner.aggregation import clip_updates, fedavg, secure_mean
 from owner.config import RunConfig
 from owner.links import OwnerLinks, RoundAborted
 from owner.metrics import MetricsLog, megabytes
@@ -35,6 +35,8 @@ from secure_agg import (
     UnmaskShares,
     message_from_wire,
 )
+
+MAX_FAILED_ROUNDS = 3  # secure rounds aborting in a row before the owner stops (resumable)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class RoundDriver:
         self.run_id, self.min_parties, self.join_timeout = run_id, min_parties, join_timeout
         self.round_timeout, self.party_timeout = round_timeout, party_timeout
         self.privacy: dict[str, dict] = {}  # each DP party's latest privacy report (summary.json "dp")
+        self.failed_rounds = 0  # secure rounds aborted in a row
         self.stage_s = 2 * party_timeout  # a secure stage after the first stays open this long (parties told)
         adapter, _ = session.payload()
         self.adapter_spec = {n: (tuple(t.shape), "F32") for n, t in adapter.items()}
@@ -95,7 +98,7 @@ class RoundDriver:
             self.run_round(participants)
         return self.session.finish({
             **run_totals(self.session.history, self.config.secure_agg),
-            "party_examples": sum(link.n_examples for link in self.links.links.values()),
+            "party_examples": next((h["examples"] for h in reversed(self.session.history) if "examples" in h), 0),
             "rejected_messages": self.links.rejected, "refused_connections": self.links.refused_connections,
             **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
         })
@@ -105,19 +108,38 @@ class RoundDriver:
         r = self.session.round
         start = time.perf_counter()
         links = self.links.links
+        if self.config.secure_agg:
+            # A party that already masked an input for this round (the owner restarted after it did) refuses
+            # to do it again: its ledger says so, and HELLO told us. Leave it out rather than wait for it.
+            done = [n for n in participants if links[n].last_round >= r]
+            for name in done:
+                self.log.say(f"{name} already sent its masked input for round {r + 1} before a restart: it sits "
+                             "this round out")
+            participants = [n for n in participants if n not in done]
+            if len(participants) < self.min_parties:
+                self.skip_round(r, f"{len(done)} parties had already contributed to round {r + 1} before the "
+                                   "owner restarted; a round is never aggregated twice")
+                return
         before = {n: (link.bytes_down, link.bytes_up) for n, link in links.items()}
         self.log.say(f"round {r + 1}/{self.config.rounds}: {len(participants)} parties ({', '.join(participants)})")
         plan = self.start_round(r, participants)
         deadline = time.monotonic() + self.round_timeout
         try:
             if plan.secagg is not None:
-                new_adapter, stats, weights = self.secure_round(plan, deadline)
+                new_adapter, stats, weights, extra = self.secure_round(plan, deadline)
             else:
-                new_adapter, stats, weights = self.plain_round(plan, deadline)
+                new_adapter, stats, weights, extra = self.plain_round(plan, deadline)
         except SecAggError as exc:
+            # Nothing was unmasked; the parties' ledgers forbid masking round r again, so the run goes on with
+            # the next round (a run that keeps failing stops, resumable).
             self.end_round(r, plan.started, {"aborted": str(exc)})
-            raise RoundAborted(f"round {r + 1} aborted by secure aggregation: {exc}; {r} rounds are "
-                               "checkpointed, restart with --resume") from None
+            self.failed_rounds += 1
+            if self.failed_rounds >= MAX_FAILED_ROUNDS:
+                raise RoundAborted(f"round {r + 1} aborted by secure aggregation: {exc}; {MAX_FAILED_ROUNDS} "
+                                   f"rounds in a row failed; {r} rounds are checkpointed, restart with --resume"
+                                   ) from None
+            self.skip_round(r, f"secure aggregation aborted ({exc})")
+            return
         except RoundAborted:
             self.end_round(r, plan.started, {"aborted": True})
             raise
@@ -125,12 +147,20 @@ class RoundDriver:
         down = sum(link.bytes_down - before.get(n, (0, 0))[0] for n, link in links.items())
         up = sum(link.bytes_up - before.get(n, (0, 0))[1] for n, link in links.items())
         record = round_record(stats, weights, mb_down=megabytes(down), mb_up=megabytes(up),
-                              seconds=time.perf_counter() - start, secure_agg=self.config.secure_agg)
+                              seconds=time.perf_counter() - start, secure_agg=self.config.secure_agg, **extra)
         self.privacy.update(privacy_reports(stats))
         self.session.complete_round(new_adapter, record)
+        self.failed_rounds = 0
         self.end_round(r, plan.started, {"participants": record["participants"]})
         for line in round_lines(r + 1, self.config.rounds, record):
             self.log.say(line)
+
+    def skip_round(self, r: int, reason: str) -> None:
+        """Close round r without an aggregate (the adapter stays as it was) and go on with the next."""
+        self.log.say(f"round {r + 1}/{self.config.rounds} skipped: {reason}")
+        adapter, _ = self.session.payload()
+        self.session.complete_round(adapter, round_record({}, {}, mb_down=0.0, mb_up=0.0, seconds=0.0,
+                                                          secure_agg=True, skipped=reason))
 
     def start_round(self, r: int, participants: list[str]) -> RoundPlan:
         adapter, emulator = self.session.payload()
@@ -170,7 +200,7 @@ class RoundDriver:
                                f"{self.min_parties}; {self.session.round} rounds are checkpointed, restart with "
                                "--resume")
 
-    def plain_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict]:
+    def plain_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict, dict]:
         updates: dict[str, Message] = {}
 
         def accept(name: str, msg: Message) -> bool:
@@ -191,9 +221,12 @@ class RoundDriver:
         names = sorted(done)
         states = [{k: torch.from_numpy(np.array(v)) for k, v in updates[n].tensors.items()} for n in names]
         weights = {n: updates[n]["n_examples"] for n in names}
-        return fedavg(states, [weights[n] for n in names]), {n: updates[n]["stats"] for n in names}, weights
+        sent, _ = self.session.payload()
+        states, clipped = clip_updates(states, sent)
+        return (fedavg(states, [weights[n] for n in names]), {n: updates[n]["stats"] for n in names}, weights,
+                {"clipped_fraction": clipped, "examples": sum(weights.values())})
 
-    def secure_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict]:
+    def secure_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict, dict]:
         """Masked aggregation: the owner relays keys and shares and learns only the weighted sum."""
         r, ids = plan.round, plan.ids
         sent, _ = self.session.payload()
@@ -237,8 +270,12 @@ class RoundDriver:
                 self.relay(r, names_by_id[pid], answer)
             stage_deadline = time.monotonic() + self.stage_s
         included = sorted(names_by_id[i] for i in result.included)
+        # Per-party statistics only from parties that chose to share them (party --share-stats).
         weights = {n: self.links.links[n].n_examples if n in self.links.links else 1 for n in included}
-        return secure_mean(result, sent), {n: stats.get(n, {}) for n in included}, weights
+        extra = {"clipped_fraction": result.clipped_fraction, "examples": int(result.total_weight)}
+        if result.bad_shares:
+            extra["bad_shares"] = sorted({names_by_id.get(holder, str(holder)) for holder, _, _ in result.bad_shares})
+        return secure_mean(result, sent), {n: stats.get(n, {}) for n in included}, weights, extra
 
     def relay(self, r: int, name: str, obj) -> None:
         header, arrays = obj.to_wire()

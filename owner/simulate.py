@@ -21,7 +21,7 @@ from learning.party_model import PartyModel
 from learning.secure_update import secagg_config
 from learning.seeds import derive_seed
 from learning.training import PartyTrainer, PartyUpdate
-from owner.aggregation import fedavg, secure_fedavg
+from owner.aggregation import clip_updates, fedavg, secure_fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.records import round_lines, round_record, run_totals
@@ -84,14 +84,16 @@ def payload_bytes(*states: dict) -> int:
 def aggregate_updates(updates: Sequence[PartyUpdate], sent_adapter: dict, config: RunConfig,
                       round_idx: int) -> tuple[dict, dict]:
     """Combine the parties' adapters: plain FedAvg, or FedAvg inside masked secure aggregation."""
-    if not config.secure_agg:
-        return fedavg([u.adapter_state for u in updates], [u.n_examples for u in updates]), {}
     weights = [u.n_examples for u in updates]
+    if not config.secure_agg:
+        states, clipped = clip_updates([u.adapter_state for u in updates], sent_adapter)
+        return fedavg(states, weights), {"clipped_fraction": clipped, "examples": sum(weights)}
     new_adapter, result = secure_fedavg(updates, sent_adapter, secagg_config(weights, config.seed,
                                                                              config.secagg_graph),
                                         round_idx, config.seed)
     return new_adapter, {
-        "bytes_up": int(sum(result.party_sent)),
+        "bytes_up": int(sum(result.party_sent)), "clipped_fraction": result.clipped_fraction,
+        "examples": int(result.total_weight),
         "secagg": {"ring_bits": result.ring_bits, "party_cpu_s": max(result.party_cpu_s),
                    "owner_cpu_s": result.server_cpu_s, "owner_bytes_sent": result.server_sent},
     }

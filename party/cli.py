@@ -42,7 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
     p.add_argument("--max-download-gb", type=float, default=200.0,
                    help="refuse a compressed model archive larger than this (default 200 GB)")
-    p.add_argument("--allow-plain", action="store_true",
+    g = p.add_argument_group("what this party accepts (checked by the party itself, whatever the owner says)")
+    g.add_argument("--min-parties", type=int, default=2,
+                   help="refuse a secure round that invites fewer parties (default 2)")
+    g.add_argument("--min-collusion", type=int, default=None, metavar="C",
+                   help="the least collusion bound c a secure round must tolerate: the owner plus up to c parties "
+                        "learn no sum of fewer than the honest minimum (default 1, or (n-1)//3 when smaller)")
+    g.add_argument("--min-degree", type=int, default=4, help="the least sparse-graph degree (default 4)")
+    g.add_argument("--min-honest", type=int, default=2,
+                   help="the fewest honest inputs in any sum the owner may learn (default 2)")
+    g.add_argument("--clip", type=float, default=None,
+                   help="this party's own bound on each element of its update (default: the round's)")
+    g.add_argument("--share-stats", action="store_true",
+                   help="in secure rounds, also send this party's loss (and DP accounting): the owner sees them "
+                        "for this party alone")
+    g.add_argument("--share-data-size", action="store_true",
+                   help="announce the exact number of examples (default: its power-of-two ceiling)")
+    g.add_argument("--allow-plain", action="store_true",
                    help="take part in rounds without secure aggregation (the owner then sees this party's raw "
                         "adapter update); by default such a round is refused")
     p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
@@ -64,7 +80,20 @@ def options_from_args(args: argparse.Namespace):
                         data_kind=args.data_kind, columns=columns, name=args.name, work_dir=args.work, dp=dp,
                         timeout=args.timeout, placement=placement_from_args(args, dp=dp is not None),
                         quantize=args.quantize, require_secure_agg=not args.allow_plain,
-                        max_download=int(args.max_download_gb * 1e9))
+                        max_download=int(args.max_download_gb * 1e9), policy=policy_from_args(args),
+                        min_parties=args.min_parties, clip=args.clip, share_stats=args.share_stats,
+                        share_data_size=args.share_data_size)
+
+
+def policy_from_args(args: argparse.Namespace):
+    from errors import ConfigError  # noqa: PLC0415
+    from secure_agg import PartyPolicy  # noqa: PLC0415
+
+    if args.min_parties < 2:
+        raise ConfigError("--min-parties must be at least 2: a secure sum of one party is that party's update")
+    if args.clip is not None and not args.clip > 0:
+        raise ConfigError(f"--clip must be positive, got {args.clip}")
+    return PartyPolicy(min_collusion=args.min_collusion, min_degree=args.min_degree, min_honest=args.min_honest)
 
 
 def run(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -48,10 +49,12 @@ from protocol.sockets import connect_dealer, recv, send
 from secure_agg import (
     ConsistencyRequest,
     InputAck,
+    PartyPolicy,
     RelayedShares,
     Roster,
     SecAggConfig,
     SecAggError,
+    SecAggLedger,
     SecAggParty,
     UnmaskRequest,
     message_from_wire,
@@ -83,6 +86,11 @@ class PartyOptions:
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
     require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
     max_download: int = 200 * 10**9  # bytes: a larger model archive is refused before anything is written
+    policy: PartyPolicy | None = None  # this party's floors for a secure round (collusion bound, degree, ...)
+    min_parties: int = 2  # refuse a secure round with fewer invited parties
+    clip: float | None = None  # this party's own bound on each element of its update (None: the round's)
+    share_stats: bool = False  # send loss / privacy accounting in secure rounds (the owner sees them per party)
+    share_data_size: bool = False  # HELLO carries the exact data size, not its power-of-two ceiling
 
     @property
     def party_name(self) -> str:
@@ -152,6 +160,9 @@ class PartyNode:
         self.round_deadline = 0.0
         self.stage_s = 600.0  # how long the owner keeps a secure stage open (ROUND_START says)
         self.state_path = self.work / "party-state.json"
+        # What this party masked and revealed, per run and round: survives restarts of either side, so no
+        # round can make it contribute twice or reveal shares that contradict earlier ones.
+        self.ledger = SecAggLedger(self.work / "secagg-ledger.json")
 
     # ------------------------------------------------------------------------------ wire
     def send(self, msg: Message) -> None:
@@ -165,15 +176,34 @@ class PartyNode:
         sha = self.archive.model_sha256 if self.trainer is not None and self.archive else self.cached_sha()
         self.last_hello = time.monotonic()
         self.hello_handshake = self.handshakes
-        self.send(m.hello(name=self.name, n_examples=len(self.examples), model_sha256=sha,
+        self.send(m.hello(name=self.name, n_examples=self.announced_examples(), model_sha256=sha,
                           capabilities=["secure_agg"] + (["dp"] if self.opts.dp else []),
-                          last_round=self.rounds_done - 1))
+                          last_round=self.last_contributed()))
 
     def cached_sha(self) -> str:
+        return str(self.saved_state().get("model_sha256", ""))
+
+    def saved_state(self) -> dict:
         try:
-            return json.loads(self.state_path.read_text()).get("model_sha256", "")
+            state = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
-            return ""
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def save_state(self, **fields: object) -> None:
+        self.state_path.write_text(json.dumps({**self.saved_state(), **fields}))
+
+    def last_contributed(self) -> int:
+        """The last round of the last run this party took part in: finished, or masked an input for."""
+        run_id = self.saved_state().get("run_id")
+        sent = self.ledger.rounds_sent(run_id) if isinstance(run_id, str) else []
+        return max([self.rounds_done - 1, *sent])
+
+    def announced_examples(self) -> int:
+        """The data size HELLO carries: exact only if the party allows it, else its power-of-two ceiling
+        (what the owner needs to size the secure-aggregation ring; the exact total is in the masked sum)."""
+        n = len(self.examples)
+        return n if self.opts.share_data_size else min(1 << (n - 1).bit_length(), MAX_EXAMPLES)
 
     def watch_handshakes(self) -> None:
         """Turn a refused key or a wrong pinned owner key into one clear error instead of silent retries."""
@@ -248,6 +278,7 @@ class PartyNode:
         except ConfigError as exc:
             raise ProtocolError(f"WELCOME carries unusable run settings: {exc}") from None
         self.welcomed = True
+        self.save_state(run_id=self.settings.run_id)
         info = ArchiveInfo.from_fields(msg.fields)
         self.log(f"welcomed to {msg['run_id']} at round {msg['round'] + 1}; model archive "
                  f"{info.model_size / 1e6:.1f} MB")
@@ -297,7 +328,7 @@ class PartyNode:
     def finish_download(self) -> None:
         model_dir = self.receiver.finish(self.work / "model")
         self.receiver = None
-        self.state_path.write_text(json.dumps({"model_sha256": self.archive.model_sha256}))
+        self.save_state(model_sha256=self.archive.model_sha256)
         self.load_model(model_dir)
 
     def load_model(self, model_dir: Path) -> None:
@@ -307,7 +338,7 @@ class PartyNode:
         dp_file = self.work / "dp-state.json"
         dp_state = json.loads(dp_file.read_text()) if self.opts.dp is not None and dp_file.is_file() else None
         self.trainer = party.trainer(self.name, data, cfg.lora, cfg.train, cfg.seed, dp=self.opts.dp,
-                                     rounds=cfg.rounds, dp_state=dp_state)
+                                     rounds=cfg.rounds, dp_state=dp_state, fresh_noise=True)
         self.manifest = party.manifest
         adapter_spec, emulator_spec = party.part_specs()
         self.spec = m.part_tensors(adapter={n: (shape, "F32") for n, (shape, _) in adapter_spec.items()},
@@ -368,11 +399,24 @@ class PartyNode:
             self.log(f"ignored an unexpected {msg.type.value} in round {r + 1}")
         raise SecAggError(f"timed out waiting for {stage or kind.value} in round {r + 1}")
 
-    def secure_exchange(self, r: int, msg: Message, update: PartyUpdate, received: dict) -> None:
-        fields = msg["secagg"]
+    def secure_party(self, r: int, fields: dict) -> SecAggParty:
+        """This round's secure-aggregation state, after the party's own checks: its policy (collusion
+        bound, degree, fewest honest inputs in any sum), its minimum number of parties, and its ledger (one
+        masked input per run and round, ever). Raises SecAggError: the round is refused before training."""
+        if fields.get("session") != self.settings.run_id:
+            raise SecAggError(f"round {r + 1} names session {fields.get('session')!r}, not this run's")
+        if fields["n_parties"] < self.opts.min_parties:
+            raise SecAggError(f"round {r + 1} invites {fields['n_parties']} parties; this party requires at "
+                              f"least {self.opts.min_parties} (--min-parties)")
+        if self.ledger.entry(self.settings.run_id, r)["input_sent"]:
+            raise SecAggError(f"this party already sent its masked input for round {r + 1} of this run (before "
+                              "a restart); a round is never contributed twice")
         self.stage_s = float(fields.get("stage_s", self.stage_s))
         cfg = SecAggConfig.from_dict(fields["config"])
-        agg = SecAggParty(cfg, fields["party_id"], fields["n_parties"], r, fields["session"])
+        return SecAggParty(cfg, fields["party_id"], fields["n_parties"], r, fields["session"],
+                           policy=self.opts.policy, ledger=self.ledger)
+
+    def secure_exchange(self, r: int, agg: SecAggParty, update: PartyUpdate, received: dict) -> None:
 
         def push(obj) -> None:
             header, arrays = obj.to_wire()
@@ -385,12 +429,16 @@ class PartyNode:
                 raise SecAggError(f"expected {kind.TYPE}, got {type(obj).TYPE}")
             return obj
 
-        self.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))
+        if self.opts.share_stats:  # opt-in: the owner sees them for this party alone
+            self.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))
+        vector = update_vector(update.adapter_state, received)
+        if self.opts.clip is not None:
+            vector = np.clip(vector, -self.opts.clip, self.opts.clip)
         push(agg.advertise())
         self.after_stage("advertise")
         push(agg.share_keys(pull(Roster)))
         self.after_stage("share_keys")
-        push(agg.masked_input(pull(RelayedShares), update_vector(update.adapter_state, received), update.n_examples))
+        push(agg.masked_input(pull(RelayedShares), vector, update.n_examples))
         agg.receive_ack(pull(InputAck))
         self.after_stage("masked_input")
         push(agg.consistency_check(pull(ConsistencyRequest)))
@@ -407,11 +455,16 @@ class PartyNode:
             return
         adapter, emulator = (self.tensors(part) for part in m.round_parts(msg))
         self.round_deadline = time.monotonic() + msg["deadline_s"]
+        try:
+            agg = self.secure_party(r, msg["secagg"]) if msg["secagg"] else None
+        except SecAggError as exc:
+            self.log(f"refused round {r + 1}: {exc}")
+            return
         update = self.train(r, adapter, emulator)
         if hasattr(self.trainer, "state_dict"):  # before anything leaves: the accountant counts this round
             (self.work / "dp-state.json").write_text(json.dumps(self.trainer.state_dict()))
-        if msg["secagg"]:
-            self.secure_exchange(r, msg, update, adapter)
+        if agg is not None:
+            self.secure_exchange(r, agg, update, adapter)
         else:
             self.send(m.update(round=r, n_examples=update.n_examples, stats=shared_stats(self.trainer, update.stats),
                                tensors=update.adapter_state))

@@ -87,6 +87,12 @@ class SecAggLedger:
         return {"input_sent": bool(entry["input_sent"]),
                 "revealed": {int(k): v for k, v in entry["revealed"].items()}}
 
+    def rounds_sent(self, session: str) -> list[int]:
+        """The rounds of `session` this party sent a masked input for."""
+        with self._lock:
+            rounds = self._load()["rounds"].get(session, {})
+        return sorted(int(r) for r, entry in rounds.items() if entry.get("input_sent"))
+
     def claim_input(self, session: str, round_id: int) -> None:
         """Record that this party's masked input for (session, round) is about to leave; refuse a second."""
         with self._lock:
