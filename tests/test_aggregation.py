@@ -52,3 +52,15 @@ def test_flatten_round_trip():
     assert vec.shape == (6 + 8,)
     back = unflatten_state(vec, s, names)
     assert all(torch.equal(back[n], s[n]) for n in names)
+
+
+def test_plain_updates_are_clipped_like_masked_ones_and_untouched_within_the_bound():
+    from owner.aggregation import clip_updates  # noqa: PLC0415
+
+    sent = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
+    inside = {"a": torch.full((2, 3), 0.3), "b": torch.ones(4) - 0.7}
+    outside = {"a": torch.tensor([[2.0, -3.0, 0.5], [0.0, 0.0, 0.0]]), "b": torch.ones(4)}
+    states, fraction = clip_updates([inside, outside], sent, clip=1.0)
+    assert all(torch.equal(states[0][k], inside[k]) for k in inside)  # bit for bit: nothing to clip
+    assert torch.equal(states[1]["a"], torch.tensor([[1.0, -1.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert fraction == 2 / 20
