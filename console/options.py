@@ -34,3 +34,16 @@ def dp_from_args(args: argparse.Namespace):
     return DPSettings(noise_multiplier=noise, target_epsilon=epsilon, delta=args.dp_delta,
                       max_grad_norm=1.0 if args.dp_clip is None else args.dp_clip,
                       accountant=args.dp_accountant or "rdp")
+
+
+def add_terminal_options(p: argparse.ArgumentParser) -> None:
+    """--config, --progress and --verbose: how a node is configured and what it prints."""
+    from console.config_file import add_config_option  # noqa: PLC0415
+    from console.progress import MODES  # noqa: PLC0415
+
+    add_config_option(p)
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="progress display: bar (with rate and ETA), plain lines (for logs) or none; "
+                        "auto = bar on a terminal, plain otherwise")
+    p.add_argument("--verbose", action="store_true",
+                   help="let libraries print their own progress bars and warnings too")

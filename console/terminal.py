@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 def quiet_libraries() -> None:
-    """Silence library progress bars and deprecation chatter so our own progress lines stay readable."""
+    """Silence library progress bars and deprecation chatter so our own lines are the only output.
+
+    transformers' own bars ("Loading weights") follow its logging switch, but its GGUF loader draws a raw
+    tqdm bar ("Converting and de-quantizing GGUF tensors"), which only a disabled tqdm in that module stops.
+    `--verbose` skips all of this.
+    """
     import logging  # noqa: PLC0415
     import warnings  # noqa: PLC0415
 
@@ -15,6 +20,19 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     logging.getLogger("tasks").setLevel(logging.INFO)
+    _quiet_gguf_bar()
+
+
+def _quiet_gguf_bar() -> None:
+    import functools  # noqa: PLC0415
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader  # noqa: PLC0415
+    except ImportError:  # no GGUF support installed: no bar either
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> int:

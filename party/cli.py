@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from console.options import add_dp_options, dp_from_args
+from console.options import add_dp_options, add_terminal_options, dp_from_args
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help="where the model and download state live "
                                              "(default: the fedbiot cache dir / party / NAME)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long without the owner")
+    add_terminal_options(p)
     add_dp_options(p, "differential privacy (DP-SGD)")
     return p
 
@@ -42,14 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    from console.terminal import quiet_libraries  # noqa: PLC0415
-    from party.client import PartyOptions, run_party  # noqa: PLC0415
+    from console.config_file import parse_with_config  # noqa: PLC0415
 
-    quiet_libraries()
+    args = parse_with_config(build_parser(), argv)
+    from console.progress import Progress  # noqa: PLC0415
+    from console.terminal import quiet_libraries  # noqa: PLC0415
+    from party.client import PartyOptions, run_party, stamp  # noqa: PLC0415
+
+    if not args.verbose:
+        quiet_libraries()
     return run_party(PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
                                   data_kind=args.data_kind, name=args.name, work_dir=args.work,
-                                  dp=dp_from_args(args), timeout=args.timeout))
+                                  dp=dp_from_args(args), timeout=args.timeout,
+                                  progress=Progress(args.progress, prefix=stamp)))
 
 
 def main(argv: list[str] | None = None) -> int:
