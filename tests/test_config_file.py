@@ -159,3 +159,24 @@ def test_store_false_flags_take_a_boolean(tmp_path):
     cfg = write(tmp_path / "run.toml", 'listen = "tcp://127.0.0.1:1"\nout = "o"\nno-secure-agg = true\n')
     assert owner_args(["--config", str(cfg)]).secure_agg is False
     assert owner_args(["--config", str(cfg), "--secure-agg"]).secure_agg is True
+
+
+def test_a_run_from_a_toml_file_writes_a_config_json_that_repeats_it(tiny_llama_dir, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    rows = [{"instruction": f"Colour of item {i}?", "input": "", "output": f"Item {i} is red."} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = write(tmp_path / "run.toml", f'simulate = 2\nout = "{out}"\nmodel = "{tiny_llama_dir}"\n'
+                                       f'party-data = "{data}"\npublic_data = "{data}"\neval-data = "{data}"\n'
+                                       'eval-items = 2\nmax-length = 64\nrounds = 1\nlocal-steps = 2\n'
+                                       'batch-size = 2\nalign-pre-steps = 1\nalign-steps = 1\n'
+                                       'progress = "plain"\nreport-to = "tensorboard"\n')
+    assert owner_main(["--config", str(cfg), "--local-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "round 1 party-2: step 3/3" in err and "run: round 1/1" in err
+    saved = RunConfig.load(out / "config.json")
+    assert saved.train.local_steps == 3 and saved.rounds == 1 and saved.parties == 2
+    args = owner_args(["--config", str(out / "config.json"), "--simulate", "--out", str(tmp_path / "again")])
+    assert config_from_args(args, args.simulate or args.parties, bool(args.secure_agg)) == saved
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
