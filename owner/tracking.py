@@ -1,9 +1,10 @@
 """`--report-to`: the events of metrics.jsonl, as scalars, in TensorBoard or MLflow too.
 
-Both are optional extras (`pip install 'fedbiot[tracking]'`), imported only when asked for, so a run that
-does not report anywhere never loads them. Each event becomes scalars named `event/field` (nested fields
-joined with `/`): losses, MB, seconds, epsilon, NLL. Steps are chosen so a resumed run continues its curves
-instead of overwriting them: the round number for rounds, the global step for party and alignment steps.
+Both are optional extras (`pip install 'fedbiot[tensorboard]'`, `'fedbiot[mlflow]'`, or `'fedbiot[tracking]'`
+for both), imported only when asked for, so a run that does not report anywhere never loads them. Each event
+becomes scalars named `event/field` (nested fields joined with `/`): losses, MB, seconds, epsilon, NLL. Steps
+are chosen so a resumed run continues its curves instead of overwriting them: the round number for rounds,
+the global step for party and alignment steps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Protocol
 from errors import ConfigError
 
 REPORT_TO = ("tensorboard", "mlflow", "none")
-INSTALL_HINT = "pip install 'fedbiot[tracking]'"
 
 
 class Sink(Protocol):
@@ -80,7 +80,8 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
         except ImportError:
-            raise ConfigError(f"--report-to tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
+            raise ConfigError("--report-to tensorboard needs the tensorboard package: "
+                              "pip install 'fedbiot[tensorboard]'") from None
         self._writer_class = SummaryWriter
         self.writer = None
         self.steps = ScalarSteps()
@@ -107,7 +108,7 @@ class MLflowSink:
         try:
             import mlflow  # noqa: PLC0415
         except ImportError:
-            raise ConfigError(f"--report-to mlflow needs the mlflow package: {INSTALL_HINT}") from None
+            raise ConfigError("--report-to mlflow needs the mlflow package: pip install 'fedbiot[mlflow]'") from None
         self.mlflow = mlflow
         self.active = False
         self.steps = ScalarSteps()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,27 @@ def test_a_run_from_a_toml_file_writes_a_config_json_that_repeats_it(tiny_llama_
     args = owner_args(["--config", str(out / "config.json"), "--simulate", "--out", str(tmp_path / "again")])
     assert config_from_args(args, args.simulate or args.parties, bool(args.secure_agg)) == saved
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def readme_toml(marker: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```toml\n")[1:]]
+    found = [b for b in blocks if b.startswith(f"# {marker}")]
+    assert len(found) == 1, f"README has no single ```toml block starting with '# {marker}'"
+    return found[0]
+
+
+def test_the_readme_examples_are_complete_valid_config_files(tmp_path):
+    owner_file = write(tmp_path / "run.toml", readme_toml("owner --config run.toml"))
+    args = owner_args(["--config", str(owner_file)])
+    assert args.listen and args.parties == 3 and args.report_to == "tensorboard"
+    config = config_from_args(args, args.parties, args.secure_agg)
+    assert config.rounds == 10 and config.train.local_steps == 8
+    party_file = write(tmp_path / "party.toml", readme_toml("party --config party.toml"))
+    party = parse_with_config(party_parser(), ["--config", str(party_file)])
+    assert party.connect.startswith("tcp://") and party.dp_epsilon == 8.0 and party.progress == "plain"
+    # complete: every option of the party's command line is in its example
+    from console.config_file import option_actions
+
+    documented = {k.replace("-", "_") for k in tomllib.loads(party_file.read_text())}
+    assert set(option_actions(party_parser())) - {"dp_noise", "verbose"} <= documented

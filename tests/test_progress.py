@@ -172,7 +172,7 @@ def test_report_to_rejects_unknown_sinks():
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed")
 def test_report_to_mlflow_without_mlflow_names_the_extra():
-    with pytest.raises(ConfigError, match=r"mlflow package: pip install 'fedbiot\[tracking\]'"):
+    with pytest.raises(ConfigError, match=r"mlflow package: pip install 'fedbiot\[mlflow\]'"):
         make_sinks("mlflow")
 
 
