@@ -7,6 +7,8 @@ display; ordinary lines still print. `auto` is `bar` when the stream is a termin
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,8 +61,9 @@ class Task:
             from tqdm import tqdm  # noqa: PLC0415
 
             unit_kw = {"unit": "B", "unit_scale": True, "unit_divisor": 1000} if in_bytes else {"unit": unit}
+            width = {"dynamic_ncols": True} if _has_width(progress.stream) else {"ncols": 100}
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=progress.stream, leave=leave,
-                            dynamic_ncols=True, disable=False, **unit_kw)
+                            disable=False, **width, **unit_kw)
 
     # ------------------------------------------------------------------------- progress
     def update(self, n: float = 1, note: str | None = None) -> None:
@@ -137,6 +140,14 @@ class Task:
         self.lines += 1
         self.last_line = self.progress.clock()
         self.progress.line(self.line())
+
+
+def _has_width(stream: TextIO) -> bool:
+    """Whether the terminal reports its width (a pseudo-terminal may say 0 columns: tqdm then draws nothing)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def _count(value: float) -> str:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+# Libraries that log warnings about optional accelerations on import (bitsandbytes: "Failed to load CPU
+# gemm_4bit_forward from kernels-community"); nothing a user of fedbiot can act on.
+NOISY_LOGGERS = ("bitsandbytes",)
+
+
+def quiet_import_noise(argv: list[str]) -> None:
+    """Before the CLI imports its libraries (building its parser does): mute what they log on import,
+    unless `--verbose` is on the command line."""
+    import logging  # noqa: PLC0415
+
+    if "--verbose" not in argv:
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
 
 def quiet_libraries() -> None:
     """Silence library progress bars and deprecation chatter so our own lines are the only output.
 
     transformers' own bars ("Loading weights") follow its logging switch, but its GGUF loader draws a raw
     tqdm bar ("Converting and de-quantizing GGUF tensors"), which only a disabled tqdm in that module stops.
+    Our own warnings (the `tasks` logger) still print.
     `--verbose` skips all of this.
     """
     import logging  # noqa: PLC0415
@@ -20,6 +35,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     logging.getLogger("tasks").setLevel(logging.INFO)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     _quiet_gguf_bar()
 
 

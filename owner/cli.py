@@ -136,6 +136,9 @@ def keygen_main(argv: list[str]) -> int:
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
     from console.config_file import parse_with_config  # noqa: PLC0415
     from owner.config import flags_from_config  # noqa: PLC0415
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
     from console.config_file import parse_with_config  # noqa: PLC0415
 
     args = parse_with_config(build_parser(), argv)
