@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-# Libraries that log warnings about optional accelerations on import (bitsandbytes: "Failed to load CPU
-# gemm_4bit_forward from kernels-community"); nothing a user of fedbiot can act on.
-NOISY_LOGGERS = ("bitsandbytes",)
+# Libraries that log what a user of fedbiot cannot act on: bitsandbytes warns about optional accelerations
+# on import ("Failed to load CPU gemm_4bit_forward from kernels-community"); MLflow and alembic announce
+# their database set-up (--report-to mlflow).
+NOISY_LOGGERS = ("bitsandbytes", "mlflow", "alembic")
 
 
 def quiet_import_noise(argv: list[str]) -> None:

@@ -102,7 +102,9 @@ class TensorBoardSink:
 
 
 class MLflowSink:
-    """One MLflow run per owner run; the tracking store is MLFLOW_TRACKING_URI, else RUN/mlruns."""
+    """One MLflow run per owner run. The store is MLFLOW_TRACKING_URI when set (its experiment: MLflow's own
+    settings), else a SQLite database RUN/mlflow.db with an experiment `fedbiot` (MLflow 3 refuses a plain
+    directory store), so `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db` shows it."""
 
     def __init__(self) -> None:
         try:
@@ -114,9 +116,14 @@ class MLflowSink:
         self.steps = ScalarSteps()
 
     def open(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir).resolve()
+        experiment_id = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            self.mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
-        self.mlflow.start_run(run_name=Path(run_dir).resolve().name)
+            self.mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+            found = self.mlflow.get_experiment_by_name("fedbiot")
+            experiment_id = found.experiment_id if found is not None else self.mlflow.create_experiment(
+                "fedbiot", artifact_location=(run_dir / "mlflow-artifacts").as_uri())
+        self.mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name)
         self.active = True
 
     def write(self, row: Mapping[str, Any]) -> None:

@@ -202,6 +202,25 @@ def test_tensorboard_receives_every_metrics_event(tmp_path):
     assert [round(e.value, 3) for e in events.Scalars("summary/nll_adapfu")] == [1.38]
 
 
+def test_mlflow_receives_every_metrics_event(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    log = MetricsLog(None, stream=None, sinks=make_sinks("mlflow"))
+    log.path = tmp_path / "metrics.jsonl"
+    for step in (1, 2):
+        log.train_step({"party": "party-1", "round": 0, "step": step, "steps": 2, "loss": 3.0 - step})
+    log.record("round", round=1, train_loss=1.5, mb_down=15.7, parties={"party-1": {"epsilon": 2.5}})
+    log.close()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fedbiot").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == tmp_path.name
+    assert runs[0].data.metrics == {"party_step/party-1/loss": 1.0, "round/train_loss": 1.5, "round/mb_down": 15.7,
+                                    "round/parties/party-1/epsilon": 2.5}
+    history = client.get_metric_history(runs[0].info.run_id, "party_step/party-1/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
 def test_quiet_libraries_disables_the_gguf_loading_bar():
     from console.terminal import quiet_libraries
 
