@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_terminal_options(p)
     p.add_argument("--report-to", default="none", metavar="SINKS",
                    help="also send metrics.jsonl's events to tensorboard (RUN/tensorboard) and/or mlflow, "
-                        "comma-separated, or none (needs the `tracking` extra)")
+                        "comma-separated, or none (optional extras: fedbiot[tensorboard], fedbiot[mlflow])")
     add_run_options(p)
     net = p.add_argument_group("network (--listen)")
     net.add_argument("--parties", type=int, help="number of parties expected")
