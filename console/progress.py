@@ -84,6 +84,13 @@ class Task:
         elif self.progress.mode == "plain" and (step or not self.lines) and self._line_due():
             self._print_line()
 
+    def restart_clock(self, seconds_ago: float) -> None:
+        """Count the rate from `seconds_ago` (e.g. the real start of the first unit of work, when the task
+        was opened long before it, waiting for something else)."""
+        self.started = self.progress.clock() - seconds_ago
+        if self.bar is not None:
+            self.bar.start_t = self.bar.last_print_t = self.bar._time() - seconds_ago
+
     def close(self) -> None:
         if self.closed:
             return

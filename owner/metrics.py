@@ -73,8 +73,12 @@ class MetricsLog:
         if self._rounds is None and done < total:
             self._rounds = self.progress.task("run", total, unit="round", initial=done, every=1)
 
-    def round_finished(self, done: int) -> None:
+    def round_finished(self, done: int, seconds: float | None = None) -> None:
+        """Round `done` is complete; `seconds` (its own duration) keeps the wait for parties to join out of
+        the time per round when it is the first round of this process."""
         if self._rounds is not None:
+            if seconds is not None and self._rounds.done == self._rounds.initial:
+                self._rounds.restart_clock(seconds)
             self._rounds.update_to(done)
             if done >= self._rounds.total:
                 self._rounds.close()

@@ -164,7 +164,7 @@ class OwnerSession:
         self.history.append(record)
         self.log.record("round", **record)
         self.checkpoint()
-        self.log.round_finished(self.round)
+        self.log.round_finished(self.round, record.get("seconds"))
 
     def _align(self, steps: int, stage: int) -> dict:
         """`steps` emulator alignment steps (none without an emulator); refreshes the emulator LoRA."""

@@ -128,6 +128,20 @@ def test_metrics_log_plain_lines_keep_their_format(tmp_path):
     assert events == ["align_step", "align_step", "party_step"]
 
 
+def test_the_time_per_round_leaves_out_the_wait_before_the_first_round():
+    clock = Clock()
+    out = io.StringIO()
+    log = MetricsLog(None, stream=out, progress="plain")
+    log.progress.clock = clock
+    log.rounds_started(3, 0)
+    clock.now += 500  # parties joining
+    log.round_finished(1, seconds=20.0)
+    clock.now += 30
+    log.round_finished(2, seconds=30.0)
+    lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines == ["run: round 1/3 | 20.0 s/round, ETA 40s", "run: round 2/3 | 25.0 s/round, ETA 25s"]
+
+
 def test_quiet_metrics_log_prints_nothing(tmp_path):
     out = io.StringIO()
     log = MetricsLog(tmp_path / "m.jsonl", stream=out, quiet=True, progress="plain")
