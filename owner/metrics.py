@@ -25,15 +25,14 @@ class MetricsLog:
     metrics.jsonl receives.
     """
 
-    def __init__(self, path: Path | None, stream: TextIO | None = sys.stderr, quiet: bool = False,
+    def __init__(self, path: Path | None, stream: TextIO | None | str = "stderr", quiet: bool = False,
                  progress: str = "auto", sinks: Sequence[Sink] = ()) -> None:
         self.path = Path(path) if path else None
-        self.stream = stream
+        self.stream = sys.stderr if stream == "stderr" else stream  # the stderr of now, not of import time
         self.quiet = quiet
         self.start = time.time()
-        silent = quiet or stream is None
-        self.progress = Progress("none" if silent else progress, stream if stream is not None else sys.stderr,
-                                 prefix=self._stamp)
+        silent = quiet or self.stream is None
+        self.progress = Progress("none" if silent else progress, self.stream, prefix=self._stamp)
         self.sinks = list(sinks)
         self._sinks_open = False
         self._rounds: Task | None = None
