@@ -143,8 +143,11 @@ def flags_from_config(data: dict) -> dict:
             continue
         for name, value in values.items():
             if name in flags:
+                flag = flags[name]
+                if flag in flat or flag.replace("-", "_") in flat:
+                    raise ConfigError(f"config keys {section}.{name} and {flag} set the same option")
                 if value is not None:
-                    flat[flags[name]] = value
+                    flat[flag] = value
                 continue
             default = defaults[section].get(name, ...)
             if default is ...:

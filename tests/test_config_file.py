@@ -139,6 +139,14 @@ def test_config_json_fields_without_a_flag_must_hold_their_default(tmp_path):
         owner_args(["--config", str(tmp_path / "config.json"), "--simulate", "--out", "x"])
 
 
+def test_a_section_and_a_flat_key_for_the_same_option_is_an_error(tmp_path):
+    cfg = write(tmp_path / "run.toml", 'simulate = 2\nout = "o"\nlocal_steps = 4\n[train]\nlocal_steps = 8\n')
+    with pytest.raises(ConfigError, match="train.local_steps and local-steps"):
+        owner_args(["--config", str(cfg)])
+    nested = write(tmp_path / "nested.toml", 'simulate = 2\nout = "o"\n[train]\nlocal_steps = 8\n')
+    assert owner_args(["--config", str(nested)]).local_steps == 8
+
+
 def test_bare_simulate_without_parties_is_an_error(tmp_path, capsys):
     assert owner_main(["--simulate", "--out", str(tmp_path / "o")]) == 2
     assert "--simulate needs a number of parties" in capsys.readouterr().err
