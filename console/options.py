@@ -54,3 +54,16 @@ def placement_from_args(args: argparse.Namespace, dp: bool = False):
     if dp and dtype in ("bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
     return resolve_placement(getattr(args, "device", "auto"), "float32" if dp and dtype == "auto" else dtype)
+
+
+def add_terminal_options(p: argparse.ArgumentParser) -> None:
+    """--config, --progress and --verbose: how a node is configured and what it prints."""
+    from console.config_file import add_config_option  # noqa: PLC0415
+    from console.progress import MODES  # noqa: PLC0415
+
+    add_config_option(p)
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="progress display: bar (with rate and ETA), plain lines (for logs) or none; "
+                        "auto = bar on a terminal, plain otherwise")
+    p.add_argument("--verbose", action="store_true",
+                   help="let libraries print their own progress bars and warnings too")

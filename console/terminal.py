@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+# Libraries that log what a user of fedbiot cannot act on: bitsandbytes warns about optional accelerations
+# on import ("Failed to load CPU gemm_4bit_forward from kernels-community"); MLflow and alembic announce
+# their database set-up (--report-to mlflow).
+NOISY_LOGGERS = ("bitsandbytes", "mlflow", "alembic")
+
+
+def quiet_import_noise(argv: list[str]) -> None:
+    """Before the CLI imports its libraries (building its parser does): mute what they log on import,
+    unless `--verbose` is on the command line."""
+    import logging  # noqa: PLC0415
+
+    if "--verbose" not in argv:
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
 
 def quiet_libraries() -> None:
-    """Silence library progress bars and deprecation chatter so our own progress lines stay readable."""
+    """Silence library progress bars and deprecation chatter so our own lines are the only output.
+
+    transformers' own bars ("Loading weights") follow its logging switch, but its GGUF loader draws a raw
+    tqdm bar ("Converting and de-quantizing GGUF tensors"), which only a disabled tqdm in that module stops.
+    Our own warnings (the `tasks` logger) still print.
+    `--verbose` skips all of this.
+    """
     import logging  # noqa: PLC0415
     import warnings  # noqa: PLC0415
 
@@ -16,6 +37,21 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     logging.getLogger("tasks").setLevel(logging.INFO)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_gguf_bar()
+
+
+def _quiet_gguf_bar() -> None:
+    import functools  # noqa: PLC0415
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader  # noqa: PLC0415
+    except ImportError:  # no GGUF support installed: no bar either
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> int:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from errors import ConfigError
+
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `--simulate` and `--listen` (the method's hyperparameters)."""
@@ -95,6 +97,8 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from console.options import add_terminal_options  # noqa: PLC0415
+
     p = argparse.ArgumentParser(
         prog="owner",
         description="FedBiOT model owner: compresses the model, aligns the emulator, aggregates parties' "
@@ -102,14 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "`owner plan --model M ...` prints what a run would cost, from the model's config alone.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--simulate", type=int, metavar="N", help="run owner + N parties in this process")
+    mode.add_argument("--simulate", type=int, nargs="?", const=0, metavar="N",
+                      help="run owner + N parties in this process (N defaults to --parties)")
     mode.add_argument("--listen", metavar="ENDPOINT", help="serve parties over ZeroMQ, e.g. tcp://0.0.0.0:5555")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--secure-agg", dest="secure_agg", action="store_true", default=None,
                    help="masked secure aggregation (default: on with --listen, off with --simulate)")
     p.add_argument("--no-secure-agg", dest="secure_agg", action="store_false")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (metrics.jsonl is still written)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (metrics.jsonl is still written)")
+    add_terminal_options(p)
+    p.add_argument("--report-to", default="none", metavar="SINKS",
+                   help="also send metrics.jsonl's events to tensorboard (RUN/tensorboard) and/or mlflow, "
+                        "comma-separated, or none (optional extras: fedbiot[tensorboard], fedbiot[mlflow])")
     add_run_options(p)
     net = p.add_argument_group("network (--listen)")
     net.add_argument("--parties", type=int, help="number of parties expected")
@@ -170,16 +179,37 @@ def run(argv: list[str]) -> int:
         return keygen_main(argv[1:])
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
+    from console.config_file import parse_with_config  # noqa: PLC0415
+    from owner.config import flags_from_config  # noqa: PLC0415
+
+    args = parse_with_config(build_parser(), argv, translate=flags_from_config)
     from console.terminal import quiet_libraries  # noqa: PLC0415
     from owner.metrics import MetricsLog  # noqa: PLC0415
+    from owner.tracking import make_sinks  # noqa: PLC0415
 
-    quiet_libraries()
-    log = MetricsLog(None, quiet=args.quiet)
+    if not args.verbose:
+        quiet_libraries()
+    log = MetricsLog(None, quiet=args.quiet, progress=args.progress, sinks=make_sinks(args.report_to))
+    try:
+        summary = run_mode(args, log)
+    finally:
+        log.close()
+    print(f"done: {args.out} (AdapFu nll {summary['nll_adapfu']:.4f} vs base {summary['nll_base']:.4f})")
+    return 0
+
+
+def run_mode(args: argparse.Namespace, log) -> dict:
+    """`--simulate` or `--listen`, with the run config from the parsed options; returns the summary."""
     if args.simulate is not None:
         from owner.simulate import run_simulation  # noqa: PLC0415
 
-        config = config_from_args(args, args.simulate, bool(args.secure_agg))
+        parties = args.simulate or args.parties
+        if not parties:
+            raise ConfigError("--simulate needs a number of parties (--simulate N, or --parties N)")
+        config = config_from_args(args, parties, bool(args.secure_agg))
         summary = run_simulation(config, args.out, resume=args.resume, log=log)
     else:
         from owner.server import ServeOptions, serve  # noqa: PLC0415
@@ -189,16 +219,13 @@ def run(argv: list[str]) -> int:
         secure = True if args.secure_agg is None else args.secure_agg
         config = config_from_args(args, args.parties, secure)
         if config.dp is not None:
-            from errors import ConfigError  # noqa: PLC0415
-
             raise ConfigError("--dp-* apply to the parties of --simulate; networked parties choose DP "
                               "themselves")
         opts = ServeOptions(listen=args.listen, out=args.out, key=args.key, allow=args.allow, resume=args.resume,
                             min_parties=args.min_parties, join_timeout=args.join_timeout,
                             round_timeout=args.round_timeout, party_timeout=args.party_timeout)
         summary = serve(config, opts, log=log)
-    print(f"done: {args.out} (AdapFu nll {summary['nll_adapfu']:.4f} vs base {summary['nll_base']:.4f})")
-    return 0
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,3 +141,48 @@ class RunConfig:
         """What a networked party needs to train exactly as this run expects (sent in WELCOME)."""
         return PartyRunSettings(run_id=run_id, seed=self.seed, rounds=self.rounds, max_length=self.max_length,
                                 template=self.template, lora=self.lora, train=self.train, secure_agg=self.secure_agg)
+
+# The nested sections of config.json, field -> the flag that sets it (see owner.cli.add_run_options).
+SECTION_FLAGS = {
+    "lora": {"r": "lora-r", "alpha": "lora-alpha", "target_modules": "target-modules"},
+    "train": {"local_steps": "local-steps", "batch_size": "batch-size", "lr": "lr", "prox_eps": "prox-eps"},
+    "align": {"pre_steps": "align-pre-steps", "round_steps": "align-steps", "batch_size": "align-batch-size",
+              "lr": "align-lr", "kl_weight": "kl-weight"},
+    "dp": {"noise_multiplier": "dp-noise", "target_epsilon": "dp-epsilon", "delta": "dp-delta",
+           "max_grad_norm": "dp-clip", "accountant": "dp-accountant"},
+}
+
+
+def flags_from_config(data: dict) -> dict:
+    """A run's config.json (nested, as `RunConfig.to_dict` writes it) as flat option values by flag name,
+    so `owner --config RUN/config.json` repeats that run. Flat tables (a TOML file) pass unchanged.
+
+    A section field with no flag must hold its default (anything else could not be reproduced by flags
+    and would be silently lost): otherwise ConfigError naming the field.
+    """
+    defaults = {"lora": LoraSettings().to_dict(), "train": TrainSettings().to_dict(),
+                "align": AlignSettings().to_dict(), "dp": {"max_grad_norm": 1.0, "accountant": "rdp"}}
+    flat = {k: v for k, v in data.items() if not (k in SECTION_FLAGS and (isinstance(v, dict) or v is None))}
+    for section, flags in SECTION_FLAGS.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            if name in flags:
+                flag = flags[name]
+                if flag in flat or flag.replace("-", "_") in flat:
+                    raise ConfigError(f"config keys {section}.{name} and {flag} set the same option")
+                if value is not None:
+                    flat[flag] = value
+                continue
+            default = defaults[section].get(name, ...)
+            if default is ...:
+                raise ConfigError(f"config key {section}.{name} is unknown")
+            if _normal(value) != _normal(default):
+                raise ConfigError(f"config key {section}.{name} = {value!r} has no command-line flag; only its "
+                                  f"default {default!r} can be given")
+    return flat
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple | list) else value

@@ -64,7 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path, required=True, help="exported adapter directory")
     parser.add_argument("--prompt", required=True, help="the user prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--verbose", action="store_true", help="let libraries print their bars and warnings")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        from console.terminal import quiet_libraries  # noqa: PLC0415
+
+        quiet_libraries()
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2

@@ -129,6 +129,7 @@ class OwnerSession:
             info = self._align(cfg.align.pre_steps, -1)
             self.log.record("pre_alignment", **info)
             self.checkpoint()
+        self.log.rounds_started(cfg.rounds, self.round)
 
     def _restore(self, ckpt: OwnerCheckpoint) -> None:
         load_lora_state(self.student, ckpt.adapter_state, self.manifest.adapter_layers)
@@ -165,6 +166,7 @@ class OwnerSession:
         self.history.append(record)
         self.log.record("round", **record)
         self.checkpoint()
+        self.log.round_finished(self.round, record.get("seconds"))
 
     def _align(self, steps: int, stage: int) -> dict:
         """`steps` emulator alignment steps (none without an emulator); refreshes the emulator LoRA."""

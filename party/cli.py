@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from console.options import add_dp_options, add_placement_options, dp_from_args, placement_from_args
+from console.options import (
+    add_dp_options,
+    add_placement_options,
+    add_terminal_options,
+    dp_from_args,
+    placement_from_args,
+)
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -65,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold the frozen compressed model in 8-bit or 4-bit (bitsandbytes; pip install "
                         "'fedbiot[quantize]'): less memory, the adapter LoRA still trains in float32")
     add_placement_options(p)
+    add_terminal_options(p)
     add_dp_options(p, "differential privacy (DP-SGD)")
     return p
 
 
 def options_from_args(args: argparse.Namespace):
     """The PartyOptions the parsed flags describe."""
-    from party.client import PartyOptions  # noqa: PLC0415
+    from console.progress import Progress  # noqa: PLC0415
+    from party.client import PartyOptions, stamp  # noqa: PLC0415
     from tasks.columns import ColumnMap  # noqa: PLC0415
 
     dp = dp_from_args(args)
@@ -82,7 +90,8 @@ def options_from_args(args: argparse.Namespace):
                         quantize=args.quantize, require_secure_agg=not args.allow_plain,
                         max_download=int(args.max_download_gb * 1e9), policy=policy_from_args(args),
                         min_parties=args.min_parties, clip=args.clip, share_stats=args.share_stats,
-                        share_data_size=args.share_data_size)
+                        share_data_size=args.share_data_size,
+                        progress=Progress(getattr(args, "progress", "auto"), prefix=stamp))
 
 
 def policy_from_args(args: argparse.Namespace):
@@ -99,10 +108,16 @@ def policy_from_args(args: argparse.Namespace):
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
+    from console.config_file import parse_with_config  # noqa: PLC0415
+
+    args = parse_with_config(build_parser(), argv)
     from console.terminal import quiet_libraries  # noqa: PLC0415
 
-    quiet_libraries()  # before the learning stack is imported: some libraries talk on import
+    if not args.verbose:
+        quiet_libraries()  # before the learning stack is imported: some libraries talk on import
     from party.client import run_party  # noqa: PLC0415
 
     return run_party(options_from_args(args))

@@ -31,6 +31,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from console.progress import Progress, Task
 from errors import ConfigError, FedbiotError
 from learning.compressed_model import Manifest, cache_root
 from learning.dp import BudgetSpent
@@ -91,6 +92,7 @@ class PartyOptions:
     clip: float | None = None  # this party's own bound on each element of its update (None: the round's)
     share_stats: bool = False  # send loss / privacy accounting in secure rounds (the owner sees them per party)
     share_data_size: bool = False  # HELLO carries the exact data size, not its power-of-two ceiling
+    progress: Progress | None = None  # how downloads and steps show (console.progress); None = plain lines
 
     @property
     def party_name(self) -> str:
@@ -116,16 +118,22 @@ class Interrupted(Exception):  # noqa: N818 - control flow, not an error
         self.msg = msg
 
 
+def stamp() -> str:
+    return f"[party {time.strftime('%H:%M:%S')}] "
+
+
 def say(line: str) -> None:
-    print(f"[party {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+    print(f"{stamp()}{line}", file=sys.stderr, flush=True)
 
 
 class PartyNode:
     """State and event loop of one party."""
 
-    def __init__(self, opts: PartyOptions, log: Callable[[str], None] = say,
+    def __init__(self, opts: PartyOptions, log: Callable[[str], None] | None = None,
                  after_stage: Callable[[str], None] | None = None) -> None:
-        self.opts, self.log = opts, log
+        self.ui = opts.progress or Progress("plain", prefix=stamp)
+        self.opts, self.log = opts, log or self.ui.line
+        self.download: Task | None = None
         self.after_stage = after_stage or (lambda stage: None)
         self.name = opts.party_name
         self.examples: list[Example] = load_examples(opts.data, opts.data_kind, columns=opts.columns)
@@ -291,7 +299,12 @@ class PartyNode:
             self.load_model(model_dir)
             return
         if self.receiver is None or self.archive != info:
-            self.receiver = ChunkReceiver(self.work / "download", info, max_size=self.opts.max_download)
+            if self.download is not None:
+                self.download.close()
+            self.receiver = ChunkReceiver(self.work / "download", info, max_size=self.opts.max_download,
+                                          on_progress=lambda done, _total: self.download.update_to(done))
+            self.download = self.ui.task("model download", info.model_size, in_bytes=True,
+                                         initial=self.receiver.received_bytes, interval=10.0)
             self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
                      "chunks to fetch")
         self.archive = info
@@ -320,14 +333,13 @@ class PartyNode:
             self.receiver.add(index, msg.blob or b"", msg["sha256"])
         except ProtocolError as exc:
             self.log(f"bad chunk {index}: {exc.reason}; asking again")
-        done = self.archive.n_chunks - len(self.receiver.missing())
-        if done % 25 == 0 or done == self.archive.n_chunks:
-            self.log(f"model download: {done}/{self.archive.n_chunks} chunks")
         self.request_chunks()
 
     def finish_download(self) -> None:
         model_dir = self.receiver.finish(self.work / "model")
         self.receiver = None
+        if self.download is not None:
+            self.download.close()
         self.save_state(model_sha256=self.archive.model_sha256)
         self.load_model(model_dir)
 
@@ -376,8 +388,7 @@ class PartyNode:
         return update
 
     def progress(self, info: dict) -> None:
-        if info["step"] == info["steps"] or info["step"] % 4 == 0:
-            self.log(f"round {info['round'] + 1}: step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
+        self.ui.step(f"round {info['round'] + 1}", info["step"], info["steps"], f"loss {info['loss']:.4f}")
 
     def wait_for(self, kind: MessageType, r: int, stage: str | None = None, timeout: float | None = None
                  ) -> Message:

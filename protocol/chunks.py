@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -143,7 +143,8 @@ class ChunkReceiver:
     recorded chunk is re-hashed, so a crash can at worst cost a chunk, never corrupt the model.
     """
 
-    def __init__(self, work_dir: str | os.PathLike[str], info: ArchiveInfo, *, max_size: int | None = None) -> None:
+    def __init__(self, work_dir: str | os.PathLike[str], info: ArchiveInfo, *, max_size: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
         if len(info.model_sha256) != 64 or any(c not in "0123456789abcdef" for c in info.model_sha256):
             raise ProtocolError("archive sha256 must be 64 lowercase hex digits")
         if info.model_size < 0 or info.chunk_size < 1:
@@ -157,10 +158,12 @@ class ChunkReceiver:
         self.progress_path = self.work_dir / f"{info.model_sha256}.progress.json"
         self._done: dict[int, str] = {}
         self._resume()
+        self.on_progress = on_progress  # (bytes received, archive size) after each new chunk, for a progress bar
 
     @property
     def received_bytes(self) -> int:
-        """Bytes of the archive stored so far; never more than the announced `model_size`."""
+        """Bytes of the archive verified and on disk, never more than the announced `model_size` (a resumed
+        download starts above zero)."""
         return sum(self.info.chunk_length(i) for i in self._done)
 
     # -- state
@@ -168,6 +171,7 @@ class ChunkReceiver:
     def missing(self) -> list[int]:
         """Chunk indices still to fetch, in order."""
         return [i for i in range(self.info.n_chunks) if i not in self._done]
+
 
     @property
     def complete(self) -> bool:
@@ -194,6 +198,8 @@ class ChunkReceiver:
             os.fsync(fh.fileno())
         self._done[index] = digest
         self._save_progress()
+        if self.on_progress is not None:
+            self.on_progress(self.received_bytes, self.info.model_size)
         return True
 
     def finish(self, dest_dir: str | os.PathLike[str]) -> Path:

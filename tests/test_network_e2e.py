@@ -70,7 +70,7 @@ def test_three_parties_train_the_embedded_model_over_the_network(tmp_path: Path)
     for name in PARTIES:  # each party joined once (the owner was busy pre-aligning) and got the model once
         assert text["owner"].count(f"{name} joined") == 1
         assert text[name].count("downloading the compressed model") == 1
-        assert re.search(r"model download: (\d+)/\1 chunks", text[name])
+        assert re.search(r"model download: ([\d.]+)/\1 MB", text[name])  # complete, with its rate
         assert "the owner ended the run: run finished" in text[name]
 
     # AdapFu: the full model plus the adapter LoRA in its last layers, with nothing but transformers + peft.
