@@ -50,7 +50,7 @@ class RunConfig:
     method: str = "fedbiot"  # one of METHODS
     share_weights: bool = True  # the compressed model shares the full model's tensors (one copy on the owner)
     device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)
-    max_memory: dict[str, str] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
+    max_memory: dict[str, str | int] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
     offload_folder: str | None = None  # disk offload of the full model's weights that fit nowhere else
 
     def __post_init__(self) -> None:
@@ -79,7 +79,7 @@ class RunConfig:
 
         if self.device_map is None and not self.max_memory and not self.offload_folder:
             return None
-        memory = None if not self.max_memory else {int(k) if str(k).isdigit() else k: v
+        memory = None if not self.max_memory else {int(k) if str(k).isdigit() else k: int(v) if str(v).isdigit() else v
                                                    for k, v in self.max_memory.items()}
         return Placement(self.device_map, memory, self.offload_folder)
 

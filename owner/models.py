@@ -62,16 +62,18 @@ class Placement:
         return out
 
 
-def parse_max_memory(text: str | None) -> dict[str | int, str] | None:
-    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag)."""
+def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
+
+    GPU ids become ints and plain numbers bytes, as accelerate expects."""
     if text is None or not text.strip():
         return None
-    out: dict[str | int, str] = {}
+    out: dict[str | int, str | int] = {}
     for item in text.split(","):
         device, sep, size = (part.strip() for part in item.partition("="))
         if not sep or not device or not size:
             raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
-        out[int(device) if device.isdigit() else device] = size
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
     return out
 
 
