@@ -84,7 +84,7 @@ def response_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> Respons
         hidden = decoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
-        mask, targets = response_positions(batch["labels"])
+        mask, targets = response_positions(batch["labels"].to(hidden.device))  # a dispatched model ends elsewhere
         logits = project(causal_lm, hidden[mask])
     return ResponseLogits(logits, targets, mask.nonzero())
 

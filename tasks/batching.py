@@ -53,16 +53,23 @@ def round_batches(data: Sequence[TokenizedExample], round_idx: int, steps: int, 
     The drawn items are sorted by length and cut into batches (less padding), then the batch order is
     shuffled with the same generator so training does not run from short to long items.
     """
+    groups = round_batch_indices([len(it.input_ids) for it in data], round_idx, steps, batch_size, seed)
+    return [collate([data[i] for i in group], pad_id) for group in groups]
+
+
+def round_batch_indices(lengths: Sequence[int], round_idx: int, steps: int, batch_size: int,
+                        seed: int) -> list[list[int]]:
+    """The item indices of each of `round_batches`' batches, in order (for per-item caches of the owner)."""
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch size must be at least 1, got {steps} and {batch_size}")
-    if not data:
+    if not lengths:
         raise DataError("no training examples to draw batches from")
     gen = round_generator(seed, round_idx)
-    drawn = draw_indices(len(data), steps * batch_size, gen)
-    drawn.sort(key=lambda i: len(data[i].input_ids))  # stable: ties keep their drawn order
+    drawn = draw_indices(len(lengths), steps * batch_size, gen)
+    drawn.sort(key=lambda i: lengths[i])  # stable: ties keep their drawn order
     groups = [drawn[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
     order = torch.randperm(steps, generator=gen).tolist()
-    return [collate([data[i] for i in groups[k]], pad_id) for k in order]
+    return [groups[k] for k in order]
 
 
 def poisson_indices(n: int, round_idx: int, steps: int, sample_rate: float, seed: int) -> list[list[int]]:
