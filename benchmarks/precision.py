@@ -83,7 +83,7 @@ def worker(spec: dict) -> dict:
 
     from benchmarks.overhead_worker import hwm_mb, party_tokens, reset_peak, rss_mb
     from console.terminal import quiet_libraries
-    from learning.hardware import Placement
+    from learning.hardware import Hardware
     from learning.lora import LoraSettings, lora_state
     from learning.party_model import PartyModel
     from learning.training import TrainSettings
@@ -94,9 +94,9 @@ def worker(spec: dict) -> dict:
 
     quiet_libraries()
     torch.set_num_threads(spec["threads"])
-    placement = Placement(torch.device("cpu"), getattr(torch, spec["dtype"]))
+    hardware = Hardware(torch.device("cpu"), getattr(torch, spec["dtype"]))
     start = time.perf_counter()
-    party = PartyModel.load(spec["dir"], LoraSettings(), spec["seed"], placement, spec["quantize"])
+    party = PartyModel.load(spec["dir"], LoraSettings(), spec["seed"], hardware, spec["quantize"])
     load_s = time.perf_counter() - start
     tokens, _ = party_tokens({"split_parties": 3, "seed": spec["seed"], "party_data": RunConfig().party_data,
                               "max_length": spec["max_length"]}, party.tokenizer)

@@ -36,8 +36,8 @@ def dp_from_args(args: argparse.Namespace):
                       accountant=args.dp_accountant or "rdp")
 
 
-def add_placement_options(p: argparse.ArgumentParser) -> None:
-    """--device / --dtype; `placement_from_args` resolves them (learning.hardware)."""
+def add_hardware_options(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype; `hardware_from_args` resolves them (learning.hardware)."""
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: a CUDA GPU when present)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -45,15 +45,15 @@ def add_placement_options(p: argparse.ArgumentParser) -> None:
                         "that supports it, else float32)")
 
 
-def placement_from_args(args: argparse.Namespace, dp: bool = False):
-    """The resolved Placement; DP-SGD (Opacus' per-sample gradients) keeps float32 unless told otherwise."""
+def hardware_from_args(args: argparse.Namespace, dp: bool = False):
+    """The resolved Hardware; DP-SGD (Opacus' per-sample gradients) keeps float32 unless told otherwise."""
     from errors import ConfigError  # noqa: PLC0415
-    from learning.hardware import resolve_placement  # noqa: PLC0415
+    from learning.hardware import resolve_hardware  # noqa: PLC0415
 
     dtype = getattr(args, "dtype", "auto")
     if dp and dtype in ("bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
-    return resolve_placement(getattr(args, "device", "auto"), "float32" if dp and dtype == "auto" else dtype)
+    return resolve_hardware(getattr(args, "device", "auto"), "float32" if dp and dtype == "auto" else dtype)
 
 
 def add_terminal_options(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass(frozen=True)
-class Placement:
+class Hardware:
     """A resolved device and dtype for the frozen weights."""
 
     device: torch.device
@@ -65,9 +65,9 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def resolve_placement(device: str | None, dtype: str | None) -> Placement:
+def resolve_hardware(device: str | None, dtype: str | None) -> Hardware:
     resolved = resolve_device(device)
-    return Placement(resolved, resolve_dtype(dtype, resolved))
+    return Hardware(resolved, resolve_dtype(dtype, resolved))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from errors import ConfigError
 from learning.compressed_model import Manifest, load_compressed
-from learning.hardware import Placement
+from learning.hardware import Hardware
 from learning.lora import LoraSettings, attach_lora, lora_state_spec
 from learning.seeds import derive_seed
 from learning.training import PartyTrainer, TrainSettings
@@ -25,7 +25,7 @@ from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
 QUANTIZE = ("int8", "nf4")
 
 
-def quantization_config(quantize: str | None, placement: Placement):
+def quantization_config(quantize: str | None, hardware: Hardware):
     """transformers' BitsAndBytesConfig for a party's frozen weights, or None (no quantisation)."""
     if quantize is None:
         return None
@@ -37,7 +37,7 @@ def quantization_config(quantize: str | None, placement: Placement):
         raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install 'fedbiot[quantize]'") from None
     from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
-    compute = placement.dtype if placement.dtype != torch.float32 else torch.float32
+    compute = hardware.dtype if hardware.dtype != torch.float32 else torch.float32
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
@@ -54,15 +54,15 @@ class PartyModel:
     load_s: float = 0.0
 
     @classmethod
-    def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, placement: Placement | None = None,
+    def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, hardware: Hardware | None = None,
              quantize: str | None = None) -> PartyModel:
-        """Load the checkpoint the owner shipped (frozen weights on the placement's device and dtype, or
+        """Load the checkpoint the owner shipped (frozen weights on the given device and dtype, or
         quantised: `int8` / `nf4`) and attach LoRA initialised from the run seed (every party and the owner
         draw the same initial A matrices). LoRA parameters are float32 whatever the frozen weights are."""
         start = time.perf_counter()
-        placement = placement or Placement(torch.device("cpu"), torch.float32)
-        model, tokenizer, manifest = load_compressed(model_dir, placement.dtype, placement.device,
-                                                     quantization_config(quantize, placement))
+        hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
+        model, tokenizer, manifest = load_compressed(model_dir, hardware.dtype, hardware.device,
+                                                     quantization_config(quantize, hardware))
         layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
         peft_model = attach_lora(model, layers, lora, derive_seed(seed, "lora-init"))
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)

@@ -26,7 +26,7 @@ from torch import nn
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.forward import capture_layer_input, project, response_positions, unwrap_causal_lm
+from learning.forward import capture_layer_input, precision_context, project, response_positions, unwrap_causal_lm
 from learning.lora import set_trainable
 from learning.seeds import derive_seed
 from owner.models import decoder_layers
@@ -90,7 +90,7 @@ def alignment_loss(
     mask, _ = response_positions(batch["labels"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     teacher_lm, student_lm = unwrap_causal_lm(teacher), unwrap_causal_lm(student)
-    with torch.no_grad():
+    with torch.no_grad(), precision_context(teacher):  # autocast when the frozen weights are bf16/fp16
         if teacher_input is None:
             device = input_device(teacher_lm)
             teacher_inputs = inputs if device is None else {k: v.to(device) if torch.is_tensor(v) else v
@@ -107,11 +107,11 @@ def alignment_loss(
     if device is not None:
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     boundary = decoder_layers(student_lm)[manifest.top_adapter_start]
-    with capture_layer_input(boundary) as seen:
+    with precision_context(student), capture_layer_input(boundary) as seen:
         hidden_s = student_lm.get_decoder()(**inputs).last_hidden_state
-    emu_s = seen[0][mask.to(seen[0].device)]
-    log_p_s = torch.log_softmax(project(student_lm, hidden_s[mask.to(hidden_s.device)]), dim=-1)
-    emu_t, log_p_t = emu_t.to(emu_s.device), log_p_t.to(log_p_s.device)
+        emu_s = seen[0][mask.to(seen[0].device)].float()  # the loss itself in float32 (a no-op in float32)
+        log_p_s = torch.log_softmax(project(student_lm, hidden_s[mask.to(hidden_s.device)]), dim=-1)
+    emu_t, log_p_t = emu_t.to(emu_s.device, torch.float32), log_p_t.to(log_p_s.device)
     rms = emu_t.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
     l2 = ((emu_t - emu_s) / rms).pow(2).mean()
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()

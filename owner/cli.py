@@ -11,7 +11,7 @@ from errors import ConfigError
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `--simulate` and `--listen` (the method's hyperparameters)."""
-    from console.options import add_dp_options  # noqa: PLC0415
+    from console.options import add_dp_options, add_hardware_options  # noqa: PLC0415
     from learning.training import TrainSettings  # noqa: PLC0415
     from owner.alignment import AlignSettings  # noqa: PLC0415 - keep `owner --help` fast
     from owner.config import METHODS, RunConfig  # noqa: PLC0415
@@ -81,6 +81,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secagg-graph", choices=["complete", "sparse"], default=d.secagg_graph,
                    help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
                         "per party (cheaper with many parties)")
+    add_hardware_options(p)
+    p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                   help="--simulate's parties hold the frozen compressed model in 8 or 4 bits (bitsandbytes)")
     add_dp_options(p, "differential privacy (DP-SGD on the simulated parties' adapter LoRA)")
 
 
@@ -110,7 +113,7 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
                             cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb),
         dp=dp_from_args(args), share_weights=args.share_weights, device_map=args.device_map,
         max_memory=None if memory is None else {str(k): v for k, v in memory.items()},
-        offload_folder=args.offload_folder,
+        offload_folder=args.offload_folder, device=args.device, dtype=args.dtype, quantize=args.quantize,
     )
 
 

@@ -53,6 +53,9 @@ class RunConfig:
     align: AlignSettings = field(default_factory=AlignSettings)
     dp: DPSettings | None = None  # DP-SGD for the simulated parties; None = no DP
     method: str = "fedbiot"  # one of METHODS
+    device: str = "auto"  # where the owner (and --simulate's parties) run: auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # frozen weights: auto (bf16 on a GPU that has it, else float32) | float32 | bfloat16 | ...
+    quantize: str | None = None  # --simulate's parties hold the frozen emulator in int8 / nf4 (bitsandbytes)
     share_weights: bool = True  # the compressed model shares the full model's tensors (one copy on the owner)
     device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)
     max_memory: dict[str, str | int] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
@@ -75,6 +78,10 @@ class RunConfig:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8")
+        if self.dp is not None and self.dtype in ("bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype} with DP-SGD: per-sample gradients need float32 weights")
+        if self.quantize not in (None, "int8", "nf4"):
+            raise ConfigError(f"--quantize must be int8 or nf4, not {self.quantize!r}")
         if self.secagg_graph not in ("complete", "sparse"):
             raise ConfigError(f"--secagg-graph must be complete or sparse, not {self.secagg_graph!r}")
         for which in ("party", "public", "eval"):  # a mistyped mapping fails here, not after the model loads
@@ -85,12 +92,20 @@ class RunConfig:
                 except ConfigError as exc:
                     raise ConfigError(f"--{which}-columns: {exc}") from None
 
+    def hardware(self):
+        """The resolved device and dtype of the frozen weights (`learning.hardware.Hardware`)."""
+        from learning.hardware import resolve_hardware  # noqa: PLC0415
+
+        dtype = "float32" if self.dp is not None and self.dtype == "auto" else self.dtype  # DP-SGD: float32
+        return resolve_hardware(self.device, dtype)
+
     def placement(self):
         """The full model's accelerate placement (`owner.models.Placement`), or None for a plain load."""
         from owner.models import Placement  # noqa: PLC0415 - keep config loading light
 
         if self.device_map is None and not self.max_memory and not self.offload_folder:
-            return None
+            device = self.hardware().device
+            return None if device.type == "cpu" else Placement(str(device))
         memory = None if not self.max_memory else {int(k) if str(k).isdigit() else k: int(v) if str(v).isdigit() else v
                                                    for k, v in self.max_memory.items()}
         return Placement(self.device_map, memory, self.offload_folder)

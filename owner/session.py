@@ -81,7 +81,9 @@ class OwnerSession:
         """Everything that can fail on bad input, before anything is written: data, model, compression."""
         data = OwnerData.load(config)
         log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'}")
-        base = load_model(config.model, placement=config.placement())
+        hardware = config.hardware()
+        log.say(f"owner hardware: {hardware.describe()}")
+        base = load_model(config.model, dtype=hardware.dtype, placement=config.placement())
         n_layers = len(decoder_layers(base.model))
         bottom, top = config.adapter_layout(n_layers)
         kept_layer_indices(n_layers, top, config.drop_rate, bottom)

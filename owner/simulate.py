@@ -145,7 +145,7 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
         config.save(out_dir / "config.json")
         log.path = out_dir / "metrics.jsonl"
         session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=resume)
-        party = PartyModel.load(session.compressed_dir, config.lora, config.seed)
+        party = PartyModel.load(session.compressed_dir, config.lora, config.seed, config.hardware(), config.quantize)
         trainers = make_trainers(config, party, party_tokens, session.history)
     log.say(f"{len(trainers)} parties with {[t.n_examples for t in trainers]} examples; "
             f"{config.rounds} rounds of {config.train.local_steps} steps x batch {config.train.batch_size}")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from console.options import (
     add_dp_options,
-    add_placement_options,
+    add_hardware_options,
     add_terminal_options,
     dp_from_args,
-    placement_from_args,
+    hardware_from_args,
 )
 
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
                    help="hold the frozen compressed model in 8-bit or 4-bit (bitsandbytes; pip install "
                         "'fedbiot[quantize]'): less memory, the adapter LoRA still trains in float32")
-    add_placement_options(p)
+    add_hardware_options(p)
     add_terminal_options(p)
     add_dp_options(p, "differential privacy (DP-SGD)")
     return p
@@ -86,7 +86,7 @@ def options_from_args(args: argparse.Namespace):
     columns = ColumnMap.coerce(args.columns)  # a mistyped mapping fails before anything connects
     return PartyOptions(endpoint=args.connect, key=args.key, owner_key=args.owner_key, data=args.data,
                         data_kind=args.data_kind, columns=columns, name=args.name, work_dir=args.work, dp=dp,
-                        timeout=args.timeout, placement=placement_from_args(args, dp=dp is not None),
+                        timeout=args.timeout, hardware=hardware_from_args(args, dp=dp is not None),
                         quantize=args.quantize, require_secure_agg=not args.allow_plain,
                         max_download=int(args.max_download_gb * 1e9), policy=policy_from_args(args),
                         min_parties=args.min_parties, clip=args.clip, share_stats=args.share_stats,

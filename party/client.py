@@ -35,7 +35,7 @@ from console.progress import Progress, Task
 from errors import ConfigError, FedbiotError
 from learning.compressed_model import Manifest, cache_root
 from learning.dp import BudgetSpent
-from learning.hardware import Placement
+from learning.hardware import Hardware
 from learning.party_model import PartyModel
 from learning.run_settings import PartyRunSettings
 from learning.secure_update import update_vector
@@ -83,7 +83,7 @@ class PartyOptions:
     work_dir: Path | None = None
     dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
     timeout: float = 3600.0  # give up after this long without hearing from the owner
-    placement: Placement | None = None  # device and dtype of the frozen weights (None: CPU, float32)
+    hardware: Hardware | None = None  # device and dtype of the frozen weights (None: CPU, float32)
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
     require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
     max_download: int = 200 * 10**9  # bytes: a larger model archive is refused before anything is written
@@ -345,7 +345,7 @@ class PartyNode:
 
     def load_model(self, model_dir: Path) -> None:
         cfg = self.settings
-        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, self.opts.placement, self.opts.quantize)
+        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, self.opts.hardware, self.opts.quantize)
         data = party.tokenize(self.examples, cfg.max_length, cfg.template)
         dp_file = self.work / "dp-state.json"
         dp_state = json.loads(dp_file.read_text()) if self.opts.dp is not None and dp_file.is_file() else None
@@ -356,7 +356,7 @@ class PartyNode:
         self.spec = m.part_tensors(adapter={n: (shape, "F32") for n, (shape, _) in adapter_spec.items()},
                                    emulator={n: (shape, "F32") for n, (shape, _) in emulator_spec.items()})
         self.send(m.ready(self.archive.model_sha256))
-        where = self.opts.placement.describe() if self.opts.placement else "cpu float32"
+        where = self.opts.hardware.describe() if self.opts.hardware else "cpu float32"
         self.log(f"model ready ({len(party.manifest.emulator_layers)} emulator + {party.manifest.adapter_size} "
                  f"adapter layers, {where}{f', {self.opts.quantize}' if self.opts.quantize else ''}); "
                  f"training data: {len(data)} examples")

@@ -8,9 +8,9 @@ import argparse
 import pytest
 import torch
 
-from console.options import add_placement_options, placement_from_args
+from console.options import add_hardware_options, hardware_from_args
 from errors import ConfigError
-from learning.hardware import Placement, resolve_device, resolve_dtype, resolve_placement
+from learning.hardware import Hardware, resolve_device, resolve_dtype, resolve_hardware
 from learning.lora import LoraSettings, lora_state
 from learning.party_model import PartyModel, quantization_config
 from learning.training import TrainSettings
@@ -25,7 +25,7 @@ def test_auto_is_float32_on_a_cpu_and_named_devices_resolve():
     if not torch.cuda.is_available():
         assert resolve_device("auto") == CPU
         assert resolve_dtype("auto", CPU) == torch.float32
-    assert resolve_placement("cpu", "bfloat16") == Placement(CPU, torch.bfloat16)
+    assert resolve_hardware("cpu", "bfloat16") == Hardware(CPU, torch.bfloat16)
     assert resolve_dtype("float16", CPU) == torch.float16
 
 
@@ -48,15 +48,15 @@ def test_unknown_dtype_is_refused():
 
 def test_dp_keeps_float32_unless_told_otherwise():
     p = argparse.ArgumentParser()
-    add_placement_options(p)
-    assert placement_from_args(p.parse_args(["--device", "cpu"]), dp=True).dtype == torch.float32
+    add_hardware_options(p)
+    assert hardware_from_args(p.parse_args(["--device", "cpu"]), dp=True).dtype == torch.float32
     with pytest.raises(ConfigError, match="DP-SGD"):
-        placement_from_args(p.parse_args(["--device", "cpu", "--dtype", "bfloat16"]), dp=True)
+        hardware_from_args(p.parse_args(["--device", "cpu", "--dtype", "bfloat16"]), dp=True)
 
 
 def test_unknown_quantisation_is_refused():
     with pytest.raises(ConfigError, match="--quantize"):
-        quantization_config("int2", Placement(CPU, torch.float32))
+        quantization_config("int2", Hardware(CPU, torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def _train(party: PartyModel):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_party_trains_float32_lora(compressed_dir, dtype):
-    party = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Placement(CPU, dtype))
+    party = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Hardware(CPU, dtype))
     frozen = [p for n, p in party.model.named_parameters() if "lora_" not in n]
     lora = [p for n, p in party.model.named_parameters() if "lora_" in n]
     assert {p.dtype for p in frozen} == {dtype} and {p.dtype for p in lora} == {torch.float32}
@@ -92,7 +92,7 @@ def test_a_half_precision_party_trains_float32_lora(compressed_dir, dtype):
 
 def test_a_float32_party_is_unchanged_by_the_placement_argument(compressed_dir):
     plain = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0)
-    placed = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Placement(CPU, torch.float32))
+    placed = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Hardware(CPU, torch.float32))
     a, b = _train(plain)[1].adapter_state, _train(placed)[1].adapter_state
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
@@ -100,7 +100,7 @@ def test_a_float32_party_is_unchanged_by_the_placement_argument(compressed_dir):
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 def test_a_quantised_party_trains(compressed_dir, quantize):
     pytest.importorskip("bitsandbytes")
-    party = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Placement(CPU, torch.float32), quantize)
+    party = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, Hardware(CPU, torch.float32), quantize)
     kinds = {type(m).__name__ for m in party.model.modules()}
     assert kinds & {"Linear8bitLt", "Linear4bit"}, kinds
     before, update = _train(party)

@@ -146,3 +146,37 @@ def test_sparse_secure_aggregation_gives_the_plain_result(tiny_llama_dir, data_f
     tp, ts = adapfu_tensors(plain), adapfu_tensors(sparse)
     assert max(float((tp[n] - ts[n]).abs().max()) for n in tp) < 1e-5
     assert any(float(t.abs().max()) > 1e-3 for n, t in tp.items() if "lora_B" in n)
+
+
+def test_a_bfloat16_run_ships_a_half_size_model_and_exports_float32_adapters(tiny_llama_dir, data_files, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(args_for(tiny_llama_dir, data_files, out, "--dtype", "bfloat16", "--device", "cpu")) == 0
+    shipped = load_file(str(out / "compressed" / "model.safetensors"))
+    assert {t.dtype for t in shipped.values()} == {torch.bfloat16}  # the download is in the run's dtype
+    assert all(t.dtype == torch.float32 for t in adapfu_tensors(out).values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(summary[k] > 0 and summary[k] < 100 for k in ("nll_base", "nll_adapemu", "nll_adapfu"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse refuses a value outside its choices
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "int3"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--quantize", "int2"], "--quantize"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the machine has a GPU")),
+])
+def test_bad_hardware_flags_are_one_line_and_write_nothing(tiny_llama_dir, data_files, tmp_path, capsys, flags,
+                                                           message):
+    out = tmp_path / "never"
+    assert exit_code(args_for(tiny_llama_dir, data_files, out, *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and message in err[-1] and err[-1].startswith(("error:", "owner: error:")), err
+    assert not out.exists()
