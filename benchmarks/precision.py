@@ -1,13 +1,15 @@
 """What a party's precision costs and saves, measured side by side in one run.
 
-    python -m benchmarks.precision --out DIR [--model SPEC] [--steps 8] [--rounds 2] [--threads 2] [--quick]
+    python -m benchmarks.precision --out DIR [--model SPEC] [--device cpu|cuda] [--steps 8] [--rounds 2]
+        [--threads 2] [--quick]
 
 Per layout (FedBiOT s=2, beta=0.2; FedAvg-LoRA on the full model) and per precision of the frozen weights
 (float32; bfloat16 under autocast; for FedBiOT also int8 and nf4 through bitsandbytes): the download
 (the compressed checkpoint in float32 against bfloat16), party tokens/s over `--rounds` rounds of `--steps`
 local steps, the party's peak memory (each variant runs in a process of its own, so its peak RSS is one
-party's), and the held-out response NLL of the model the party trained, evaluated in float32 so every
-variant is scored alike. LoRA parameters and optimizer state are float32 in every variant. Writes
+party's; on a GPU, the peak CUDA memory allocated), and the held-out response NLL of the model the party
+trained, evaluated in float32 so every variant is scored alike. LoRA parameters and optimizer state are
+float32 in every variant. Writes
 DIR/precision.md and DIR/precision.json; figures are read as ratios against float32 in the same run.
 """
 
@@ -94,7 +96,8 @@ def worker(spec: dict) -> dict:
 
     quiet_libraries()
     torch.set_num_threads(spec["threads"])
-    hardware = Hardware(torch.device("cpu"), getattr(torch, spec["dtype"]))
+    device = torch.device(spec.get("device", "cpu"))
+    hardware = Hardware(device, getattr(torch, spec["dtype"]))
     start = time.perf_counter()
     party = PartyModel.load(spec["dir"], LoraSettings(), spec["seed"], hardware, spec["quantize"])
     load_s = time.perf_counter() - start
@@ -109,14 +112,16 @@ def worker(spec: dict) -> dict:
     trainer.settings = warm
     rss_loaded = rss_mb()
     reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     rounds = []
     for r in range(spec["rounds"]):
         update = trainer.train_round(r, adapter, emulator)
         adapter = update.adapter_state
         rounds.append({"tokens_per_s": update.stats["tokens_per_s"], "loss_mean": update.stats["loss_mean"]})
-    peak = hwm_mb()
+    peak = torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else hwm_mb()
     # Score what was trained in float32: the same frozen weights for every variant of a layout.
-    scorer = PartyModel.load(spec["score_dir"], LoraSettings(), spec["seed"])
+    scorer = PartyModel.load(spec["score_dir"], LoraSettings(), spec["seed"], Hardware(device, torch.float32))
     from learning.lora import load_lora_state
 
     load_lora_state(scorer.model, emulator, scorer.manifest.emulator_layers)
@@ -140,19 +145,58 @@ def run_variant(spec: dict, work: Path) -> dict:
     return json.loads(result.read_text())
 
 
+def federated(args: argparse.Namespace, work: Path) -> list[dict]:
+    """Whole in-process runs (3 parties) whose parties hold the frozen weights in float32, int8 or nf4: the
+    AdapFu each gives, on the full model in float32 (what quantising the parties costs the result)."""
+    rows = []
+    for quantize in (None, "int8", "nf4"):
+        out = work / f"federated-{quantize or 'float32'}"
+        cmd = [sys.executable, "-m", "owner.cli", "--simulate", "3", "--rounds", str(args.fed_rounds),
+               "--local-steps", str(args.steps), "--align-pre-steps", str(args.fed_align_pre_steps),
+               "--eval-items", str(args.eval_items), "--device", args.device, "--seed", str(args.seed),
+               "--quiet", "--out", str(out), *(["--quantize", quantize] if quantize else []),
+               *(["--model", args.model] if args.model else [])]
+        say(f"federated run, parties {quantize or 'float32'}: {args.fed_rounds} rounds x {args.steps} steps")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if proc.returncode != 0:
+            rows.append({"parties": quantize or "float32",
+                         "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]})
+            continue
+        summary = json.loads((out / "summary.json").read_text())
+        rows.append({"parties": quantize or "float32", "seconds": time.perf_counter() - start,
+                     **{k: summary[k] for k in ("nll_base", "nll_adapemu", "nll_adapfu")}})
+        say(f"  AdapFu NLL {summary['nll_adapfu']:.4f} (base {summary['nll_base']:.4f})")
+    return rows
+
+
+def federated_table(rows: list[dict]) -> str:
+    lines = ["| parties' frozen weights | held-out NLL, untouched | AdapEmu | AdapFu | run seconds |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['parties']} | failed: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['parties']} | {r['nll_base']:.4f} | {r['nll_adapemu']:.4f} | {r['nll_adapfu']:.4f} "
+                         f"| {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(prep: dict, results: list[dict]) -> str:
-    lines = ["| layout | frozen weights | download MB | party tokens/s | x float32 | peak party MB | x float32 | "
-             "held-out NLL |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layout | frozen weights | download MB | party tokens/s | x float32 | party holds MB | peak party MB "
+             "| x float32 | held-out NLL |", "|---|---|---|---|---|---|---|---|---|"]
     base = {r["layout"]: r for r in results if r["dtype"] == "float32" and r["quantize"] is None and "error" not in r}
     for r in results:
         label = r["quantize"] or r["dtype"]
         if "error" in r:
-            lines.append(f"| {r['layout']} | {label} | - | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['layout']} | {label} | - | failed: {r['error']} | | | | | |")
             continue
         ref = base.get(r["layout"], r)
         download = prep["layouts"][r["layout"]]["bfloat16" if r["dtype"] == "bfloat16" else "float32"]["download_mb"]
         lines.append(f"| {r['layout']} | {label} | {download:.0f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['peak_train_mb']:.0f} | "
+                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['rss_loaded_mb']:.0f} | "
+                     f"{r['peak_train_mb']:.0f} | "
                      f"{r['peak_train_mb'] / ref['peak_train_mb']:.2f} | {r['nll']:.4f} |")
     return "\n".join(lines)
 
@@ -166,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default=None, help="hub id, directory or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (every variant runs there)")
     p.add_argument("--steps", type=int, default=8, help="local steps per round")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds per variant (the median is reported)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -174,10 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-items", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fed-rounds", type=int, default=2, help="rounds of each federated run (0: no federated runs)")
+    p.add_argument("--fed-align-pre-steps", type=int, default=8, help="owner pre-alignment steps of those runs")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 round, 4 held-out items")
     args = p.parse_args(argv)
+    from console.terminal import quiet_libraries
+    from learning.hardware import resolve_device
+
+    quiet_libraries()
+    args.device = str(resolve_device(args.device))
     if args.quick:
-        args.steps, args.rounds, args.eval_items = 2, 1, 4
+        args.steps, args.rounds, args.eval_items, args.fed_rounds, args.fed_align_pre_steps = 2, 1, 4, 1, 1
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
         work = Path(tmp)
@@ -189,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     "score_dir": prep["layouts"][layout]["float32"]["dir"], "steps": args.steps,
                     "rounds": args.rounds, "batch_size": args.batch_size, "lr": args.lr,
                     "max_length": args.max_length, "eval_items": args.eval_items, "threads": args.threads,
-                    "seed": args.seed}
+                    "seed": args.seed, "device": args.device}
             say(f"{layout} {quantize or dtype}: training {args.rounds} x {args.steps} steps")
             result = {"layout": layout, "dtype": dtype, "quantize": quantize, **run_variant(spec, work)}
             results.append(result)
@@ -198,12 +250,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 say(f"  {result['tokens_per_s']:.0f} tokens/s, peak {result['peak_train_mb']:.0f} MB, "
                     f"NLL {result['nll']:.4f}")
+        fed = federated(args, work) if args.fed_rounds > 0 else []
     text = (f"# Party precision\n\n{prep['identity']} ({prep['params'] / 1e6:.0f} M parameters), "
-            f"{args.rounds} rounds x {args.steps} steps x batch {args.batch_size}, {args.threads} threads, "
-            f"{platform.processor() or platform.machine()}; held-out NLL on {args.eval_items} GSM8K test items, "
-            f"scored in float32.\n\n{table(prep, results)}\n")
+            f"{args.rounds} rounds x {args.steps} steps x batch {args.batch_size}, {args.device}, {args.threads} "
+            f"threads, {platform.processor() or platform.machine()}; held-out NLL on {args.eval_items} GSM8K test "
+            f"items, scored in float32.\n\n{table(prep, results)}\n")
+    if fed:
+        text += (f"\nWhole runs, 3 parties x {args.fed_rounds} rounds x {args.steps} steps, "
+                 f"{args.fed_align_pre_steps} pre-alignment steps; NLL on {args.eval_items} held-out items:\n\n"
+                 f"{federated_table(fed)}\n")
     write_report(args.out / "precision.md", text)
-    write_report(args.out / "precision.json", json.dumps({"prepare": prep, "results": results, "args": {
+    write_report(args.out / "precision.json", json.dumps({"prepare": prep, "results": results, "federated": fed,
+                                                          "args": {
         k: str(v) for k, v in vars(args).items()}}, indent=1) + "\n")
     print(text)
     return 0

@@ -176,7 +176,8 @@ SECTION_FLAGS = {
     "lora": {"r": "lora-r", "alpha": "lora-alpha", "target_modules": "target-modules"},
     "train": {"local_steps": "local-steps", "batch_size": "batch-size", "lr": "lr", "prox_eps": "prox-eps"},
     "align": {"pre_steps": "align-pre-steps", "round_steps": "align-steps", "batch_size": "align-batch-size",
-              "lr": "align-lr", "kl_weight": "kl-weight"},
+              "lr": "align-lr", "kl_weight": "kl-weight", "cache_teacher": "!no-teacher-cache",
+              "cache_memory_mb": "teacher-cache-mb"},
     "dp": {"noise_multiplier": "dp-noise", "target_epsilon": "dp-epsilon", "delta": "dp-delta",
            "max_grad_norm": "dp-clip", "accountant": "dp-accountant"},
 }
@@ -192,16 +193,24 @@ def flags_from_config(data: dict) -> dict:
     defaults = {"lora": LoraSettings().to_dict(), "train": TrainSettings().to_dict(),
                 "align": AlignSettings().to_dict(), "dp": {"max_grad_norm": 1.0, "accountant": "rdp"}}
     flat = {k: v for k, v in data.items() if not (k in SECTION_FLAGS and (isinstance(v, dict) or v is None))}
+    if "share_weights" in flat:  # set by a negated flag
+        if flat.pop("share_weights") is False:
+            flat["no-share-weights"] = True
+    if isinstance(flat.get("max_memory"), dict):  # the flag's DEV=SIZE,... form
+        flat["max_memory"] = ",".join(f"{k}={v}" for k, v in flat["max_memory"].items())
     for section, flags in SECTION_FLAGS.items():
         values = data.get(section)
         if not isinstance(values, dict):
             continue
         for name, value in values.items():
             if name in flags:
-                flag = flags[name]
+                flag = flags[name].lstrip("!")
                 if flag in flat or flag.replace("-", "_") in flat:
                     raise ConfigError(f"config keys {section}.{name} and {flag} set the same option")
-                if value is not None:
+                if flags[name].startswith("!"):  # a negated flag: given only to turn the field off
+                    if value is False:
+                        flat[flag] = True
+                elif value is not None:
                     flat[flag] = value
                 continue
             default = defaults[section].get(name, ...)

@@ -109,8 +109,11 @@ def test_a_runs_config_json_given_back_rebuilds_the_same_run_config(tmp_path):
         public_data="pub.jsonl", public_limit=50, eval_data="ev.jsonl", eval_items=7, max_length=128,
         template="plain", secure_agg=True, secagg_graph="sparse", lora=LoraSettings(r=4, alpha=8),
         train=TrainSettings(local_steps=5, batch_size=2, lr=1e-3, prox_eps=0.5),
-        align=AlignSettings(pre_steps=3, round_steps=2, batch_size=6, lr=2e-4, kl_weight=0.5),
-        dp=DPSettings(target_epsilon=4.0, delta=1e-6, max_grad_norm=0.7, accountant="prv"))
+        align=AlignSettings(pre_steps=3, round_steps=2, batch_size=6, lr=2e-4, kl_weight=0.5, cache_teacher=False,
+                            cache_memory_mb=64.0),
+        dp=DPSettings(target_epsilon=4.0, delta=1e-6, max_grad_norm=0.7, accountant="prv"),
+        share_weights=False, max_memory={"cpu": "2GiB"}, device_map="sequential", device="cpu", dtype="float32",
+        quantize="nf4")
     original.save(tmp_path / "config.json")
     args = owner_args(["--config", str(tmp_path / "config.json"), "--simulate", "--out", str(tmp_path / "b")])
     assert args.simulate == 0 and args.parties == 4  # bare --simulate: as many parties as the run had
