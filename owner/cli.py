@@ -77,6 +77,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--align-batch-size", type=int, default=a.batch_size)
     g.add_argument("--align-lr", type=float, default=a.lr)
     g.add_argument("--kl-weight", type=float, default=a.kl_weight, help="lambda of the alignment loss")
+    g.add_argument("--fidelity-batches", type=int, default=a.fidelity_batches,
+                   help="public batches on which the owner measures, after each alignment, the cosine and norm "
+                        "ratio of the adapter-LoRA gradient through the emulator vs the full model (0: off)")
     g = p.add_argument_group("secure aggregation (--secure-agg)")
     g.add_argument("--secagg-graph", choices=["complete", "sparse"], default=d.secagg_graph,
                    help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
@@ -107,7 +110,8 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
                             prox_eps=args.prox_eps),
         align=AlignSettings(pre_steps=args.align_pre_steps, round_steps=args.align_steps,
                             batch_size=args.align_batch_size, lr=args.align_lr, kl_weight=args.kl_weight,
-                            cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb),
+                            cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb,
+                            fidelity_batches=args.fidelity_batches),
         dp=dp_from_args(args), share_weights=args.share_weights, device_map=args.device_map,
         max_memory=None if memory is None else {str(k): v for k, v in memory.items()},
         offload_folder=args.offload_folder,

@@ -161,7 +161,7 @@ SECTION_FLAGS = {
     "lora": {"r": "lora-r", "alpha": "lora-alpha", "target_modules": "target-modules"},
     "train": {"local_steps": "local-steps", "batch_size": "batch-size", "lr": "lr", "prox_eps": "prox-eps"},
     "align": {"pre_steps": "align-pre-steps", "round_steps": "align-steps", "batch_size": "align-batch-size",
-              "lr": "align-lr", "kl_weight": "kl-weight"},
+              "lr": "align-lr", "kl_weight": "kl-weight", "fidelity_batches": "fidelity-batches"},
     "dp": {"noise_multiplier": "dp-noise", "target_epsilon": "dp-epsilon", "delta": "dp-delta",
            "max_grad_norm": "dp-clip", "accountant": "dp-accountant"},
 }

@@ -25,9 +25,11 @@ from owner.compress import can_share, compress, kept_layer_indices, save_compres
 from owner.config import RunConfig
 from owner.evaluate import mean_response_nll
 from owner.export import export_adapemu, export_adapfu
+from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
 from owner.models import LoadedModel, decoder_layers, load_model, make_resident
+from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
@@ -129,6 +131,8 @@ class OwnerSession:
         self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens, self.pad_id,
                                        cfg.align, cfg.seed, cache_dir=self.out_dir / "teacher_cache"
                                        ) if manifest.emulator_layers else None
+        self.fidelity_groups = fidelity_batches(self.data.public_tokens, cfg.align.fidelity_batches,
+                                                cfg.align.batch_size, cfg.seed) if self.aligner else []
         latest = latest_checkpoint_dir(self.out_dir) if resume else None
         if latest is not None:
             self._restore(load_checkpoint(latest))
@@ -136,6 +140,8 @@ class OwnerSession:
         else:
             info = self._align(cfg.align.pre_steps, -1)
             self.log.record("pre_alignment", **info)
+            if info.get("fidelity"):
+                self.log.say(f"after pre-alignment, {describe_fidelity(info['fidelity'])}")
             self.checkpoint()
         self.log.rounds_started(cfg.rounds, self.round)
 
@@ -163,12 +169,18 @@ class OwnerSession:
         return self.adapter_state, self.emulator_state
 
     def complete_round(self, new_adapter: dict[str, torch.Tensor], record: dict) -> None:
-        """Install the aggregated adapter, re-align the emulator to it, checkpoint the round."""
+        """Install the aggregated adapter, re-align the emulator to it, checkpoint the round.
+
+        Adds the gradient fidelity measured after alignment to `record` (as `fidelity`) for its progress line.
+        """
         load_lora_state(self.student, new_adapter, self.manifest.adapter_layers)
         self.adapter_state = lora_state(self.student, self.manifest.adapter_layers)
         self._sync_teacher()
         steps = self.config.align.round_steps if self.config.realigns_each_round else 0
         info = self._align(steps, self.round)
+        fidelity = info.pop("fidelity", None)
+        if fidelity:
+            record["fidelity"] = fidelity
         self.round += 1
         record = {"round": self.round, **record, "alignment": info}
         self.history.append(record)
@@ -182,6 +194,11 @@ class OwnerSession:
             return {"steps": 0}
         info = self.aligner.run(steps, stage, self.log.align_step)
         self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        fidelity = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.public_tokens,
+                                     self.fidelity_groups, self.pad_id)
+        if fidelity is not None:
+            info["fidelity"] = fidelity
+            self.log.record("fidelity", stage=stage, **fidelity)
         return info
 
     def checkpoint(self) -> Path:
