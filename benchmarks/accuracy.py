@@ -21,7 +21,8 @@ A fair protocol: every varied hyperparameter is an option. FedBiOT runs over `--
 `--prox-eps`; the baselines (Offsite-tuning, FedOT, FedAvg-LoRA) train without FedBiOT's proximal term
 (eps 0) and align, where they do, with the first lambda. The party lr is chosen per method configuration out of
 `--lrs` by the AdapFu NLL on a validation split (`--val-items` training items held out, never test items);
-every configuration runs for each of `--seeds`, and the table gives mean, std and n over seeds (accuracies with a
+every configuration runs for each of `--seeds` (runs that differ only in what parties do share one pre-aligned
+emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a
 95% Wilson interval of the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every
 lower layer (nothing to align), so AdapEmu = AdapFu = a last-s LoRA trained on the full model.
 """
@@ -325,6 +326,7 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
         align=AlignSettings(pre_steps=args.align_pre_steps if aligned else 0,
                             round_steps=args.align_steps if aligned else 0, lr=args.align_lr,
                             kl_weight=args.kl_weights[0] if entry.kl_weight is None else entry.kl_weight),
+        prealign_cache=getattr(args, "prealign_cache", None),
     )
 
 
@@ -602,6 +604,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     spec = TASKS[args.task]
     do_accuracy = spec.metric is not None and not args.no_accuracy
     data = prepare_data(spec, args, out / "data")
+    args.prealign_cache = str((out / "prealigned").resolve())  # runs differing only in lr or eps pre-align once
     entries = plan(args)
     say(f"task {args.task}: {len(entries)} configurations "
         f"({', '.join(e.name for e in entries)}); variants {', '.join(args.variants)}")

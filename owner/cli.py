@@ -41,6 +41,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-folder", default=None, help="disk offload of weights that fit on no device")
     g.add_argument("--no-share-weights", dest="share_weights", action="store_false",
                    help="give the compressed model its own copy of the weights (default: share the full model's)")
+    g.add_argument("--prealign-cache", default=None, metavar="DIR",
+                   help="reuse (or store) the pre-aligned emulator in DIR, keyed by model, layout, public data, "
+                        "LoRA and alignment settings and seed: a grid or a rerun pre-aligns once")
     g.add_argument("--no-teacher-cache", dest="cache_teacher", action="store_false",
                    help="recompute E*(x) every alignment step instead of once per public example")
     g.add_argument("--teacher-cache-mb", type=float, default=a.cache_memory_mb,
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
                             fidelity_batches=args.fidelity_batches),
         dp=dp_from_args(args), share_weights=args.share_weights, device_map=args.device_map,
         max_memory=None if memory is None else {str(k): v for k, v in memory.items()},
-        offload_folder=args.offload_folder,
+        offload_folder=args.offload_folder, prealign_cache=args.prealign_cache,
     )
 
 

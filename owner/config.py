@@ -57,6 +57,7 @@ class RunConfig:
     device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)
     max_memory: dict[str, str | int] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
     offload_folder: str | None = None  # disk offload of the full model's weights that fit nowhere else
+    prealign_cache: str | None = None  # directory of pre-aligned emulators shared by runs (None: no cache)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -173,6 +173,7 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     cell = next(c for c in result["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
     assert cell["n"] == 2 and cell["nll_std"] >= 0 and cell["seeds"] == [0, 1]
     assert len(list((out / "evals").glob("*-val-nll.json"))) == 4  # 2 lrs x 2 seeds, cached
+    assert len(list((out / "prealigned").iterdir())) == 2  # one pre-alignment per seed, shared by both lrs
     assert "(n=2)" in (out / "accuracy.md").read_text()
 
 
