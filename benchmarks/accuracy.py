@@ -2,7 +2,9 @@
 
     python -m benchmarks.accuracy --out DIR [--task gsm8k|dolly|codealpaca]
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
-        [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC] ...
+        [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
+        [--lrs 5e-4 1e-3 2e-3] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR] [--seeds 0 1 2]
+        [--val-items 64] [--gsm8k-prompt template|fewshot] ...
 
 Every configuration (method x drop rate x adapter size) is an ordinary in-process run (`run_simulation`) in
 DIR/runs/<name>/; a run whose summary.json exists is reused, an interrupted one resumes from its last round,
@@ -14,12 +16,22 @@ DIR/accuracy.json, DIR/accuracy.md (the table with its budget) and DIR/accuracy.
 
 Offsite-tuning and FedOT use the paper's adapter, the first 2 + last `--baseline-adapter-size` layers;
 FedAvg-LoRA on the full model has no emulator, so its AdapEmu is its AdapFu and only AdapFu is scored.
+
+A fair protocol: every varied hyperparameter is an option. FedBiOT runs over `--kl-weights` (lambda) x
+`--prox-eps`; the baselines (Offsite-tuning, FedOT, FedAvg-LoRA) train without FedBiOT's proximal term
+(eps 0) and align, where they do, with the first lambda. The party lr is chosen per method configuration out of
+`--lrs` by the AdapFu NLL on a validation split (`--val-items` training items held out, never test items);
+every configuration runs for each of `--seeds` (runs that differ only in what parties do share one pre-aligned
+emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a
+95% Wilson interval of the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every
+lower layer (nothing to align), so AdapEmu = AdapFu = a last-s LoRA trained on the full model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -36,6 +48,8 @@ from errors import ConfigError, FedbiotError
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
 METHOD_LABELS = {"untouched": "untouched", "offsite": "Offsite-tuning", "fedot": "FedOT", "fedbiot": "FedBiOT",
                  "fedavg-full": "FedAvg-LoRA (full model)"}
+ORACLE_LABEL = "oracle (last-s LoRA on the full model)"
+BASELINES = ("offsite", "fedot", "fedavg-full")  # trained without FedBiOT's proximal term
 
 
 @dataclass(frozen=True)
@@ -60,19 +74,43 @@ TASKS: dict[str, TaskSpec] = {
 
 @dataclass
 class Entry:
-    """One configuration of the grid: a run (or the untouched model) and the variants to score."""
+    """One run of the grid (or the untouched model): a method configuration, a party lr and a seed."""
 
     method: str
     adapter_size: int | None = None
     drop_rate: float | None = None
     variants: tuple[str, ...] = ()
+    kl_weight: float | None = None
+    prox_eps: float | None = None
+    lr: float | None = None
+    seed: int | None = None
     rows: list[dict] = field(default_factory=list)
 
     @property
-    def name(self) -> str:
-        if self.method in ("untouched", "fedavg-full"):
+    def oracle(self) -> bool:
+        """FedBiOT with drop rate 0: the emulator is the full model's lower layers, AdapEmu = AdapFu."""
+        return self.method == "fedbiot" and self.drop_rate == 0.0
+
+    @property
+    def label(self) -> str:
+        return ORACLE_LABEL if self.oracle else METHOD_LABELS[self.method]
+
+    @property
+    def cell(self) -> str:
+        """The method configuration without lr and seed: what the lr is chosen for and seeds are pooled over."""
+        if self.method == "untouched":
             return self.method
-        return f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+        name = self.method if self.method == "fedavg-full" else \
+            f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+        if self.method == "fedbiot":
+            name += f"-kl{self.kl_weight:g}"
+        return name + f"-eps{self.prox_eps:g}"
+
+    @property
+    def name(self) -> str:
+        if self.method == "untouched":
+            return self.method
+        return f"{self.cell}-lr{self.lr:g}-seed{self.seed}"
 
     @property
     def adapter_label(self) -> str:
@@ -121,11 +159,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, default=3)
     g.add_argument("--local-steps", type=int, default=8, help="K: party steps per round")
     g.add_argument("--batch-size", type=int, default=4, help="B: party batch size")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="party lr grid, chosen per method on the validation split (e.g. 5e-4 1e-3 2e-3)")
+    g.add_argument("--lr", type=float, default=3e-4, help="a single party lr (when --lrs is not given)")
+    g.add_argument("--kl-weights", nargs="+", type=float, default=None,
+                   help="FedBiOT's lambda grid (default: the owner's default lambda)")
+    g.add_argument("--prox-eps", nargs="+", type=float, default=None,
+                   help="FedBiOT's proximal eps grid (default: the parties' default; baselines always use 0)")
+    g.add_argument("--align-lr", type=float, default=None, help="owner alignment lr (default: the owner's)")
     g.add_argument("--align-pre-steps", type=int, default=16, help="owner pre-alignment steps (all methods)")
     g.add_argument("--align-steps", type=int, default=4, help="owner alignment steps per round (FedBiOT)")
     g.add_argument("--max-length", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", nargs="+", type=int, default=None, help="run seeds (default: --seed)")
+    g.add_argument("--seed", type=int, default=0, help="a single seed (when --seeds is not given)")
+    g.add_argument("--val-items", type=int, default=64,
+                   help="training items held out as the validation split that chooses the lr")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     g = p.add_argument_group("evaluation")
@@ -135,7 +183,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--no-accuracy", action="store_true", help="NLL only")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (GSM8K 200, HumanEval 384)")
     g.add_argument("--gen-batch-size", type=int, default=10, help="sequences generated together")
+    g.add_argument("--gsm8k-prompt", choices=["template", "fewshot"], default="template",
+                   help="GSM8K prompts: the bare question in the adapters' training template (default) or the "
+                        "raw 8-shot chain-of-thought text")
     args = p.parse_args(argv)
+    from learning.training import TrainSettings  # noqa: PLC0415 - defaults of the runs themselves
+    from owner.alignment import AlignSettings  # noqa: PLC0415
+
+    args.lrs = list(dict.fromkeys(args.lrs or [args.lr]))
+    args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))
+    args.seed = args.seeds[0]  # the data split: the same items for every seed, so the spread is training's
+    args.kl_weights = list(dict.fromkeys(args.kl_weights or [AlignSettings().kl_weight]))
+    args.prox_eps = list(dict.fromkeys(args.prox_eps if args.prox_eps is not None else [TrainSettings().prox_eps]))
+    args.align_lr = args.align_lr if args.align_lr is not None else AlignSettings().lr
+    if any(v <= 0 for v in args.lrs) or args.align_lr <= 0:
+        p.error("--lrs/--lr and --align-lr must be > 0")
+    if any(v < 0 for v in args.kl_weights + args.prox_eps):
+        p.error("--kl-weights and --prox-eps must be >= 0")
+    if args.val_items < 0 or (args.val_items == 0 and len(args.lrs) > 1):
+        p.error("--val-items must be >= 0, and at least 1 to choose among several --lrs")
     numbers = {"--rounds": args.rounds, "--local-steps": args.local_steps, "--batch-size": args.batch_size,
                "--eval-items": args.eval_items, "--acc-items": args.acc_items,
                "--gen-batch-size": args.gen_batch_size, "--baseline-adapter-size": args.baseline_adapter_size,
@@ -152,17 +218,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ plan
 
 def plan(args: argparse.Namespace) -> list[Entry]:
-    """The grid: untouched once; Offsite/FedOT per drop rate; FedBiOT per drop rate x s; FedAvg-LoRA once."""
+    """The grid, each configuration x `--lrs` x `--seeds`: untouched once; Offsite/FedOT per drop rate; FedBiOT
+    per drop rate x s x lambda x eps (the oracle, drop rate 0, with the first lambda: it has nothing to align);
+    FedAvg-LoRA once. Baselines: eps 0, lambda = the first of `--kl-weights`."""
     variants = tuple(v for v in ("adapemu", "adapfu") if v in args.variants)
-    entries: list[Entry] = []
+    configs: list[Entry] = []
     for method in args.methods:
         if method == "untouched":
-            entries.append(Entry(method, variants=("full",)))
+            configs.append(Entry(method, variants=("full",)))
         elif method == "fedavg-full":
-            entries.append(Entry(method, variants=("adapfu",)))
+            configs.append(Entry(method, variants=("adapfu",), kl_weight=args.kl_weights[0], prox_eps=0.0))
+        elif method in BASELINES:
+            configs += [Entry(method, args.baseline_adapter_size, beta, variants, args.kl_weights[0], 0.0)
+                        for beta in args.drop_rates]
         else:
-            sizes = args.adapter_sizes if method == "fedbiot" else [args.baseline_adapter_size]
-            entries += [Entry(method, s, beta, variants) for beta in args.drop_rates for s in sizes]
+            for beta in args.drop_rates:
+                for s in args.adapter_sizes:
+                    if beta == 0.0:
+                        configs += [Entry(method, s, beta, ("adapfu",), args.kl_weights[0], eps)
+                                    for eps in args.prox_eps]
+                    else:
+                        configs += [Entry(method, s, beta, variants, kl, eps)
+                                    for kl in args.kl_weights for eps in args.prox_eps]
+    entries: list[Entry] = []
+    for c in configs:
+        if c.method == "untouched":
+            entries.append(c)
+            continue
+        entries += [Entry(c.method, c.adapter_size, c.drop_rate, c.variants, c.kl_weight, c.prox_eps, lr, seed)
+                    for lr in args.lrs for seed in args.seeds]
     return entries
 
 
@@ -172,6 +256,7 @@ class TaskData:
     test: str
     public: str
     test_records: list[dict]  # raw held-out records (GSM8K accuracy reads question/answer from them)
+    val: str | None = None  # training items held out to choose the lr (never test items)
 
 
 def _raw_records(source: str) -> list[dict]:
@@ -189,25 +274,37 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 def prepare_data(spec: TaskSpec, args: argparse.Namespace, data_dir: Path) -> TaskData:
     """The task's train / held-out / public sources; without a test set, a seeded hold-out of the training
-    records is written to DIR/data/ (the same records every time, so reused runs stay comparable)."""
+    records is written to DIR/data/ (the same records every time, so reused runs stay comparable). Then
+    `--val-items` of the remaining training records become the validation split (DIR/data/val.jsonl)."""
     train = args.train_data or spec.train
     public = args.public_data or spec.public
     test = args.test_data or spec.test
-    if test is not None:
-        return TaskData(train, test, public, _raw_records(test))
+    val_items = getattr(args, "val_items", 0)
     records = _raw_records(train)
-    held = max(args.eval_items, args.acc_items if spec.metric == "gsm8k" else 0)
-    if len(records) < held + 8:
-        raise ConfigError(f"{train}: {len(records)} records are too few to hold {held} out for evaluation")
+    held = 0 if test is not None else max(args.eval_items, args.acc_items if spec.metric == "gsm8k" else 0)
+    if len(records) < held + val_items + 8:
+        raise ConfigError(f"{train}: {len(records)} records are too few to hold {held} out for evaluation and "
+                          f"{val_items} for validation")
+    if test is not None and not val_items:
+        return TaskData(train, test, public, _raw_records(test))
     order = list(range(len(records)))
     random.Random(f"{args.seed}/holdout").shuffle(order)
-    test_idx = set(order[:held])
+    test_idx, val_idx = set(order[:held]), set(order[held:held + val_items])
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_path, test_path = data_dir / "train.jsonl", data_dir / "test.jsonl"
-    _write_jsonl(train_path, [r for i, r in enumerate(records) if i not in test_idx])
-    test_records = [r for i, r in enumerate(records) if i in test_idx]
-    _write_jsonl(test_path, test_records)
-    return TaskData(str(train_path.resolve()), str(test_path.resolve()), public, test_records)
+    train_path = data_dir / "train.jsonl"
+    _write_jsonl(train_path, [r for i, r in enumerate(records) if i not in test_idx | val_idx])
+    val_path = None
+    if val_items:
+        val_path = data_dir / "val.jsonl"
+        _write_jsonl(val_path, [r for i, r in enumerate(records) if i in val_idx])
+    if test is not None:
+        test_records = _raw_records(test)
+    else:
+        test_records = [r for i, r in enumerate(records) if i in test_idx]
+        test = str((data_dir / "test.jsonl").resolve())
+        _write_jsonl(data_dir / "test.jsonl", test_records)
+    return TaskData(str(train_path.resolve()), test, public, test_records,
+                    None if val_path is None else str(val_path.resolve()))
 
 
 def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: TaskData):
@@ -215,14 +312,21 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
     from owner.alignment import AlignSettings  # noqa: PLC0415
     from owner.config import RunConfig  # noqa: PLC0415
 
+    aligned = not entry.oracle  # the oracle's emulator is the full model's lower layers: nothing to align
     return RunConfig(
         model=args.model, method=entry.method, adapter_size=entry.adapter_size or 2,
         drop_rate=entry.drop_rate if entry.drop_rate is not None else 0.0, rounds=args.rounds,
-        parties=args.parties or spec.parties, seed=args.seed, party_data=data.train, split=spec.split,
+        parties=args.parties or spec.parties, seed=args.seed if entry.seed is None else entry.seed,
+        party_data=data.train, split=spec.split,
         party_limit=args.party_limit, public_data=data.public, public_limit=args.public_limit,
         eval_data=data.test, eval_items=args.eval_items, max_length=args.max_length,
-        train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr),
-        align=AlignSettings(pre_steps=args.align_pre_steps, round_steps=args.align_steps),
+        train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size,
+                            lr=args.lrs[0] if entry.lr is None else entry.lr,
+                            prox_eps=args.prox_eps[0] if entry.prox_eps is None else entry.prox_eps),
+        align=AlignSettings(pre_steps=args.align_pre_steps if aligned else 0,
+                            round_steps=args.align_steps if aligned else 0, lr=args.align_lr,
+                            kl_weight=args.kl_weights[0] if entry.kl_weight is None else entry.kl_weight),
+        prealign_cache=getattr(args, "prealign_cache", None),
     )
 
 
@@ -294,9 +398,9 @@ def task_accuracy(model, tokenizer, spec: TaskSpec, data: TaskData, args: argpar
     if spec.metric == "gsm8k":
         from tasks.gsm8k import evaluate_gsm8k  # noqa: PLC0415
 
-        result = evaluate_gsm8k(model, tokenizer, data.test_records, n_shots=8, batch_size=args.gen_batch_size,
-                                max_new_tokens=args.max_new_tokens or 200, limit=args.acc_items)
-        return result
+        template = "auto" if getattr(args, "gsm8k_prompt", "template") == "template" else None
+        return evaluate_gsm8k(model, tokenizer, data.test_records, n_shots=8, batch_size=args.gen_batch_size,
+                              max_new_tokens=args.max_new_tokens or 200, limit=args.acc_items, template=template)
     from tasks.humaneval import evaluate_humaneval, load_problems  # noqa: PLC0415
 
     result = evaluate_humaneval(model, tokenizer, load_problems(args.humaneval_data), n_samples=1, k=(1,),
@@ -304,6 +408,66 @@ def task_accuracy(model, tokenizer, spec: TaskSpec, data: TaskData, args: argpar
                                 limit=args.acc_items)
     return {**result, "accuracy": result["pass@1"], "n": result["n_tasks"],
             "n_correct": sum(r["n_correct"] for r in result["records"])}
+
+
+def adapter_nll(adapter_dir: Path, source: str, config) -> float:
+    """Response NLL of an exported adapter (plain transformers + peft) on the items of `source`, batched, with
+    the run's prompt template and max length (the validation score that chooses the lr)."""
+    from owner.evaluate import mean_response_nll  # noqa: PLC0415
+    from tasks.datasets import load_examples  # noqa: PLC0415
+    from tasks.prompts import pad_id_of, tokenize_examples  # noqa: PLC0415
+
+    model, tokenizer = load_for_eval(adapter_dir, config.model)
+    tokens = tokenize_examples(load_examples(source), tokenizer, config.max_length, config.template)
+    return mean_response_nll(model, tokens, pad_id_of(tokenizer))
+
+
+def choose_lrs(val_nll: dict[str, dict[float, list[float]]]) -> dict[str, float]:
+    """Per configuration (cell), the lr with the lowest mean validation NLL over seeds (ties: the smaller lr)."""
+    return {cell: min(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), lr)) for cell, by_lr in val_nll.items()}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion k/n (sound for small n and for 0 or n successes)."""
+    if n <= 0:
+        return None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (0 for one value) and n of the values that exist."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std, len(xs)
+
+
+CELL_KEYS = ("method", "label", "adapter", "adapter_size", "drop_rate", "kl_weight", "prox_eps", "lr", "variant")
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+    """One cell per configuration and variant: NLL and accuracy as mean, std and n over seeds, and the 95%
+    Wilson interval of the pooled accuracy counts."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(tuple(json.dumps(r[k]) for k in CELL_KEYS), []).append(r)
+    out = []
+    for group in cells.values():
+        nll, nll_std, n = mean_std([r["nll"] for r in group])
+        acc, acc_std, n_acc_seeds = mean_std([r["accuracy"] for r in group])
+        k = sum(r["n_correct"] or 0 for r in group if r["accuracy"] is not None)
+        total = sum(r["n_acc"] or 0 for r in group if r["accuracy"] is not None)
+        out.append({**{key: group[0][key] for key in CELL_KEYS}, "seeds": [r["seed"] for r in group],
+                    "nll": nll, "nll_std": nll_std, "n": n, "accuracy": acc, "accuracy_std": acc_std,
+                    "n_accuracy_seeds": n_acc_seeds, "n_correct": k if total else None, "n_acc": total or None,
+                    "ci95": wilson_interval(k, total) if total else None})
+    return out
 
 
 def cached(path: Path, settings: dict, compute) -> dict:
@@ -329,39 +493,59 @@ def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _spread(mean: float | None, std: float | None, n: int, digits: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f} (n=1)"
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def markdown(result: dict) -> str:
-    b, rows = result["budget"], result["rows"]
+    b, cells = result["budget"], result["cells"]
     acc = result["accuracy_metric"]
-    head = f"| method | adapter | beta | variant | NLL | {acc or 'accuracy'} |"
+    head = (f"| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL mean ± std (n seeds) | "
+            f"{acc or 'accuracy'} |")
     lines = [
         f"# {result['task']}: FedBiOT and baselines on one engine", "",
         f"Model: {b['model']}. Command: `{result['command']}`", "",
-        head, "|---|---|---|---|---|---|",
+        head, "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f} ({r['n_correct']}/{r['n_acc']})"
-        lines.append(f"| {METHOD_LABELS[r['method']]} | {r['adapter']} | {_fmt(r['drop_rate'], 1)} | "
-                     f"{VARIANT_LABELS[r['variant']]} | {_fmt(r['nll'], 4)} | {accuracy} |")
+    for c in cells:
+        accuracy = "-"
+        if c["accuracy"] is not None:
+            lo, hi = c["ci95"]
+            accuracy = (f"{_spread(c['accuracy'], c['accuracy_std'], c['n_accuracy_seeds'], 3)}; pooled "
+                        f"{c['n_correct']}/{c['n_acc']}, 95% CI [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"| {c['label']} | {c['adapter']} | {_fmt(c['drop_rate'], 1)} | {_g(c['kl_weight'])} | "
+                     f"{_g(c['prox_eps'])} | {_g(c['lr'])} | {VARIANT_LABELS[c['variant']]} | "
+                     f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {accuracy} |")
     parties = ", ".join(f"{METHOD_LABELS[m]} {n}" for m, n in b["parties"].items())
     lines += [
         "",
         "Budget: " + (
             f"{b['train_examples']} training examples ({b['train_data']}) split {b['split']} over the parties "
             f"({parties}); {b['rounds']} rounds of {b['local_steps']} local steps x batch {b['batch_size']} per "
-            f"party (lr {b['lr']:g}, LoRA r{b['lora_r']}, max {b['max_length']} tokens); the owner aligns the "
-            f"emulator on {b['public_examples']} public examples ({b['public_data']}): {b['align_pre_steps']} "
-            f"steps before round 1 (every method with an emulator), then {b['align_steps']} after every round "
-            f"(FedBiOT only)."),
+            f"party (lr chosen per configuration out of {', '.join(f'{v:g}' for v in b['lrs'])} by the AdapFu NLL "
+            f"on {b['val_items']} held-out training items, LoRA r{b['lora_r']}, max {b['max_length']} tokens; "
+            f"seeds {', '.join(str(s) for s in b['seeds'])}); the owner aligns the "
+            f"emulator on {b['public_examples']} public examples ({b['public_data']}) at lr {b['align_lr']:g}: "
+            f"{b['align_pre_steps']} steps before round 1 (every method with an emulator), then "
+            f"{b['align_steps']} after every round (FedBiOT only). Baselines train without the proximal term."),
         "",
         f"NLL: mean response-token negative log-likelihood on {b['eval_items']} held-out items "
         f"({b['test_data']}); lower is better.",
     ]
     if acc:
-        lines.append(f"Accuracy: {acc} on the first {b['acc_items']} test items, greedy, at most "
-                     f"{b['max_new_tokens']} new tokens (a small sample: one item is {1 / b['acc_items']:.3f}).")
+        lines.append(f"Accuracy: {acc} on the first {b['acc_items']} test items ({b['prompt']}), greedy, at most "
+                     f"{b['max_new_tokens']} new tokens (a small sample: one item is {1 / b['acc_items']:.3f}); "
+                     f"mean ± std over seeds, and the 95% Wilson interval of the counts pooled over seeds.")
     lines += [
         "Adapter: FedBiOT's last s layers; Offsite-tuning/FedOT: the first 2 + last s layers. AdapEmu = adapter "
-        "on the emulator, AdapFu = adapter plugged into the full model.",
+        "on the emulator, AdapFu = adapter plugged into the full model. The oracle is FedBiOT at drop rate 0 "
+        "(the emulator is the full model's lower layers, so AdapEmu = AdapFu).",
         f"Compute: {result['run_seconds'] / 60:.1f} min of federated runs (training, alignment, export, NLL) and "
         f"{result['eval_seconds'] / 60:.1f} min of accuracy evaluation on {result['machine']}.",
     ]
@@ -374,7 +558,7 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    labels = [f"{METHOD_LABELS[r['method']]}\ns={r['adapter']} beta={_fmt(r['drop_rate'], 1)} "
+    labels = [f"{r['label']}\ns={r['adapter']} beta={_fmt(r['drop_rate'], 1)} "
               f"{VARIANT_LABELS[r['variant']]}" if r["method"] != "untouched" else "untouched" for r in rows]
     panels = [("nll", "held-out response NLL (lower is better)")]
     if accuracy_label and any(r["accuracy"] is not None for r in rows):
@@ -420,19 +604,42 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     spec = TASKS[args.task]
     do_accuracy = spec.metric is not None and not args.no_accuracy
     data = prepare_data(spec, args, out / "data")
+    args.prealign_cache = str((out / "prealigned").resolve())  # runs differing only in lr or eps pre-align once
     entries = plan(args)
     say(f"task {args.task}: {len(entries)} configurations "
         f"({', '.join(e.name for e in entries)}); variants {', '.join(args.variants)}")
 
     summaries: dict[str, dict] = {}
-    for i, entry in enumerate(e for e in entries if e.method != "untouched"):
-        say(f"run {i + 1}/{sum(e.method != 'untouched' for e in entries)}: {entry.name}")
+    runs = [e for e in entries if e.method != "untouched"]
+    for i, entry in enumerate(runs):
+        say(f"run {i + 1}/{len(runs)}: {entry.name}")
         summaries[entry.name] = ensure_run(run_config(entry, args, spec, data), out / "runs" / entry.name, say)
+
+    # The lr of each configuration: the lowest mean AdapFu NLL on the validation split (never the test items).
+    val_nll: dict[str, dict[float, list[float]]] = {}
+    val_of: dict[str, float] = {}
+    if len(args.lrs) > 1:
+        for entry in runs:
+            config = run_config(entry, args, spec, data)
+
+            def validate(entry=entry, config=config) -> dict:
+                say(f"{entry.name}: AdapFu NLL on {args.val_items} validation items")
+                return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
+            val_of[entry.name] = cached(out / "evals" / f"{entry.name}-val-nll.json",
+                                        {"val": data.val, "max_length": args.max_length}, validate)["nll"]
+            val_nll.setdefault(entry.cell, {}).setdefault(entry.lr, []).append(val_of[entry.name])
+    chosen = choose_lrs(val_nll) if val_nll else {e.cell: args.lrs[0] for e in runs}
+    for cell, lr in chosen.items():
+        if len(args.lrs) > 1:
+            scores_text = ", ".join(f"{v:g}: {sum(n) / len(n):.4f}" for v, n in sorted(val_nll[cell].items()))
+            say(f"{cell}: lr {lr:g} chosen on validation (mean AdapFu NLL {scores_text})")
 
     reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
     rows: list[dict] = []
     eval_seconds = 0.0
     for entry in entries:
+        if entry.method != "untouched" and entry.lr != chosen[entry.cell]:
+            continue
         for variant in entry.variants:
             key = f"{entry.name}-{variant}"
             if entry.method == "untouched":
@@ -456,24 +663,29 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                     result["seconds"] = round(time.perf_counter() - started, 1)
                     return result
                 settings = {"acc_items": args.acc_items, "max_new_tokens": args.max_new_tokens}
+                if spec.metric == "gsm8k":
+                    settings["prompt"] = args.gsm8k_prompt
                 scores = cached(out / "evals" / f"{key}-{spec.metric}.json", settings, compute)
                 eval_seconds += scores.get("seconds", 0.0)
             row = {
-                "method": entry.method, "adapter": entry.adapter_label, "adapter_size": entry.adapter_size,
-                "drop_rate": entry.drop_rate, "variant": variant, "nll": nll,
-                "accuracy": scores.get("accuracy"), "n_correct": scores.get("n_correct"),
-                "n_acc": scores.get("n"), "run": None if adapter_dir is None else str(adapter_dir.relative_to(out)),
+                "method": entry.method, "label": entry.label, "adapter": entry.adapter_label,
+                "adapter_size": entry.adapter_size, "drop_rate": entry.drop_rate, "kl_weight": entry.kl_weight,
+                "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed, "variant": variant, "nll": nll,
+                "val_nll": val_of.get(entry.name), "accuracy": scores.get("accuracy"),
+                "n_correct": scores.get("n_correct"), "n_acc": scores.get("n"),
+                "ci95": wilson_interval(scores["n_correct"], scores["n"]) if scores.get("n") else None,
+                "run": None if adapter_dir is None else str(adapter_dir.relative_to(out)),
             }
             rows.append(row)
             acc_text = "" if row["accuracy"] is None else f", accuracy {row['accuracy']:.3f}"
             say(f"{key}: NLL {nll:.4f}{acc_text}")
+    cells = aggregate(rows)
 
     train_examples = len(load_examples(data.train, limit=args.party_limit))
     public_examples = len(load_examples(data.public, limit=args.public_limit))
     parties = {}
-    for entry in entries:
-        if entry.method != "untouched":
-            parties[entry.method] = summaries[entry.name]["parties"]
+    for entry in runs:
+        parties[entry.method] = summaries[entry.name]["parties"]
     result = {
         "task": args.task,
         "command": "python -m benchmarks.accuracy " + " ".join(argv),
@@ -484,11 +696,19 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "test_data": args.test_data or spec.test or "held out of the training data",
             "public_data": data.public, "train_examples": train_examples, "public_examples": public_examples,
             "split": spec.split, "parties": parties, "rounds": args.rounds, "local_steps": args.local_steps,
-            "batch_size": args.batch_size, "lr": args.lr, "lora_r": reference.lora.r,
+            "batch_size": args.batch_size, "lrs": args.lrs, "val_items": args.val_items, "seeds": args.seeds,
+            "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
+            "align_lr": args.align_lr, "lora_r": reference.lora.r,
             "max_length": args.max_length, "align_pre_steps": args.align_pre_steps,
             "align_steps": args.align_steps, "eval_items": args.eval_items, "acc_items": args.acc_items,
             "max_new_tokens": args.max_new_tokens or (200 if spec.metric == "gsm8k" else 384),
+            "prompt": ("8-shot chain-of-thought text" if args.gsm8k_prompt == "fewshot" else
+                       "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
         },
+        "lr_selection": [{"cell": cell, "lr": lr, "val_nll": {f"{v:g}": sum(n) / len(n)
+                                                                 for v, n in sorted(val_nll.get(cell, {}).items())}}
+                         for cell, lr in chosen.items()],
+        "cells": cells,
         "rows": rows,
         "run_seconds": round(sum(s.get("seconds", 0.0) for s in summaries.values()), 1),
         "eval_seconds": round(eval_seconds, 1),
@@ -498,7 +718,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     write_report(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     write_report(out / "accuracy.md", table)
-    plot(rows, out / "accuracy.png", f"{args.task}: FedBiOT and baselines", result["accuracy_metric"])
+    plot(cells, out / "accuracy.png", f"{args.task}: FedBiOT and baselines", result["accuracy_metric"])
     say(f"wrote {out / 'accuracy.md'}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
     print(table)
     return result

@@ -146,33 +146,34 @@ def run_variant(spec: dict, work: Path) -> dict:
 
 
 def federated(args: argparse.Namespace, work: Path) -> list[dict]:
-    """Whole in-process runs (3 parties) whose parties hold the frozen weights in float32, int8 or nf4: the
-    AdapFu each gives, on the full model in float32 (what quantising the parties costs the result)."""
+    """Whole in-process runs (3 parties): everything in float32; everything in bfloat16 (`--dtype bfloat16`:
+    owner and parties); float32 with the parties' frozen weights in int8 or nf4. The AdapFu each gives is
+    scored on the full model, as the run's summary does."""
     rows = []
-    for quantize in (None, "int8", "nf4"):
-        out = work / f"federated-{quantize or 'float32'}"
+    for label, flags in (("float32", []), ("bfloat16 (owner and parties)", ["--dtype", "bfloat16"]),
+                         ("int8", ["--quantize", "int8"]), ("nf4", ["--quantize", "nf4"])):
+        out = work / f"federated-{label.split()[0]}"
         cmd = [sys.executable, "-m", "owner.cli", "--simulate", "3", "--rounds", str(args.fed_rounds),
                "--local-steps", str(args.steps), "--align-pre-steps", str(args.fed_align_pre_steps),
                "--eval-items", str(args.eval_items), "--device", args.device, "--seed", str(args.seed),
-               "--quiet", "--out", str(out), *(["--quantize", quantize] if quantize else []),
+               "--quiet", "--out", str(out), *flags,
                *(["--model", args.model] if args.model else [])]
-        say(f"federated run, parties {quantize or 'float32'}: {args.fed_rounds} rounds x {args.steps} steps")
+        say(f"federated run, {label}: {args.fed_rounds} rounds x {args.steps} steps")
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if proc.returncode != 0:
-            rows.append({"parties": quantize or "float32",
-                         "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]})
+            rows.append({"parties": label, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]})
             continue
         summary = json.loads((out / "summary.json").read_text())
-        rows.append({"parties": quantize or "float32", "seconds": time.perf_counter() - start,
+        rows.append({"parties": label, "seconds": time.perf_counter() - start,
                      **{k: summary[k] for k in ("nll_base", "nll_adapemu", "nll_adapfu")}})
         say(f"  AdapFu NLL {summary['nll_adapfu']:.4f} (base {summary['nll_base']:.4f})")
     return rows
 
 
 def federated_table(rows: list[dict]) -> str:
-    lines = ["| parties' frozen weights | held-out NLL, untouched | AdapEmu | AdapFu | run seconds |",
+    lines = ["| frozen weights | held-out NLL, untouched | AdapEmu | AdapFu | run seconds |",
              "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -131,6 +131,11 @@ def _lora_params(model: nn.Module, layers: Sequence[int] | None) -> list[tuple[s
     return _params_of(_lora_modules(model, layers))
 
 
+def lora_parameters(model: nn.Module, layers: Sequence[int] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """(canonical name, live LoRA Parameter) of `layers`, A before B, in module order (for measuring grads)."""
+    return _lora_params(model, layers)
+
+
 def _params_of(modules: list[tuple[str, LoraLayer, str]]) -> list[tuple[str, nn.Parameter]]:
     out: list[tuple[str, nn.Parameter]] = []
     for name, mod, adapter in modules:

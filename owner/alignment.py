@@ -48,6 +48,7 @@ class AlignSettings:
     max_grad_norm: float | None = 1.0
     cache_teacher: bool = True  # compute E*(x) once per public example instead of every step
     cache_memory_mb: float = 1024.0  # E* kept on the teacher's device up to this; beyond, spilled to disk
+    fidelity_batches: int = 2  # public batches for the gradient-fidelity measurement after alignment; 0 = off
 
     def __post_init__(self) -> None:
         if self.pre_steps < 0 or self.round_steps < 0 or self.batch_size < 1:
@@ -56,6 +57,9 @@ class AlignSettings:
             raise ConfigError("alignment lr must be > 0 and lambda >= 0")
         if not isinstance(self.cache_memory_mb, int | float) or self.cache_memory_mb < 0:
             raise ConfigError(f"the teacher cache bound must be >= 0 MB, got {self.cache_memory_mb!r}")
+        if isinstance(self.fidelity_batches, bool) or not isinstance(self.fidelity_batches, int) \
+                or self.fidelity_batches < 0:
+            raise ConfigError(f"fidelity batches must be an integer >= 0, got {self.fidelity_batches!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-folder", default=None, help="disk offload of weights that fit on no device")
     g.add_argument("--no-share-weights", dest="share_weights", action="store_false",
                    help="give the compressed model its own copy of the weights (default: share the full model's)")
+    g.add_argument("--prealign-cache", default=None, metavar="DIR",
+                   help="reuse (or store) the pre-aligned emulator in DIR, keyed by model, layout, public data, "
+                        "LoRA and alignment settings and seed: a grid or a rerun pre-aligns once")
     g.add_argument("--no-teacher-cache", dest="cache_teacher", action="store_false",
                    help="recompute E*(x) every alignment step instead of once per public example")
     g.add_argument("--teacher-cache-mb", type=float, default=a.cache_memory_mb,
@@ -77,6 +80,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--align-batch-size", type=int, default=a.batch_size)
     g.add_argument("--align-lr", type=float, default=a.lr)
     g.add_argument("--kl-weight", type=float, default=a.kl_weight, help="lambda of the alignment loss")
+    g.add_argument("--fidelity-batches", type=int, default=a.fidelity_batches,
+                   help="public batches on which the owner measures, after each alignment, the cosine and norm "
+                        "ratio of the adapter-LoRA gradient through the emulator vs the full model (0: off)")
     g = p.add_argument_group("secure aggregation (--secure-agg)")
     g.add_argument("--secagg-graph", choices=["complete", "sparse"], default=d.secagg_graph,
                    help="who masks with whom: every pair, or SecAgg+'s sparse random graph of O(log n) neighbours "
@@ -110,10 +116,12 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
                             prox_eps=args.prox_eps),
         align=AlignSettings(pre_steps=args.align_pre_steps, round_steps=args.align_steps,
                             batch_size=args.align_batch_size, lr=args.align_lr, kl_weight=args.kl_weight,
-                            cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb),
+                            cache_teacher=args.cache_teacher, cache_memory_mb=args.teacher_cache_mb,
+                            fidelity_batches=args.fidelity_batches),
         dp=dp_from_args(args), share_weights=args.share_weights, device_map=args.device_map,
         max_memory=None if memory is None else {str(k): v for k, v in memory.items()},
         offload_folder=args.offload_folder, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        prealign_cache=args.prealign_cache,
     )
 
 

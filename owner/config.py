@@ -60,6 +60,7 @@ class RunConfig:
     device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)
     max_memory: dict[str, str | int] | None = None  # {device: size}, e.g. {"0": "20GiB", "cpu": "64GiB"}
     offload_folder: str | None = None  # disk offload of the full model's weights that fit nowhere else
+    prealign_cache: str | None = None  # directory of pre-aligned emulators shared by runs (None: no cache)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -177,7 +178,7 @@ SECTION_FLAGS = {
     "train": {"local_steps": "local-steps", "batch_size": "batch-size", "lr": "lr", "prox_eps": "prox-eps"},
     "align": {"pre_steps": "align-pre-steps", "round_steps": "align-steps", "batch_size": "align-batch-size",
               "lr": "align-lr", "kl_weight": "kl-weight", "cache_teacher": "!no-teacher-cache",
-              "cache_memory_mb": "teacher-cache-mb"},
+              "cache_memory_mb": "teacher-cache-mb", "fidelity_batches": "fidelity-batches"},
     "dp": {"noise_multiplier": "dp-noise", "target_epsilon": "dp-epsilon", "delta": "dp-delta",
            "max_grad_norm": "dp-clip", "accountant": "dp-accountant"},
 }

@@ -2,8 +2,9 @@
 
 One figure with what a user watches during a run and checks after it: the parties' training loss per step
 (in-process runs; a networked owner only sees each round's mean), the owner's alignment loss with its L2 and
-KL terms, each round's mean training loss and megabytes sent each way, and the held-out NLL of the untouched
-model, AdapEmu and AdapFu once the run has finished.
+KL terms, each round's mean training loss and megabytes sent each way, the held-out NLL of the untouched
+model, AdapEmu and AdapFu once the run has finished, and the gradient fidelity after each alignment (cosine and
+norm ratio of the adapter-LoRA gradient through the emulator vs the full model: how well parties are steered).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for e in events:
         by_kind[e["event"]].append(e)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (ax_party, ax_align), (ax_round, ax_nll) = axes
+    fig = plt.figure(figsize=(12, 11))
+    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.8])
+    ax_party, ax_align = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_round, ax_nll = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    _fidelity_panel(fig.add_subplot(grid[2, :]), by_kind["fidelity"], MaxNLocator)
 
     per_party: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for e in by_kind["party_step"]:
@@ -111,6 +115,30 @@ def plot_run(run_dir: Path, out: Path) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _fidelity_panel(ax, events: list[dict], locator) -> None:
+    """Cosine (left axis) and norm ratio (right axis) of the adapter-LoRA gradients, at 0 = after pre-alignment
+    and at r = after round r's alignment."""
+    points = [(e["stage"] + 1, e.get("cosine"), e.get("norm_ratio")) for e in events if "stage" in e]
+    ax.set(title="gradient fidelity: adapter-LoRA gradient through the emulator vs the full model",
+           xlabel="after round (0 = pre-alignment)", ylabel="cosine")
+    if not points:
+        ax.text(0.5, 0.5, "not measured (no emulator, or --fidelity-batches 0)", ha="center", va="center",
+                transform=ax.transAxes)
+        return
+    cos = [(x, c) for x, c, _ in points if c is not None]
+    ratio = [(x, r) for x, _, r in points if r is not None]
+    if cos:
+        ax.plot(*zip(*cos, strict=True), "o-", color="#1f77b4", label="cosine (1 = same direction)")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.xaxis.set_major_locator(locator(integer=True))
+    if ratio:
+        twin = ax.twinx()
+        twin.plot(*zip(*ratio, strict=True), "s--", color="#d62728", label="norm ratio emulator / full")
+        twin.set_ylabel("norm ratio")
+        twin.legend(fontsize=7, loc="lower right")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,21 @@ def round_lines(round_no: int, rounds: int, record: dict) -> list[str]:
         "clipped_fraction") else ""
     lines = [f"round {round_no}/{rounds} done with {len(record['participants'])} parties: {loss}"
              f"down {record['mb_down']:.2f} MB, up {record['mb_up']:.2f} MB, {record['seconds']:.1f} s{clipped}"]
+    if record.get("fidelity"):
+        lines.append(describe_fidelity(record["fidelity"]))
     if record.get("dp"):
         lines.append("privacy spent: " + ", ".join(f"{n} epsilon {v['epsilon']:.3f} (delta {v['delta']:.2g})"
                                                    for n, v in sorted(record["dp"].items())))
     return lines
+
+
+def describe_fidelity(fidelity: dict | None) -> str:
+    """`gradient fidelity: cosine 0.52, norm ratio 1.8` for progress lines ('' without a measurement)."""
+    if not fidelity:
+        return ""
+    cos, ratio = fidelity.get("cosine"), fidelity.get("norm_ratio")
+    return ("gradient fidelity: cosine " + ("n/a" if cos is None else f"{cos:.3f}") + ", norm ratio "
+            + ("n/a" if ratio is None else f"{ratio:.2f}"))
 
 
 def privacy_reports(stats: Mapping[str, dict]) -> dict[str, dict]:

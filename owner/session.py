@@ -25,9 +25,12 @@ from owner.compress import can_share, compress, kept_layer_indices, save_compres
 from owner.config import RunConfig
 from owner.evaluate import mean_response_nll
 from owner.export import export_adapemu, export_adapfu
+from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
 from owner.models import LoadedModel, decoder_layers, load_model, make_resident
+from owner.prealign_cache import PreAlignment, load_prealigned, prealign_key, store_prealigned
+from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
@@ -131,15 +134,45 @@ class OwnerSession:
         self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens, self.pad_id,
                                        cfg.align, cfg.seed, cache_dir=self.out_dir / "teacher_cache"
                                        ) if manifest.emulator_layers else None
+        self.fidelity_groups = fidelity_batches(self.data.public_tokens, cfg.align.fidelity_batches,
+                                                cfg.align.batch_size, cfg.seed) if self.aligner else []
         latest = latest_checkpoint_dir(self.out_dir) if resume else None
         if latest is not None:
             self._restore(load_checkpoint(latest))
             self.log.say(f"resumed from {latest.name}: {self.round} of {cfg.rounds} rounds done")
         else:
-            info = self._align(cfg.align.pre_steps, -1)
+            info = self._pre_align()
             self.log.record("pre_alignment", **info)
+            if info.get("fidelity"):
+                self.log.say(f"after pre-alignment, {describe_fidelity(info['fidelity'])}")
             self.checkpoint()
         self.log.rounds_started(cfg.rounds, self.round)
+
+    def _pre_align(self) -> dict:
+        """Pre-alignment, or its result loaded from `--prealign-cache` when everything it depends on matches."""
+        cfg = self.config
+        if self.aligner is None or not cfg.prealign_cache or cfg.align.pre_steps == 0:
+            return self._align(cfg.align.pre_steps, -1)
+        key = prealign_key(self.teacher, self.manifest, self.data.public_tokens, align=cfg.align.to_dict(),
+                           lora=cfg.lora.to_dict(), seed=cfg.seed, adapter_state=self.adapter_state,
+                           emulator_state=self.emulator_state)
+        cache_dir = Path(cfg.prealign_cache).expanduser()
+        found = load_prealigned(cache_dir, key)
+        if found is None:
+            info = self._align(cfg.align.pre_steps, -1)
+            saved = {k: v for k, v in info.items() if k != "fidelity"}
+            store_prealigned(cache_dir, key, PreAlignment(self.emulator_state, self.aligner.optimizer.state_dict(),
+                                                          saved))
+            return {**info, "cache": "stored", "cache_key": key}
+        load_lora_state(self.student, found.emulator_state, self.manifest.emulator_layers)
+        self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        self.aligner.optimizer.load_state_dict(found.optimizer_state)
+        self.student.eval()
+        self.log.say(f"pre-aligned emulator loaded from the cache ({key}): {cfg.align.pre_steps} steps skipped")
+        info = {**found.info, "seconds_saved": found.info.get("seconds"), "seconds": 0.0, "cache": "loaded",
+                "cache_key": key}
+        self._add_fidelity(info, -1)
+        return info
 
     def _restore(self, ckpt: OwnerCheckpoint) -> None:
         load_lora_state(self.student, ckpt.adapter_state, self.manifest.adapter_layers)
@@ -165,12 +198,18 @@ class OwnerSession:
         return self.adapter_state, self.emulator_state
 
     def complete_round(self, new_adapter: dict[str, torch.Tensor], record: dict) -> None:
-        """Install the aggregated adapter, re-align the emulator to it, checkpoint the round."""
+        """Install the aggregated adapter, re-align the emulator to it, checkpoint the round.
+
+        Adds the gradient fidelity measured after alignment to `record` (as `fidelity`) for its progress line.
+        """
         load_lora_state(self.student, new_adapter, self.manifest.adapter_layers)
         self.adapter_state = lora_state(self.student, self.manifest.adapter_layers)
         self._sync_teacher()
         steps = self.config.align.round_steps if self.config.realigns_each_round else 0
         info = self._align(steps, self.round)
+        fidelity = info.pop("fidelity", None)
+        if fidelity:
+            record["fidelity"] = fidelity
         self.round += 1
         record = {"round": self.round, **record, "alignment": info}
         self.history.append(record)
@@ -184,7 +223,16 @@ class OwnerSession:
             return {"steps": 0}
         info = self.aligner.run(steps, stage, self.log.align_step)
         self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
+        self._add_fidelity(info, stage)
         return info
+
+    def _add_fidelity(self, info: dict, stage: int) -> None:
+        """Measure the gradient fidelity (owner.fidelity) into `info` and metrics.jsonl, if switched on."""
+        fidelity = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.public_tokens,
+                                     self.fidelity_groups, self.pad_id)
+        if fidelity is not None:
+            info["fidelity"] = fidelity
+            self.log.record("fidelity", stage=stage, **fidelity)
 
     def checkpoint(self) -> Path:
         optimizer = None if self.aligner is None else self.aligner.optimizer.state_dict()

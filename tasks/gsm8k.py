@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 from errors import ConfigError, DataError
 from tasks.generation import generate_batched
 from tasks.generation import truncate_at_stop as _truncate
+from tasks.prompts import format_prompts, resolve_template
 
 # The eight chain-of-thought exemplars of Wei et al. (2022), used for GSM8K ever since.
 FEW_SHOT: tuple[tuple[str, str], ...] = (
@@ -163,8 +164,12 @@ def evaluate_gsm8k(
     max_new_tokens: int = 256,
     limit: int | None = None,
     progress: bool = True,
+    template: str | None = None,
 ) -> dict:
     """Accuracy of greedy n-shot chain-of-thought answers.
+
+    `template`: None = the raw n-shot "Q: / A:" text; a prompt template name ("auto", "chat", "plain") = the bare
+    question in the template the adapters were trained with (zero-shot, as a fine-tuned model is used).
 
     `questions_answers` holds (question, answer) pairs, GSM8K records ``{"question", "answer"}`` or
     Examples; answers are GSM8K answer fields (with "####") or bare numbers. Returns a JSON-ready dict
@@ -177,7 +182,11 @@ def evaluate_gsm8k(
         pairs = pairs[:limit]
     if not pairs:
         raise DataError("no GSM8K questions to evaluate")
-    prompts = [build_prompt(q, n_shots) for q, _ in pairs]
+    if template is None:
+        prompts = [build_prompt(q, n_shots) for q, _ in pairs]
+    else:
+        prompts = format_prompts([q.strip() for q, _ in pairs], tokenizer, template)
+        template, n_shots = resolve_template(tokenizer, template), 0
     generations = generate_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, stop_strings=STOP_STRINGS, greedy=True,
                                    progress=progress, desc="gsm8k")
@@ -198,6 +207,7 @@ def evaluate_gsm8k(
         "n": len(records),
         "n_correct": n_correct,
         "n_shots": n_shots,
+        "prompt": f"{n_shots}-shot text" if template is None else f"training template ({template})",
         "max_new_tokens": max_new_tokens,
         "records": records,
     }

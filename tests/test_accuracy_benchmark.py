@@ -8,7 +8,18 @@ import json
 
 import pytest
 
-from benchmarks.accuracy import TASKS, main, prepare_data
+from benchmarks.accuracy import (
+    ORACLE_LABEL,
+    TASKS,
+    aggregate,
+    choose_lrs,
+    main,
+    parse_args,
+    plan,
+    prepare_data,
+    run_config,
+    wilson_interval,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +41,10 @@ def bench_args(model_dir, data, out, *extra):
             "fedbiot", "--drop-rates", "0.5", "--adapter-sizes", "2", "--rounds", "1", "--local-steps", "1",
             "--batch-size", "2", "--align-pre-steps", "1", "--align-steps", "1", "--eval-items", "4",
             "--max-length", "64", "--parties", "2", "--no-accuracy", "--train-data", str(data / "train.jsonl"),
-            "--test-data", str(data / "test.jsonl"), "--public-data", str(data / "public.jsonl"), *extra]
+            "--test-data", str(data / "test.jsonl"), "--public-data", str(data / "public.jsonl"),
+            "--val-items", "4", *extra]
+
+FEDOT, FEDBIOT = "fedot-s2-b0.5-eps0-lr0.0003-seed0", "fedbiot-s2-b0.5-kl1-eps0.01-lr0.0003-seed0"
 
 
 def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, data_files, tmp_path, capsys):
@@ -42,26 +56,27 @@ def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, da
                     ("fedbiot", "2", "adapemu"), ("fedbiot", "2", "adapfu")]
     assert all(r["nll"] > 0 and r["accuracy"] is None for r in result["rows"])
     # The untouched row is computed by the benchmark itself and agrees with what each run measured.
-    for name in ("fedot-s2-b0.5", "fedbiot-s2-b0.5"):
+    for name in (FEDOT, FEDBIOT):
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         assert summary["nll_base"] == pytest.approx(result["rows"][0]["nll"], rel=1e-4)
         assert summary["parties"] == 2 and summary["rounds"] == 1
     assert result["budget"]["rounds"] == 1 and result["budget"]["eval_items"] == 4
     table = (out / "accuracy.md").read_text()
-    assert "| method | adapter | beta | variant | NLL |" in table and "FedOT" in table and "Budget:" in table
+    assert "| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL" in table and "FedOT" in table
+    assert "Budget:" in table and "without the proximal term" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    first = (out / "runs" / "fedbiot-s2-b0.5" / "summary.json").stat().st_mtime_ns
+    first = (out / "runs" / FEDBIOT / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
 
     # The same command again: both runs are reused, nothing is retrained, the table is the same.
     assert main(bench_args(tiny_llama_dir, data_files, out)) == 0
     assert capsys.readouterr().err.count("finished run reused") == 2
-    assert (out / "runs" / "fedbiot-s2-b0.5" / "summary.json").stat().st_mtime_ns == first
+    assert (out / "runs" / FEDBIOT / "summary.json").stat().st_mtime_ns == first
     again = json.loads((out / "accuracy.json").read_text())
     assert [r["nll"] for r in again["rows"]] == [r["nll"] for r in result["rows"]]
 
     # Other settings in the same directory would mix results: refused with one error line.
-    assert main(bench_args(tiny_llama_dir, data_files, out, "--lr", "0.01")) == 2
+    assert main(bench_args(tiny_llama_dir, data_files, out, "--local-steps", "2")) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -75,3 +90,101 @@ def test_hold_out_is_seeded_and_disjoint(tmp_path):
     assert len(test) == 24 and len(train) == 400 - 24 and not set(train) & set(test)
     assert first.test_records == second.test_records
     assert first.public == "codealpaca"
+
+
+def grid_args(*extra):
+    return parse_args(["--out", "unused", "--methods", "untouched", "offsite", "fedot", "fedbiot", "fedavg-full",
+                       "--drop-rates", "0", "0.5", "--adapter-sizes", "2", "--kl-weights", "0", "1",
+                       "--prox-eps", "0", "0.01", "--lrs", "1e-3", "2e-3", "--seeds", "0", "1", *extra])
+
+
+def test_grid_expansion_baselines_without_prox_and_the_oracle_row():
+    args = grid_args()
+    entries = plan(args)
+    runs = [e for e in entries if e.method != "untouched"]
+    by_method = {m: [e for e in runs if e.method == m] for m in ("offsite", "fedot", "fedbiot", "fedavg-full")}
+    # 2 lrs x 2 seeds per configuration; FedBiOT at beta 0.5: 2 lambdas x 2 eps; the oracle: 2 eps, one lambda
+    assert len(by_method["fedavg-full"]) == 4 and len(by_method["offsite"]) == len(by_method["fedot"]) == 8
+    dropped = [e for e in by_method["fedbiot"] if e.drop_rate == 0.5]
+    oracle = [e for e in by_method["fedbiot"] if e.drop_rate == 0.0]
+    assert len(dropped) == 16 and len(oracle) == 8
+    assert {(e.kl_weight, e.prox_eps) for e in dropped} == {(0, 0), (0, 0.01), (1, 0), (1, 0.01)}
+    assert len({e.name for e in runs}) == len(runs)  # one run directory each
+    spec = TASKS["gsm8k"]
+    data = argparse.Namespace(train="t", test="x", public="p", val="v")
+    for method in ("offsite", "fedot", "fedavg-full"):
+        for e in by_method[method]:
+            assert e.prox_eps == 0.0 and run_config(e, args, spec, data).train.prox_eps == 0.0
+    assert {run_config(e, args, spec, data).train.prox_eps for e in dropped} == {0.0, 0.01}
+    for e in oracle:
+        assert e.label == ORACLE_LABEL and e.variants == ("adapfu",)
+        config = run_config(e, args, spec, data)
+        assert config.drop_rate == 0.0 and config.align.pre_steps == 0 and config.align.round_steps == 0
+    e = dropped[0]
+    config = run_config(e, grid_args("--align-lr", "5e-4"), spec, data)
+    assert (config.align.lr, config.align.kl_weight, config.train.lr, config.seed) == (5e-4, e.kl_weight, e.lr,
+                                                                                         e.seed)
+
+
+def test_bad_grids_are_one_clear_error():
+    with pytest.raises(SystemExit):
+        grid_args("--val-items", "0")  # several lrs cannot be chosen without a validation split
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--prox-eps", "-1"])
+
+
+def test_lr_choice_and_mean_spread_and_wilson():
+    assert choose_lrs({"a": {1e-3: [1.0, 1.2], 2e-3: [0.9, 1.0]}, "b": {1e-3: [1.0], 2e-3: [1.0]}}) == \
+        {"a": 2e-3, "b": 1e-3}
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) is None
+    base = {"method": "fedbiot", "label": "FedBiOT", "adapter": "2", "adapter_size": 2, "drop_rate": 0.2,
+            "kl_weight": 1.0, "prox_eps": 0.01, "lr": 1e-3, "variant": "adapfu"}
+    rows = [{**base, "seed": 0, "nll": 1.0, "accuracy": 0.5, "n_correct": 5, "n_acc": 10},
+            {**base, "seed": 1, "nll": 2.0, "accuracy": 0.3, "n_correct": 3, "n_acc": 10},
+            {**base, "variant": "adapemu", "seed": 0, "nll": 3.0, "accuracy": None, "n_correct": None,
+             "n_acc": None}]
+    fu, emu = aggregate(rows)
+    assert fu["nll"] == 1.5 and fu["nll_std"] == pytest.approx(0.7071, abs=1e-4) and fu["n"] == 2
+    assert fu["accuracy"] == pytest.approx(0.4) and (fu["n_correct"], fu["n_acc"]) == (8, 20)
+    assert fu["ci95"] == pytest.approx(wilson_interval(8, 20)) and fu["seeds"] == [0, 1]
+    assert emu["n"] == 1 and emu["nll_std"] == 0.0 and emu["accuracy"] is None and emu["ci95"] is None
+
+
+def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, data_files, tmp_path):
+    out = tmp_path / "grid"
+    args = bench_args(tiny_llama_dir, data_files, out, "--lrs", "1e-4", "5e-2", "--seeds", "0", "1")
+    args[args.index("--methods") + 1:args.index("--drop-rates")] = ["untouched", "fedbiot"]
+    assert main(args) == 0
+    result = json.loads((out / "accuracy.json").read_text())
+    val = (out / "data" / "val.jsonl").read_text().splitlines()
+    train = (out / "data" / "train.jsonl").read_text().splitlines()
+    test = (data_files / "test.jsonl").read_text().splitlines()
+    assert len(val) == 4 and len(train) == 12 and not set(val) & (set(train) | set(test))
+    (selection,) = result["lr_selection"]
+    chosen = selection["lr"]
+    assert selection["val_nll"][f"{chosen:g}"] == min(selection["val_nll"].values())
+    fedbiot_rows = [r for r in result["rows"] if r["method"] == "fedbiot"]
+    assert {r["lr"] for r in fedbiot_rows} == {chosen} and sorted({r["seed"] for r in fedbiot_rows}) == [0, 1]
+    assert all(r["val_nll"] is not None for r in fedbiot_rows)
+    cell = next(c for c in result["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
+    assert cell["n"] == 2 and cell["nll_std"] >= 0 and cell["seeds"] == [0, 1]
+    assert len(list((out / "evals").glob("*-val-nll.json"))) == 4  # 2 lrs x 2 seeds, cached
+    assert len(list((out / "prealigned").iterdir())) == 2  # one pre-alignment per seed, shared by both lrs
+    assert "(n=2)" in (out / "accuracy.md").read_text()
+
+
+def test_gsm8k_prompts_in_the_training_template(tiny_chat_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.gsm8k import evaluate_gsm8k
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_chat_dir), AutoTokenizer.from_pretrained(tiny_chat_dir)
+    data = [{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}]
+    result = evaluate_gsm8k(model, tok, data, batch_size=1, max_new_tokens=3, progress=False, template="auto")
+    assert result["n_shots"] == 0 and result["prompt"] == "training template (chat)" and result["n"] == 1
+    raw = evaluate_gsm8k(model, tok, data, n_shots=1, batch_size=1, max_new_tokens=3, progress=False)
+    assert raw["prompt"] == "1-shot text"
