@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +61,19 @@ def refusal_monitor(sock: zmq.Socket) -> zmq.Socket:
     return sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-def run_id_for(out_dir: Path, seed: int) -> str:
-    return "run-" + hashlib.sha256(f"{Path(out_dir).resolve()}|{seed}".encode()).hexdigest()[:16]
+def run_id_for(out_dir: Path) -> str:
+    """The run's id (the secure-aggregation session, what parties' ledgers are keyed by): drawn at random when
+    the run starts and kept in OUT/run-id, so `--resume` continues the same run and a new run in the same
+    directory is a new run to every party."""
+    path = Path(out_dir) / "run-id"
+    if path.is_file():
+        run_id = path.read_text().strip()
+        if run_id.startswith("run-") and len(run_id) == 36 and all(c in "0123456789abcdef" for c in run_id[4:]):
+            return run_id
+        raise ConfigError(f"{path} is damaged: expected run- and 32 hex digits")
+    run_id = "run-" + secrets.token_hex(16)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
@@ -99,7 +110,7 @@ def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
             driver: RoundDriver | None = None
             links = OwnerLinks(sock, allowlist, archive, log, welcome=lambda: driver.welcome(),
                                party_timeout=opts.party_timeout, monitor=monitor)
-            driver = RoundDriver(session, config, links, log, run_id=run_id_for(out_dir, config.seed),
+            driver = RoundDriver(session, config, links, log, run_id=run_id_for(out_dir),
                                  min_parties=min_parties, join_timeout=opts.join_timeout,
                                  round_timeout=opts.round_timeout, party_timeout=opts.party_timeout)
         summary = driver.run()
