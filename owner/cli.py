@@ -204,13 +204,13 @@ def plan_main(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> int:
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)  # before any library is imported: some talk on import
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
-    from console.terminal import quiet_import_noise  # noqa: PLC0415
-
-    quiet_import_noise(argv)
     from console.config_file import parse_with_config  # noqa: PLC0415
     from owner.config import flags_from_config  # noqa: PLC0415
 

@@ -82,10 +82,10 @@ class OwnerSession:
     @staticmethod
     def load_inputs(config: RunConfig, log: MetricsLog) -> tuple[LoadedModel, OwnerData]:
         """Everything that can fail on bad input, before anything is written: data, model, compression."""
+        hardware = config.hardware()  # an unusable --device/--dtype is one error line, before any output
         data = OwnerData.load(config)
-        log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'}")
-        hardware = config.hardware()
-        log.say(f"owner hardware: {hardware.describe()}")
+        log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'} on "
+                f"{hardware.describe()}")
         base = load_model(config.model, dtype=hardware.dtype, placement=config.placement())
         n_layers = len(decoder_layers(base.model))
         bottom, top = config.adapter_layout(n_layers)
