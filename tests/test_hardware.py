@@ -4,6 +4,7 @@ half-precision or quantised parties that train float32 LoRA and return float32 u
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pytest
 import torch
@@ -106,3 +107,9 @@ def test_a_quantised_party_trains(compressed_dir, quantize):
     before, update = _train(party)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in update.adapter_state.values())
     assert any(not torch.equal(before[n], update.adapter_state[n]) for n in before)
+
+
+def test_a_missing_quantisation_backend_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'fedbiot\[quantize\]'"):
+        quantization_config("nf4", Hardware(CPU, torch.float32))
