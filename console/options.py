@@ -46,14 +46,10 @@ def add_hardware_options(p: argparse.ArgumentParser) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace, dp: bool = False):
-    """The resolved Hardware; DP-SGD (Opacus' per-sample gradients) keeps float32 unless told otherwise."""
-    from errors import ConfigError  # noqa: PLC0415
+    """The resolved Hardware (DP-SGD keeps float32: `learning.hardware.dp_dtype`)."""
     from learning.hardware import resolve_hardware  # noqa: PLC0415
 
-    dtype = getattr(args, "dtype", "auto")
-    if dp and dtype in ("bfloat16", "float16"):
-        raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
-    return resolve_hardware(getattr(args, "device", "auto"), "float32" if dp and dtype == "auto" else dtype)
+    return resolve_hardware(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"), dp=dp)
 
 
 def add_terminal_options(p: argparse.ArgumentParser) -> None:

@@ -65,9 +65,19 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
-def resolve_hardware(device: str | None, dtype: str | None) -> Hardware:
+def dp_dtype(dtype: str | None, dp: bool) -> str | None:
+    """The dtype a DP-SGD run may use: Opacus' per-sample gradients need float32 weights, so `auto` becomes
+    float32 and an explicit half precision is refused. Without DP, `dtype` as given."""
+    if not dp:
+        return dtype
+    if dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
+    return "float32" if (dtype or "auto") == "auto" else dtype
+
+
+def resolve_hardware(device: str | None, dtype: str | None, dp: bool = False) -> Hardware:
     resolved = resolve_device(device)
-    return Hardware(resolved, resolve_dtype(dtype, resolved))
+    return Hardware(resolved, resolve_dtype(dp_dtype(dtype, dp), resolved))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

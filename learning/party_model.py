@@ -37,10 +37,9 @@ def quantization_config(quantize: str | None, hardware: Hardware):
         raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install 'fedbiot[quantize]'") from None
     from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
-    compute = hardware.dtype if hardware.dtype != torch.float32 else torch.float32
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=hardware.dtype)
 
 
 @dataclass

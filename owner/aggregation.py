@@ -46,6 +46,19 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]], n_examples: Sequence[in
     }
 
 
+def plain_fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[int],
+                 sent: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A plain round's FedAvg, clipped as a masked round is; returns the new state and the round's aggregate
+    figures (`aggregate_figures` of a masked round)."""
+    states, clipped = clip_updates(states, sent)
+    return fedavg(states, weights), {"clipped_fraction": clipped, "examples": int(sum(weights))}
+
+
+def aggregate_figures(result: ServerResult) -> dict:
+    """What a masked round lets the owner record: the clipped fraction and the examples in the sum."""
+    return {"clipped_fraction": result.clipped_fraction, "examples": int(result.total_weight)}
+
+
 def secure_mean(result: ServerResult, sent: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FedAvg out of masked aggregation: the state the owner sent plus the weighted mean of the deltas
     (`ServerResult.mean()`), the only thing the owner learns."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from errors import ConfigError
 from learning.dp import DPSettings
+from learning.hardware import dp_dtype
 from learning.lora import LoraSettings
 from learning.run_settings import PartyRunSettings
 from learning.training import TrainSettings
@@ -79,8 +80,7 @@ class RunConfig:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8")
-        if self.dp is not None and self.dtype in ("bfloat16", "float16"):
-            raise ConfigError(f"--dtype {self.dtype} with DP-SGD: per-sample gradients need float32 weights")
+        dp_dtype(self.dtype, self.dp is not None)  # refused before anything loads
         if self.quantize not in (None, "int8", "nf4"):
             raise ConfigError(f"--quantize must be int8 or nf4, not {self.quantize!r}")
         if self.secagg_graph not in ("complete", "sparse"):
@@ -97,8 +97,7 @@ class RunConfig:
         """The resolved device and dtype of the frozen weights (`learning.hardware.Hardware`)."""
         from learning.hardware import resolve_hardware  # noqa: PLC0415
 
-        dtype = "float32" if self.dp is not None and self.dtype == "auto" else self.dtype  # DP-SGD: float32
-        return resolve_hardware(self.device, dtype)
+        return resolve_hardware(self.device, self.dtype, dp=self.dp is not None)
 
     def placement(self):
         """The full model's accelerate placement (`owner.models.Placement`), or None for a plain load."""

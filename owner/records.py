@@ -58,9 +58,11 @@ def privacy_reports(stats: Mapping[str, dict]) -> dict[str, dict]:
 
 
 def run_totals(history: Sequence[dict], secure_agg: bool) -> dict:
-    """The run-wide figures summary.json adds to the session's own."""
+    """The run-wide figures summary.json adds to the session's own; `party_examples` is the examples in the
+    last aggregate (a masked round reveals only that total)."""
     return {"mb_down_total": sum(h.get("mb_down", 0.0) for h in history),
-            "mb_up_total": sum(h.get("mb_up", 0.0) for h in history), "secure_agg": secure_agg}
+            "mb_up_total": sum(h.get("mb_up", 0.0) for h in history), "secure_agg": secure_agg,
+            "party_examples": next((h["examples"] for h in reversed(history) if "examples" in h), 0)}
 
 
 def clean_stats(raw: object) -> tuple[dict, list[str]]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from learning.secure_update import secagg_config
-from owner.aggregation import clip_updates, fedavg, secure_mean
+from owner.aggregation import aggregate_figures, plain_fedavg, secure_mean
 from owner.config import RunConfig
 from owner.links import OwnerLinks, RoundAborted
 from owner.metrics import MetricsLog, megabytes
@@ -98,7 +98,6 @@ class RoundDriver:
             self.run_round(participants)
         return self.session.finish({
             **run_totals(self.session.history, self.config.secure_agg),
-            "party_examples": next((h["examples"] for h in reversed(self.session.history) if "examples" in h), 0),
             "rejected_messages": self.links.rejected, "refused_connections": self.links.refused_connections,
             **({"dp": dict(sorted(self.privacy.items()))} if self.privacy else {}),
         })
@@ -222,9 +221,8 @@ class RoundDriver:
         states = [{k: torch.from_numpy(np.array(v)) for k, v in updates[n].tensors.items()} for n in names]
         weights = {n: updates[n]["n_examples"] for n in names}
         sent, _ = self.session.payload()
-        states, clipped = clip_updates(states, sent)
-        return (fedavg(states, [weights[n] for n in names]), {n: updates[n]["stats"] for n in names}, weights,
-                {"clipped_fraction": clipped, "examples": sum(weights.values())})
+        new_adapter, figures = plain_fedavg(states, [weights[n] for n in names], sent)
+        return new_adapter, {n: updates[n]["stats"] for n in names}, weights, figures
 
     def secure_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict, dict]:
         """Masked aggregation: the owner relays keys and shares and learns only the weighted sum."""
@@ -272,7 +270,7 @@ class RoundDriver:
         included = sorted(names_by_id[i] for i in result.included)
         # Per-party statistics only from parties that chose to share them (party --share-stats).
         weights = {n: self.links.links[n].n_examples if n in self.links.links else 1 for n in included}
-        extra = {"clipped_fraction": result.clipped_fraction, "examples": int(result.total_weight)}
+        extra = aggregate_figures(result)
         if result.bad_shares:
             extra["bad_shares"] = sorted({names_by_id.get(holder, str(holder)) for holder, _, _ in result.bad_shares})
         return secure_mean(result, sent), {n: stats.get(n, {}) for n in included}, weights, extra

@@ -21,7 +21,7 @@ from learning.party_model import PartyModel
 from learning.secure_update import secagg_config
 from learning.seeds import derive_seed
 from learning.training import PartyTrainer, PartyUpdate
-from owner.aggregation import clip_updates, fedavg, secure_fedavg
+from owner.aggregation import aggregate_figures, plain_fedavg, secure_fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.records import round_lines, round_record, run_totals
@@ -86,14 +86,12 @@ def aggregate_updates(updates: Sequence[PartyUpdate], sent_adapter: dict, config
     """Combine the parties' adapters: plain FedAvg, or FedAvg inside masked secure aggregation."""
     weights = [u.n_examples for u in updates]
     if not config.secure_agg:
-        states, clipped = clip_updates([u.adapter_state for u in updates], sent_adapter)
-        return fedavg(states, weights), {"clipped_fraction": clipped, "examples": sum(weights)}
+        return plain_fedavg([u.adapter_state for u in updates], weights, sent_adapter)
     new_adapter, result = secure_fedavg(updates, sent_adapter, secagg_config(weights, config.seed,
                                                                              config.secagg_graph),
                                         round_idx, config.seed)
     return new_adapter, {
-        "bytes_up": int(sum(result.party_sent)), "clipped_fraction": result.clipped_fraction,
-        "examples": int(result.total_weight),
+        "bytes_up": int(sum(result.party_sent)), **aggregate_figures(result),
         "secagg": {"ring_bits": result.ring_bits, "party_cpu_s": max(result.party_cpu_s),
                    "owner_cpu_s": result.server_cpu_s, "owner_bytes_sent": result.server_sent},
     }
@@ -166,6 +164,6 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
         for line in round_lines(session.round, config.rounds, record):
             log.say(line)
     return session.finish({
-        **run_totals(session.history, config.secure_agg), "party_examples": sum(t.n_examples for t in trainers),
+        **run_totals(session.history, config.secure_agg),
         **({"dp": dp_report(trainers)} if config.dp is not None else {}),
     })

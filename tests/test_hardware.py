@@ -11,11 +11,13 @@ import torch
 
 from console.options import add_hardware_options, hardware_from_args
 from errors import ConfigError
+from learning.dp import DPSettings
 from learning.hardware import Hardware, resolve_device, resolve_dtype, resolve_hardware
 from learning.lora import LoraSettings, lora_state
 from learning.party_model import PartyModel, quantization_config
 from learning.training import TrainSettings
 from owner.compress import compress, save_compressed
+from owner.config import RunConfig
 from tasks.datasets import Example
 from tests.tiny_models import byte_tokenizer, tiny_model
 
@@ -53,6 +55,10 @@ def test_dp_keeps_float32_unless_told_otherwise():
     assert hardware_from_args(p.parse_args(["--device", "cpu"]), dp=True).dtype == torch.float32
     with pytest.raises(ConfigError, match="DP-SGD"):
         hardware_from_args(p.parse_args(["--device", "cpu", "--dtype", "bfloat16"]), dp=True)
+    dp = DPSettings(noise_multiplier=1.0)  # the owner's simulated parties: the same rule
+    assert RunConfig(device="cpu", dp=dp).hardware().dtype == torch.float32
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        RunConfig(dtype="float16", dp=dp)
 
 
 def test_unknown_quantisation_is_refused():
