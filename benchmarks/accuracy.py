@@ -4,7 +4,8 @@
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
         [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
         [--lrs 5e-4 1e-3 2e-3] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR] [--seeds 0 1 2]
-        [--val-items 64] [--gsm8k-prompt template|fewshot] ...
+        [--val-items 64] [--search coordinate|grid] [--tune-sizes 4] [--dtype bfloat16]
+        [--gsm8k-prompt template|fewshot] [--acc-seeds 0] ...
 
 Every configuration (method x drop rate x adapter size) is an ordinary in-process run (`run_simulation`) in
 DIR/runs/<name>/; a run whose summary.json exists is reused, an interrupted one resumes from its last round,
@@ -19,12 +20,15 @@ FedAvg-LoRA on the full model has no emulator, so its AdapEmu is its AdapFu and 
 
 A fair protocol: every varied hyperparameter is an option. FedBiOT runs over `--kl-weights` (lambda) x
 `--prox-eps`; the baselines (Offsite-tuning, FedOT, FedAvg-LoRA) train without FedBiOT's proximal term
-(eps 0) and align, where they do, with the first lambda. The party lr is chosen per method configuration out of
-`--lrs` by the AdapFu NLL on a validation split (`--val-items` training items held out, never test items);
-every configuration runs for each of `--seeds` (runs that differ only in what parties do share one pre-aligned
-emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a
-95% Wilson interval of the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every
-lower layer (nothing to align), so AdapEmu = AdapFu = a last-s LoRA trained on the full model.
+(eps 0) and align, where they do, with the first lambda. Settings are tuned on the first seed: per method, adapter
+size and drop rate (a "group"), the party lr out of `--lrs` and FedBiOT's (lambda, eps) are chosen by the AdapFu
+NLL on a validation split (`--val-items` training items held out, never test items): `--search coordinate` tries
+every lr at the first (lambda, eps), then the other (lambda, eps) at the best lr; `--search grid` tries them all.
+FedBiOT sizes outside `--tune-sizes` take the setting chosen for the first tuned size at the same drop rate. The
+chosen setting of every group then runs for each of `--seeds` (runs that share a pre-alignment share one cached
+emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a 95% Wilson interval of
+the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every lower layer (nothing to
+align), so AdapEmu = AdapFu = a last-s LoRA trained on the full model.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.reports import write_report
@@ -96,12 +100,18 @@ class Entry:
         return ORACLE_LABEL if self.oracle else METHOD_LABELS[self.method]
 
     @property
+    def group(self) -> str:
+        """What one setting is chosen for: the method at one adapter size and drop rate."""
+        if self.method in ("untouched", "fedavg-full"):
+            return self.method
+        return f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+
+    @property
     def cell(self) -> str:
         """The method configuration without lr and seed: what the lr is chosen for and seeds are pooled over."""
         if self.method == "untouched":
             return self.method
-        name = self.method if self.method == "fedavg-full" else \
-            f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+        name = self.group
         if self.method == "fedbiot":
             name += f"-kl{self.kl_weight:g}"
         return name + f"-eps{self.prox_eps:g}"
@@ -173,7 +183,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="run seeds (default: --seed)")
     g.add_argument("--seed", type=int, default=0, help="a single seed (when --seeds is not given)")
     g.add_argument("--val-items", type=int, default=64,
-                   help="training items held out as the validation split that chooses the lr")
+                   help="training items held out as the validation split that chooses the settings")
+    g.add_argument("--search", choices=["coordinate", "grid"], default="coordinate",
+                   help="tuning on the first seed: every lr at the first (lambda, eps), then the other (lambda, eps) "
+                        "at the best lr (coordinate); or every combination (grid)")
+    g.add_argument("--oracle-sizes", nargs="+", type=int, default=None,
+                   help="FedBiOT adapter sizes of the oracle row (drop rate 0; default: --adapter-sizes)")
+    g.add_argument("--tune-sizes", nargs="+", type=int, default=None,
+                   help="FedBiOT adapter sizes tuned (default: all); the others take the setting chosen for the "
+                        "first of these at the same drop rate")
+    g.add_argument("--dtype", default="float32",
+                   help="the runs' frozen weights: float32 | bfloat16 | float16 | auto (scores load in float32)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     g = p.add_argument_group("evaluation")
@@ -181,6 +201,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--acc-items", "--gsm8k-items", dest="acc_items", type=int, default=20,
                    help="test items for the accuracy (GSM8K questions / HumanEval problems)")
     g.add_argument("--no-accuracy", action="store_true", help="NLL only")
+    g.add_argument("--acc-seeds", nargs="+", type=int, default=None,
+                   help="seeds whose adapters get the (slow) accuracy evaluation (default: all)")
+    g.add_argument("--acc-variants", nargs="+", choices=["adapemu", "adapfu"], default=["adapemu", "adapfu"],
+                   help="variants that get the accuracy evaluation (the untouched model always does)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (GSM8K 200, HumanEval 384)")
     g.add_argument("--gen-batch-size", type=int, default=10, help="sequences generated together")
     g.add_argument("--gsm8k-prompt", choices=["template", "fewshot"], default="template",
@@ -200,8 +224,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--lrs/--lr and --align-lr must be > 0")
     if any(v < 0 for v in args.kl_weights + args.prox_eps):
         p.error("--kl-weights and --prox-eps must be >= 0")
-    if args.val_items < 0 or (args.val_items == 0 and len(args.lrs) > 1):
-        p.error("--val-items must be >= 0, and at least 1 to choose among several --lrs")
+    several = len(args.lrs) > 1 or len(args.kl_weights) > 1 or len(args.prox_eps) > 1
+    if args.val_items < 0 or (args.val_items == 0 and several):
+        p.error("--val-items must be >= 0, and at least 1 to choose among several --lrs/--kl-weights/--prox-eps")
+    args.tune_sizes = list(dict.fromkeys(args.tune_sizes or args.adapter_sizes))
+    if not set(args.tune_sizes) <= set(args.adapter_sizes):
+        p.error("--tune-sizes must be among --adapter-sizes")
+    args.acc_seeds = args.seeds if args.acc_seeds is None else args.acc_seeds
     numbers = {"--rounds": args.rounds, "--local-steps": args.local_steps, "--batch-size": args.batch_size,
                "--eval-items": args.eval_items, "--acc-items": args.acc_items,
                "--gen-batch-size": args.gen_batch_size, "--baseline-adapter-size": args.baseline_adapter_size,
@@ -218,8 +247,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ plan
 
 def plan(args: argparse.Namespace) -> list[Entry]:
-    """The grid, each configuration x `--lrs` x `--seeds`: untouched once; Offsite/FedOT per drop rate; FedBiOT
-    per drop rate x s x lambda x eps (the oracle, drop rate 0, with the first lambda: it has nothing to align);
+    """The method configurations, without lr and seed: untouched once; Offsite/FedOT per drop rate; FedBiOT per
+    drop rate x s x lambda x eps (the oracle, drop rate 0, with the first lambda: it has nothing to align);
     FedAvg-LoRA once. Baselines: eps 0, lambda = the first of `--kl-weights`."""
     variants = tuple(v for v in ("adapemu", "adapfu") if v in args.variants)
     configs: list[Entry] = []
@@ -233,21 +262,43 @@ def plan(args: argparse.Namespace) -> list[Entry]:
                         for beta in args.drop_rates]
         else:
             for beta in args.drop_rates:
-                for s in args.adapter_sizes:
+                for s in (args.oracle_sizes or args.adapter_sizes) if beta == 0.0 else args.adapter_sizes:
                     if beta == 0.0:
                         configs += [Entry(method, s, beta, ("adapfu",), args.kl_weights[0], eps)
                                     for eps in args.prox_eps]
                     else:
                         configs += [Entry(method, s, beta, variants, kl, eps)
                                     for kl in args.kl_weights for eps in args.prox_eps]
-    entries: list[Entry] = []
+    return configs
+
+
+def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[str, list[Entry]], dict[str, str]]:
+    """The trained configurations by group, and for each FedBiOT group outside `--tune-sizes` the tuned group whose
+    setting it takes (the first tuned size at the same drop rate)."""
+    groups: dict[str, list[Entry]] = {}
     for c in configs:
-        if c.method == "untouched":
-            entries.append(c)
-            continue
-        entries += [Entry(c.method, c.adapter_size, c.drop_rate, c.variants, c.kl_weight, c.prox_eps, lr, seed)
-                    for lr in args.lrs for seed in args.seeds]
-    return entries
+        if c.method != "untouched":
+            groups.setdefault(c.group, []).append(c)
+    follows = {}
+    for name, members in groups.items():
+        c = members[0]
+        if c.method == "fedbiot" and c.adapter_size not in args.tune_sizes and \
+                any(m.group == replace(c, adapter_size=args.tune_sizes[0]).group for m in configs):
+            follows[name] = replace(c, adapter_size=args.tune_sizes[0]).group
+    return groups, follows
+
+
+def tune(members: Sequence[Entry], args: argparse.Namespace, score) -> Entry:
+    """The group's setting chosen on the first seed: the lowest `score` (validation NLL; ties: the smaller lr).
+    Coordinate search: every lr at the first configuration, then the other configurations at the best lr."""
+    seed = args.seeds[0]
+    candidates = [replace(c, lr=lr, seed=seed) for c in members for lr in args.lrs]
+    if len(candidates) == 1:
+        return candidates[0]
+    if args.search == "grid":
+        return min(candidates, key=lambda e: (score(e), e.lr))
+    best = min((replace(members[0], lr=lr, seed=seed) for lr in args.lrs), key=lambda e: (score(e), e.lr))
+    return min([best, *(replace(c, lr=best.lr, seed=seed) for c in members[1:])], key=score)
 
 
 @dataclass(frozen=True)
@@ -326,14 +377,20 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
         align=AlignSettings(pre_steps=args.align_pre_steps if aligned else 0,
                             round_steps=args.align_steps if aligned else 0, lr=args.align_lr,
                             kl_weight=args.kl_weights[0] if entry.kl_weight is None else entry.kl_weight),
-        prealign_cache=getattr(args, "prealign_cache", None),
+        prealign_cache=getattr(args, "prealign_cache", None), dtype=getattr(args, "dtype", "float32"),
     )
 
 
 # ------------------------------------------------------------------------------------------------ runs
 
 def _comparable(config_dict: dict) -> dict:
-    return json.loads(json.dumps(config_dict))
+    """The settings that decide a run's result: an emulator never aligned (the oracle) ignores how it would be."""
+    data = json.loads(json.dumps(config_dict))
+    align = data.get("align") or {}
+    if align.get("pre_steps") == 0 and align.get("round_steps") == 0:
+        for key in ("lr", "kl_weight", "betas", "max_grad_norm", "batch_size"):
+            align.pop(key, None)
+    return data
 
 
 def ensure_run(config, run_dir: Path, say: Progress, quiet: bool = False) -> dict:
@@ -420,11 +477,6 @@ def adapter_nll(adapter_dir: Path, source: str, config) -> float:
     model, tokenizer = load_for_eval(adapter_dir, config.model)
     tokens = tokenize_examples(load_examples(source), tokenizer, config.max_length, config.template)
     return mean_response_nll(model, tokens, pad_id_of(tokenizer))
-
-
-def choose_lrs(val_nll: dict[str, dict[float, list[float]]]) -> dict[str, float]:
-    """Per configuration (cell), the lr with the lowest mean validation NLL over seeds (ties: the smaller lr)."""
-    return {cell: min(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), lr)) for cell, by_lr in val_nll.items()}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
@@ -522,15 +574,26 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c['label']} | {c['adapter']} | {_fmt(c['drop_rate'], 1)} | {_g(c['kl_weight'])} | "
                      f"{_g(c['prox_eps'])} | {_g(c['lr'])} | {VARIANT_LABELS[c['variant']]} | "
                      f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {accuracy} |")
+    if result.get("tuning"):
+        lines += ["", "Tuning on the first seed (validation NLL of AdapFu; the test NLL beside it is not used to "
+                  "choose):", "", "| group | lambda | eps | lr | validation NLL | test NLL AdapFu |",
+                  "|---|---|---|---|---|---|"]
+        order = sorted(result["tuning"], key=lambda t: (t["group"], t["kl_weight"] or 0, t["prox_eps"] or 0, t["lr"]))
+        for t in order:
+            lines.append(f"| {t['group']} | {_g(t['kl_weight'])} | {_g(t['prox_eps'])} | {t['lr']:g} | "
+                         f"{t['val_nll']:.4f} | {t['nll_adapfu']:.4f} |")
     parties = ", ".join(f"{METHOD_LABELS[m]} {n}" for m, n in b["parties"].items())
     lines += [
         "",
         "Budget: " + (
             f"{b['train_examples']} training examples ({b['train_data']}) split {b['split']} over the parties "
             f"({parties}); {b['rounds']} rounds of {b['local_steps']} local steps x batch {b['batch_size']} per "
-            f"party (lr chosen per configuration out of {', '.join(f'{v:g}' for v in b['lrs'])} by the AdapFu NLL "
-            f"on {b['val_items']} held-out training items, LoRA r{b['lora_r']}, max {b['max_length']} tokens; "
-            f"seeds {', '.join(str(s) for s in b['seeds'])}); the owner aligns the "
+            f"party (LoRA r{b['lora_r']}, max {b['max_length']} tokens, frozen weights in {b['dtype']}); per group "
+            f"the party lr out of {', '.join(f'{v:g}' for v in b['lrs'])} and FedBiOT's lambda out of "
+            f"{', '.join(f'{v:g}' for v in b['kl_weights'])} and eps out of "
+            f"{', '.join(f'{v:g}' for v in b['prox_eps'])} "
+            f"chosen ({b['search']} search) on seed {b['seeds'][0]} by the AdapFu NLL on {b['val_items']} held-out "
+            f"training items, then seeds {', '.join(str(s) for s in b['seeds'])} at the choice; the owner aligns the "
             f"emulator on {b['public_examples']} public examples ({b['public_data']}) at lr {b['align_lr']:g}: "
             f"{b['align_pre_steps']} steps before round 1 (every method with an emulator), then "
             f"{b['align_steps']} after every round (FedBiOT only). Baselines train without the proximal term."),
@@ -605,41 +668,64 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     do_accuracy = spec.metric is not None and not args.no_accuracy
     data = prepare_data(spec, args, out / "data")
     args.prealign_cache = str((out / "prealigned").resolve())  # runs differing only in lr or eps pre-align once
-    entries = plan(args)
-    say(f"task {args.task}: {len(entries)} configurations "
-        f"({', '.join(e.name for e in entries)}); variants {', '.join(args.variants)}")
+    configs = plan(args)
+    groups, follows = groups_of(configs, args)
+    say(f"task {args.task}: {len(groups)} groups ({', '.join(groups)}), tuned on seed {args.seeds[0]} over lrs "
+        f"{', '.join(f'{v:g}' for v in args.lrs)} ({args.search} search), then seeds "
+        f"{', '.join(str(v) for v in args.seeds)}; variants {', '.join(args.variants)}")
 
     summaries: dict[str, dict] = {}
-    runs = [e for e in entries if e.method != "untouched"]
-    for i, entry in enumerate(runs):
-        say(f"run {i + 1}/{len(runs)}: {entry.name}")
-        summaries[entry.name] = ensure_run(run_config(entry, args, spec, data), out / "runs" / entry.name, say)
-
-    # The lr of each configuration: the lowest mean AdapFu NLL on the validation split (never the test items).
-    val_nll: dict[str, dict[float, list[float]]] = {}
     val_of: dict[str, float] = {}
-    if len(args.lrs) > 1:
-        for entry in runs:
-            config = run_config(entry, args, spec, data)
+    tuning: list[dict] = []
 
-            def validate(entry=entry, config=config) -> dict:
-                say(f"{entry.name}: AdapFu NLL on {args.val_items} validation items")
-                return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
-            val_of[entry.name] = cached(out / "evals" / f"{entry.name}-val-nll.json",
-                                        {"val": data.val, "max_length": args.max_length}, validate)["nll"]
-            val_nll.setdefault(entry.cell, {}).setdefault(entry.lr, []).append(val_of[entry.name])
-    chosen = choose_lrs(val_nll) if val_nll else {e.cell: args.lrs[0] for e in runs}
-    for cell, lr in chosen.items():
-        if len(args.lrs) > 1:
-            scores_text = ", ".join(f"{v:g}: {sum(n) / len(n):.4f}" for v, n in sorted(val_nll[cell].items()))
-            say(f"{cell}: lr {lr:g} chosen on validation (mean AdapFu NLL {scores_text})")
+    def run(entry: Entry) -> dict:
+        if entry.name not in summaries:
+            say(f"run {len(summaries) + 1}: {entry.name}")
+            summaries[entry.name] = ensure_run(run_config(entry, args, spec, data), out / "runs" / entry.name, say)
+        return summaries[entry.name]
+
+    def score(entry: Entry) -> float:
+        """The validation NLL of the entry's AdapFu (training it first if needed), cached in DIR/evals/."""
+        if entry.name in val_of:
+            return val_of[entry.name]
+        summary = run(entry)
+        config = run_config(entry, args, spec, data)
+
+        def validate() -> dict:
+            say(f"{entry.name}: AdapFu NLL on {args.val_items} validation items")
+            return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
+        val_of[entry.name] = cached(out / "evals" / f"{entry.name}-val-nll.json",
+                                    {"val": data.val, "max_length": args.max_length}, validate)["nll"]
+        tuning.append({"group": entry.group, "cell": entry.cell, "kl_weight": entry.kl_weight,
+                       "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed, "val_nll": val_of[entry.name],
+                       "nll_adapfu": summary["nll_adapfu"], "nll_adapemu": summary["nll_adapemu"]})
+        return val_of[entry.name]
+
+    # Tuning on the first seed (groups that follow another are tuned after it), then every seed at the choice.
+    chosen: dict[str, Entry] = {}
+    for name in sorted(groups, key=lambda g: g in follows):
+        if name in follows:
+            leader = chosen[follows[name]]
+            same = [c for c in groups[name] if (c.kl_weight, c.prox_eps) == (leader.kl_weight, leader.prox_eps)]
+            member = (same or groups[name])[0]
+            chosen[name] = replace(member, lr=leader.lr, seed=args.seeds[0])
+            say(f"{name}: takes {follows[name]}'s setting (lambda {_g(member.kl_weight)}, eps "
+                f"{_g(member.prox_eps)}, lr {leader.lr:g})")
+            continue
+        chosen[name] = tune(groups[name], args, score)
+        c = chosen[name]
+        say(f"{name}: lambda {_g(c.kl_weight)}, eps {_g(c.prox_eps)}, lr {c.lr:g} chosen"
+            + (f" on validation (NLL {val_of[c.name]:.4f})" if c.name in val_of else ""))
+    entries = [e for e in configs if e.method == "untouched"]
+    entries += [replace(c, seed=seed) for c in chosen.values() for seed in args.seeds]
+    for entry in entries:
+        if entry.method != "untouched":
+            run(entry)
 
     reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
     rows: list[dict] = []
     eval_seconds = 0.0
     for entry in entries:
-        if entry.method != "untouched" and entry.lr != chosen[entry.cell]:
-            continue
         for variant in entry.variants:
             key = f"{entry.name}-{variant}"
             if entry.method == "untouched":
@@ -653,7 +739,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 adapter_dir = out / "runs" / entry.name / variant
                 nll = summaries[entry.name][f"nll_{variant}"]
             scores: dict = {}
-            if do_accuracy:
+            wanted = entry.method == "untouched" or (entry.seed in args.acc_seeds and variant in args.acc_variants)
+            if do_accuracy and wanted:
                 def compute(adapter_dir=adapter_dir, key=key) -> dict:
                     how = "the untouched model" if adapter_dir is None else "the adapter with transformers + peft"
                     say(f"{key}: loading {how}, then {spec.metric_label} on {args.acc_items} items")
@@ -684,8 +771,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     train_examples = len(load_examples(data.train, limit=args.party_limit))
     public_examples = len(load_examples(data.public, limit=args.public_limit))
     parties = {}
-    for entry in runs:
-        parties[entry.method] = summaries[entry.name]["parties"]
+    for entry in entries:
+        if entry.method != "untouched":
+            parties[entry.method] = summaries[entry.name]["parties"]
     result = {
         "task": args.task,
         "command": "python -m benchmarks.accuracy " + " ".join(argv),
@@ -697,6 +785,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "public_data": data.public, "train_examples": train_examples, "public_examples": public_examples,
             "split": spec.split, "parties": parties, "rounds": args.rounds, "local_steps": args.local_steps,
             "batch_size": args.batch_size, "lrs": args.lrs, "val_items": args.val_items, "seeds": args.seeds,
+            "search": args.search, "tune_sizes": args.tune_sizes, "dtype": args.dtype,
             "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
             "align_lr": args.align_lr, "lora_r": reference.lora.r,
             "max_length": args.max_length, "align_pre_steps": args.align_pre_steps,
@@ -705,9 +794,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "prompt": ("8-shot chain-of-thought text" if args.gsm8k_prompt == "fewshot" else
                        "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
         },
-        "lr_selection": [{"cell": cell, "lr": lr, "val_nll": {f"{v:g}": sum(n) / len(n)
-                                                                 for v, n in sorted(val_nll.get(cell, {}).items())}}
-                         for cell, lr in chosen.items()],
+        "selection": [{"group": name, "lr": c.lr, "kl_weight": c.kl_weight, "prox_eps": c.prox_eps,
+                       "follows": follows.get(name)} for name, c in chosen.items()],
+        "tuning": tuning,
         "cells": cells,
         "rows": rows,
         "run_seconds": round(sum(s.get("seconds", 0.0) for s in summaries.values()), 1),
@@ -726,6 +815,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
     args = parse_args(argv)
     try:
         benchmark(args, argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -12,12 +13,13 @@ from benchmarks.accuracy import (
     ORACLE_LABEL,
     TASKS,
     aggregate,
-    choose_lrs,
+    groups_of,
     main,
     parse_args,
     plan,
     prepare_data,
     run_config,
+    tune,
     wilson_interval,
 )
 
@@ -100,16 +102,16 @@ def grid_args(*extra):
 
 def test_grid_expansion_baselines_without_prox_and_the_oracle_row():
     args = grid_args()
-    entries = plan(args)
-    runs = [e for e in entries if e.method != "untouched"]
+    runs = [e for e in plan(args) if e.method != "untouched"]
+    assert all(e.lr is None and e.seed is None for e in runs)  # settings are chosen later, per group
     by_method = {m: [e for e in runs if e.method == m] for m in ("offsite", "fedot", "fedbiot", "fedavg-full")}
-    # 2 lrs x 2 seeds per configuration; FedBiOT at beta 0.5: 2 lambdas x 2 eps; the oracle: 2 eps, one lambda
-    assert len(by_method["fedavg-full"]) == 4 and len(by_method["offsite"]) == len(by_method["fedot"]) == 8
+    # FedBiOT at beta 0.5: 2 lambdas x 2 eps; the oracle: 2 eps, one lambda; the baselines: one per drop rate
+    assert len(by_method["fedavg-full"]) == 1 and len(by_method["offsite"]) == len(by_method["fedot"]) == 2
     dropped = [e for e in by_method["fedbiot"] if e.drop_rate == 0.5]
     oracle = [e for e in by_method["fedbiot"] if e.drop_rate == 0.0]
-    assert len(dropped) == 16 and len(oracle) == 8
+    assert len(dropped) == 4 and len(oracle) == 2
     assert {(e.kl_weight, e.prox_eps) for e in dropped} == {(0, 0), (0, 0.01), (1, 0), (1, 0.01)}
-    assert len({e.name for e in runs}) == len(runs)  # one run directory each
+    assert len({e.cell for e in runs}) == len(runs)  # one configuration each
     spec = TASKS["gsm8k"]
     data = argparse.Namespace(train="t", test="x", public="p", val="v")
     for method in ("offsite", "fedot", "fedavg-full"):
@@ -120,10 +122,39 @@ def test_grid_expansion_baselines_without_prox_and_the_oracle_row():
         assert e.label == ORACLE_LABEL and e.variants == ("adapfu",)
         config = run_config(e, args, spec, data)
         assert config.drop_rate == 0.0 and config.align.pre_steps == 0 and config.align.round_steps == 0
-    e = dropped[0]
-    config = run_config(e, grid_args("--align-lr", "5e-4"), spec, data)
-    assert (config.align.lr, config.align.kl_weight, config.train.lr, config.seed) == (5e-4, e.kl_weight, e.lr,
-                                                                                         e.seed)
+    e = replace(dropped[0], lr=2e-3, seed=1)
+    config = run_config(e, grid_args("--align-lr", "5e-4", "--dtype", "bfloat16"), spec, data)
+    assert (config.align.lr, config.align.kl_weight, config.train.lr, config.seed) == (5e-4, e.kl_weight, 2e-3, 1)
+    assert config.dtype == "bfloat16"
+
+
+def test_groups_and_sizes_that_follow_a_tuned_size():
+    args = grid_args("--adapter-sizes", "4", "2", "--tune-sizes", "4")
+    groups, follows = groups_of(plan(args), args)
+    assert set(groups) == {"offsite-s2-b0", "offsite-s2-b0.5", "fedot-s2-b0", "fedot-s2-b0.5", "fedbiot-s4-b0",
+                           "fedbiot-s2-b0", "fedbiot-s4-b0.5", "fedbiot-s2-b0.5", "fedavg-full"}
+    assert follows == {"fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.5": "fedbiot-s4-b0.5"}
+    assert len(groups["fedbiot-s4-b0.5"]) == 4 and len(groups["fedbiot-s4-b0"]) == 2
+
+
+@pytest.mark.parametrize("search", ["coordinate", "grid"])
+def test_tuning_searches_on_the_first_seed(search):
+    args = grid_args("--lrs", "1e-3", "2e-3", "4e-3", "--seeds", "3", "4", "--search", search)
+    groups, _ = groups_of(plan(args), args)
+    members = groups["fedbiot-s2-b0.5"]  # (lambda, eps) in (0, 0), (0, 0.01), (1, 0), (1, 0.01)
+    # a validation NLL that prefers lr 2e-3, and lambda 1 / eps 0 at any lr
+    best = {(1.0, 0.0): -0.5}
+    scored = []
+
+    def score(e):
+        scored.append(e)
+        return abs(e.lr - 2e-3) * 100 + best.get((e.kl_weight, e.prox_eps), 0.0)
+    chosen = tune(members, args, score)
+    assert (chosen.kl_weight, chosen.prox_eps, chosen.lr, chosen.seed) == (1.0, 0.0, 2e-3, 3)
+    assert {e.seed for e in scored} == {3}  # the other seeds only ever run the choice
+    assert len({e.name for e in scored}) == (3 + 3 if search == "coordinate" else 12)
+    # one configuration and one lr: nothing to choose, nothing validated
+    assert tune(members[:1], grid_args("--lrs", "1e-3"), lambda e: pytest.fail("scored")).lr == 1e-3
 
 
 def test_bad_grids_are_one_clear_error():
@@ -133,9 +164,7 @@ def test_bad_grids_are_one_clear_error():
         parse_args(["--out", "x", "--prox-eps", "-1"])
 
 
-def test_lr_choice_and_mean_spread_and_wilson():
-    assert choose_lrs({"a": {1e-3: [1.0, 1.2], 2e-3: [0.9, 1.0]}, "b": {1e-3: [1.0], 2e-3: [1.0]}}) == \
-        {"a": 2e-3, "b": 1e-3}
+def test_mean_spread_and_wilson():
     lo, hi = wilson_interval(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     lo, hi = wilson_interval(0, 10)
@@ -164,16 +193,19 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     train = (out / "data" / "train.jsonl").read_text().splitlines()
     test = (data_files / "test.jsonl").read_text().splitlines()
     assert len(val) == 4 and len(train) == 12 and not set(val) & (set(train) | set(test))
-    (selection,) = result["lr_selection"]
+    (selection,) = result["selection"]
     chosen = selection["lr"]
-    assert selection["val_nll"][f"{chosen:g}"] == min(selection["val_nll"].values())
+    tried = {t["lr"]: t["val_nll"] for t in result["tuning"]}
+    assert sorted(tried) == [1e-4, 5e-2] and tried[chosen] == min(tried.values())
+    assert {t["seed"] for t in result["tuning"]} == {0}  # tuned on the first seed only
     fedbiot_rows = [r for r in result["rows"] if r["method"] == "fedbiot"]
     assert {r["lr"] for r in fedbiot_rows} == {chosen} and sorted({r["seed"] for r in fedbiot_rows}) == [0, 1]
-    assert all(r["val_nll"] is not None for r in fedbiot_rows)
+    assert {r["seed"]: r["val_nll"] is not None for r in fedbiot_rows} == {0: True, 1: False}
     cell = next(c for c in result["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
     assert cell["n"] == 2 and cell["nll_std"] >= 0 and cell["seeds"] == [0, 1]
-    assert len(list((out / "evals").glob("*-val-nll.json"))) == 4  # 2 lrs x 2 seeds, cached
+    assert len(list((out / "evals").glob("*-val-nll.json"))) == 2  # 2 lrs on seed 0, cached
     assert len(list((out / "prealigned").iterdir())) == 2  # one pre-alignment per seed, shared by both lrs
+    assert len(list((out / "runs").iterdir())) == 3  # seed 1 runs the chosen lr only
     assert "(n=2)" in (out / "accuracy.md").read_text()
 
 

@@ -1,0 +1,225 @@
+"""Emulator quality against alignment steps: what pre-alignment buys, for which owner lr and lambda.
+
+    python -m benchmarks.alignment --out DIR [--drop-rates 0.2 0.5] [--layouts fedbiot-4 fedot-2]
+        [--lrs 3e-4 1e-3 3e-3] [--kl-weights 0 1] [--checkpoints 0 16 32 64 128] [--dtype bfloat16]
+        [--eval-items 128] [--threads N]
+
+For every (drop rate, layout, owner lr, lambda) the owner's aligner runs one trajectory of distillation steps
+on the public set (the steps up to the first checkpoint are exactly a run's pre-alignment; later ones continue
+on fresh batches), and at each checkpoint two numbers say how good the emulator is for the parties:
+- the zero-adapter NLL: held-out response NLL of the compressed model (emulator + untrained adapter) on the
+  task's test items, against the full model's (what the adapter would start from on each);
+- the gradient fidelity: cosine and norm ratio between the adapter-LoRA gradient through the emulator and
+  through the full model, on batches of the parties' task (GSM8K training items) and on the owner's public
+  batches (what `metrics.jsonl` logs during a run).
+Writes DIR/alignment.json, DIR/alignment.md and DIR/alignment.png; a finished trajectory is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.reports import write_report
+from errors import FedbiotError
+
+LAYOUTS = {"fedbiot": "fedbiot", "offsite": "offsite", "fedot": "fedot"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.alignment", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default=None, help="hub id or checkpoint (default: embedded SmolLM2)")
+    p.add_argument("--drop-rates", nargs="+", type=float, default=[0.2, 0.5])
+    p.add_argument("--layouts", nargs="+", default=["fedbiot-4"],
+                   help="METHOD-S: FedBiOT's last S layers (fedbiot-4) or the baselines' first 2 + last S (fedot-2)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3], help="owner alignment lrs")
+    p.add_argument("--kl-weights", nargs="+", type=float, default=[0.0, 1.0], help="lambda values")
+    p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 16, 32, 64, 128],
+                   help="alignment steps at which the emulator is measured")
+    p.add_argument("--public-data", default="dolly")
+    p.add_argument("--public-limit", type=int, default=400)
+    p.add_argument("--task-data", default="gsm8k-train", help="the parties' task (gradient batches)")
+    p.add_argument("--eval-data", default="gsm8k-test")
+    p.add_argument("--eval-items", type=int, default=128)
+    p.add_argument("--grad-batches", type=int, default=4, help="batches of 4 for each gradient cosine")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--dtype", default="float32", help="frozen weights: float32 | bfloat16 | float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    for layout in args.layouts:
+        method, _, size = layout.partition("-")
+        if method not in LAYOUTS or not size.isdigit() or int(size) < 1:
+            p.error(f"--layouts: {layout!r} is not METHOD-S with METHOD fedbiot, offsite or fedot")
+    if sorted(set(args.checkpoints)) != args.checkpoints or args.checkpoints[0] < 0:
+        p.error("--checkpoints must be increasing and >= 0")
+    if any(v <= 0 for v in args.lrs) or any(v < 0 for v in args.kl_weights):
+        p.error("--lrs must be > 0 and --kl-weights >= 0")
+    return args
+
+
+def trajectory(args: argparse.Namespace, beta: float, layout: str, lr: float, kl: float, run_dir: Path,
+               base, say) -> dict:
+    """One alignment trajectory measured at every checkpoint."""
+    import torch  # noqa: PLC0415
+
+    from owner.alignment import AlignSettings  # noqa: PLC0415
+    from owner.config import RunConfig  # noqa: PLC0415
+    from owner.evaluate import mean_response_nll  # noqa: PLC0415
+    from owner.fidelity import fidelity_batches, gradient_fidelity  # noqa: PLC0415
+    from owner.metrics import MetricsLog  # noqa: PLC0415
+    from owner.session import OwnerData, OwnerSession  # noqa: PLC0415
+    from tasks.datasets import load_examples  # noqa: PLC0415
+    from tasks.prompts import tokenize_examples  # noqa: PLC0415
+
+    method, _, size = layout.partition("-")
+    config = RunConfig(model=args.model, method=method, adapter_size=int(size), drop_rate=beta, seed=args.seed,
+                       public_data=args.public_data, public_limit=args.public_limit, eval_data=args.eval_data,
+                       eval_items=args.eval_items, max_length=args.max_length, dtype=args.dtype,
+                       align=AlignSettings(pre_steps=0, round_steps=0, lr=lr, kl_weight=kl, fidelity_batches=0))
+    data = OwnerData.load(config)
+    data.tokenize(base.tokenizer, config)
+    session = OwnerSession.create(config, run_dir, MetricsLog(None, quiet=True), base, data)
+    task_tokens = tokenize_examples(load_examples(args.task_data, limit=256), base.tokenizer, args.max_length,
+                                    config.template)
+    task_groups = fidelity_batches(task_tokens, args.grad_batches, 4, args.seed)
+    public_groups = fidelity_batches(data.public_tokens, args.grad_batches, 4, args.seed)
+    points, done, seconds = [], 0, 0.0
+    for k, steps in enumerate(args.checkpoints):
+        if steps > done:
+            started = time.perf_counter()
+            info = session.aligner.run(steps - done, -1 if done == 0 else 1000 + k)
+            seconds += time.perf_counter() - started
+            done = steps
+            say(f"  {steps} steps: distillation loss {info['loss_first']:.4f} -> {info['loss_last']:.4f}")
+        task = gradient_fidelity(session.student, session.teacher, session.manifest, task_tokens, task_groups,
+                                 session.pad_id)
+        public = gradient_fidelity(session.student, session.teacher, session.manifest, data.public_tokens,
+                                   public_groups, session.pad_id)
+        with torch.no_grad():
+            nll = mean_response_nll(session.student, data.eval_tokens, session.pad_id)
+        points.append({"steps": steps, "zero_adapter_nll": nll, "align_seconds": round(seconds, 1),
+                       "cosine_task": task["cosine"], "norm_ratio_task": task["norm_ratio"],
+                       "cosine_public": public["cosine"], "norm_ratio_public": public["norm_ratio"]})
+        say(f"  {steps} steps: zero-adapter NLL {nll:.4f}, gradient cosine task {task['cosine']:.3f} "
+            f"(norm ratio {task['norm_ratio']:.2f}), public {public['cosine']:.3f}")
+    with session.teacher.disable_adapter(), torch.no_grad():
+        full = mean_response_nll(session.teacher, data.eval_tokens, session.pad_id)
+    emulator = len(session.manifest.emulator_layers)
+    return {"drop_rate": beta, "layout": layout, "lr": lr, "kl_weight": kl, "emulator_layers": emulator,
+            "full_nll": full, "points": points}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Emulator quality against alignment steps", "",
+             f"Model: {result['model']}, {result['dtype']}. Command: `{result['command']}`", "",
+             "| beta | layout | owner lr | lambda | steps | zero-adapter NLL (full model) | cosine, task | "
+             "norm ratio, task | cosine, public | align s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in result["trajectories"]:
+        for pt in t["points"]:
+            lines.append(f"| {t['drop_rate']:g} | {t['layout']} | {t['lr']:g} | {t['kl_weight']:g} | {pt['steps']} | "
+                         f"{pt['zero_adapter_nll']:.4f} ({t['full_nll']:.4f}) | {pt['cosine_task']:.3f} | "
+                         f"{pt['norm_ratio_task']:.2f} | {pt['cosine_public']:.3f} | {pt['align_seconds']:.0f} |")
+    lines += ["", f"Zero-adapter NLL: response NLL of the compressed model with an untrained adapter on "
+              f"{result['eval_items']} held-out {result['eval_data']} items (the full model's in brackets). "
+              "Cosine / norm ratio: adapter-LoRA gradient through the emulator against through the full model "
+              f"(mean over {result['grad_batches']} batches of 4), on the parties' task and on the owner's public "
+              "data. Alignment batch 4; the steps up to the first checkpoint are a run's pre-alignment.",
+              f"Machine: {result['machine']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t in result["trajectories"]:
+        steps = [p["steps"] for p in t["points"]]
+        label = f"beta {t['drop_rate']:g} {t['layout']} lr {t['lr']:g} lambda {t['kl_weight']:g}"
+        axes[0].plot(steps, [p["zero_adapter_nll"] for p in t["points"]], marker="o", label=label)
+        axes[1].plot(steps, [p["cosine_task"] for p in t["points"]], marker="o", label=label)
+    full = result["trajectories"][0]["full_nll"]
+    axes[0].axhline(full, color="black", linestyle="--", linewidth=0.8, label="full model")
+    axes[0].set(xlabel="alignment steps", ylabel="zero-adapter held-out NLL", title="emulator output quality")
+    axes[1].set(xlabel="alignment steps", ylabel="cosine", title="adapter-gradient fidelity (task batches)")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from console.terminal import quiet_import_noise  # noqa: PLC0415
+
+    quiet_import_noise(argv)
+    args = parse_args(argv)
+    from console.terminal import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        print(f"[bench {time.perf_counter() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    try:
+        import torch  # noqa: PLC0415
+
+        from learning.hardware import resolve_hardware  # noqa: PLC0415
+        from owner.models import load_model  # noqa: PLC0415
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        hardware = resolve_hardware("cpu", args.dtype)
+        args.out.mkdir(parents=True, exist_ok=True)
+        trajectories = []
+        for beta in args.drop_rates:
+            for layout in args.layouts:
+                for kl in args.kl_weights:
+                    for lr in args.lrs:
+                        name = f"b{beta:g}-{layout}-lr{lr:g}-kl{kl:g}"
+                        saved = args.out / "trajectories" / f"{name}.json"
+                        settings = {k: getattr(args, k) for k in ("model", "checkpoints", "eval_items", "dtype",
+                                                                  "public_limit", "grad_batches", "seed")}
+                        if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
+                            say(f"{name}: reused")
+                            trajectories.append(json.loads(saved.read_text()))
+                            continue
+                        say(f"{name}: aligning")
+                        base = load_model(args.model, dtype=hardware.dtype)  # fresh: LoRA is attached in place
+                        t = trajectory(args, beta, layout, lr, kl, args.out / "runs" / name, base, say)
+                        t["settings"] = settings
+                        saved.parent.mkdir(parents=True, exist_ok=True)
+                        write_report(saved, json.dumps(t, indent=1) + "\n")
+                        trajectories.append(t)
+    except FedbiotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)", "dtype": args.dtype,
+              "command": "python -m benchmarks.alignment " + " ".join(argv), "eval_items": args.eval_items,
+              "eval_data": args.eval_data, "grad_batches": args.grad_batches,
+              "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.threads or 'default'} threads",
+              "trajectories": trajectories}
+    write_report(args.out / "alignment.json", json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    write_report(args.out / "alignment.md", table)
+    plot(result, args.out / "alignment.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
