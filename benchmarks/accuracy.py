@@ -23,7 +23,8 @@ A fair protocol: every varied hyperparameter is an option. FedBiOT runs over `--
 (eps 0) and align, where they do, with the first lambda. Settings are tuned on the first seed: per method, adapter
 size and drop rate (a "group"), the party lr out of `--lrs` and FedBiOT's (lambda, eps) are chosen by the AdapFu
 NLL on a validation split (`--val-items` training items held out, never test items): `--search coordinate` tries
-every lr at the first (lambda, eps), then the other (lambda, eps) at the best lr; `--search grid` tries them all.
+every lr at the first (lambda, eps), then every lambda at the best lr, then every eps at the best lambda;
+`--search grid` tries every combination.
 FedBiOT sizes outside `--tune-sizes` take the setting chosen for the first tuned size at the same drop rate. The
 chosen setting of every group then runs for each of `--seeds` (runs that share a pre-alignment share one cached
 emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a 95% Wilson interval of
@@ -185,8 +186,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--val-items", type=int, default=64,
                    help="training items held out as the validation split that chooses the settings")
     g.add_argument("--search", choices=["coordinate", "grid"], default="coordinate",
-                   help="tuning on the first seed: every lr at the first (lambda, eps), then the other (lambda, eps) "
-                        "at the best lr (coordinate); or every combination (grid)")
+                   help="tuning on the first seed: every lr at the first (lambda, eps), then every lambda at the "
+                        "best lr, then every eps at the best lambda (coordinate); or every combination (grid)")
     g.add_argument("--oracle-sizes", nargs="+", type=int, default=None,
                    help="FedBiOT adapter sizes of the oracle row (drop rate 0; default: --adapter-sizes)")
     g.add_argument("--tune-sizes", nargs="+", type=int, default=None,
@@ -289,8 +290,9 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
 
 
 def tune(members: Sequence[Entry], args: argparse.Namespace, score) -> Entry:
-    """The group's setting chosen on the first seed: the lowest `score` (validation NLL; ties: the smaller lr).
-    Coordinate search: every lr at the first configuration, then the other configurations at the best lr."""
+    """The group's setting chosen on the first seed: the lowest `score` (validation NLL; ties: the smaller lr, then
+    the earlier value in its grid). Coordinate search: every lr at the first configuration, then every lambda at that
+    lr, then every eps at that lambda (members run over `--kl-weights` x `--prox-eps`); grid: every combination."""
     seed = args.seeds[0]
     candidates = [replace(c, lr=lr, seed=seed) for c in members for lr in args.lrs]
     if len(candidates) == 1:
@@ -298,7 +300,11 @@ def tune(members: Sequence[Entry], args: argparse.Namespace, score) -> Entry:
     if args.search == "grid":
         return min(candidates, key=lambda e: (score(e), e.lr))
     best = min((replace(members[0], lr=lr, seed=seed) for lr in args.lrs), key=lambda e: (score(e), e.lr))
-    return min([best, *(replace(c, lr=best.lr, seed=seed) for c in members[1:])], key=score)
+    for axis in ("kl_weight", "prox_eps"):
+        others = [c for c in members if all(getattr(c, k) == getattr(best, k)
+                                            for k in ("kl_weight", "prox_eps") if k != axis)]
+        best = min([replace(c, lr=best.lr, seed=seed) for c in others], key=score)
+    return best
 
 
 @dataclass(frozen=True)

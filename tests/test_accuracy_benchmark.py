@@ -152,7 +152,7 @@ def test_tuning_searches_on_the_first_seed(search):
     chosen = tune(members, args, score)
     assert (chosen.kl_weight, chosen.prox_eps, chosen.lr, chosen.seed) == (1.0, 0.0, 2e-3, 3)
     assert {e.seed for e in scored} == {3}  # the other seeds only ever run the choice
-    assert len({e.name for e in scored}) == (3 + 3 if search == "coordinate" else 12)
+    assert len({e.name for e in scored}) == (3 + 1 + 1 if search == "coordinate" else 12)
     # one configuration and one lr: nothing to choose, nothing validated
     assert tune(members[:1], grid_args("--lrs", "1e-3"), lambda e: pytest.fail("scored")).lr == 1e-3
 
