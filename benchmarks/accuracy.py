@@ -248,7 +248,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ plan
 
 def plan(args: argparse.Namespace) -> list[Entry]:
-    """The method configurations, without lr and seed: untouched once; Offsite/FedOT per drop rate; FedBiOT per
+    """The method configurations, without lr and seed: untouched once; Offsite/FedOT per drop rate > 0; FedBiOT per
     drop rate x s x lambda x eps (the oracle, drop rate 0, with the first lambda: it has nothing to align);
     FedAvg-LoRA once. Baselines: eps 0, lambda = the first of `--kl-weights`."""
     variants = tuple(v for v in ("adapemu", "adapfu") if v in args.variants)
@@ -260,7 +260,7 @@ def plan(args: argparse.Namespace) -> list[Entry]:
             configs.append(Entry(method, variants=("adapfu",), kl_weight=args.kl_weights[0], prox_eps=0.0))
         elif method in BASELINES:
             configs += [Entry(method, args.baseline_adapter_size, beta, variants, args.kl_weights[0], 0.0)
-                        for beta in args.drop_rates]
+                        for beta in args.drop_rates if beta > 0]  # drop rate 0 is FedBiOT's oracle row
         else:
             for beta in args.drop_rates:
                 for s in (args.oracle_sizes or args.adapter_sizes) if beta == 0.0 else args.adapter_sizes:
