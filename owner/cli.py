@@ -43,7 +43,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="give the compressed model its own copy of the weights (default: share the full model's)")
     g.add_argument("--prealign-cache", default=None, metavar="DIR",
                    help="reuse (or store) the pre-aligned emulator in DIR, keyed by model, layout, public data, "
-                        "LoRA and alignment settings and seed: a grid or a rerun pre-aligns once")
+                        "LoRA and alignment settings and seed: a grid or a rerun pre-aligns once (and scores the "
+                        "untouched model once)")
     g.add_argument("--no-teacher-cache", dest="cache_teacher", action="store_false",
                    help="recompute E*(x) every alignment step instead of once per public example")
     g.add_argument("--teacher-cache-mb", type=float, default=a.cache_memory_mb,

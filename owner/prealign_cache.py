@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +46,8 @@ def _state_hash(h, state: dict[str, torch.Tensor]) -> None:
         h.update(t.numpy().tobytes())
 
 
-def prealign_key(teacher: nn.Module, manifest: Manifest, public: Sequence[TokenizedExample], *, align: dict,
-                 lora: dict, seed: int, adapter_state: dict[str, torch.Tensor],
-                 emulator_state: dict[str, torch.Tensor]) -> str:
-    """Hash of everything pre-alignment depends on (weights by identity, shape, dtype and a sample of values)."""
-    h = hashlib.sha256()
-    meta = {"manifest": manifest.to_dict(),
-            "align": {k: v for k, v in align.items() if k not in _NOT_IN_KEY}, "lora": lora, "seed": seed}
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+def _model_hash(h, teacher: nn.Module) -> None:
+    """The frozen weights by identity, shape, dtype and a sample of values (LoRA left out)."""
     lm = unwrap_causal_lm(teacher)
     h.update(type(lm).__name__.encode())
     for name, tensor in lm.named_parameters():
@@ -63,13 +57,49 @@ def prealign_key(teacher: nn.Module, manifest: Manifest, public: Sequence[Tokeni
         if tensor.device.type != "meta":  # offloaded weights: identity and shapes only
             flat = tensor.detach().reshape(-1)
             h.update(flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float().cpu().numpy().tobytes())
-    _state_hash(h, adapter_state)
-    _state_hash(h, emulator_state)
-    for item in public:
+
+
+def _tokens_hash(h, items: Sequence[TokenizedExample]) -> None:
+    for item in items:
         h.update(len(item.input_ids).to_bytes(4, "little"))
         h.update(torch.tensor(item.input_ids, dtype=torch.int64).numpy().tobytes())
         h.update(torch.tensor(item.labels, dtype=torch.int64).numpy().tobytes())
+
+
+def prealign_key(teacher: nn.Module, manifest: Manifest, public: Sequence[TokenizedExample], *, align: dict,
+                 lora: dict, seed: int, adapter_state: dict[str, torch.Tensor],
+                 emulator_state: dict[str, torch.Tensor]) -> str:
+    """Hash of everything pre-alignment depends on (weights by identity, shape, dtype and a sample of values)."""
+    h = hashlib.sha256()
+    meta = {"manifest": manifest.to_dict(),
+            "align": {k: v for k, v in align.items() if k not in _NOT_IN_KEY}, "lora": lora, "seed": seed}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    _model_hash(h, teacher)
+    _state_hash(h, adapter_state)
+    _state_hash(h, emulator_state)
+    _tokens_hash(h, public)
     return h.hexdigest()[:32]
+
+
+def cached_base_nll(cache_dir: Path, teacher: nn.Module, items: Sequence[TokenizedExample],
+                    compute: Callable[[], float]) -> float:
+    """The untouched model's held-out NLL, computed once per (weights, evaluation tokens) across the runs that
+    share the cache (the same number every time: a grid need not pay it per run)."""
+    h = hashlib.sha256(b"base-nll")
+    _model_hash(h, teacher)
+    _tokens_hash(h, items)
+    path = Path(cache_dir) / f"base-nll-{h.hexdigest()[:32]}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["nll"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cache entry {path} is unreadable ({exc}); remove it") from exc
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"nll": value}) + "\n")
+    tmp.replace(path)
+    return value
 
 
 def load_prealigned(cache_dir: Path, key: str) -> PreAlignment | None:

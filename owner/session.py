@@ -29,7 +29,7 @@ from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
 from owner.models import LoadedModel, decoder_layers, load_model, make_resident
-from owner.prealign_cache import PreAlignment, load_prealigned, prealign_key, store_prealigned
+from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
@@ -242,8 +242,12 @@ class OwnerSession:
     # ----------------------------------------------------------------- results
     def evaluate(self) -> dict[str, float]:
         data, pad = self.data.eval_tokens, self.pad_id
-        with self.teacher.disable_adapter():
-            nll_base = mean_response_nll(self.teacher, data, pad)
+
+        def base() -> float:
+            with self.teacher.disable_adapter():
+                return mean_response_nll(self.teacher, data, pad)
+        cache = self.config.prealign_cache
+        nll_base = cached_base_nll(Path(cache).expanduser(), self.teacher, data, base) if cache else base()
         return {
             "nll_base": nll_base,
             "nll_adapemu": mean_response_nll(self.student, data, pad),

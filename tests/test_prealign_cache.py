@@ -51,7 +51,16 @@ def test_second_run_skips_pre_alignment_and_is_bit_identical(tiny_llama_dir, dat
                          "--prealign-cache", str(cache))) == 0
     pre3 = next(e for e in events(third) if e["event"] == "pre_alignment")
     assert pre3["cache"] == "stored" and pre3["cache_key"] != pre1["cache_key"]
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+
+    # the untouched model is scored once for all three runs: one entry, and the runs report its number
+    (base,) = cache.glob("base-nll-*.json")
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (plain, first, second, third)]
+    assert {s["nll_base"] for s in summaries} == {json.loads(base.read_text())["nll"]}
+    base.write_text(json.dumps({"nll": 123.0}))  # read back, not recomputed
+    fourth = tmp_path / "fourth"
+    assert main(args_for(tiny_llama_dir, data_files, fourth, *flags, "--prealign-cache", str(cache))) == 0
+    assert json.loads((fourth / "summary.json").read_text())["nll_base"] == 123.0
 
 
 def test_a_damaged_entry_is_one_clear_error(tmp_path):
