@@ -12,7 +12,8 @@ on fresh batches), and at each checkpoint two numbers say how good the emulator 
 - the gradient fidelity: cosine and norm ratio between the adapter-LoRA gradient through the emulator and
   through the full model, on batches of the parties' task (GSM8K training items) and on the owner's public
   batches (what `metrics.jsonl` logs during a run).
-Writes DIR/alignment.json, DIR/alignment.md and DIR/alignment.png; a finished trajectory is reused.
+Writes DIR/alignment.json, DIR/alignment.md and DIR/alignment.png; a finished trajectory is reused, and the report
+holds every trajectory finished in DIR with the same measurement settings (so a sweep can grow by later commands).
 """
 
 from __future__ import annotations
@@ -186,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hardware = resolve_hardware("cpu", args.dtype)
         args.out.mkdir(parents=True, exist_ok=True)
         trajectories = []
+        settings = {k: getattr(args, k) for k in ("model", "checkpoints", "eval_items", "dtype", "public_limit",
+                                                  "grad_batches", "seed")}
         for beta in args.drop_rates:
             for layout in args.layouts:
                 for kl in args.kl_weights:
                     for lr in args.lrs:
                         name = f"b{beta:g}-{layout}-lr{lr:g}-kl{kl:g}"
                         saved = args.out / "trajectories" / f"{name}.json"
-                        settings = {k: getattr(args, k) for k in ("model", "checkpoints", "eval_items", "dtype",
-                                                                  "public_limit", "grad_batches", "seed")}
                         if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
                             say(f"{name}: reused")
                             trajectories.append(json.loads(saved.read_text()))
@@ -208,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedbiotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    names = {t["layout"] + json.dumps([t["drop_rate"], t["lr"], t["kl_weight"]]) for t in trajectories}
+    for path in sorted((args.out / "trajectories").glob("*.json")):  # earlier commands' trajectories too
+        t = json.loads(path.read_text())
+        if t.get("settings") == settings and t["layout"] + json.dumps([t["drop_rate"], t["lr"], t["kl_weight"]]) \
+                not in names:
+            trajectories.append(t)
+    trajectories.sort(key=lambda t: (t["drop_rate"], t["layout"], t["kl_weight"], t["lr"]))
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)", "dtype": args.dtype,
               "command": "python -m benchmarks.alignment " + " ".join(argv), "eval_items": args.eval_items,
               "eval_data": args.eval_data, "grad_batches": args.grad_batches,

@@ -35,6 +35,12 @@ def test_sweep_measures_every_checkpoint_and_reuses_trajectories(tiny_llama_dir,
     assert main(sweep_args(tiny_llama_dir, out)) == 0
     assert capsys.readouterr().err.count(": reused") == 2
     assert json.loads((out / "alignment.json").read_text())["trajectories"] == result["trajectories"]
+    # a later command adds a trajectory; the report holds every finished one
+    more = sweep_args(tiny_llama_dir, out)
+    more[more.index("--layouts") + 1:more.index("--lrs")] = ["fedbiot-1"]
+    assert main(more) == 0
+    layouts = [t["layout"] for t in json.loads((out / "alignment.json").read_text())["trajectories"]]
+    assert sorted(layouts) == ["fedbiot-1", "fedbiot-2", "fedot-1"]
 
 
 @pytest.mark.parametrize("bad", [["--layouts", "fedavg-2"], ["--layouts", "fedbiot"], ["--checkpoints", "8", "4"],
