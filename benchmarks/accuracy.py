@@ -506,6 +506,20 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
     return mean, std, len(xs)
 
 
+def run_fidelity(run_dir: Path) -> dict[str, float | None]:
+    """The run's gradient fidelity (cosine of the adapter-LoRA gradient through the emulator and through the full
+    model, owner.fidelity) after pre-alignment and after the last round, from its metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    stages = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "fidelity":
+                stages[event["stage"]] = event.get("cosine")
+    last = max((s for s in stages if s >= 0), default=None)
+    return {"fidelity_pre": stages.get(-1), "fidelity_last": None if last is None else stages[last]}
+
+
 CELL_KEYS = ("method", "label", "adapter", "adapter_size", "drop_rate", "kl_weight", "prox_eps", "lr", "variant")
 
 
@@ -518,11 +532,12 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     out = []
     for group in cells.values():
         nll, nll_std, n = mean_std([r["nll"] for r in group])
+        fidelity = {key: mean_std([r.get(key) for r in group])[0] for key in ("fidelity_pre", "fidelity_last")}
         acc, acc_std, n_acc_seeds = mean_std([r["accuracy"] for r in group])
         k = sum(r["n_correct"] or 0 for r in group if r["accuracy"] is not None)
         total = sum(r["n_acc"] or 0 for r in group if r["accuracy"] is not None)
         out.append({**{key: group[0][key] for key in CELL_KEYS}, "seeds": [r["seed"] for r in group],
-                    "nll": nll, "nll_std": nll_std, "n": n, "accuracy": acc, "accuracy_std": acc_std,
+                    "nll": nll, "nll_std": nll_std, "n": n, **fidelity, "accuracy": acc, "accuracy_std": acc_std,
                     "n_accuracy_seeds": n_acc_seeds, "n_correct": k if total else None, "n_acc": total or None,
                     "ci95": wilson_interval(k, total) if total else None})
     return out
@@ -561,15 +576,21 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _fidelity(cell: dict) -> str:
+    if cell["method"] in ("untouched", "fedavg-full") or cell.get("fidelity_pre") is None:
+        return "-"
+    return f"{cell['fidelity_pre']:.3f} -> {_fmt(cell.get('fidelity_last'), 3)}"
+
+
 def markdown(result: dict) -> str:
     b, cells = result["budget"], result["cells"]
     acc = result["accuracy_metric"]
     head = (f"| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL mean ± std (n seeds) | "
-            f"{acc or 'accuracy'} |")
+            f"gradient cosine (pre-aligned -> last round) | {acc or 'accuracy'} |")
     lines = [
         f"# {result['task']}: FedBiOT and baselines on one engine", "",
         f"Model: {b['model']}. Command: `{result['command']}`", "",
-        head, "|---|---|---|---|---|---|---|---|---|",
+        head, "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         accuracy = "-"
@@ -579,7 +600,7 @@ def markdown(result: dict) -> str:
                         f"{c['n_correct']}/{c['n_acc']}, 95% CI [{lo:.3f}, {hi:.3f}]")
         lines.append(f"| {c['label']} | {c['adapter']} | {_fmt(c['drop_rate'], 1)} | {_g(c['kl_weight'])} | "
                      f"{_g(c['prox_eps'])} | {_g(c['lr'])} | {VARIANT_LABELS[c['variant']]} | "
-                     f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {accuracy} |")
+                     f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {_fidelity(c)} | {accuracy} |")
     if result.get("tuning"):
         lines += ["", "Tuning on the first seed (validation NLL of AdapFu; the test NLL beside it is not used to "
                   "choose):", "", "| group | lambda | eps | lr | validation NLL | test NLL AdapFu |",
@@ -768,6 +789,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 "n_correct": scores.get("n_correct"), "n_acc": scores.get("n"),
                 "ci95": wilson_interval(scores["n_correct"], scores["n"]) if scores.get("n") else None,
                 "run": None if adapter_dir is None else str(adapter_dir.relative_to(out)),
+                **(run_fidelity(out / "runs" / entry.name) if entry.method != "untouched" else
+                   {"fidelity_pre": None, "fidelity_last": None}),
             }
             rows.append(row)
             acc_text = "" if row["accuracy"] is None else f", accuracy {row['accuracy']:.3f}"

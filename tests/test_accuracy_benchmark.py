@@ -57,6 +57,10 @@ def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, da
     assert rows == [("untouched", "-", "full"), ("fedot", "2+2", "adapemu"), ("fedot", "2+2", "adapfu"),
                     ("fedbiot", "2", "adapemu"), ("fedbiot", "2", "adapfu")]
     assert all(r["nll"] > 0 and r["accuracy"] is None for r in result["rows"])
+    # the gradient fidelity each run logged, after pre-alignment and after its last round
+    for r in result["rows"][1:]:
+        assert -1 <= r["fidelity_pre"] <= 1 and -1 <= r["fidelity_last"] <= 1
+    assert result["rows"][0]["fidelity_pre"] is None
     # The untouched row is computed by the benchmark itself and agrees with what each run measured.
     for name in (FEDOT, FEDBIOT):
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
@@ -65,6 +69,7 @@ def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, da
     assert result["budget"]["rounds"] == 1 and result["budget"]["eval_items"] == 4
     table = (out / "accuracy.md").read_text()
     assert "| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL" in table and "FedOT" in table
+    assert "gradient cosine (pre-aligned -> last round)" in table
     assert "Budget:" in table and "without the proximal term" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = (out / "runs" / FEDBIOT / "summary.json").stat().st_mtime_ns
