@@ -25,7 +25,8 @@ size and drop rate (a "group"), the party lr out of `--lrs` and FedBiOT's (lambd
 NLL on a validation split (`--val-items` training items held out, never test items): `--search coordinate` tries
 every lr at the first (lambda, eps), then every lambda at the best lr, then every eps at the best lambda;
 `--search grid` tries every combination.
-FedBiOT sizes outside `--tune-sizes` take the setting chosen for the first tuned size at the same drop rate. The
+FedBiOT sizes outside `--tune-sizes` and drop rates outside `--tune-drop-rates` take the setting chosen for the same
+method at the first tuned size and drop rate. The
 chosen setting of every group then runs for each of `--seeds` (runs that share a pre-alignment share one cached
 emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a 95% Wilson interval of
 the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every lower layer (nothing to
@@ -193,6 +194,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--tune-sizes", nargs="+", type=int, default=None,
                    help="FedBiOT adapter sizes tuned (default: all); the others take the setting chosen for the "
                         "first of these at the same drop rate")
+    g.add_argument("--tune-drop-rates", nargs="+", type=float, default=None,
+                   help="drop rates > 0 tuned (default: all); the others take the setting chosen for the same method "
+                        "at the first of these")
     g.add_argument("--dtype", default="float32",
                    help="the runs' frozen weights: float32 | bfloat16 | float16 | auto (scores load in float32)")
     g.add_argument("--threads", type=int, default=None,
@@ -231,6 +235,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.tune_sizes = list(dict.fromkeys(args.tune_sizes or args.adapter_sizes))
     if not set(args.tune_sizes) <= set(args.adapter_sizes):
         p.error("--tune-sizes must be among --adapter-sizes")
+    tunable = [b for b in args.drop_rates if b > 0]
+    args.tune_drop_rates = list(dict.fromkeys(args.tune_drop_rates or tunable))
+    if tunable and not set(args.tune_drop_rates) <= set(tunable):
+        p.error("--tune-drop-rates must be among the --drop-rates above 0")
     args.acc_seeds = args.seeds if args.acc_seeds is None else args.acc_seeds
     numbers = {"--rounds": args.rounds, "--local-steps": args.local_steps, "--batch-size": args.batch_size,
                "--eval-items": args.eval_items, "--acc-items": args.acc_items,
@@ -274,8 +282,9 @@ def plan(args: argparse.Namespace) -> list[Entry]:
 
 
 def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[str, list[Entry]], dict[str, str]]:
-    """The trained configurations by group, and for each FedBiOT group outside `--tune-sizes` the tuned group whose
-    setting it takes (the first tuned size at the same drop rate)."""
+    """The trained configurations by group, and for each group outside `--tune-sizes` (FedBiOT) or
+    `--tune-drop-rates` the tuned group whose setting it takes: the same method at the first tuned size and the
+    first tuned drop rate. The oracle (drop rate 0) is tuned at its own sizes' leader."""
     groups: dict[str, list[Entry]] = {}
     for c in configs:
         if c.method != "untouched":
@@ -283,9 +292,15 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
     follows = {}
     for name, members in groups.items():
         c = members[0]
-        if c.method == "fedbiot" and c.adapter_size not in args.tune_sizes and \
-                any(m.group == replace(c, adapter_size=args.tune_sizes[0]).group for m in configs):
-            follows[name] = replace(c, adapter_size=args.tune_sizes[0]).group
+        if c.method == "fedavg-full":
+            continue
+        leader = c
+        if c.method == "fedbiot" and c.adapter_size not in args.tune_sizes:
+            leader = replace(leader, adapter_size=args.tune_sizes[0])
+        if c.drop_rate and c.drop_rate not in args.tune_drop_rates:
+            leader = replace(leader, drop_rate=args.tune_drop_rates[0])
+        if leader.group != name and leader.group in groups:
+            follows[name] = leader.group
     return groups, follows
 
 
@@ -814,7 +829,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "public_data": data.public, "train_examples": train_examples, "public_examples": public_examples,
             "split": spec.split, "parties": parties, "rounds": args.rounds, "local_steps": args.local_steps,
             "batch_size": args.batch_size, "lrs": args.lrs, "val_items": args.val_items, "seeds": args.seeds,
-            "search": args.search, "tune_sizes": args.tune_sizes, "dtype": args.dtype,
+            "search": args.search, "tune_sizes": args.tune_sizes, "tune_drop_rates": args.tune_drop_rates,
+            "dtype": args.dtype,
             "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
             "align_lr": args.align_lr, "lora_r": reference.lora.r,
             "max_length": args.max_length, "align_pre_steps": args.align_pre_steps,

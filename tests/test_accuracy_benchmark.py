@@ -140,6 +140,15 @@ def test_groups_and_sizes_that_follow_a_tuned_size():
                            "fedbiot-s2-b0", "fedbiot-s4-b0.5", "fedbiot-s2-b0.5", "fedavg-full"}
     assert follows == {"fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.5": "fedbiot-s4-b0.5"}
     assert len(groups["fedbiot-s4-b0.5"]) == 4 and len(groups["fedbiot-s4-b0"]) == 2
+    # tuned at one drop rate, the other takes that setting per method; the oracle is tuned on its own
+    args = grid_args("--drop-rates", "0", "0.2", "0.5", "--adapter-sizes", "4", "2", "--tune-sizes", "4",
+                     "--tune-drop-rates", "0.2")
+    _, follows = groups_of(plan(args), args)
+    assert follows == {"offsite-s2-b0.5": "offsite-s2-b0.2", "fedot-s2-b0.5": "fedot-s2-b0.2",
+                       "fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.2": "fedbiot-s4-b0.2",
+                       "fedbiot-s4-b0.5": "fedbiot-s4-b0.2", "fedbiot-s2-b0.5": "fedbiot-s4-b0.2"}
+    with pytest.raises(SystemExit):
+        grid_args("--tune-drop-rates", "0.3")
 
 
 @pytest.mark.parametrize("search", ["coordinate", "grid"])
