@@ -173,14 +173,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=4, help="B: party batch size")
     g.add_argument("--lrs", nargs="+", type=float, default=None,
                    help="party lr grid, chosen per method on the validation split (e.g. 5e-4 1e-3 2e-3)")
-    g.add_argument("--lr", type=float, default=3e-4, help="a single party lr (when --lrs is not given)")
+    g.add_argument("--lr", type=float, default=None, help="a single party lr (when --lrs is not given; default: the "
+                   "parties' default)")
     g.add_argument("--kl-weights", nargs="+", type=float, default=None,
                    help="FedBiOT's lambda grid (default: the owner's default lambda)")
     g.add_argument("--prox-eps", nargs="+", type=float, default=None,
                    help="FedBiOT's proximal eps grid (default: the parties' default; baselines always use 0)")
     g.add_argument("--align-lr", type=float, default=None, help="owner alignment lr (default: the owner's)")
-    g.add_argument("--align-pre-steps", type=int, default=16, help="owner pre-alignment steps (all methods)")
-    g.add_argument("--align-steps", type=int, default=4, help="owner alignment steps per round (FedBiOT)")
+    g.add_argument("--align-pre-steps", type=int, default=None,
+                   help="owner pre-alignment steps (all methods; default: the owner's)")
+    g.add_argument("--align-steps", type=int, default=None,
+                   help="owner alignment steps per round (FedBiOT; default: the owner's)")
     g.add_argument("--max-length", type=int, default=256)
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="run seeds (default: --seed)")
     g.add_argument("--seed", type=int, default=0, help="a single seed (when --seeds is not given)")
@@ -219,7 +222,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from learning.training import TrainSettings  # noqa: PLC0415 - defaults of the runs themselves
     from owner.alignment import AlignSettings  # noqa: PLC0415
 
-    args.lrs = list(dict.fromkeys(args.lrs or [args.lr]))
+    args.lrs = list(dict.fromkeys(args.lrs or [args.lr if args.lr is not None else TrainSettings().lr]))
+    if args.align_pre_steps is None:
+        args.align_pre_steps = AlignSettings().pre_steps
+    if args.align_steps is None:
+        args.align_steps = AlignSettings().round_steps
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))
     args.seed = args.seeds[0]  # the data split: the same items for every seed, so the spread is training's
     args.kl_weights = list(dict.fromkeys(args.kl_weights or [AlignSettings().kl_weight]))

@@ -34,7 +34,7 @@ class TrainSettings:
 
     local_steps: int = 8
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 2e-3  # best of {5e-4, 1e-3, 2e-3} on validation for FedBiOT (docs/results/accuracy-gsm8k.md)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     prox_eps: float = 0.01

@@ -39,10 +39,10 @@ from tasks.prompts import TokenizedExample
 class AlignSettings:
     """Owner distillation settings (paper: 500 pre-alignment steps, 10 per round)."""
 
-    pre_steps: int = 16
+    pre_steps: int = 32  # with lr 1e-3 the emulator's quality levels off here (docs/results/alignment.md)
     round_steps: int = 4
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     kl_weight: float = 1.0
     max_grad_norm: float | None = 1.0

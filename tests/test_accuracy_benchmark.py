@@ -22,6 +22,8 @@ from benchmarks.accuracy import (
     tune,
     wilson_interval,
 )
+from learning.training import TrainSettings
+from owner.alignment import AlignSettings
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def bench_args(model_dir, data, out, *extra):
             "--test-data", str(data / "test.jsonl"), "--public-data", str(data / "public.jsonl"),
             "--val-items", "4", *extra]
 
-FEDOT, FEDBIOT = "fedot-s2-b0.5-eps0-lr0.0003-seed0", "fedbiot-s2-b0.5-kl1-eps0.01-lr0.0003-seed0"
+LR, KL, EPS = f"{TrainSettings().lr:g}", f"{AlignSettings().kl_weight:g}", f"{TrainSettings().prox_eps:g}"
+FEDOT, FEDBIOT = f"fedot-s2-b0.5-eps0-lr{LR}-seed0", f"fedbiot-s2-b0.5-kl{KL}-eps{EPS}-lr{LR}-seed0"
 
 
 def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, data_files, tmp_path, capsys):
