@@ -625,12 +625,13 @@ def markdown(result: dict) -> str:
                      f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {_fidelity(c)} | {accuracy} |")
     if result.get("tuning"):
         lines += ["", "Tuning on the first seed (validation NLL of AdapFu; the test NLL beside it is not used to "
-                  "choose):", "", "| group | lambda | eps | lr | validation NLL | test NLL AdapFu |",
-                  "|---|---|---|---|---|---|"]
+                  "choose):", "", "| group | lambda | eps | lr | validation NLL | test NLL AdapFu | test NLL AdapEmu | "
+                  "gradient cosine (pre-aligned -> last round) |", "|---|---|---|---|---|---|---|---|"]
         order = sorted(result["tuning"], key=lambda t: (t["group"], t["kl_weight"] or 0, t["prox_eps"] or 0, t["lr"]))
         for t in order:
             lines.append(f"| {t['group']} | {_g(t['kl_weight'])} | {_g(t['prox_eps'])} | {t['lr']:g} | "
-                         f"{t['val_nll']:.4f} | {t['nll_adapfu']:.4f} |")
+                         f"{t['val_nll']:.4f} | {t['nll_adapfu']:.4f} | {t['nll_adapemu']:.4f} | "
+                         f"{_fidelity({'method': t['group'], **t})} |")
     parties = ", ".join(f"{METHOD_LABELS[m]} {n}" for m, n in b["parties"].items())
     lines += [
         "",
@@ -747,7 +748,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                                     {"val": data.val, "max_length": args.max_length}, validate)["nll"]
         tuning.append({"group": entry.group, "cell": entry.cell, "kl_weight": entry.kl_weight,
                        "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed, "val_nll": val_of[entry.name],
-                       "nll_adapfu": summary["nll_adapfu"], "nll_adapemu": summary["nll_adapemu"]})
+                       "nll_adapfu": summary["nll_adapfu"], "nll_adapemu": summary["nll_adapemu"],
+                       **run_fidelity(out / "runs" / entry.name)})
         return val_of[entry.name]
 
     # Tuning on the first seed (groups that follow another are tuned after it), then every seed at the choice.

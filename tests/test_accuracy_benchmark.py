@@ -215,6 +215,7 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     tried = {t["lr"]: t["val_nll"] for t in result["tuning"]}
     assert sorted(tried) == [1e-4, 5e-2] and tried[chosen] == min(tried.values())
     assert {t["seed"] for t in result["tuning"]} == {0}  # tuned on the first seed only
+    assert all(-1 <= t["fidelity_pre"] <= 1 for t in result["tuning"])
     fedbiot_rows = [r for r in result["rows"] if r["method"] == "fedbiot"]
     assert {r["lr"] for r in fedbiot_rows} == {chosen} and sorted({r["seed"] for r in fedbiot_rows}) == [0, 1]
     assert {r["seed"]: r["val_nll"] is not None for r in fedbiot_rows} == {0: True, 1: False}
