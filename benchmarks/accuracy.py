@@ -200,6 +200,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--tune-drop-rates", nargs="+", type=float, default=None,
                    help="drop rates > 0 tuned (default: all); the others take the setting chosen for the same method "
                         "at the first of these")
+    g.add_argument("--finished-only", action="store_true",
+                   help="report the runs finished so far and train nothing (cells show the seeds they have)")
     g.add_argument("--dtype", default="float32",
                    help="the runs' frozen weights: float32 | bfloat16 | float16 | auto (scores load in float32)")
     g.add_argument("--threads", type=int, default=None,
@@ -728,8 +730,11 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     val_of: dict[str, float] = {}
     tuning: list[dict] = []
 
-    def run(entry: Entry) -> dict:
+    def run(entry: Entry) -> dict | None:
         if entry.name not in summaries:
+            if args.finished_only and not (out / "runs" / entry.name / "summary.json").is_file():
+                say(f"{entry.name}: not finished, left out (--finished-only)")
+                return None
             say(f"run {len(summaries) + 1}: {entry.name}")
             summaries[entry.name] = ensure_run(run_config(entry, args, spec, data), out / "runs" / entry.name, say)
         return summaries[entry.name]
@@ -739,6 +744,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         if entry.name in val_of:
             return val_of[entry.name]
         summary = run(entry)
+        if summary is None:
+            return math.inf
         config = run_config(entry, args, spec, data)
 
         def validate() -> dict:
@@ -769,9 +776,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             + (f" on validation (NLL {val_of[c.name]:.4f})" if c.name in val_of else ""))
     entries = [e for e in configs if e.method == "untouched"]
     entries += [replace(c, seed=seed) for c in chosen.values() for seed in args.seeds]
-    for entry in entries:
-        if entry.method != "untouched":
-            run(entry)
+    entries = [e for e in entries if e.method == "untouched" or run(e) is not None]
 
     reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
     rows: list[dict] = []

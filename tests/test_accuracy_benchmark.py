@@ -226,6 +226,12 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     assert len([p for p in cache if p.is_dir()]) == 2  # one pre-alignment per seed, shared by both lrs
     assert len([p for p in cache if p.name.startswith("base-nll-")]) == 1  # the untouched model scored once
     assert len(list((out / "runs").iterdir())) == 3  # seed 1 runs the chosen lr only
+    # --finished-only reports what exists and trains nothing: a seed never run is left out
+    assert main([*args, "--seeds", "0", "1", "2", "--finished-only"]) == 0
+    assert len(list((out / "runs").iterdir())) == 3
+    again = json.loads((out / "accuracy.json").read_text())
+    cell = next(c for c in again["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
+    assert cell["seeds"] == [0, 1] and again["selection"] == result["selection"]
     assert "(n=2)" in (out / "accuracy.md").read_text()
 
 
