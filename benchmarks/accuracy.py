@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.reports import write_report
+from benchmarks.reports import save_figure, write_report
 from errors import ConfigError, FedbiotError
 
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
@@ -696,10 +696,7 @@ def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -
             ax.set_ylim(max(0.0, low - 0.2 * (high - low + 1e-3)), high + 0.1 * (high - low + 1e-3))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ main

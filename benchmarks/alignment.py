@@ -27,10 +27,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.reports import write_report
+from benchmarks.accuracy import Progress
+from benchmarks.reports import save_figure, write_report
 from errors import FedbiotError
 
-LAYOUTS = {"fedbiot": "fedbiot", "offsite": "offsite", "fedot": "fedot"}
+LAYOUTS = ("fedbiot", "offsite", "fedot")  # METHOD of --layouts METHOD-S
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -156,10 +157,15 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set(xlabel="alignment steps", ylabel="cosine", title="adapter-gradient fidelity (task batches)")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
+
+def _finished(path: Path, settings: dict) -> dict | None:
+    """The trajectory saved at `path` when it was measured with `settings`, else None."""
+    if not path.is_file():
+        return None
+    t = json.loads(path.read_text())
+    return t if t.get("settings") == settings else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,11 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from console.terminal import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
-    start = time.perf_counter()
-
-    def say(line: str) -> None:
-        print(f"[bench {time.perf_counter() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
-
+    say = Progress()
+    folder = args.out / "trajectories"
+    settings = {k: getattr(args, k) for k in ("model", "checkpoints", "eval_items", "dtype", "public_limit",
+                                              "grad_batches", "seed")}
     try:
         import torch  # noqa: PLC0415
 
@@ -185,36 +190,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         hardware = resolve_hardware("cpu", args.dtype)
-        args.out.mkdir(parents=True, exist_ok=True)
-        trajectories = []
-        settings = {k: getattr(args, k) for k in ("model", "checkpoints", "eval_items", "dtype", "public_limit",
-                                                  "grad_batches", "seed")}
+        folder.mkdir(parents=True, exist_ok=True)
         for beta in args.drop_rates:
             for layout in args.layouts:
                 for kl in args.kl_weights:
                     for lr in args.lrs:
                         name = f"b{beta:g}-{layout}-lr{lr:g}-kl{kl:g}"
-                        saved = args.out / "trajectories" / f"{name}.json"
-                        if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
+                        saved = folder / f"{name}.json"
+                        if _finished(saved, settings) is not None:
                             say(f"{name}: reused")
-                            trajectories.append(json.loads(saved.read_text()))
                             continue
                         say(f"{name}: aligning")
                         base = load_model(args.model, dtype=hardware.dtype)  # fresh: LoRA is attached in place
                         t = trajectory(args, beta, layout, lr, kl, args.out / "runs" / name, base, say)
-                        t["settings"] = settings
-                        saved.parent.mkdir(parents=True, exist_ok=True)
-                        write_report(saved, json.dumps(t, indent=1) + "\n")
-                        trajectories.append(t)
+                        write_report(saved, json.dumps({**t, "settings": settings}, indent=1) + "\n")
     except FedbiotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    names = {t["layout"] + json.dumps([t["drop_rate"], t["lr"], t["kl_weight"]]) for t in trajectories}
-    for path in sorted((args.out / "trajectories").glob("*.json")):  # earlier commands' trajectories too
-        t = json.loads(path.read_text())
-        if t.get("settings") == settings and t["layout"] + json.dumps([t["drop_rate"], t["lr"], t["kl_weight"]]) \
-                not in names:
-            trajectories.append(t)
+    # the report: every trajectory finished in DIR with these settings, this command's and earlier ones'
+    trajectories = [t for path in sorted(folder.glob("*.json")) if (t := _finished(path, settings)) is not None]
     trajectories.sort(key=lambda t: (t["drop_rate"], t["layout"], t["kl_weight"], t["lr"]))
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)", "dtype": args.dtype,
               "command": "python -m benchmarks.alignment " + " ".join(argv), "eval_items": args.eval_items,

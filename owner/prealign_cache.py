@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +98,14 @@ def cached_base_nll(cache_dir: Path, teacher: nn.Module, items: Sequence[Tokeniz
             raise ConfigError(f"cache entry {path} is unreadable ({exc}); remove it") from exc
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"nll": value}) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # runs may share the cache
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"nll": value}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return value
 
 
