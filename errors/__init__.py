@@ -15,3 +15,7 @@ class ModelError(FedbiotError):
 
 class ConfigError(FedbiotError):
     """An option value is out of range or options contradict each other."""
+
+
+class RunUntrained(FedbiotError):
+    """Every round ran, but the adapter is the one the run started with: outputs exist, success does not."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from errors import ConfigError
+from errors import ConfigError, RunUntrained
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -227,6 +227,9 @@ def run(argv: list[str]) -> int:
         summary = run_mode(args, log)
     finally:
         log.close()
+    if summary.get("untrained"):
+        raise RunUntrained(f"the run ended untrained: {summary['untrained']}; the adapters in {args.out} are "
+                           "the ones it started from")
     print(f"done: {args.out} (AdapFu nll {summary['nll_adapfu']:.4f} vs base {summary['nll_base']:.4f})")
     return 0
 

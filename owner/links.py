@@ -44,7 +44,7 @@ class PartyLink:
     guard: ReplayGuard = field(default_factory=ReplayGuard)
     out: SeqCounter = field(default_factory=SeqCounter)
     n_examples: int = 0  # as announced in HELLO: exact, or its power-of-two ceiling
-    last_round: int = -1  # the last round it finished or sent a masked input for, as HELLO said
+    last_round: int = -1  # the last round of this run it finished or sent a masked input for, as READY said
     ready: bool = False
     session_started: float = 0.0
     bytes_down: int = 0
@@ -58,9 +58,10 @@ class RoundAborted(FedbiotError):
 class OwnerLinks:
     """Sessions with the parties over one ROUTER socket: sending, receiving, liveness, admission."""
 
-    def __init__(self, sock, allowlist: dict[str, bytes], archive: ChunkSource, log: MetricsLog, *,
+    def __init__(self, sock, allowlist: dict[str, bytes], archive: ChunkSource, log: MetricsLog, *, run_id: str,
                  welcome: Callable[[], Message], party_timeout: float, monitor) -> None:
         self.sock, self.allowlist, self.archive, self.log = sock, allowlist, archive, log
+        self.run_id = run_id  # what a READY must name: its `last_round` is about this run, no other
         self.welcome = welcome  # the WELCOME for a party that says HELLO (run settings, current round)
         self.links: dict[str, PartyLink] = {}
         self.counters: dict[str, SeqCounter] = {}  # owner -> party seq survives a party's re-HELLO
@@ -193,8 +194,7 @@ class OwnerLinks:
             self.restarted.add(name)
         if old is not None and old.identity != identity:
             self.release(old.identity)
-        link = PartyLink(name, identity, n_examples=msg["n_examples"], last_round=msg["last_round"],
-                         session_started=time.monotonic(),
+        link = PartyLink(name, identity, n_examples=msg["n_examples"], session_started=time.monotonic(),
                          out=self.counters.setdefault(name, SeqCounter()))
         link.guard.commit(msg)
         self.links[name] = link
@@ -216,8 +216,12 @@ class OwnerLinks:
         if msg.type is MessageType.READY:
             if msg["model_sha256"] != self.archive.info.model_sha256:
                 raise ProtocolError("READY for a model archive this run does not serve")
-            self.links[name].ready = True
-            self.log.say(f"{name} is ready")
+            if msg["run_id"] != self.run_id:
+                raise ProtocolError(f"READY for run {msg['run_id']!r}; this run is {self.run_id!r}")
+            link = self.links[name]
+            link.ready, link.last_round = True, msg["last_round"]
+            done = f" (took part in this run up to round {link.last_round + 1})" if link.last_round >= 0 else ""
+            self.log.say(f"{name} is ready{done}")
             return None
         if msg.type is MessageType.HEARTBEAT:
             return None

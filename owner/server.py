@@ -25,7 +25,7 @@ from owner.simulate import prepare_out_dir, run_dir_setup
 from protocol.chunks import pack_dir
 from protocol.codec import DEFAULT_LIMITS
 from protocol.keys import load_allowlist
-from protocol.messages import RUN_FINISHED
+from protocol.messages import RUN_FINISHED, RUN_UNTRAINED
 from protocol.sockets import bind_router, close_router
 
 
@@ -108,13 +108,15 @@ def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
             log.say(f"compressed model archive: {megabytes(archive.info.model_size):.1f} MB in "
                     f"{archive.info.n_chunks} chunks")
             driver: RoundDriver | None = None
-            links = OwnerLinks(sock, allowlist, archive, log, welcome=lambda: driver.welcome(),
+            run_id = run_id_for(out_dir)
+            links = OwnerLinks(sock, allowlist, archive, log, run_id=run_id, welcome=lambda: driver.welcome(),
                                party_timeout=opts.party_timeout, monitor=monitor)
-            driver = RoundDriver(session, config, links, log, run_id=run_id_for(out_dir),
+            driver = RoundDriver(session, config, links, log, run_id=run_id,
                                  min_parties=min_parties, join_timeout=opts.join_timeout,
                                  round_timeout=opts.round_timeout, party_timeout=opts.party_timeout)
         summary = driver.run()
-        links.goodbye(RUN_FINISHED)
+        untrained = summary.get("untrained")
+        links.goodbye(f"{RUN_UNTRAINED}: {untrained}" if untrained else RUN_FINISHED)
         return summary
     except BaseException as exc:
         if links is not None:

@@ -128,6 +128,7 @@ class OwnerSession:
         make_resident(self.base.model, [f"{manifest.layers_path}.{i}" for i in manifest.full_adapter_layers])
         self.teacher = attach_lora(self.base.model, manifest.full_adapter_layers, cfg.lora, lora_seed)
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
+        self.initial_adapter = {k: v.clone() for k, v in self.adapter_state.items()}  # what `untrained` compares
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)
         self._sync_teacher()
         # FedAvg-LoRA on the full model has no emulator, so nothing to align.
@@ -239,6 +240,16 @@ class OwnerSession:
         return save_checkpoint(self.out_dir, OwnerCheckpoint(
             self.round, self.adapter_state, self.emulator_state, optimizer, self.history))
 
+    def untrained(self) -> str | None:
+        """Why the run ends with the adapter it started from (no round was aggregated, or the aggregates
+        changed nothing), or None when the adapter was trained."""
+        aggregated = sum(1 for record in self.history if not record.get("skipped"))
+        if not aggregated:
+            return f"no round was aggregated ({self.round} of {self.config.rounds} rounds skipped)"
+        if all(torch.equal(self.adapter_state[k], v) for k, v in self.initial_adapter.items()):
+            return f"the adapter is unchanged after {aggregated} aggregated rounds"
+        return None
+
     # ----------------------------------------------------------------- results
     def evaluate(self) -> dict[str, float]:
         data, pad = self.data.eval_tokens, self.pad_id
@@ -305,6 +316,9 @@ class OwnerSession:
             "seconds": round(time.time() - self.started, 1),
             **(extra or {}),
         }
+        untrained = self.untrained()
+        if untrained:
+            summary["untrained"] = untrained
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.log.record("summary", **summary)
         self.log.say("NLL on held-out items: base {nll_base:.4f}, AdapEmu {nll_adapemu:.4f}, "

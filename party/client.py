@@ -8,9 +8,9 @@ lost with its connection): an owner busy pre-aligning for minutes gets one HELLO
 Every owner message is schema-, replay- and round-checked; a bad one is logged and dropped.
 
 Exit status of `run()`: 0 when the owner ended the run normally (BYE "run finished"), 1 when the owner
-stopped early or fell silent past `--timeout`. A key the owner refuses (ZAP) or an owner key that does not
-match the one listening (the CurveZMQ handshake fails) raises `OwnerRefused` at once instead of retrying
-until the timeout.
+stopped early, ended the run without training the adapter, or fell silent past `--timeout`. A key the
+owner refuses (ZAP) or an owner key that does not match the one listening (the CurveZMQ handshake fails)
+raises `OwnerRefused` at once instead of retrying until the timeout.
 
 `after_stage` (a constructor argument) is called with each secure-aggregation stage the party completed;
 the tests inject a fault there (a party that vanishes right after sharing its keys).
@@ -44,7 +44,7 @@ from protocol import messages as m
 from protocol.chunks import ArchiveInfo, ChunkReceiver
 from protocol.codec import decode
 from protocol.errors import ProtocolError, TransportError
-from protocol.messages import MAX_EXAMPLES, RUN_FINISHED, Message, MessageType
+from protocol.messages import MAX_EXAMPLES, RUN_FINISHED, RUN_UNTRAINED, Message, MessageType
 from protocol.replay import ReplayGuard, SeqCounter
 from protocol.sockets import connect_dealer, recv, send
 from secure_agg import (
@@ -185,8 +185,7 @@ class PartyNode:
         self.last_hello = time.monotonic()
         self.hello_handshake = self.handshakes
         self.send(m.hello(name=self.name, n_examples=self.announced_examples(), model_sha256=sha,
-                          capabilities=["secure_agg"] + (["dp"] if self.opts.dp else []),
-                          last_round=self.last_contributed()))
+                          capabilities=["secure_agg"] + (["dp"] if self.opts.dp else [])))
 
     def cached_sha(self) -> str:
         return str(self.saved_state().get("model_sha256", ""))
@@ -202,10 +201,14 @@ class PartyNode:
         self.state_path.write_text(json.dumps({**self.saved_state(), **fields}))
 
     def last_contributed(self) -> int:
-        """The last round of the last run this party took part in: finished, or masked an input for."""
-        run_id = self.saved_state().get("run_id")
-        sent = self.ledger.rounds_sent(run_id) if isinstance(run_id, str) else []
+        """The last round of the run being joined (WELCOME's run id) that this party finished or masked an
+        input for, -1 for none. Only this run's: the ledger also holds the rounds of every earlier run, which
+        must not shorten a new one. READY carries it with the run id it refers to."""
+        sent = self.ledger.rounds_sent(self.settings.run_id) if self.settings is not None else []
         return max([self.rounds_done - 1, *sent])
+
+    def send_ready(self) -> None:
+        self.send(m.ready(self.archive.model_sha256, self.settings.run_id, self.last_contributed()))
 
     def announced_examples(self) -> int:
         """The data size HELLO carries: exact only if the party allows it, else its power-of-two ceiling
@@ -273,6 +276,8 @@ class PartyNode:
             self.finished = msg["reason"] == RUN_FINISHED
             if self.finished:
                 raise OwnerGone(f"the owner ended the run: {msg['reason']}")
+            if msg["reason"].startswith(RUN_UNTRAINED):  # every round ran, nothing was learnt: no success
+                raise OwnerGone(f"the owner ended the run without training the adapter: {msg['reason']}")
             raise OwnerGone(f"the owner stopped before the end of the run: {msg['reason'] or 'no reason given'}")
         return msg
 
@@ -282,16 +287,20 @@ class PartyNode:
     # ------------------------------------------------------------------------------ joining
     def on_welcome(self, msg: Message) -> None:
         try:
-            self.settings = PartyRunSettings.from_dict(msg["settings"])
+            settings = PartyRunSettings.from_dict(msg["settings"])
         except ConfigError as exc:
             raise ProtocolError(f"WELCOME carries unusable run settings: {exc}") from None
+        if settings.run_id != msg["run_id"]:
+            raise ProtocolError(f"WELCOME names run {msg['run_id']!r} but its settings run {settings.run_id!r}")
+        if self.settings is None or settings.run_id != self.settings.run_id:
+            self.rounds_done = 0  # rounds finished in this process count for the run they belong to only
+        trained_for, self.settings = self.settings, settings
         self.welcomed = True
-        self.save_state(run_id=self.settings.run_id)
         info = ArchiveInfo.from_fields(msg.fields)
         self.log(f"welcomed to {msg['run_id']} at round {msg['round'] + 1}; model archive "
                  f"{info.model_size / 1e6:.1f} MB")
-        if self.trainer is not None and self.archive == info:
-            self.send(m.ready(info.model_sha256))
+        if self.trainer is not None and self.archive == info and trained_for == settings:
+            self.send_ready()
             return
         model_dir = self.work / "model"
         if self.cached_sha() == info.model_sha256 and model_dir.is_dir():
@@ -355,7 +364,7 @@ class PartyNode:
         adapter_spec, emulator_spec = party.part_specs()
         self.spec = m.part_tensors(adapter={n: (shape, "F32") for n, (shape, _) in adapter_spec.items()},
                                    emulator={n: (shape, "F32") for n, (shape, _) in emulator_spec.items()})
-        self.send(m.ready(self.archive.model_sha256))
+        self.send_ready()
         where = self.opts.hardware.describe() if self.opts.hardware else "cpu float32"
         self.log(f"model ready ({len(party.manifest.emulator_layers)} emulator + {party.manifest.adapter_size} "
                  f"adapter layers, {where}{f', {self.opts.quantize}' if self.opts.quantize else ''}); "

@@ -16,14 +16,17 @@ from typing import Any, Literal
 from protocol.errors import ProtocolError
 from protocol.schema import CrossCheck, Field, Float, Int, Obj, Str, StrList
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAX_SEQ = 2**63 - 1
 MAX_ROUND = 2**31 - 1
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 TOKEN_PATTERN = r"[a-z][a-z0-9_]{0,31}"
 SHA256_PATTERN = r"[0-9a-f]{64}"
-RUN_FINISHED = "run finished"  # the BYE reason of an owner that completed every round
+RUN_FINISHED = "run finished"  # the BYE reason of an owner that completed every round and trained the adapter
+# The BYE reason's prefix when every round ran but the adapter is what the run started with (no round was
+# aggregated, or the aggregates left it unchanged): the run ended, but not as a success.
+RUN_UNTRAINED = "run ended untrained"
 
 
 class MessageType(StrEnum):
@@ -117,13 +120,6 @@ SPECS: dict[MessageType, MessageSpec] = {
                     default=[],
                     doc='e.g. ["dp", "secure_agg"]',
                 ),
-                Field(
-                    "last_round",
-                    Int(-1, MAX_ROUND),
-                    required=False,
-                    default=-1,
-                    doc="last round it finished, -1 for none",
-                ),
             ),
             doc="opens a session; the owner resets this party's replay guard",
         ),
@@ -161,7 +157,17 @@ SPECS: dict[MessageType, MessageSpec] = {
         MessageSpec(
             MessageType.READY,
             "party",
-            (Field("model_sha256", _SHA, doc="archive hash the party verified and unpacked"),),
+            (
+                Field("model_sha256", _SHA, doc="archive hash the party verified and unpacked"),
+                Field("run_id", _NAME, doc="the run it joins (WELCOME's run_id): `last_round` refers to this run"),
+                Field(
+                    "last_round",
+                    Int(-1, MAX_ROUND),
+                    required=False,
+                    default=-1,
+                    doc="last round of this run it finished or sent a masked input for, -1 for none",
+                ),
+            ),
             doc="the party holds the model and can train",
         ),
         MessageSpec(
@@ -302,7 +308,6 @@ def hello(
     n_examples: int,
     model_sha256: str = "",
     capabilities: list[str] | tuple[str, ...] = (),
-    last_round: int = -1,
 ) -> Message:
     return Message(
         MessageType.HELLO,
@@ -311,7 +316,6 @@ def hello(
             "n_examples": n_examples,
             "model_sha256": model_sha256,
             "capabilities": list(capabilities),
-            "last_round": last_round,
         },
     )
 
@@ -349,8 +353,10 @@ def chunk(index: int, data: bytes) -> Message:
     return Message(MessageType.CHUNK, {"index": index, "sha256": hashlib.sha256(data).hexdigest()}, blob=bytes(data))
 
 
-def ready(model_sha256: str) -> Message:
-    return Message(MessageType.READY, {"model_sha256": model_sha256})
+def ready(model_sha256: str, run_id: str, last_round: int = -1) -> Message:
+    """READY names the run it was sent for, so what it says about earlier rounds cannot be read into another
+    run (a party's ledger holds every run it took part in)."""
+    return Message(MessageType.READY, {"model_sha256": model_sha256, "run_id": run_id, "last_round": last_round})
 
 
 ROUND_PARTS = ("adapter", "emulator")

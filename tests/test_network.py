@@ -51,7 +51,7 @@ from protocol.messages import Message, MessageType
 from protocol.sockets import connect_dealer
 from tasks.datasets import load_examples
 from tasks.splits import split_iid
-from tests import quitting_party
+from tests import faulty_party
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -139,20 +139,21 @@ class Cluster:
             "--public-data", str(self.data["public"]), "--eval-data", str(self.data["eval"]), *TRAIN_ARGS,
             "--join-timeout", "90", "--round-timeout", "60", "--party-timeout", str(party_timeout), *extra])
 
-    def party(self, name: str, data: Path, tag: str | None = None, module: str = "party.cli") -> Node:
-        args = party_args(self.endpoint, name, data, self.keys, self.root)
-        return self.start(tag or name, ["-m", module, *args[2:]])
+    def party(self, name: str, data: Path, tag: str | None = None, module: str = "party.cli", *,
+              allow_plain: bool = True, env: dict[str, str] | None = None) -> Node:
+        args = party_args(self.endpoint, name, data, self.keys, self.root, allow_plain=allow_plain)
+        return self.start(tag or name, ["-m", module, *args[2:]], env)
 
     def close(self) -> None:
         for node in self.nodes:
             node.kill()
 
 
-def party_args(endpoint: str, name: str, data: Path, keys: dict, root: Path, owner_key: Path | None = None
-               ) -> list[str]:
+def party_args(endpoint: str, name: str, data: Path, keys: dict, root: Path, owner_key: Path | None = None,
+               allow_plain: bool = True) -> list[str]:
     return ["-m", "party.cli", "--connect", endpoint, "--data", str(data), "--key", str(keys[name][1]),
             "--owner-key", str(owner_key or keys["owner"][0]), "--work", str(root / f"work-{name}"),
-            "--timeout", "90", "--allow-plain"]
+            "--timeout", "90", *(["--allow-plain"] if allow_plain else [])]
 
 
 def free_port() -> int:
@@ -250,9 +251,10 @@ class FuzzTarget:
         self.adapter = {k: np.zeros_like(v, dtype=np.float32) for k, v in sorted(adapter.items())}
         self.spec = {k: (v.shape, "F32") for k, v in self.adapter.items()}
         self.sha = hashlib.sha256((out / "compressed.tar").read_bytes()).hexdigest()
+        self.run_id = (out / "run-id").read_text().strip()
         self.n_chunks = 1
         self.bases = [
-            m.heartbeat(), m.chunk_request(0), m.ready(self.sha), m.bye("leaving"),
+            m.heartbeat(), m.chunk_request(0), m.ready(self.sha, self.run_id), m.bye("leaving"),
             m.update(round=0, n_examples=3, tensors=self.adapter), m.update(round=0, n_examples=3),
             m.secagg(round=0, stage="advertise_keys", data={"type": "advertise_keys"},
                      arrays={"c_pk": np.zeros(32, np.uint8)}),
@@ -274,7 +276,7 @@ class FuzzTarget:
         if msg.type is MessageType.CHUNK_REQUEST:
             return msg["index"] >= self.n_chunks
         if msg.type is MessageType.READY:
-            return msg["model_sha256"] != self.sha
+            return msg["model_sha256"] != self.sha or msg["run_id"] != self.run_id
         return False
 
 
@@ -356,7 +358,10 @@ def malformed(draw, target: FuzzTarget) -> list[bytes]:
     if kind == "chunk":
         return _encoded(m.chunk_request(draw(st.integers(target.n_chunks, 2**31 - 1))), fresh)
     if kind == "ready":
-        return _encoded(m.ready(draw(st.text("0123456789abcdef", min_size=64, max_size=64))), fresh)
+        if draw(st.booleans()):
+            return _encoded(m.ready(draw(st.text("0123456789abcdef", min_size=64, max_size=64)), target.run_id),
+                            fresh)
+        return _encoded(m.ready(target.sha, draw(st.sampled_from(["run-other", "run-" + "0" * 32]))), fresh)
     return _encoded(m.hello(name=draw(st.sampled_from(["party-1", "party-2", "mallory", "fuzzer"])),
                             n_examples=draw(st.integers(0, 3))), fresh)
 
@@ -526,7 +531,7 @@ def test_the_fuzzed_owner_refuses_every_malformed_message_and_keeps_serving(plai
     reasons = " | ".join(e["reason"] for e in rejects)
     for why in ("not valid JSON", "protocol version", "unknown message type", "wrong tensor names", "has shape",
                 "has dtype", "NaN or Inf", "header frame has", "more than 4096", "safetensors header claims",
-                "replayed", "while no round is in progress", "does not exist", "HELLO names"):
+                "replayed", "while no round is in progress", "does not exist", "HELLO names", "READY for run"):
         assert why in reasons, f"no message was refused for {why!r}"
     # Nothing it sent was served: the owner only welcomed it, refused it and said goodbye.
     inbox = plain_run["fuzzer_inbox"]
@@ -577,6 +582,76 @@ def test_secure_networked_run_equals_the_in_process_secure_run(crash_run):
     assert_same_adapter(adapfu(out), adapfu(crash_run["simulated"]))
 
 
+# --------------------------------------------- scenario: a resumed run, then a second job with the same parties
+
+
+@pytest.fixture(scope="module")
+def second_job_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
+    """Job A: both parties pause right after masking round 1 (tests.faulty_party), the owner is killed in that
+    window, before it could close the round, and resumed. Job B: a new owner with a new --out, the same two
+    parties with the same work directories (ledgers holding job A's rounds), as a consortium's next job."""
+    root = tmp_path_factory.mktemp("second-job")
+    cluster = Cluster(root, keys, data, tiny_llama_dir)
+    resume = root / "resume"
+    result: dict = {"out": cluster.out, "out_b": root / "out-b", "root": root}
+    flags = ("--parties", "2", "--secure-agg")
+    pause = {"FEDBIOT_TEST_FAULT": "pause", "FEDBIOT_TEST_RESUME": str(resume)}
+    try:
+        first = cluster.owner(*flags, party_timeout=30)
+        paused = [cluster.party(f"party-{i}", data[f"party-{i}"], module="tests.faulty_party", allow_plain=False,
+                                env=pause) for i in (1, 2)]
+        for node in paused:
+            node.wait_log(re.escape(faulty_party.PAUSED))
+        first.kill()  # the parties' masked inputs of round 1 are out; the round was never closed
+        result["first_rc"] = first.proc.returncode
+        result["checkpoint_at_kill"] = latest_checkpoint_dir(cluster.out).name
+        resumed = cluster.owner(*flags, "--resume", tag="owner-resumed", party_timeout=30)
+        resume.touch()
+        result["resumed_rc"] = resumed.exit_code()
+        result["paused_rcs"] = [node.exit_code() for node in paused]
+
+        cluster.out = result["out_b"]
+        second = cluster.owner(*flags, tag="owner-b")
+        again = [cluster.party(f"party-{i}", data[f"party-{i}"], tag=f"party-{i}-b", allow_plain=False)
+                 for i in (1, 2)]
+        result["b_rc"] = second.exit_code()
+        result["b_party_rcs"] = [node.exit_code() for node in again]
+        result["logs"] = {n.name: n.text() for n in cluster.nodes}
+    finally:
+        cluster.close()
+    return result
+
+
+def test_a_resumed_owner_leaves_out_the_parties_that_masked_its_round_before_the_crash(second_job_run):
+    run = second_job_run
+    assert run["first_rc"] == -signal.SIGKILL and run["checkpoint_at_kill"] == "round-0000"
+    log = run["logs"]["owner-resumed"]
+    assert run["resumed_rc"] == 0 and run["paused_rcs"] == [0, 0], log[-3000:]
+    for name in ("party-1", "party-2"):
+        assert f"{name} is ready (took part in this run up to round 1)" in log
+        assert f"{name} already sent its masked input for round 1 before a restart" in log
+    rounds = events(run["out"], "round")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["participants"] == [] and "never aggregated twice" in rounds[0]["skipped"]
+    assert rounds[1]["participants"] == ["party-1", "party-2"] and "skipped" not in rounds[1]
+
+
+def test_a_second_job_with_the_same_party_work_directories_trains_every_round(second_job_run):
+    run = second_job_run
+    log = run["logs"]["owner-b"]
+    assert run["b_rc"] == 0 and run["b_party_rcs"] == [0, 0], log[-3000:]
+    assert "already sent" not in log and "skipped" not in log and "took part in this run" not in log
+    rounds = events(run["out_b"], "round")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["participants"] == ["party-1", "party-2"] and "skipped" not in r for r in rounds)
+    assert "untrained" not in json.loads((run["out_b"] / "summary.json").read_text())
+    assert max(float(t.abs().max()) for n, t in adapfu(run["out_b"]).items() if "lora_B" in n) > 1e-4
+    for i in (1, 2):  # the ledger holds both jobs; the second was not read as the first
+        ledger = json.loads((run["root"] / f"work-party-{i}" / "secagg-ledger.json").read_text())
+        assert len(ledger["rounds"]) == 2
+        assert "the owner ended the run: run finished" in run["logs"][f"party-{i}-b"]
+
+
 # ------------------------------------------------------------ scenario: secure aggregation with dropouts
 
 
@@ -589,7 +664,7 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     try:
         owner = cluster.owner(*flags)
         parties = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
-        quitter = cluster.party("party-3", data["party-3"], module="tests.quitting_party")
+        quitter = cluster.party("party-3", data["party-3"], module="tests.faulty_party")
         owner.wait_log(r"round 1 alignment")  # round 1 is aggregated: everybody's part in it is done
         parties[1].kill()  # leaves party-1 alone in round 2: fewer than --min-parties
         result["abort_rc"] = owner.exit_code()
@@ -611,8 +686,8 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
 
 def test_secure_round_completes_when_a_party_drops_after_sharing_keys(dropout_run):
     logs = dropout_run["logs"]
-    assert dropout_run["first_party_rcs"][1] == quitting_party.EXIT_STATUS
-    assert quitting_party.MESSAGE in logs["party-3"]
+    assert dropout_run["first_party_rcs"][1] == faulty_party.EXIT_STATUS
+    assert faulty_party.MESSAGE in logs["party-3"]
     first = events(dropout_run["out"], "round")[0]
     assert first["round"] == 1 and first["secure_agg"] and first["participants"] == ["party-1", "party-2"]
     assert re.search(r"party-3 is gone .*round 1 masked inputs", logs["owner"])

@@ -36,8 +36,8 @@ def owner(tmp_path):
     sock, auth = bind_router("tcp://127.0.0.1:*", keys["owner"][1], allow, context=ctx)
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
     lines = io.StringIO()
-    links = OwnerLinks(sock, load_allowlist(allow), archive,
-                       MetricsLog(None, stream=lines), party_timeout=30.0, monitor=monitor,
+    links = OwnerLinks(sock, load_allowlist(allow), archive, MetricsLog(None, stream=lines), run_id="run-1",
+                       party_timeout=30.0, monitor=monitor,
                        welcome=lambda: m.welcome(run_id="run-1", settings={}, round=0,
                                                  **archive.info.welcome_fields()))
     party = connect_dealer(bound_endpoint(sock), keys["alice"][1], keys["owner"][0], name="alice", context=ctx)
@@ -69,7 +69,7 @@ def test_a_party_that_says_bye_at_any_point_is_simply_gone(owner, stage):
     pump_until(links, lambda: "alice" in links.links)
     assert decode(party.recv_multipart(), sender="owner").type is MessageType.WELCOME
     if stage != "hello":
-        say(party, counter, m.ready(links.archive.info.model_sha256))
+        say(party, counter, m.ready(links.archive.info.model_sha256, "run-1"))
         pump_until(links, lambda: links.links["alice"].ready)
     identity = links.links["alice"].identity
     say(party, counter, m.bye("party interrupted"))

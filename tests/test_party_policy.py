@@ -70,7 +70,6 @@ def make_party(world, endpoint: str, tmp_path, **options) -> tuple[PartyNode, li
     party = PartyModel.load(world["root"] / "model", LORA, 0)
     node.trainer = party.trainer("alice", party.tokenize(node.examples, 64, "plain"), LORA, TRAIN, 0)
     node.manifest, node.welcomed = party.manifest, True
-    node.save_state(run_id=RUN)  # as WELCOME does
     node.party = party
     return node, lines
 
@@ -177,7 +176,7 @@ def test_a_round_already_masked_is_never_masked_again_even_after_a_restart(world
     try:  # first time: the party trains and advertises its keys (the round then stalls here: no owner answers)
         assert MessageType.SECAGG in run_until(node, round_start(node, secure_fields()), sock, MessageType.SECAGG)
         node.ledger.claim_input(RUN, 0)  # as masked_input does just before the masked input leaves
-        assert node.last_contributed() == 0  # what HELLO reports, so a resumed owner leaves it out
+        assert node.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
     finally:
         node.close(0)
     again, lines = make_party(world, endpoint, tmp_path)  # a restarted party reads the same ledger
@@ -204,3 +203,61 @@ def test_hello_hides_the_exact_data_size_unless_the_party_allows_it(world, owner
     finally:
         node.close(0)
         shared.close(0)
+
+
+def readies(sock, seconds: float = SILENCE_S) -> list:
+    """The READY messages the owner's socket gets within `seconds`."""
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        item = recv(sock, 0.1)
+        if item is not None:
+            msg = decode(item.frames, sender="party")
+            if msg.type is MessageType.READY:
+                got.append(msg)
+    return got
+
+
+def welcome_for(node: PartyNode, run_id: str, sha: str):
+    settings = dataclasses.replace(node.settings, run_id=run_id).to_dict()
+    return m.welcome(run_id=run_id, settings=settings, model_sha256=sha, model_size=1000, chunk_size=1000,
+                     n_chunks=1, round=0)
+
+
+def test_a_new_run_is_not_shortened_by_an_earlier_runs_ledger(world, owner_socket, tmp_path):
+    sock, endpoint = owner_socket
+    node, _ = make_party(world, endpoint, tmp_path)
+    sha = "ab" * 32
+    shutil.copytree(world["root"] / "model", node.work / "model")  # the model is on disk: WELCOME -> READY
+    node.save_state(model_sha256=sha)
+    try:
+        node.ledger.claim_input(RUN, 0)  # the earlier run: both rounds masked and finished
+        node.ledger.claim_input(RUN, 1)
+        node.rounds_done = 2
+        node.on_welcome(welcome_for(node, "run-next", sha))
+        [ready] = readies(sock)
+        assert (ready["run_id"], ready["last_round"]) == ("run-next", -1)  # nothing of run-next was done
+        node.on_welcome(welcome_for(node, RUN, sha))  # rejoining the earlier run still says what it did there
+        [ready] = readies(sock)
+        assert (ready["run_id"], ready["last_round"]) == (RUN, 1)
+    finally:
+        node.close(0)
+
+
+def test_an_owner_ending_the_run_untrained_is_the_partys_last_line_and_no_success(world, owner_socket, tmp_path):
+    sock, endpoint = owner_socket
+    node, lines = make_party(world, endpoint, tmp_path)
+    import threading  # noqa: PLC0415
+
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(node.run()), daemon=True)
+    worker.start()
+    item = None
+    while item is None and worker.is_alive():  # the party's first heartbeat tells the owner its identity
+        item = recv(sock, 0.5)
+    bye = m.bye(f"{m.RUN_UNTRAINED}: no round was aggregated (2 of 2 rounds skipped)")
+    SeqCounter().stamp(bye)
+    sock.send_multipart([item.identity, *encode(bye)])
+    worker.join(30)
+    assert codes == [1]
+    assert lines[-1] == ("the owner ended the run without training the adapter: run ended untrained: no round was "
+                         "aggregated (2 of 2 rounds skipped)"), lines

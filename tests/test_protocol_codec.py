@@ -43,7 +43,7 @@ def secagg_arrays() -> dict[str, np.ndarray]:
 def sample_messages() -> list[Message]:
     """One message of every type (UPDATE twice: with and without tensors)."""
     samples = [
-        m.hello(name="alice", n_examples=120, model_sha256=SHA, capabilities=["dp", "secure_agg"], last_round=2),
+        m.hello(name="alice", n_examples=120, model_sha256=SHA, capabilities=["dp", "secure_agg"]),
         m.welcome(
             run_id="run-1",
             settings={"lr": 1e-4, "local_steps": 5, "lora": {"r": 8, "targets": ["q_proj", "v_proj"]}},
@@ -55,7 +55,7 @@ def sample_messages() -> list[Message]:
         ),
         m.chunk_request(2),
         m.chunk(1, bytes(range(256)) * 3),
-        m.ready(SHA),
+        m.ready(SHA, "run-1", last_round=2),
         m.round_start(round=4, deadline_s=60, adapter=lora_arrays(), emulator=lora_arrays(2),
                       secagg={"threshold": 2, "parties": [0, 1, 2]}),
         m.secagg(round=4, stage="share_keys", data={"type": "share_keys", "ids": [0, 1, 2]}, arrays=secagg_arrays()),
@@ -109,8 +109,10 @@ def test_round_trip(msg):
 
 
 def test_optional_fields_get_defaults():
-    out = decode([b'{"v":2,"type":"hello","seq":3,"name":"bob","n_examples":0}'])
-    assert out["model_sha256"] == "" and out["capabilities"] == [] and out["last_round"] == -1
+    out = decode([b'{"v":3,"type":"hello","seq":3,"name":"bob","n_examples":0}'])
+    assert out["model_sha256"] == "" and out["capabilities"] == []
+    ready = decode([b'{"v":3,"type":"ready","seq":4,"model_sha256":"' + b"0" * 64 + b'","run_id":"run-1"}'])
+    assert ready["last_round"] == -1
     out["capabilities"].append("x")  # defaults are copies, not shared
     assert SPECS[MessageType.HELLO].field_map()["capabilities"].default == []
 
@@ -167,12 +169,12 @@ def test_bad_json_and_non_objects():
     _rejected([b"{not json"], "not valid JSON")
     _rejected([b"\xff\xfe"], "not UTF-8")
     _rejected([b"[1, 2]"], "not a JSON object")
-    _rejected([b'{"v":2,"v":2,"type":"heartbeat","seq":1}'], "duplicate key")
-    _rejected([b'{"v":2,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":NaN}}'], "not JSON")
-    _rejected([b'{"v":2,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows")
+    _rejected([b'{"v":3,"v":3,"type":"heartbeat","seq":1}'], "duplicate key")
+    _rejected([b'{"v":3,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":NaN}}'], "not JSON")
+    _rejected([b'{"v":3,"type":"update","seq":1,"round":1,"n_examples":1,"stats":{"loss":1e999}}'], "overflows")
     _rejected([b"[" * 5000 + b"]" * 5000], "nested")
     _rejected([b'{"a":' * 40 + b"1" + b"}" * 40], "nested")
-    _rejected([b'{"v":2,"type":"bye","seq":1,"reason":"\\ud800"}'], "surrogate")
+    _rejected([b'{"v":3,"type":"bye","seq":1,"reason":"\\ud800"}'], "surrogate")
 
 
 def test_frame_count_and_frame_types():

@@ -180,3 +180,17 @@ def test_bad_hardware_flags_are_one_line_and_write_nothing(tiny_llama_dir, data_
     err = capsys.readouterr().err.strip().splitlines()
     assert err and message in err[-1] and err[-1].startswith(("error:", "owner: error:")), err
     assert not out.exists()
+
+
+def test_a_run_that_leaves_the_adapter_unchanged_is_no_success(tiny_llama_dir, data_files, tmp_path, capsys):
+    # lr 5e-324 is 0 in float32: every round is aggregated, and every aggregate is the adapter it started from.
+    out = tmp_path / "run"
+    assert main(args_for(tiny_llama_dir, data_files, out, "--lr", "5e-324")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the run ended untrained: the adapter is unchanged after 2 "
+                                               "aggregated rounds"), err
+    summary = json.loads((out / "summary.json").read_text())  # the outputs are written all the same
+    assert summary["rounds"] == 2 and "unchanged" in summary["untrained"]
+    trained = tmp_path / "trained"
+    assert main(args_for(tiny_llama_dir, data_files, trained)) == 0
+    assert "untrained" not in json.loads((trained / "summary.json").read_text())
