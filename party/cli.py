@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace):
     """The PartyOptions the parsed flags describe."""
     from console.progress import Progress  # noqa: PLC0415
-    from party.client import PartyOptions, stamp  # noqa: PLC0415
+    from party.session import PartyOptions, stamp  # noqa: PLC0415
     from tasks.columns import ColumnMap  # noqa: PLC0415
 
     dp = dp_from_args(args)
@@ -118,7 +118,7 @@ def run(argv: list[str]) -> int:
 
     if not args.verbose:
         quiet_libraries()  # before the learning stack is imported: some libraries talk on import
-    from party.client import run_party  # noqa: PLC0415
+    from party.session import run_party  # noqa: PLC0415
 
     return run_party(options_from_args(args))
 

@@ -1,7 +1,8 @@
 """One party's side of one round: a transport-free state machine.
 
-advertise() -> share_keys(roster) -> masked_input(relayed, vector, weight) -> [receive_ack(ack)] ->
-consistency_check(request) -> unmask(request). Each step checks what the owner sent against what the party
+contribute(vector, weight), then one step per stage of the round (`secure_agg.round.ROUND`): advertise() ->
+share_keys(roster) -> masked_input(relayed) -> [receive_ack(ack)] -> consistency_check(request) ->
+unmask(request). Each step checks what the owner sent against what the party
 can derive on its own, and against its own floors (`PartyPolicy`), and refuses (SecAggError) anything
 inconsistent; after a refusal the party answers nothing more this round. Above all it reveals, per peer,
 either the self-mask seed share (peer alive) or the mask-key share (peer dropped), never both; it signs one
@@ -39,19 +40,23 @@ from secure_agg.messages import (
     UnmaskShares,
     check_session,
 )
+from secure_agg.stages import Stage
+
+NEW, ABORTED = "new", "aborted"  # the party's state before its first step and after a refusal
 
 
-def _step(expected: tuple[str, ...]) -> Callable:
-    """Run a step only in one of the `expected` stages; a SecAggError on the way ends the party's round."""
+def _step(after: Stage | str) -> Callable:
+    """Run a step only right `after` the stage the party completed last (`NEW` before the first); a
+    SecAggError on the way ends the party's round."""
     def wrap(method: Callable) -> Callable:
         @functools.wraps(method)
         def run(self: SecAggParty, *args: Any, **kwargs: Any) -> Any:
-            if self.stage not in expected:
-                raise SecAggError(f"party {self.party_id}: {method.__name__} called in stage {self.stage!r}")
+            if self.stage != after:
+                raise SecAggError(f"party {self.party_id}: {method.__name__} called in stage {str(self.stage)!r}")
             try:
                 return method(self, *args, **kwargs)
             except SecAggError:
-                self.stage = "aborted"
+                self.stage = ABORTED
                 raise
         return run
     return wrap
@@ -79,7 +84,7 @@ class SecAggParty:
         self.policy = policy if policy is not None else PartyPolicy()
         self.policy.check(self.params, party_id)
         self.ledger = ledger
-        self.stage = "new"
+        self.stage: Stage | str = NEW  # the stage whose step this party completed last
         self._c_key, self._c_pk = crypto.new_key_pair()  # encrypts the shares sent to peers
         self._s_key, self._s_pk = crypto.new_key_pair()  # agrees the pairwise masks
         self._sig_key, self._sig_pk = crypto.new_signing_key()  # signs this round's view and alive list
@@ -97,7 +102,16 @@ class SecAggParty:
         self._digest = b""
         self._alive: list[int] = []  # the U3 this party signed
         self._dropped: list[int] = []
+        self._input: tuple[np.ndarray, int] | None = None
         self.acked = False
+
+    def contribute(self, vector: np.ndarray, weight: int) -> SecAggParty:
+        """Set the update this party masks in this round and its FedAvg weight (any time before the masked-input
+        step); returns the party, so a step can follow."""
+        if self.stage in (Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK):
+            raise SecAggError(f"party {self.party_id}: its input for round {self.round_id} has already left")
+        self._input = (np.asarray(vector), weight)
+        return self
 
     def _check_envelope(self, msg: Any, recipient: int) -> None:
         if msg.round_id != self.round_id or msg.session != self.session:
@@ -111,15 +125,15 @@ class SecAggParty:
         shared = crypto.agree(self._c_key, self._c_pks[peer], peer)
         return crypto.share_key(shared, self.session, self.round_id, sender, receiver)
 
-    @_step(("new",))
+    @_step(NEW)
     def advertise(self) -> AdvertiseKeys:
-        self.stage = "advertised"
+        self.stage = Stage.ADVERTISE
         me = self.party_id
         return AdvertiseKeys(self.round_id, self.session, me, self._c_pk, self._s_pk, self._sig_pk,
                              crypto.seed_commitment(self._seed, self.session, self.round_id, me),
                              crypto.coin_commitment(self._coin, self.session, self.round_id, me))
 
-    @_step(("advertised",))
+    @_step(Stage.ADVERTISE)
     def share_keys(self, roster: Roster) -> ShareKeys:
         """Check the roster, then Shamir-share the seed and the mask key t-of-members, committing to each share."""
         self._check_envelope(roster, roster.recipient)
@@ -163,7 +177,7 @@ class SecAggParty:
         for v in receivers:
             ad = crypto.context(b"share-ad", self.session, self.round_id, me, v)
             ciphertexts.append(crypto.seal(self._share_key(v, me, v), seed_shares[v] + key_shares[v], ad))
-        self.stage = "shared"
+        self.stage = Stage.SHARE_KEYS
         return ShareKeys(self.round_id, self.session, me, receivers, ciphertexts, seed_commits, key_commits,
                          self._coin)
 
@@ -202,12 +216,16 @@ class SecAggParty:
         self._transcript = crypto.transcript_digest(self.session, self.round_id, numbers, self._members, keys,
                                                     sharers, [coins[u] for u in sharers])
 
-    @_step(("shared",))
-    def masked_input(self, relayed: RelayedShares, vector: np.ndarray, weight: int) -> MaskedInput:
+    @_step(Stage.SHARE_KEYS)
+    def masked_input(self, relayed: RelayedShares) -> MaskedInput:
         """Check the relay, decrypt the peers' shares against their dealers' commitments, then send
-        encode(weight * x, weight, clipped) + self mask +/- pairwise masks with the graph neighbours."""
+        encode(weight * x, weight, clipped) + self mask +/- pairwise masks with the graph neighbours, for the
+        (x, weight) given to `contribute`."""
         self._check_envelope(relayed, relayed.recipient)
         me = self.party_id
+        if self._input is None:
+            raise SecAggError(f"party {me}: no input to mask (contribute() was not called)")
+        vector, weight = self._input
         self._view(relayed)
         held = {}
         for u, blob, seed_commit, key_commit in zip(relayed.senders, relayed.ciphertexts, relayed.seed_commits,
@@ -237,10 +255,10 @@ class SecAggParty:
             self.ledger.claim_input(self.session, self.round_id)
         self._held = {**held, me: self._own_shares}
         self._digest = hashlib.sha256(packed.data).digest()
-        self.stage = "masked"
+        self.stage = Stage.MASKED_INPUT
         return MaskedInput(self.round_id, self.session, me, n, self.params.ring_bits, packed, view)
 
-    @_step(("masked",))
+    @_step(Stage.MASKED_INPUT)
     def receive_ack(self, ack: InputAck) -> None:
         self._check_envelope(ack, ack.recipient)
         if ack.digest != self._digest:
@@ -248,7 +266,7 @@ class SecAggParty:
                               "not send")
         self.acked = True
 
-    @_step(("masked",))
+    @_step(Stage.MASKED_INPUT)
     def consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
         """Check the alive/dropped lists, every alive party's view signature and the alive parties' graph,
         then sign the alive list (U3) with the round transcript: the only list this party signs."""
@@ -290,10 +308,10 @@ class SecAggParty:
                               "revealed")
         self._alive, self._dropped = sorted(alive), sorted(dropped)
         message = crypto.consistency_message(self.session, self.round_id, self._alive, self._transcript)
-        self.stage = "signed"
+        self.stage = Stage.CONSISTENCY
         return ConsistencySignature(self.round_id, self.session, me, crypto.sign(self._sig_key, message))
 
-    @_step(("signed",))
+    @_step(Stage.CONSISTENCY)
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Check that t parties signed the alive list this party signed, under the same transcript, then
         reveal one share per sharer: seed if alive, key if dropped.
@@ -322,6 +340,6 @@ class SecAggParty:
         seed_owners, key_owners = list(self._alive), list(self._dropped)
         if self.ledger is not None:
             self.ledger.record_reveal(self.session, self.round_id, seed_owners, key_owners)
-        self.stage = "done"
+        self.stage = Stage.UNMASK
         return UnmaskShares(self.round_id, self.session, me, seed_owners, key_owners,
                             [self._held[v][0] for v in seed_owners], [self._held[v][1] for v in key_owners])

@@ -19,7 +19,8 @@ from learning.run_settings import PartyRunSettings
 from learning.secure_update import secagg_config
 from learning.training import TrainSettings
 from owner.compress import compress, save_compressed
-from party.client import OwnerGone, PartyNode, PartyOptions
+from party.link import OwnerGone
+from party.session import PartyNode, PartyOptions
 from protocol import messages as m
 from protocol.codec import decode, encode
 from protocol.keys import generate_keypair
@@ -65,11 +66,11 @@ def make_party(world, endpoint: str, tmp_path, **options) -> tuple[PartyNode, li
     opts = PartyOptions(endpoint=endpoint, key=world["keys"]["alice"][1], owner_key=world["keys"]["owner"][0],
                         data=str(world["data"]), work_dir=tmp_path / "work", timeout=5.0, **options)
     node = PartyNode(opts, log=lines.append)
-    node.settings = PartyRunSettings(run_id=RUN, seed=0, rounds=3, max_length=64, template="plain", lora=LORA,
-                                     train=TRAIN, secure_agg=True)
+    node.rounds.join(PartyRunSettings(run_id=RUN, seed=0, rounds=3, max_length=64, template="plain", lora=LORA,
+                                      train=TRAIN, secure_agg=True))
     party = PartyModel.load(world["root"] / "model", LORA, 0)
-    node.trainer = party.trainer("alice", party.tokenize(node.examples, 64, "plain"), LORA, TRAIN, 0)
-    node.manifest, node.welcomed = party.manifest, True
+    node.rounds.trainer = party.trainer("alice", party.tokenize(node.examples, 64, "plain"), LORA, TRAIN, 0)
+    node.manifest, node.link.welcomed = party.manifest, True
     node.party = party
     return node, lines
 
@@ -120,9 +121,9 @@ def run_until(node: PartyNode, msg, sock, want: MessageType, limit_s: float = 12
 
 
 def run(node: PartyNode, msg) -> None:
-    node.last_heard = time.monotonic()  # the owner "just spoke": the round starts now
+    node.link.last_heard = time.monotonic()  # the owner "just spoke": the round starts now
     try:
-        node.run_round(msg)
+        node.rounds.run_round(msg)
     except (SecAggError, OwnerGone):
         pass  # a positive control waits for the owner's answer, which this test owner never gives
     finally:
@@ -175,8 +176,8 @@ def test_a_round_already_masked_is_never_masked_again_even_after_a_restart(world
     node, lines = make_party(world, endpoint, tmp_path)
     try:  # first time: the party trains and advertises its keys (the round then stalls here: no owner answers)
         assert MessageType.SECAGG in run_until(node, round_start(node, secure_fields()), sock, MessageType.SECAGG)
-        node.ledger.claim_input(RUN, 0)  # as masked_input does just before the masked input leaves
-        assert node.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
+        node.work.ledger.claim_input(RUN, 0)  # as masked_input does just before the masked input leaves
+        assert node.rounds.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
     finally:
         node.close(0)
     again, lines = make_party(world, endpoint, tmp_path)  # a restarted party reads the same ledger
@@ -218,7 +219,7 @@ def readies(sock, seconds: float = SILENCE_S) -> list:
 
 
 def welcome_for(node: PartyNode, run_id: str, sha: str):
-    settings = dataclasses.replace(node.settings, run_id=run_id).to_dict()
+    settings = dataclasses.replace(node.rounds.settings, run_id=run_id).to_dict()
     return m.welcome(run_id=run_id, settings=settings, model_sha256=sha, model_size=1000, chunk_size=1000,
                      n_chunks=1, round=0)
 
@@ -227,12 +228,12 @@ def test_a_new_run_is_not_shortened_by_an_earlier_runs_ledger(world, owner_socke
     sock, endpoint = owner_socket
     node, _ = make_party(world, endpoint, tmp_path)
     sha = "ab" * 32
-    shutil.copytree(world["root"] / "model", node.work / "model")  # the model is on disk: WELCOME -> READY
-    node.save_state(model_sha256=sha)
+    shutil.copytree(world["root"] / "model", node.work.model)  # the model is on disk: WELCOME -> READY
+    node.work.save_state(model_sha256=sha)
     try:
-        node.ledger.claim_input(RUN, 0)  # the earlier run: both rounds masked and finished
-        node.ledger.claim_input(RUN, 1)
-        node.rounds_done = 2
+        node.work.ledger.claim_input(RUN, 0)  # the earlier run: both rounds masked and finished
+        node.work.ledger.claim_input(RUN, 1)
+        node.rounds.rounds_done = 2
         node.on_welcome(welcome_for(node, "run-next", sha))
         [ready] = readies(sock)
         assert (ready["run_id"], ready["last_round"]) == ("run-next", -1)  # nothing of run-next was done

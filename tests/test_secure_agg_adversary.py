@@ -62,7 +62,7 @@ def setup(n: int, config: SecAggConfig, corrupt: set[int], skip_share=(), policy
     relays = server.close_shares()
     inputs = {}
     for u, relay in relays.items():
-        inputs[u] = parties[u].masked_input(relay, vectors[u], 1)
+        inputs[u] = parties[u].contribute(vectors[u], 1).masked_input(relay)
         server.receive_masked_input(inputs[u])
     return server, parties, vectors, inputs
 
@@ -303,7 +303,7 @@ def test_honest_server_aborts_a_split_alive_set_before_asking_for_signatures():
     relays = server.close_shares()
     cut = ring_blocks(server, 2, 2)
     for u, relay in relays.items():
-        masked = parties[u].masked_input(relay, rng.uniform(-1, 1, 3), 1)
+        masked = parties[u].contribute(rng.uniform(-1, 1, 3), 1).masked_input(relay)
         if u not in cut:
             server.receive_masked_input(masked)
     with pytest.raises(SecAggError, match="can be split.*nothing was unmasked"):

@@ -52,7 +52,7 @@ def all_messages():
     relays = server.close_shares()
     out += relays.values()
     for u in range(3):
-        masked = parties[u].masked_input(relays[u], np.linspace(-1, 1, 5), u + 1)
+        masked = parties[u].contribute(np.linspace(-1, 1, 5), u + 1).masked_input(relays[u])
         ack = server.receive_masked_input(masked)
         parties[u].receive_ack(ack)
         out += [masked, ack]
