@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     start = time.perf_counter()
     for n in args.parties:
-        round_params(SecAggConfig(), n)  # fail early on an impossible party count
-        n_drop = min(max(1, math.floor(args.dropout * n)), n - (n // 2 + 1)) if args.dropout > 0 else 0
+        tolerance = n - round_params(SecAggConfig(), n).min_survivors  # fails early on an impossible count
+        n_drop = min(max(1, math.floor(args.dropout * n)), tolerance) if args.dropout > 0 else 0
         for graph in ("complete", "sparse"):
             for dropped in sorted({0, n_drop}):
                 row = measure(n, graph, dropped, args.params, args.degree, args.seed)

@@ -76,15 +76,21 @@ class PartyModel:
 
     def trainer(self, name: str, data: Sequence[TokenizedExample], lora: LoraSettings, train: TrainSettings,
                 seed: int, *, dp=None, rounds: int = 0, ledger=None, secret_seed: int | None = None,
-                dp_state: dict | None = None, fresh_noise: bool = False) -> PartyTrainer:
+                dp_state: dict | None = None, own_randomness: bool = False, run_from: int = 0,
+                budget: float | None = None) -> PartyTrainer:
         """A plain trainer, or a DP-SGD one when `dp` (DPSettings) is given; `ledger` / `dp_state` resume its
-        privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp)."""
+        privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp);
+        `own_randomness`: batch order, dropout and DP draws from a new OS secret every round (a networked
+        party); `run_from` / `budget`: where this run starts in a restored accountant's history, and the most
+        epsilon the whole history may reach (`learning.dp.DPPartyTrainer`)."""
         if dp is None:
-            return PartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed)
+            return PartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed,
+                                own_randomness=own_randomness)
         from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
 
         trainer = DPPartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed, dp=dp,
-                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed, fresh_noise=fresh_noise)
+                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed, fresh_noise=own_randomness,
+                                 run_from=run_from, budget=budget)
         if dp_state is not None:
             trainer.load_state_dict(dp_state)
         return trainer

@@ -2,12 +2,19 @@
 (heartbeats, BYE, a newer round), then the update: masked, by walking the round's table (`secure_agg.ROUND`),
 or plain where the party allows it.
 
+A secure round is bound to what this party trains on (`learning.round_binding`: the run settings, the model
+archive, the global state and the secure-aggregation config), so parties sent different things reveal nothing;
+its peers are checked against the party's own consortium roster; it is claimed in the ledger before the first
+key leaves, so neither it nor its global state can be used twice; and the party's randomness (batch order,
+dropout, DP noise, stochastic rounding) is its own.
+
 `after_stage` is called with the name of each secure-aggregation stage the party completed; the tests inject a
 fault there (a party that vanishes right after sharing its keys, or pauses after its masked input).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from learning.round_binding import round_binding, state_digest
 from learning.run_settings import PartyRunSettings
 from learning.secure_update import update_vector
 from learning.training import PartyTrainer, PartyUpdate
 from party.link import OwnerLink
 from party.work_dir import WorkDir
 from protocol import messages as m
+from protocol.keys import load_public
 from protocol.messages import Message, MessageType
 from secure_agg import ROUND, SecAggConfig, SecAggError, SecAggParty, message_from_wire
 
@@ -46,12 +55,15 @@ class PartyRounds:
                  step_line: Callable[[str, int, int, str], None],
                  after_stage: Callable[[str], None] | None = None) -> None:
         self.opts, self.link, self.work, self.log, self.step_line = opts, link, work, log, step_line
+        self.owner_id = load_public(opts.owner_key).decode()  # the owner its ledger's states are kept per
         self.after_stage = after_stage or (lambda stage: None)
         self.settings: PartyRunSettings | None = None  # the run being joined (WELCOME)
         self.trainer: PartyTrainer | None = None
         self.rounds_done = 0  # rounds of this run finished in this process
         self.round_deadline = 0.0
         self.stage_s = 600.0  # how long the owner keeps a secure stage open (ROUND_START says)
+        self.model_sha256 = ""  # the archive the party's model came from (what a round is bound to)
+        self.after_round: Callable[[], None] = lambda: None  # before an update leaves: the DP record is saved
 
     def join(self, settings: PartyRunSettings) -> None:
         """A WELCOME's run: rounds finished in this process count for the run they belong to only."""
@@ -63,7 +75,7 @@ class PartyRounds:
         """The last round of the run being joined (WELCOME's run id) that this party finished or masked an
         input for, -1 for none. Only this run's: the ledger also holds the rounds of every earlier run, which
         must not shorten a new one. READY carries it with the run id it refers to."""
-        sent = self.work.ledger.rounds_sent(self.settings.run_id) if self.settings is not None else []
+        sent = self.work.ledger.rounds_claimed(self.settings.run_id) if self.settings is not None else []
         return max([self.rounds_done - 1, *sent])
 
     # ------------------------------------------------------------------------------ training
@@ -112,32 +124,42 @@ class PartyRounds:
         raise SecAggError(f"timed out waiting for {stage or kind.value} in round {r + 1}")
 
     # ------------------------------------------------------------------------------ secure aggregation
-    def secure_party(self, r: int, fields: dict) -> SecAggParty:
-        """This round's secure-aggregation state, after the party's own checks: its policy (collusion
-        bound, degree, fewest honest inputs in any sum), its minimum number of parties, and its ledger (one
-        masked input per run and round, ever). Raises SecAggError: the round is refused before training."""
+    def secure_party(self, r: int, fields: dict, state: bytes) -> SecAggParty:
+        """This round's secure-aggregation state, after the party's own checks: a roster to check its peers
+        against, its policy (collusion bound, degree, fewest honest inputs in any sum), its minimum number of
+        parties, and its ledger (one round per run and round number, one per global state, ever). The round is
+        bound to what the party was sent. Raises SecAggError: the round is refused before training."""
         run_id = self.settings.run_id
         if fields.get("session") != run_id:
             raise SecAggError(f"round {r + 1} names session {fields.get('session')!r}, not this run's")
+        if self.opts.roster is None and not self.opts.trust_owner_peers:
+            raise SecAggError("this party pins no consortium roster, so it cannot tell its peers from identities "
+                              "the owner controls: pass --roster FILE (or --trust-owner-peers to take the owner's "
+                              "word for it)")
         if fields["n_parties"] < self.opts.min_parties:
             raise SecAggError(f"round {r + 1} invites {fields['n_parties']} parties; this party requires at "
                               f"least {self.opts.min_parties} (--min-parties)")
-        if self.work.ledger.entry(run_id, r)["input_sent"]:
-            raise SecAggError(f"this party already sent its masked input for round {r + 1} of this run (before "
-                              "a restart); a round is never contributed twice")
+        if self.work.ledger.entry(run_id, r)["claimed"]:
+            raise SecAggError(f"this party already took part in round {r + 1} of this run (before a restart); a "
+                              "round is never contributed twice")
         self.stage_s = float(fields.get("stage_s", self.stage_s))
         cfg = SecAggConfig.from_dict(fields["config"])
+        binding = round_binding(self.settings.to_dict(), self.model_sha256, state, fields)
         return SecAggParty(cfg, fields["party_id"], fields["n_parties"], r, fields["session"],
-                           policy=self.opts.policy, ledger=self.work.ledger)
+                           policy=self.opts.policy, ledger=self.work.ledger, identity=self.opts.identity,
+                           peers=self.opts.roster, binding=binding,
+                           rounding_seed=None if self.opts.reproducible else secrets.randbits(63))
 
-    def secure_exchange(self, r: int, agg: SecAggParty, update: PartyUpdate, received: dict) -> None:
-        """The masked update, stage by stage as `secure_agg.ROUND` declares them."""
-        if self.opts.share_stats:  # opt-in: the owner sees them for this party alone
-            self.link.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))
+    def secure_exchange(self, r: int, agg: SecAggParty, update: PartyUpdate, received: dict, state: bytes
+                        ) -> None:
+        """The masked update, stage by stage as `secure_agg.ROUND` declares them, after claiming the round."""
         vector = update_vector(update.adapter_state, received)
         if self.opts.clip is not None:
             vector = np.clip(vector, -self.opts.clip, self.opts.clip)
         agg.contribute(vector, update.n_examples)
+        self.work.ledger.claim_round(self.settings.run_id, r, self.owner_id, state.hex())
+        if self.opts.share_stats:  # opt-in: the owner sees them for this party alone
+            self.link.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))
         for stage in ROUND:
             relayed = None if stage.party_receives is None else self.pull(r, stage.party_receives)
             self.push(r, stage.take_step(agg, relayed))
@@ -166,16 +188,19 @@ class PartyRounds:
             return
         adapter, emulator = (tensors(part) for part in m.round_parts(msg))
         self.round_deadline = time.monotonic() + msg["deadline_s"]
+        state = state_digest(adapter, emulator)
         try:
-            agg = self.secure_party(r, msg["secagg"]) if msg["secagg"] else None
+            agg = self.secure_party(r, msg["secagg"], state) if msg["secagg"] else None
+            if agg is not None and self.work.ledger.has_state(self.owner_id, state.hex()):
+                raise SecAggError("this party already took part from this global state; the same state twice "
+                                  "would let the owner subtract two sums")
         except SecAggError as exc:
             self.log(f"refused round {r + 1}: {exc}")
             return
         update = self.train(r, adapter, emulator)
-        if hasattr(self.trainer, "state_dict"):  # before anything leaves: the accountant counts this round
-            self.work.save_dp_state(self.trainer.state_dict())
+        self.after_round()  # before anything leaves: the accountant counts this round
         if agg is not None:
-            self.secure_exchange(r, agg, update, adapter)
+            self.secure_exchange(r, agg, update, adapter, state)
         else:
             self.link.send(m.update(round=r, n_examples=update.n_examples,
                                     stats=shared_stats(self.trainer, update.stats), tensors=update.adapter_state))

@@ -18,11 +18,12 @@ from pathlib import Path
 from console.progress import Progress, Task
 from errors import ConfigError
 from learning.compressed_model import Manifest, cache_root
-from learning.dp import BudgetSpent
+from learning.dp import BudgetSpent, PrivacyLedger
 from learning.hardware import Hardware
 from learning.party_model import PartyModel
 from learning.run_settings import PartyRunSettings
 from party.link import OwnerGone, OwnerLink
+from party.privacy import PrivacyRecord
 from party.rounds import Interrupted, PartyRounds
 from party.work_dir import WorkDir
 from protocol import messages as m
@@ -30,6 +31,7 @@ from protocol.chunks import ArchiveInfo, ChunkReceiver
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_EXAMPLES, Message, MessageType
 from secure_agg import PartyPolicy, SecAggError
+from secure_agg.identity import ConsortiumRoster, Identity
 from tasks.columns import ColumnMap
 from tasks.datasets import Example, load_examples
 
@@ -53,7 +55,14 @@ class PartyOptions:
     require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
     max_download: int = 200 * 10**9  # bytes: a larger model archive is refused before anything is written
     policy: PartyPolicy | None = None  # this party's floors for a secure round (collusion bound, degree, ...)
-    min_parties: int = 2  # refuse a secure round with fewer invited parties
+    min_parties: int = 3  # refuse a secure round with fewer invited parties (c >= 1 needs three)
+    roster: ConsortiumRoster | None = None  # the consortium's members, pinned: peers are checked against it
+    identity: Identity | None = None  # this party's long-term identity key, which signs its per-round keys
+    trust_owner_peers: bool = False  # take part in secure rounds without a roster (the owner names the peers)
+    reproducible: bool = False  # batch order and rounding from the run seed, as in process (the owner can
+    # then predict them; for audits and tests): by default the party's randomness is its own
+    privacy_dir: Path | None = None  # where the DP accountant of each data set lives (default: the cache)
+    dp_budget: float | None = None  # the most epsilon this party spends on its data over every run
     clip: float | None = None  # this party's own bound on each element of its update (None: the round's)
     share_stats: bool = False  # send loss / privacy accounting in secure rounds (the owner sees them per party)
     share_data_size: bool = False  # HELLO carries the exact data size, not its power-of-two ceiling
@@ -180,12 +189,21 @@ class PartyNode:
         self.load_model(model_dir)
 
     def load_model(self, model_dir: Path) -> None:
-        cfg = self.rounds.settings
-        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, self.opts.hardware, self.opts.quantize)
+        cfg, opts = self.rounds.settings, self.opts
+        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, opts.hardware, opts.quantize)
         data = party.tokenize(self.examples, cfg.max_length, cfg.template)
-        dp_state = self.work.dp_state() if self.opts.dp is not None else None
-        self.rounds.trainer = party.trainer(self.name, data, cfg.lora, cfg.train, cfg.seed, dp=self.opts.dp,
-                                            rounds=cfg.rounds, dp_state=dp_state, fresh_noise=True)
+        dp: dict = {}
+        if opts.dp is not None:  # one accountant for this data over every run, whoever the owner
+            record = PrivacyRecord(opts.privacy_dir or cache_root() / "privacy", self.examples)
+            history, run_from = record.start_run(cfg.run_id, opts.dp.accountant)
+            dp = {"ledger": PrivacyLedger(opts.dp.accountant, history), "run_from": run_from,
+                  "budget": opts.dp_budget}
+        trainer = party.trainer(self.name, data, cfg.lora, cfg.train, cfg.seed, dp=opts.dp, rounds=cfg.rounds,
+                                own_randomness=not opts.reproducible, **dp)
+        if dp:
+            self.rounds.after_round = lambda: record.save(cfg.run_id, trainer.run_from, trainer.ledger.mechanism,
+                                                          trainer.ledger.history)
+        self.rounds.trainer, self.rounds.model_sha256 = trainer, self.archive.model_sha256
         self.loaded_for = cfg
         self.manifest = party.manifest
         adapter_spec, emulator_spec = party.part_specs()

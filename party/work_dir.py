@@ -1,6 +1,7 @@
 """What a party keeps in its work directory across restarts of either side: the model it unpacked (and the
-download in progress), which archive that model came from, its DP accountant's state, and its
-secure-aggregation ledger (what it masked and revealed, per run and round)."""
+download in progress), which archive that model came from, and its secure-aggregation ledger (what it took
+part in, masked and revealed, per run and round, and from which global states). Its DP accountant lives
+apart, keyed by its data (`party.privacy`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ class WorkDir:
         self.model = self.root / "model"
         self.download = self.root / "download"
         self.state_path = self.root / "party-state.json"
-        self.dp_path = self.root / "dp-state.json"
         # Survives restarts of either side, so no round can make the party contribute twice or reveal shares
         # that contradict earlier ones.
         self.ledger = SecAggLedger(self.root / "secagg-ledger.json")
@@ -37,9 +37,3 @@ class WorkDir:
     def cached_sha(self) -> str:
         """The archive hash of the model unpacked in `model/`, "" for none."""
         return str(self.saved_state().get("model_sha256", ""))
-
-    def dp_state(self) -> dict | None:
-        return json.loads(self.dp_path.read_text()) if self.dp_path.is_file() else None
-
-    def save_dp_state(self, state: dict) -> None:
-        self.dp_path.write_text(json.dumps(state))

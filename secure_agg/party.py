@@ -13,6 +13,7 @@ a second input for the same round, across restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -26,6 +27,7 @@ from secure_agg.config import PartyPolicy, SecAggConfig, round_params
 from secure_agg.encoding import encode, pack, rounding_rng
 from secure_agg.errors import SecAggError
 from secure_agg.graph import is_k_connected, neighbour_graph
+from secure_agg.identity import ConsortiumRoster, Identity, advert_message, sign_advert
 from secure_agg.ledger import SecAggLedger
 from secure_agg.messages import (
     AdvertiseKeys,
@@ -72,7 +74,9 @@ class SecAggParty:
     """
 
     def __init__(self, config: SecAggConfig, party_id: int, n_parties: int, round_id: int, session: str, *,
-                 policy: PartyPolicy | None = None, ledger: SecAggLedger | None = None) -> None:
+                 policy: PartyPolicy | None = None, ledger: SecAggLedger | None = None,
+                 identity: Identity | None = None, peers: ConsortiumRoster | None = None, binding: bytes = b"",
+                 rounding_seed: int | None = None) -> None:
         self.config = config
         self.params = round_params(config, n_parties)
         if isinstance(party_id, bool) or not isinstance(party_id, int) or not 0 <= party_id < n_parties:
@@ -84,16 +88,21 @@ class SecAggParty:
         self.policy = policy if policy is not None else PartyPolicy()
         self.policy.check(self.params, party_id)
         self.ledger = ledger
+        if peers is not None and identity is None:
+            raise SecAggError(f"party {party_id}: checking peers against a roster needs this party's own identity")
+        self.identity, self.peers, self.binding = identity, peers, binding
+        # The stochastic rounding's seed: the config's (reproducible, in process) or the party's own secret.
+        self._rounding = config if rounding_seed is None else dataclasses.replace(config, rounding_seed=rounding_seed)
+        self.collusion = self.params.collusion  # c, plus every member not on this party's roster (share_keys)
         self.stage: Stage | str = NEW  # the stage whose step this party completed last
         self._c_key, self._c_pk = crypto.new_key_pair()  # encrypts the shares sent to peers
         self._s_key, self._s_pk = crypto.new_key_pair()  # agrees the pairwise masks
         self._sig_key, self._sig_pk = crypto.new_signing_key()  # signs this round's view and alive list
         self._seed = os.urandom(shamir.SECRET_BYTES)  # self-mask seed b_u
         self._coin = os.urandom(32)  # places this party on the graph's ring, revealed after the roster
+        self._advert: AdvertiseKeys | None = None
         self._members: list[int] = []
-        self._c_pks: dict[int, bytes] = {}
-        self._sig_pks: dict[int, bytes] = {}  # every member's
-        self._coin_commits: dict[int, bytes] = {}
+        self._adverts: dict[int, AdvertiseKeys] = {}  # every member's, as the roster relayed them
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
         self._sharers: list[int] = []  # U2 as relayed
         self._graph: dict[int, list[int]] = {}
@@ -122,16 +131,21 @@ class SecAggParty:
             raise SecAggError(f"party {self.party_id}: got a {msg.TYPE} addressed to party {recipient}")
 
     def _share_key(self, peer: int, sender: int, receiver: int) -> bytes:
-        shared = crypto.agree(self._c_key, self._c_pks[peer], peer)
+        shared = crypto.agree(self._c_key, self._adverts[peer].c_pk, peer)
         return crypto.share_key(shared, self.session, self.round_id, sender, receiver)
 
     @_step(NEW)
     def advertise(self) -> AdvertiseKeys:
         self.stage = Stage.ADVERTISE
         me = self.party_id
-        return AdvertiseKeys(self.round_id, self.session, me, self._c_pk, self._s_pk, self._sig_pk,
-                             crypto.seed_commitment(self._seed, self.session, self.round_id, me),
-                             crypto.coin_commitment(self._coin, self.session, self.round_id, me))
+        advert = AdvertiseKeys(self.round_id, self.session, me, self._c_pk, self._s_pk, self._sig_pk,
+                               crypto.seed_commitment(self._seed, self.session, self.round_id, me),
+                               crypto.coin_commitment(self._coin, self.session, self.round_id, me))
+        if self.identity is not None:  # the per-round keys, signed with the long-term identity key
+            advert = dataclasses.replace(advert, name=self.identity.name, identity_sig=sign_advert(
+                self.identity, self.session, self.round_id, me, advert.keys))
+        self._advert = advert
+        return advert
 
     @_step(Stage.ADVERTISE)
     def share_keys(self, roster: Roster) -> ShareKeys:
@@ -143,8 +157,8 @@ class SecAggParty:
                               f"ring, expected {self.n_parties} / {p.ring_bits}")
         members = roster.members
         count = len(members)
-        if len(set(members)) != count or {len(roster.c_pks), len(roster.sig_pks),
-                                          len(roster.coin_commits)} != {count}:
+        if len(set(members)) != count or len(roster.adverts) != count or any(
+                a.sender != u for a, u in zip(roster.adverts, members, strict=False)):
             raise SecAggError(f"party {me}: the roster's members and keys do not line up")
         if me not in members or any(m >= self.n_parties for m in members):
             raise SecAggError(f"party {me}: roster members {members} omit this party or hold unknown ids")
@@ -154,17 +168,15 @@ class SecAggParty:
         if roster.collusion != p.collusion or roster.degree != p.degree:
             raise SecAggError(f"party {me}: roster collusion bound {roster.collusion} / degree {roster.degree}, "
                               f"expected {p.collusion} / {p.degree}")
-        at = members.index(me)
-        if (roster.c_pks[at], roster.sig_pks[at]) != (self._c_pk, self._sig_pk) or roster.coin_commits[at] != \
-                crypto.coin_commitment(self._coin, self.session, self.round_id, me):
+        if roster.adverts[members.index(me)] != self._advert:
             raise SecAggError(f"party {me}: the roster's keys at this party's position are not its own")
-        keys = [*roster.c_pks, *roster.sig_pks, *roster.coin_commits, self._s_pk]
+        keys = [k for a in roster.adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.seed_commit, a.coin_commit)]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"party {me}: the roster repeats a public key")
         self._members = list(members)
-        self._c_pks = dict(zip(members, roster.c_pks, strict=True))
-        self._sig_pks = dict(zip(members, roster.sig_pks, strict=True))
-        self._coin_commits = dict(zip(members, roster.coin_commits, strict=True))
+        self._adverts = dict(zip(members, roster.adverts, strict=True))
+        self.collusion = p.collusion + self._strangers(roster)
+        self._check_floors()
 
         t, ctx = p.min_survivors, (self.session, self.round_id, me)
         seed_shares = shamir.split(self._seed, members, t)
@@ -180,6 +192,44 @@ class SecAggParty:
         self.stage = Stage.SHARE_KEYS
         return ShareKeys(self.round_id, self.session, me, receivers, ciphertexts, seed_commits, key_commits,
                          self._coin)
+
+    def _strangers(self, roster: Roster) -> int:
+        """How many members this party cannot vouch for: none without a pinned roster (in process); else every
+        member whose name is not on its roster (an identity the owner may control: a colluder). A member that
+        names a roster member but carries keys not signed by that member's identity key is forged: refused."""
+        if self.peers is None:
+            return 0
+        me, mine = self.party_id, self.identity.name
+        named = [a.name for a in roster.adverts if a.name]
+        if len(set(named)) != len(named):
+            raise SecAggError(f"party {me}: the roster names a member twice")
+        strangers = 0
+        for advert in roster.adverts:
+            if advert.sender == me:
+                continue
+            key = self.peers.identity_of(advert.name) if advert.name else None
+            if key is None:
+                strangers += 1
+                continue
+            message = advert_message(self.session, self.round_id, advert.sender, advert.name, advert.keys)
+            if advert.name == mine or not crypto.verify(key, advert.identity_sig, message):
+                raise SecAggError(f"party {me}: member {advert.sender} claims to be {advert.name!r}, but its keys "
+                                  f"are not signed by {advert.name!r}'s identity key (forged or tampered); "
+                                  "nothing is revealed")
+        return strangers
+
+    def _check_floors(self) -> None:
+        """With the members it cannot vouch for counted as colluders: two different alive lists must still be
+        unable to gather t signatures each (2t > n + c), and any sum the owner could unmask must still hold at
+        least this party's minimum of honest inputs (t - c)."""
+        me, p, c = self.party_id, self.params, self.collusion
+        if c == p.collusion:
+            return
+        if 2 * p.min_survivors <= self.n_parties + c or p.min_survivors - c < self.policy.min_honest:
+            raise SecAggError(f"party {me}: {c - p.collusion} round members are not on this party's roster and "
+                              f"count as colluders: with {c} colluders a threshold of {p.min_survivors} of "
+                              f"{self.n_parties} leaves fewer than {self.policy.min_honest} honest inputs in a sum "
+                              "the owner could unmask, or lets two alive lists be signed; nothing is revealed")
 
     def _view(self, relayed: RelayedShares) -> None:
         """Check the sharers' coins, derive the graph and the round transcript from them."""
@@ -201,20 +251,20 @@ class SecAggParty:
         if coins[me] != self._coin:
             raise SecAggError(f"party {me}: the relay carries another coin for this party")
         for u, coin in coins.items():
-            if crypto.coin_commitment(coin, self.session, self.round_id, u) != self._coin_commits[u]:
+            if crypto.coin_commitment(coin, self.session, self.round_id, u) != self._adverts[u].coin_commit:
                 raise SecAggError(f"party {me}: party {u}'s graph coin does not match its commitment")
         graph = neighbour_graph(coins, p.degree, self.session, self.round_id)
         if relayed.neighbours != graph[me]:
             raise SecAggError(f"party {me}: relayed neighbours {relayed.neighbours} differ from the graph "
                               f"derived from the coins ({graph[me]})")
-        s_pks = [*relayed.s_pks, self._s_pk]
-        if len(set(s_pks)) != len(s_pks) or set(s_pks) & set(self._c_pks.values()):
-            raise SecAggError(f"party {me}: the relay repeats a public key")
+        if relayed.s_pks != [self._adverts[v].s_pk for v in relayed.neighbours]:
+            raise SecAggError(f"party {me}: the mask keys relayed for its neighbours are not the keys they "
+                              "advertised")
         self._sharers, self._graph = sharers, graph
         numbers = (self.n_parties, p.collusion, p.min_survivors, p.degree, p.ring_bits)
-        keys = [self._c_pks[m] + self._sig_pks[m] + self._coin_commits[m] for m in self._members]
-        self._transcript = crypto.transcript_digest(self.session, self.round_id, numbers, self._members, keys,
-                                                    sharers, [coins[u] for u in sharers])
+        entries = [self._adverts[m].transcript_entry for m in self._members]
+        self._transcript = crypto.transcript_digest(self.session, self.round_id, numbers, self._members, entries,
+                                                    sharers, [coins[u] for u in sharers], self.binding)
 
     @_step(Stage.SHARE_KEYS)
     def masked_input(self, relayed: RelayedShares) -> MaskedInput:
@@ -241,7 +291,7 @@ class SecAggParty:
                                   "(a cheating dealer, or a tampered relay)")
             held[u] = (seed_share, key_share)
 
-        words = encode(vector, weight, self.config, self.params, rounding_rng(self.config, self.round_id, me))
+        words = encode(vector, weight, self.config, self.params, rounding_rng(self._rounding, self.round_id, me))
         n = words.size
         np.add(words, crypto.prg_words(crypto.self_mask_key(self._seed, self.session, self.round_id, me), n),
                out=words)
@@ -299,11 +349,12 @@ class SecAggParty:
                               "view signatures")
         for u, signature in zip(request.alive, request.view_signatures, strict=True):
             message = crypto.view_message(self.session, self.round_id, u, self._transcript)
-            if not crypto.verify(self._sig_pks[u], signature, message):
-                raise SecAggError(f"party {me}: party {u}'s view signature is invalid: it masked under another "
-                                  "view of the round (members, keys, sharers or graph), or it is forged")
-        if not is_k_connected(self._graph, alive, p.collusion + 1):
-            raise SecAggError(f"party {me}: the alive parties' graph can be split by removing {p.collusion} "
+            if not crypto.verify(self._adverts[u].sig_pk, signature, message):
+                raise SecAggError(f"party {me}: party {u}'s view signature is invalid: it masked under another view "
+                                  "of the round (members, keys, sharers or graph), or was sent other settings or "
+                                  "state to train on, or it is forged; nothing is revealed")
+        if not is_k_connected(self._graph, alive, self.collusion + 1):
+            raise SecAggError(f"party {me}: the alive parties' graph can be split by removing {self.collusion} "
                               "of them (or fewer): a part's sum could be unmasked on its own; nothing is "
                               "revealed")
         self._alive, self._dropped = sorted(alive), sorted(dropped)
@@ -334,7 +385,7 @@ class SecAggParty:
                               f"{need}; nothing is revealed")
         message = crypto.consistency_message(self.session, self.round_id, self._alive, self._transcript)
         for v, signature in zip(signers, request.signatures, strict=True):
-            if not crypto.verify(self._sig_pks[v], signature, message):
+            if not crypto.verify(self._adverts[v].sig_pk, signature, message):
                 raise SecAggError(f"party {me}: party {v}'s consistency signature is invalid (forged, or over "
                                   "another alive list, view, round or session); nothing is revealed")
         seed_owners, key_owners = list(self._alive), list(self._dropped)

@@ -76,10 +76,11 @@ class ServerResult:
 
 class SecAggServer:
     """Owner state for round `round_id` of `session` with `n_parties` invited parties (ids 0..n-1) and input
-    vectors of `vector_length` floats."""
+    vectors of `vector_length` floats. `binding`: the digest of what the round's parties were sent to train on
+    (`learning.round_binding`; b"" in process), part of the transcript their view signatures cover."""
 
     def __init__(self, config: SecAggConfig, n_parties: int, vector_length: int, round_id: int,
-                 session: str) -> None:
+                 session: str, binding: bytes = b"") -> None:
         self.config = config
         self.params = round_params(config, n_parties)
         if (isinstance(vector_length, bool) or not isinstance(vector_length, int)
@@ -89,6 +90,7 @@ class SecAggServer:
             raise SecAggError(f"the round id must be a non-negative int, got {round_id!r}")
         self.n_parties, self.length, self.round_id = n_parties, vector_length + 2, round_id
         self.session = check_session(session)
+        self.binding = binding
         self.stage: Stage | str = Stage.ADVERTISE  # the stage whose messages it accepts
         self._keys: dict[int, AdvertiseKeys] = {}
         self.members: list[int] = []  # U1: advertised keys
@@ -142,20 +144,19 @@ class SecAggServer:
         self._keys[msg.sender] = msg
 
     def close_advertise(self) -> dict[int, Roster]:
-        """Fix the members (U1); one roster per member, with every member's keys and coin commitment."""
+        """Fix the members (U1); one roster per member, with every member's advertisement as it was sent."""
         self._closing(Stage.ADVERTISE, "close_advertise")
         members = sorted(self._keys)
         self._need(len(members), "advertised keys")
         adverts = [self._keys[m] for m in members]
-        all_keys = [k for a in adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.coin_commit)]
+        all_keys = [k for a in adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.seed_commit, a.coin_commit)]
         if len(set(all_keys)) != len(all_keys):
             raise self._abort("two parties advertised the same public key")
         self.members = members
         self.stage = Stage.SHARE_KEYS
         p = self.params
-        c_pks, sig_pks, coins = [a.c_pk for a in adverts], [a.sig_pk for a in adverts], [a.coin_commit for a in adverts]
         return {u: Roster(self.round_id, self.session, u, self.n_parties, members, p.min_survivors, p.collusion,
-                          p.degree, p.ring_bits, c_pks, sig_pks, coins)
+                          p.degree, p.ring_bits, adverts)
                 for u in members}
 
     # -- stage 2: encrypted shares ---------------------------------------------------------------------
@@ -188,7 +189,7 @@ class SecAggServer:
         adverts = [self._keys[m] for m in self.members]
         self.transcript = crypto.transcript_digest(
             self.session, self.round_id, (self.n_parties, p.collusion, p.min_survivors, p.degree, p.ring_bits),
-            self.members, [a.c_pk + a.sig_pk + a.coin_commit for a in adverts], sharers, list(coins.values()))
+            self.members, [a.transcript_entry for a in adverts], sharers, list(coins.values()), self.binding)
         self.stage = Stage.MASKED_INPUT
         index = {m: i for i, m in enumerate(self.members)}
         relays = {}

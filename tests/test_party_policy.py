@@ -28,6 +28,7 @@ from protocol.messages import MessageType
 from protocol.replay import SeqCounter
 from protocol.sockets import bind_router, bound_endpoint, close_router, recv
 from secure_agg import SecAggError
+from secure_agg.identity import ConsortiumRoster, Identity, generate_identity
 from tests.tiny_models import byte_tokenizer, tiny_model
 
 RUN = "run-policy-test"
@@ -40,6 +41,7 @@ SILENCE_S = 1.5
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("policy")
     keys = {"owner": generate_keypair(root / "owner", "owner"), "alice": generate_keypair(root / "alice", "alice")}
+    generate_identity(root / "alice", "alice")
     allow = root / "allow"
     allow.mkdir()
     shutil.copy(keys["alice"][0], allow / "alice.key")
@@ -49,7 +51,9 @@ def world(tmp_path_factory):
     data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?",
                                         "answer": f"{i} plus {i} is {2 * i}.\n#### {2 * i}"}) + "\n"
                             for i in range(8)))
-    return {"root": root, "keys": keys, "allow": allow, "data": data}
+    roster = ConsortiumRoster.from_public_files([root / "alice"])
+    identity = Identity.load(root / "alice" / "alice.id_secret")
+    return {"root": root, "keys": keys, "allow": allow, "data": data, "roster": roster, "identity": identity}
 
 
 @pytest.fixture()
@@ -64,7 +68,9 @@ def owner_socket(world):
 def make_party(world, endpoint: str, tmp_path, **options) -> tuple[PartyNode, list[str]]:
     lines: list[str] = []
     opts = PartyOptions(endpoint=endpoint, key=world["keys"]["alice"][1], owner_key=world["keys"]["owner"][0],
-                        data=str(world["data"]), work_dir=tmp_path / "work", timeout=5.0, **options)
+                        data=str(world["data"]), work_dir=tmp_path / "work", timeout=5.0,
+                        **{"roster": world["roster"], "identity": world["identity"],
+                           "privacy_dir": tmp_path / "privacy", **options})
     node = PartyNode(opts, log=lines.append)
     node.rounds.join(PartyRunSettings(run_id=RUN, seed=0, rounds=3, max_length=64, template="plain", lora=LORA,
                                       train=TRAIN, secure_agg=True))
@@ -75,8 +81,9 @@ def make_party(world, endpoint: str, tmp_path, **options) -> tuple[PartyNode, li
     return node, lines
 
 
-def round_start(node: PartyNode, secagg: dict | None = None, r: int = 0):
-    adapter = {k: v.numpy() for k, v in lora_state(node.party.model, node.manifest.adapter_layers).items()}
+def round_start(node: PartyNode, secagg: dict | None = None, r: int = 0, moved: float = 0.0):
+    """ROUND_START with the model's LoRA as the global state (`moved` added to the adapter's: another state)."""
+    adapter = {k: v.numpy() + moved for k, v in lora_state(node.party.model, node.manifest.adapter_layers).items()}
     emulator = {k: v.numpy() for k, v in lora_state(node.party.model, node.manifest.emulator_layers).items()}
     return m.round_start(round=r, deadline_s=5, adapter=adapter, emulator=emulator, secagg=secagg or {})
 
@@ -152,7 +159,7 @@ def test_with_allow_plain_the_same_round_sends_its_update(world, owner_socket, t
 
 
 @pytest.mark.parametrize("attack, fields, match", [
-    ("too few parties", secure_fields(n=1), "at least 2"),
+    ("too few parties", secure_fields(n=2), "at least 3"),
     ("another run's session", {**secure_fields(), "session": "run-other"}, "session"),
     ("collusion bound 0 among 10", secure_fields(n=10, collusion=0), "collusion bound"),
     ("sparse degree 2", secure_fields(n=10, graph="sparse", degree=2, collusion=0), "floor"),
@@ -171,21 +178,26 @@ def test_a_round_below_the_partys_floors_is_refused_before_training(world, owner
         node.close(0)
 
 
-def test_a_round_already_masked_is_never_masked_again_even_after_a_restart(world, owner_socket, tmp_path):
+def test_a_round_already_advertised_is_never_taken_part_in_again_even_after_a_restart(world, owner_socket,
+                                                                                      tmp_path):
     sock, endpoint = owner_socket
     node, lines = make_party(world, endpoint, tmp_path)
     try:  # first time: the party trains and advertises its keys (the round then stalls here: no owner answers)
         assert MessageType.SECAGG in run_until(node, round_start(node, secure_fields()), sock, MessageType.SECAGG)
-        node.work.ledger.claim_input(RUN, 0)  # as masked_input does just before the masked input leaves
+        assert node.work.ledger.entry(RUN, 0)["claimed"]  # claimed before its keys left: no redraw of the round
         assert node.rounds.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
     finally:
         node.close(0)
     again, lines = make_party(world, endpoint, tmp_path)  # a restarted party reads the same ledger
     try:
         run(again, round_start(again, secure_fields()))
-        assert any("already sent its masked input for round 1" in line for line in lines), lines
+        assert any("already took part in round 1 of this run" in line for line in lines), lines
         assert received(sock) == []
-        next_round = round_start(again, secure_fields(), r=1)  # the next round is fine
+        # The next round from the same global state is a repetition too; from a new state it is fine.
+        run(again, round_start(again, secure_fields(), r=1))
+        assert any("already took part from this global state" in line for line in lines), lines
+        assert received(sock) == []
+        next_round = round_start(again, secure_fields(), r=1, moved=1e-3)
         assert MessageType.SECAGG in run_until(again, next_round, sock, MessageType.SECAGG)
     finally:
         again.close(0)

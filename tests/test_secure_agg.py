@@ -40,7 +40,7 @@ def plain_levels(vectors, weights, config, round_id, seed, members):
 
 @st.composite
 def rounds(draw):
-    n = draw(st.integers(2, 20))
+    n = draw(st.integers(3, 20))
     length = draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2**31))
     rng = np.random.default_rng(seed)
@@ -154,7 +154,7 @@ def test_ring_size_follows_party_count_and_overflow_is_refused():
     assert round_params(config, 3).ring_bits == 40
     assert round_params(config, 127).ring_bits == 40
     assert round_params(config, 128).ring_bits == 48
-    for n in (2, 10, 1000):
+    for n in (3, 10, 1000):
         p = round_params(config, n)
         assert n * p.level_bound < 2 ** (p.ring_bits - 1) and p.ring_bits % 8 == 0
     with pytest.raises(SecAggError, match="overflow a 64-bit ring"):
@@ -195,10 +195,15 @@ def test_config_validation_and_threshold_rules():
         SecAggConfig(threshold=12).threshold_for(10)
     with pytest.raises(ConfigError, match="collusion"):
         SecAggConfig(collusion=-1)
-    # The default collusion bound: fewer than a third; on the sparse graph also below half the degree.
-    assert [round_params(SecAggConfig(), n).collusion for n in (2, 3, 4, 7, 10, 100)] == [0, 0, 1, 2, 3, 33]
+    # The default collusion bound: fewer than a third, at least one; on the sparse graph also below half the
+    # degree, but never below the parties' default floor (5% of the parties), which raises the degree.
+    assert [round_params(SecAggConfig(), n).collusion for n in (3, 4, 7, 10, 100)] == [1, 1, 2, 3, 33]
+    with pytest.raises(SecAggError, match="fewer than 2 honest"):
+        round_params(SecAggConfig(), 2)
     sparse100 = round_params(SecAggConfig(graph="sparse"), 100)
     assert (sparse100.degree, sparse100.collusion, sparse100.min_survivors) == (14, 6, 54)
+    sparse200 = round_params(SecAggConfig(graph="sparse"), 200)
+    assert (sparse200.degree, sparse200.collusion) == (22, 10)
     assert round_params(SecAggConfig(graph="sparse", collusion=10), 100).degree == 22  # at least 2c + 2
     with pytest.raises(SecAggError, match="fewer than 2 honest"):
         round_params(SecAggConfig(collusion=3), 4)
@@ -252,10 +257,10 @@ def test_costs_are_accounted():
 def test_cost_benchmark_writes_table(tmp_path, capsys):
     from benchmarks.secure_agg_cost import main
 
-    assert main(["--out", str(tmp_path), "--params", "500", "--parties", "3", "6"]) == 0
+    assert main(["--out", str(tmp_path), "--params", "500", "--parties", "4", "6"]) == 0
     table = (tmp_path / "secure_agg_cost.md").read_text()
     rows = json.loads((tmp_path / "secure_agg_cost.json").read_text())["rows"]
-    assert {(r["parties"], r["dropped"]) for r in rows} == {(3, 0), (3, 1), (6, 0), (6, 1)}
+    assert {(r["parties"], r["dropped"]) for r in rows} == {(4, 0), (4, 1), (6, 0), (6, 1)}
     assert all(r["expansion"] > 1 and r["max_abs_error_of_mean"] < 1e-4 for r in rows)
     assert table.count("\n| 6 |") == 4 and "sparse" in table
     assert "party CPU" in capsys.readouterr().out

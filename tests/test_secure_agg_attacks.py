@@ -85,6 +85,12 @@ class Round:
         return sum(self.weights[m] * np.clip(self.vectors[m], -1, 1) for m in members)
 
 
+def with_keys(roster, column: str, values):
+    """The roster with one column of the members' advertisements replaced, as a tampering owner would."""
+    adverts = [dataclasses.replace(a, **{column: v}) for a, v in zip(roster.adverts, values, strict=True)]
+    return dataclasses.replace(roster, adverts=adverts)
+
+
 def flip(blob: bytes, at: int = 20) -> bytes:
     return blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:]
 
@@ -377,14 +383,14 @@ def test_party_refuses_a_manipulated_roster(field, value, reason):
 def test_party_refuses_a_roster_with_a_repeated_key_or_a_foreign_coin_commitment():
     r = Round(4).advertise()
     roster = r.rosters[1]
-    bad = dataclasses.replace(roster, c_pks=[roster.c_pks[0]] * len(roster.c_pks))
+    bad = with_keys(roster, "c_pk", [roster.c_pks[0]] * len(roster.c_pks))
     with pytest.raises(SecAggError, match="not its own|repeats a public key"):
         r.parties[1].share_keys(bad)
-    bad = dataclasses.replace(r.rosters[0], c_pks=[roster.c_pks[0], roster.c_pks[0], *roster.c_pks[2:]])
+    bad = with_keys(r.rosters[0], "c_pk", [roster.c_pks[0], roster.c_pks[0], *roster.c_pks[2:]])
     with pytest.raises(SecAggError, match="repeats a public key"):
         r.parties[0].share_keys(bad)
     commits = r.rosters[2].coin_commits
-    bad = dataclasses.replace(r.rosters[2], coin_commits=[*commits[:2], commits[0], commits[3]])
+    bad = with_keys(r.rosters[2], "coin_commit", [*commits[:2], commits[0], commits[3]])
     with pytest.raises(SecAggError, match="not its own"):
         r.parties[2].share_keys(bad)
 
@@ -619,4 +625,4 @@ def test_party_refuses_a_roster_with_wrong_signing_keys(keys, reason):
     roster = r.rosters[0]
     assert len(roster.sig_pks) == 4 and roster.sig_pks[0] == r.adverts[0].sig_pk
     with pytest.raises(SecAggError, match=reason):
-        r.parties[0].share_keys(dataclasses.replace(roster, sig_pks=keys(roster.sig_pks)))
+        r.parties[0].share_keys(with_keys(roster, "sig_pk", keys(roster.sig_pks)))
