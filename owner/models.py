@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from errors import ModelError
+from errors import ModelError, first_line
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
 
 __all__ = ["LoadedModel", "Placement", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
@@ -195,7 +195,7 @@ def _cached_gguf(gguf: Path) -> Path:
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot read GGUF file {gguf}: {_first_line(e)}") from None
+        raise ModelError(f"cannot read GGUF file {gguf}: {first_line(e)}") from None
     # The dequantised weights are plain tensors now; without this save_pretrained refuses.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -212,11 +212,6 @@ def _cached_gguf(gguf: Path) -> Path:
     return target
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _load_pretrained(identity: str, dtype: torch.dtype, what: str, placement: Placement | None = None
                      ) -> LoadedModel:
     placed = placement.kwargs() if placement is not None else {}
@@ -224,7 +219,7 @@ def _load_pretrained(identity: str, dtype: torch.dtype, what: str, placement: Pl
         model = AutoModelForCausalLM.from_pretrained(identity, dtype=dtype, **placed)
         tokenizer = AutoTokenizer.from_pretrained(identity)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelError(f"cannot load {what}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load {what}: {first_line(e)}") from None
     if model.dtype != dtype and not placed:  # a dispatched model is loaded in `dtype` and must not be moved
         model = model.to(dtype)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, identity=identity)
@@ -261,5 +256,5 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, placement: 
     except ModelError:
         raise
     except Exception as e:  # network errors from huggingface_hub come in many types
-        raise ModelError(f"cannot load model {spec!r} from the Hugging Face hub{hint}: {_first_line(e)}"
+        raise ModelError(f"cannot load model {spec!r} from the Hugging Face hub{hint}: {first_line(e)}"
                          ) from None

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from errors import ConfigError, ModelError
+from errors import ConfigError, ModelError, first_line
 from owner.compress import kept_layer_indices
 from owner.config import RunConfig
 
@@ -180,7 +180,7 @@ def _gguf_config(path: Path) -> dict:
     try:
         return _config_dict(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot read the config of GGUF file {path}: {str(e).strip().splitlines()[0]}") from None
+        raise ModelError(f"cannot read the config of GGUF file {path}: {first_line(e)}") from None
 
 
 def read_model_config(spec: str | None) -> tuple[str, dict]:
@@ -213,12 +213,11 @@ def _hub_config(repo_id: str) -> dict:
     try:
         return _config_dict(AutoConfig.from_pretrained(repo_id))
     except Exception as e:  # huggingface_hub raises many types for network and lookup failures
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if offline:
             raise ModelError(f"cannot read the config of {repo_id!r}: offline (HF_HUB_OFFLINE) and it is not in "
                              "the Hugging Face cache; pass a config.json or a checkpoint directory instead"
                              ) from None
-        raise ModelError(f"cannot read the config of {repo_id!r} from the Hugging Face hub: {first}") from None
+        raise ModelError(f"cannot read the config of {repo_id!r} from the Hugging Face hub: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------- the plan
