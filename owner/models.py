@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from errors import ModelError, first_line
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
+from tasks.hf_sources import hub_offline
 
 __all__ = ["LoadedModel", "Placement", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
            "default_gguf_path", "make_resident", "onloaded_state_dict", "parse_max_memory", "single_device"]
@@ -249,8 +249,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, placement: 
                                 placement)
     if spec.lower().endswith(".gguf") or spec.startswith(("/", "./", "../", "~")):
         raise ModelError(f"model path {spec} does not exist")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    hint = " (offline: only models already in the Hugging Face cache can be loaded)" if offline else ""
+    hint = " (offline: only models already in the Hugging Face cache can be loaded)" if hub_offline() else ""
     try:
         return _load_pretrained(spec, dtype, f"model {spec!r} from the Hugging Face hub{hint}", placement)
     except ModelError:

@@ -23,7 +23,6 @@ layer below the lowest trainable one has no backward pass), taken from the confi
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from errors import ConfigError, ModelError, first_line
 from owner.compress import kept_layer_indices
 from owner.config import RunConfig
+from tasks.hf_sources import hub_offline
 
 MB = 1e6
 WIRE_BYTES = 4  # LoRA tensors travel (and are trained) in float32
@@ -209,11 +209,10 @@ def read_model_config(spec: str | None) -> tuple[str, dict]:
 def _hub_config(repo_id: str) -> dict:
     from transformers import AutoConfig  # noqa: PLC0415
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return _config_dict(AutoConfig.from_pretrained(repo_id))
     except Exception as e:  # huggingface_hub raises many types for network and lookup failures
-        if offline:
+        if hub_offline():
             raise ModelError(f"cannot read the config of {repo_id!r}: offline (HF_HUB_OFFLINE) and it is not in "
                              "the Hugging Face cache; pass a config.json or a checkpoint directory instead"
                              ) from None

@@ -170,9 +170,14 @@ def parse_hub_spec(spec: str, name: str | None = None) -> tuple[str, str | None,
     return parts[0], None, parts[1] if len(parts) == 2 else None
 
 
-def hub_offline() -> bool:
-    """Whether the library was told to stay offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
-    return bool(_library().config.HF_HUB_OFFLINE)
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether the Hugging Face libraries were told to stay offline, read from the environment as they read it:
+    HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE) set to 1/true/yes/on; for the `datasets` library
+    (`datasets=True`), HF_DATASETS_OFFLINE instead when it is set."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if datasets and os.environ.get("HF_DATASETS_OFFLINE") is not None:
+        value = os.environ["HF_DATASETS_OFFLINE"]
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
@@ -213,7 +218,7 @@ def iter_hub_rows(spec: str, name: str, not_local: str | None = None) -> Iterato
     repo, config, split = parse_hub_spec(spec, name)
     datasets = _library()
     lead = f"{name}: {not_local}, and the Hugging Face hub" if not_local else f"{name}: the Hugging Face hub"
-    if hub_offline():
+    if hub_offline(datasets=True):
         offline = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
     else:
         offline = None
