@@ -28,7 +28,7 @@ from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import LoadedModel, decoder_layers, load_model, make_resident
+from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, load_model, make_resident
 from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
@@ -84,7 +84,7 @@ class OwnerSession:
         """Everything that can fail on bad input, before anything is written: data, model, compression."""
         hardware = config.hardware()  # an unusable --device/--dtype is one error line, before any output
         data = OwnerData.load(config)
-        log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'} on "
+        log.say(f"loading model {config.model or DEFAULT_NAME} on "
                 f"{hardware.describe()}")
         base = load_model(config.model, dtype=hardware.dtype, placement=config.placement())
         n_layers = len(decoder_layers(base.model))
