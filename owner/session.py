@@ -18,8 +18,7 @@ import torch
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
-from learning.seeds import derive_seed
+from learning.lora import initial_lora, load_lora_state, lora_state, remap_layer_indices
 from owner.alignment import EmulatorAligner
 from owner.compress import can_share, compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
@@ -122,11 +121,9 @@ class OwnerSession:
         adapter = f"first {a} + last {s}" if a else f"{s}"
         self.log.say(f"{cfg.method}: compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter "
                      f"{adapter} (kept {manifest.kept_layers})")
-        lora_seed = derive_seed(cfg.seed, "lora-init")
-        all_layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        self.student = attach_lora(compressed, all_layers, cfg.lora, lora_seed)
+        self.student = initial_lora(compressed, manifest, cfg.lora, cfg.seed)
         make_resident(self.base.model, [f"{manifest.layers_path}.{i}" for i in manifest.full_adapter_layers])
-        self.teacher = attach_lora(self.base.model, manifest.full_adapter_layers, cfg.lora, lora_seed)
+        self.teacher = initial_lora(self.base.model, manifest, cfg.lora, cfg.seed, full_model=True)
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.initial_adapter = {k: v.clone() for k, v in self.adapter_state.items()}  # what `untrained` compares
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)
