@@ -16,8 +16,7 @@ from peft import PeftModel
 from errors import ConfigError
 from learning.compressed_model import Manifest, load_compressed
 from learning.hardware import Hardware
-from learning.lora import LoraSettings, attach_lora, lora_state_spec
-from learning.seeds import derive_seed
+from learning.lora import LoraSettings, initial_lora, lora_state_spec
 from learning.training import PartyTrainer, TrainSettings
 from tasks.datasets import Example
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
@@ -56,14 +55,13 @@ class PartyModel:
     def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, hardware: Hardware | None = None,
              quantize: str | None = None) -> PartyModel:
         """Load the checkpoint the owner shipped (frozen weights on the given device and dtype, or
-        quantised: `int8` / `nf4`) and attach LoRA initialised from the run seed (every party and the owner
+        quantised: `int8` / `nf4`) and attach the run's initial LoRA (`initial_lora`: every party and the owner
         draw the same initial A matrices). LoRA parameters are float32 whatever the frozen weights are."""
         start = time.perf_counter()
         hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
         model, tokenizer, manifest = load_compressed(model_dir, hardware.dtype, hardware.device,
                                                      quantization_config(quantize, hardware))
-        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        peft_model = attach_lora(model, layers, lora, derive_seed(seed, "lora-init"))
+        peft_model = initial_lora(model, manifest, lora, seed)
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)
 
     def tokenize(self, examples: Sequence[Example], max_length: int, template: str) -> list[TokenizedExample]:
