@@ -72,6 +72,10 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.parties < 1:
             raise ConfigError("the number of parties must be at least 1")
+        if self.secure_agg and self.parties < 3:
+            raise ConfigError(f"secure aggregation needs at least 3 parties, not {self.parties}: with one colluder "
+                              "assumed, as every party assumes by default, fewer cannot keep two honest inputs in "
+                              "every sum (or run without secure aggregation)")
         if self.split not in ("iid", "category"):
             raise ConfigError(f"--split must be iid or category, not {self.split!r}")
         if self.adapter_size < 1:

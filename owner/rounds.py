@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from learning.round_binding import round_binding, state_digest
 from learning.secure_update import secagg_config
 from owner.aggregation import aggregate_figures, plain_fedavg, secure_mean
 from owner.config import RunConfig
@@ -37,6 +38,7 @@ class RoundPlan:
     started: list[str]
     ids: dict[str, int]
     secagg: SecAggConfig | None
+    binding: bytes = b""  # what the parties were sent to train on (learning.round_binding)
 
 
 class RoundDriver:
@@ -78,12 +80,12 @@ class RoundDriver:
         start = time.perf_counter()
         links = self.links.links
         if self.config.secure_agg:
-            # A party that already masked an input for this round (the owner restarted after it did) refuses
-            # to do it again: its ledger says so, and HELLO told us. Leave it out rather than wait for it.
+            # A party that already took part in this round (the owner restarted after it advertised its keys)
+            # refuses to do it again: its ledger says so, and READY told us. Leave it out rather than wait for it.
             done = [n for n in participants if links[n].last_round >= r]
             for name in done:
-                self.log.say(f"{name} already sent its masked input for round {r + 1} before a restart: it sits "
-                             "this round out")
+                self.log.say(f"{name} already took part in round {r + 1} before a restart: it sits this round "
+                             "out")
             participants = [n for n in participants if n not in done]
             if len(participants) < self.min_parties:
                 self.skip_round(r, f"{len(done)} parties had already contributed to round {r + 1} before the "
@@ -141,6 +143,10 @@ class RoundDriver:
                                 self.config.secagg_graph)
             secagg = {"config": cfg.to_dict(), "n_parties": len(participants), "session": self.run_id,
                       "stage_s": self.stage_s}
+        binding = b""
+        if secagg:
+            binding = round_binding(self.config.party_settings(self.run_id).to_dict(),
+                                    self.links.archive.info.model_sha256, state_digest(adapter, emulator), secagg)
         started = []
         for name in participants:
             self.links.links[name].guard.open_round(r)
@@ -152,7 +158,7 @@ class RoundDriver:
         self.links.restarted -= set(started)
         # Ids, party count and config exactly as announced to every invited party; one whose ROUND_START could
         # not be sent simply never advertises and is left out like any early dropout.
-        return RoundPlan(r, started, ids, cfg)
+        return RoundPlan(r, started, ids, cfg, binding)
 
     def end_round(self, r: int, names: list[str], summary: dict) -> None:
         """ROUND_END to the parties still in the session that round r was started in (not to one that
@@ -199,7 +205,8 @@ class RoundDriver:
         r, ids = plan.round, plan.ids
         sent, _ = self.session.payload()
         names_by_id = {i: n for n, i in ids.items()}
-        server = SecAggServer(plan.secagg, len(ids), sum(t.numel() for t in sent.values()), r, self.run_id)
+        server = SecAggServer(plan.secagg, len(ids), sum(t.numel() for t in sent.values()), r, self.run_id,
+                              plan.binding)
         stats: dict[str, dict] = {}
 
         def accept_stage(stage: RoundStage) -> Callable[[str, Message], bool]:

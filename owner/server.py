@@ -8,8 +8,11 @@ model, run the rounds, say BYE.
 from __future__ import annotations
 
 import secrets
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,9 +27,10 @@ from owner.rounds import RoundDriver
 from owner.startup import OwnerStart
 from protocol.chunks import pack_dir
 from protocol.codec import DEFAULT_LIMITS
-from protocol.keys import load_allowlist
+from protocol.keys import load_allowlist, write_public_key
 from protocol.messages import RUN_FINISHED, RUN_UNTRAINED
 from protocol.sockets import bind_router, close_router
+from secure_agg.identity import ConsortiumRoster
 
 
 @dataclass(frozen=True)
@@ -76,16 +80,38 @@ def run_id_for(out_dir: Path) -> str:
     return run_id
 
 
+@contextmanager
+def allowlist_dir(allow: Path) -> Iterator[Path]:
+    """`--allow` as a directory of NAME.key files, as it is; or a consortium roster (the file every party pins,
+    `secure_agg.identity`) as such a directory, written for the life of the run."""
+    if Path(allow).is_dir():
+        yield Path(allow)
+        return
+    if not Path(allow).exists():
+        raise ConfigError(f"--allow {allow}: no such directory of party keys, nor a roster file")
+    roster = ConsortiumRoster.load(allow)
+    with tempfile.TemporaryDirectory(prefix="fedbiot-allow-") as tmp:
+        for name, key in roster.allowlist().items():
+            write_public_key(tmp, name, key)
+        yield Path(tmp)
+
+
 def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
     """`owner --listen`: validate inputs, bind, prepare the session, serve rounds, export."""
+    with allowlist_dir(opts.allow) as allow:
+        return _serve(config, replace(opts, allow=allow), log)
+
+
+def _serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
     start = OwnerStart.begin(config, opts.out, opts.resume, log)
     config, out_dir = start.config, start.out_dir
     min_parties = opts.min_parties or config.parties
     if not 1 <= min_parties <= config.parties:
         raise ConfigError(f"--min-parties must be between 1 and --parties ({config.parties})")
-    if config.secure_agg and min_parties < 2:
-        raise ConfigError("secure aggregation needs at least 2 parties per round (--min-parties >= 2), "
-                          "or pass --no-secure-agg")
+    if config.secure_agg and min_parties < 3:
+        raise ConfigError("secure aggregation needs at least 3 parties per round (--min-parties >= 3): with one "
+                          "colluder assumed, as every party assumes by default, fewer cannot keep two honest "
+                          "inputs in every sum; or pass --no-secure-agg")
     for flag, value in (("--join-timeout", opts.join_timeout), ("--round-timeout", opts.round_timeout),
                         ("--party-timeout", opts.party_timeout)):
         if not value > 0:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from learning.round_binding import round_binding, state_digest
@@ -153,10 +152,7 @@ class PartyRounds:
     def secure_exchange(self, r: int, agg: SecAggParty, update: PartyUpdate, received: dict, state: bytes
                         ) -> None:
         """The masked update, stage by stage as `secure_agg.ROUND` declares them, after claiming the round."""
-        vector = update_vector(update.adapter_state, received)
-        if self.opts.clip is not None:
-            vector = np.clip(vector, -self.opts.clip, self.opts.clip)
-        agg.contribute(vector, update.n_examples)
+        agg.contribute(update_vector(update.adapter_state, received), update.n_examples, clip=self.opts.clip)
         self.work.ledger.claim_round(self.settings.run_id, r, self.owner_id, state.hex())
         if self.opts.share_stats:  # opt-in: the owner sees them for this party alone
             self.link.send(m.round_stats(round=r, stats=shared_stats(self.trainer, update.stats)))

@@ -32,6 +32,16 @@ def generate_keypair(out_dir: str | os.PathLike[str], name: str, *, overwrite: b
     return Path(public), Path(secret)
 
 
+def write_public_key(out_dir: str | os.PathLike[str], name: str, public: bytes) -> Path:
+    """Write OUT_DIR/NAME.key holding the z85 public key `public` (an allowlist entry made from elsewhere)."""
+    if re.fullmatch(NAME_PATTERN, name) is None:
+        raise ConfigError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no leading symbol)")
+    path = Path(out_dir) / f"{name}.key"
+    path.write_text(f"#   public key of {name}\nmetadata\ncurve\n    public-key = \"{public.decode()}\"\n")
+    _check_z85(load_public(path), path, "public")
+    return path
+
+
 def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a NAME.key_secret file."""
     public, secret = _load(path)

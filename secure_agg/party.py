@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -112,14 +113,19 @@ class SecAggParty:
         self._alive: list[int] = []  # the U3 this party signed
         self._dropped: list[int] = []
         self._input: tuple[np.ndarray, int] | None = None
+        self._clip = config.clip
         self.acked = False
 
-    def contribute(self, vector: np.ndarray, weight: int) -> SecAggParty:
+    def contribute(self, vector: np.ndarray, weight: int, clip: float | None = None) -> SecAggParty:
         """Set the update this party masks in this round and its FedAvg weight (any time before the masked-input
-        step); returns the party, so a step can follow."""
+        step), and its own clip bound if tighter than the round's (its clipped elements are counted in the
+        round's total like any other); returns the party, so a step can follow."""
         if self.stage in (Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK):
             raise SecAggError(f"party {self.party_id}: its input for round {self.round_id} has already left")
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise SecAggError(f"party {self.party_id}: a clip bound must be a positive number, got {clip!r}")
         self._input = (np.asarray(vector), weight)
+        self._clip = self.config.clip if clip is None else min(clip, self.config.clip)
         return self
 
     def _check_envelope(self, msg: Any, recipient: int) -> None:
@@ -291,7 +297,8 @@ class SecAggParty:
                                   "(a cheating dealer, or a tampered relay)")
             held[u] = (seed_share, key_share)
 
-        words = encode(vector, weight, self.config, self.params, rounding_rng(self._rounding, self.round_id, me))
+        encoding = dataclasses.replace(self._rounding, clip=self._clip)
+        words = encode(vector, weight, encoding, self.params, rounding_rng(encoding, self.round_id, me))
         n = words.size
         np.add(words, crypto.prg_words(crypto.self_mask_key(self._seed, self.session, self.round_id, me), n),
                out=words)

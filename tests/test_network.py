@@ -1,20 +1,24 @@
 """The networked run for real: `owner --listen` and `party --connect` as separate processes on 127.0.0.1.
 
-Three scenarios, each one run of real processes shared by the tests that check it (process start-up is
-what costs time here, so each run exercises several requirements):
+Four scenarios, each one run of real processes shared by the tests that check it (process start-up is
+what costs time here, so each run exercises several requirements). Every party pins the consortium roster;
+secure scenarios run the parties without --allow-plain.
 
 - plain: 3 parties, --min-parties 2, no secure aggregation. party-3 vanishes in round 1 (frozen before the
   round opens, so it cannot answer by chance, then SIGKILLed); an unknown key and a party pinning the wrong
   owner key try to join; an allowlisted fuzzer floods the owner with over 10,000 hypothesis-generated
-  malformed messages. The result must equal the in-process run of the two honest parties.
-- secure + owner crash: 2 parties with secure aggregation; the owner is SIGKILLed once round 1 is
+  malformed messages. The result must equal the in-process run of the two honest parties (parties started
+  with --reproducible: their randomness then follows the run seed, as in process).
+- secure + owner crash: 3 parties with secure aggregation; the owner is SIGKILLed once round 1 is
   checkpointed and restarted with --resume while the parties keep running. Exactly rounds 1..R are
-  recorded, and the result equals the in-process secure run.
-- secure dropouts: 3 parties; party-3 exits right after sending its key shares (test hook), round 1
-  completes through Shamir recovery; party-2 is killed before round 2, leaving fewer than --min-parties: a
-  clean abort with the round-1 checkpoint intact. Then the owner resumes (extending the run to 3 rounds)
-  and all three parties restart, reuse their downloaded model and train round 2; party-3 is killed before
-  round 3, which completes without it (invited, it never advertises keys).
+  recorded, and the result equals the in-process secure run (--reproducible again).
+- a resumed run, then a second job: the owner is killed after the parties masked round 1 and resumed; then a
+  new job runs with the same party work directories.
+- secure dropouts: 4 parties (one colluder assumed: t = 3); party-4 exits right after sending its key shares
+  (test hook), round 1 completes through Shamir recovery; party-2 is killed before round 2, leaving fewer than
+  --min-parties: a clean abort with the round-1 checkpoint intact. Then the owner resumes (extending the run
+  to 3 rounds) and all four parties restart, reuse their downloaded model and train round 2; party-3 is
+  killed before round 3, which completes without it (invited, it never advertises keys).
 """
 
 from __future__ import annotations
@@ -51,15 +55,17 @@ from protocol.errors import ProtocolError
 from protocol.keys import generate_keypair
 from protocol.messages import Message, MessageType
 from protocol.sockets import connect_dealer
+from secure_agg.identity import ConsortiumRoster, generate_identity
 from tasks.datasets import load_examples
 from tasks.splits import split_iid
 from tests import faulty_party
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
-PARTY_TIMEOUT_S = 3  # the owner gives up on a silent party after this long
-FROZEN_TIMEOUT_S = 6  # the same in the plain run, where a frozen party must still count until round 1
-WAIT_S = 120  # upper bound for anything the tests wait for (the 2-core machine is shared)
+PARTY_TIMEOUT_S = 10  # the owner gives up on a silent party after this long (heartbeats every 2 s)
+FROZEN_TIMEOUT_S = 20  # the same in the plain run, where a frozen party must still count until round 1
+WAIT_S = 180  # upper bound for anything the tests wait for (the 2-core machine is shared)
+JOIN_TIMEOUT_S = 300  # the owner waits longer for parties than the tests wait for anything
 FUZZ_MESSAGES = 10_500  # malformed messages the fuzzer sends (>= 10,000 are required)
 FUZZ_LATE = 300  # of those, sent while the honest parties train round 1
 TRAIN_ARGS = [
@@ -139,11 +145,12 @@ class Cluster:
             "-m", "owner.cli", "--listen", self.endpoint, "--out", str(self.out), "--model", str(self.model),
             "--key", str(self.keys["owner"][1]), "--allow", str(self.keys["allow"]),
             "--public-data", str(self.data["public"]), "--eval-data", str(self.data["eval"]), *TRAIN_ARGS,
-            "--join-timeout", "90", "--round-timeout", "60", "--party-timeout", str(party_timeout), *extra])
+            "--join-timeout", str(JOIN_TIMEOUT_S), "--round-timeout", "120", "--party-timeout", str(party_timeout),
+            *extra])
 
     def party(self, name: str, data: Path, tag: str | None = None, module: str = "party.cli", *,
-              allow_plain: bool = True, env: dict[str, str] | None = None) -> Node:
-        args = party_args(self.endpoint, name, data, self.keys, self.root, allow_plain=allow_plain)
+              flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Node:
+        args = party_args(self.endpoint, name, data, self.keys, self.root, flags=flags)
         return self.start(tag or name, ["-m", module, *args[2:]], env)
 
     def close(self) -> None:
@@ -152,10 +159,17 @@ class Cluster:
 
 
 def party_args(endpoint: str, name: str, data: Path, keys: dict, root: Path, owner_key: Path | None = None,
-               allow_plain: bool = True) -> list[str]:
+               flags: tuple[str, ...] = ()) -> list[str]:
+    """The party command as a consortium member runs it (its key, the owner's, the roster); `flags` adds
+    what the scenario needs beyond the defaults."""
     return ["-m", "party.cli", "--connect", endpoint, "--data", str(data), "--key", str(keys[name][1]),
-            "--owner-key", str(owner_key or keys["owner"][0]), "--work", str(root / f"work-{name}"),
-            "--timeout", "90", *(["--allow-plain"] if allow_plain else [])]
+            "--owner-key", str(owner_key or keys["owner"][0]), "--roster", str(keys["roster"]),
+            "--work", str(root / f"work-{name}"), "--privacy-dir", str(root / f"privacy-{name}"),
+            "--timeout", str(WAIT_S), *flags]
+
+
+PLAIN = ("--allow-plain", "--reproducible")  # the plain scenario: rounds without masking, as in process
+REPRODUCIBLE = ("--reproducible",)  # randomness from the run seed: the run can be compared with the in-process one
 
 
 def free_port() -> int:
@@ -187,23 +201,32 @@ def assert_same_adapter(got: dict, want: dict, tol: float = 1e-5) -> None:
 # ------------------------------------------------------------------------------------------- fixtures
 
 
+MEMBERS = ("party-1", "party-2", "party-3", "party-4")
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict:
-    """The owner, four allowlisted parties and a fuzzer; `mallory` and a second owner are known to nobody."""
+    """The owner, four consortium members (the roster every party pins) and a fuzzer; `mallory` and a second
+    owner are known to nobody."""
     root = tmp_path_factory.mktemp("keys")
     out = {name: generate_keypair(root / name, name)
-           for name in ("owner", "other-owner", "party-1", "party-2", "party-3", "party-4", "fuzzer", "mallory")}
+           for name in ("owner", "other-owner", *MEMBERS, "fuzzer", "mallory")}
     allow = root / "allow"
     allow.mkdir()
-    for name in ("party-1", "party-2", "party-3", "party-4", "fuzzer"):
+    for name in (*MEMBERS, "fuzzer", "mallory"):
+        generate_identity(root / name, name)
+    for name in (*MEMBERS, "fuzzer"):
         (allow / f"{name}.key").write_bytes(out[name][0].read_bytes())
     out["allow"] = allow
+    out["roster"] = root / "roster.json"
+    ConsortiumRoster.from_public_files([root / name for name in MEMBERS]).save(out["roster"])
     return out
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """Training data split for two parties exactly as `owner --simulate 2` splits it, plus owner data."""
+    """Training data split for two and for three parties exactly as `owner --simulate N` splits it, plus owner
+    data."""
     root = tmp_path_factory.mktemp("net-data")
     words = "red blue green yellow black white".split()
     train = [{"instruction": f"Colour of item {i}?", "input": "", "output": f"Item {i} is {words[i % 6]}."}
@@ -220,17 +243,17 @@ def data(tmp_path_factory) -> dict:
     for name, rows in [("train", train), ("public", public), ("eval", evaluation)]:
         files[name] = root / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for i, part in enumerate(split_iid(load_examples(files["train"]), 2, SEED), 1):
-        files[f"party-{i}"] = root / f"party-{i}.jsonl"
-        files[f"party-{i}"].write_text("".join(
-            json.dumps({"instruction": e.prompt, "input": "", "output": e.response}) + "\n" for e in part))
-    files["party-3"] = files["train"]
+    for n in (2, 3):
+        for i, part in enumerate(split_iid(load_examples(files["train"]), n, SEED), 1):
+            files[f"{n}:{i}"] = root / f"split{n}-{i}.jsonl"
+            files[f"{n}:{i}"].write_text("".join(
+                json.dumps({"instruction": e.prompt, "input": "", "output": e.response}) + "\n" for e in part))
     return files
 
 
-def simulate(model: Path, data: dict, out: Path, *extra: str) -> Path:
-    """The in-process run of the same two parties (owner --simulate 2)."""
-    args = ["--simulate", "2", "--out", str(out), "--model", str(model), "--party-data", str(data["train"]),
+def simulate(model: Path, data: dict, out: Path, parties: int, *extra: str) -> Path:
+    """The in-process run of the same parties (owner --simulate N)."""
+    args = ["--simulate", str(parties), "--out", str(out), "--model", str(model), "--party-data", str(data["train"]),
             "--public-data", str(data["public"]), "--eval-data", str(data["eval"]), *TRAIN_ARGS, "--quiet",
             *extra]
     assert owner_main(args) == 0
@@ -442,8 +465,8 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
         owner = cluster.owner("--parties", "3", "--min-parties", "2", "--no-secure-agg",
                               party_timeout=FROZEN_TIMEOUT_S)
         owner.wait_log(r"compressed model archive")
-        honest = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
-        doomed = cluster.party("party-3", data["party-3"])
+        honest = [cluster.party(f"party-{i}", data[f"2:{i}"], flags=PLAIN) for i in (1, 2)]
+        doomed = cluster.party("party-3", data["train"], flags=PLAIN)
         with ThreadPoolExecutor(1) as pool:  # hypothesis works while the parties start up
             target = FuzzTarget(cluster.out)
             fuzz_future = pool.submit(generate_fuzz, target, FUZZ_MESSAGES)
@@ -451,8 +474,8 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
             fuzz = oversize(target) + fuzz_future.result()
 
         # Intruders, as the real party command: an unknown key, and an allowlisted key pinning another owner.
-        intruders = [cluster.party("mallory", data["party-1"]),
-                     cluster.start("party-4", party_args(cluster.endpoint, "party-4", data["party-1"], keys, root,
+        intruders = [cluster.party("mallory", data["2:1"]),
+                     cluster.start("party-4", party_args(cluster.endpoint, "party-4", data["2:1"], keys, root,
                                                          owner_key=keys["other-owner"][0]))]
         result["mallory"], result["wrong_pin"] = [node.exit_code() for node in intruders]
 
@@ -483,7 +506,7 @@ def plain_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     finally:
         cluster.close()
         ctx.destroy(linger=0)
-    result["simulated"] = simulate(tiny_llama_dir, data, root / "simulated")
+    result["simulated"] = simulate(tiny_llama_dir, data, root / "simulated", 2)
     return result
 
 
@@ -551,29 +574,29 @@ def crash_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     cluster = Cluster(root, keys, data, tiny_llama_dir)
     result: dict = {"out": cluster.out}
     try:
-        first = cluster.owner("--parties", "2", "--secure-agg")
-        parties = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
+        first = cluster.owner("--parties", "3", "--secure-agg")
+        parties = [cluster.party(f"party-{i}", data[f"3:{i}"], flags=REPRODUCIBLE) for i in (1, 2, 3)]
         checkpoint = cluster.out / "checkpoints" / "round-0001" / "state.json"
         wait_until(lambda: checkpoint.is_file() or first.proc.poll() is not None, "round 1's checkpoint")
         first.kill()
         result["first_rc"] = first.proc.returncode
-        second = cluster.owner("--parties", "2", "--secure-agg", "--resume", tag="owner-resumed")
+        second = cluster.owner("--parties", "3", "--secure-agg", "--resume", tag="owner-resumed")
         result["owner_rc"] = second.exit_code()
         result["party_rcs"] = [p.exit_code() for p in parties]
         result["logs"] = {n.name: n.text() for n in cluster.nodes}
     finally:
         cluster.close()
-    result["simulated"] = simulate(tiny_llama_dir, data, root / "simulated", "--secure-agg")
+    result["simulated"] = simulate(tiny_llama_dir, data, root / "simulated", 3, "--secure-agg")
     return result
 
 
 def test_owner_killed_and_resumed_completes_every_round_once(crash_run):
     assert crash_run["first_rc"] == -signal.SIGKILL  # it really was killed, not finished
     assert crash_run["owner_rc"] == 0, crash_run["logs"]["owner-resumed"][-3000:]
-    assert crash_run["party_rcs"] == [0, 0]
+    assert crash_run["party_rcs"] == [0, 0, 0]
     assert [r["round"] for r in events(crash_run["out"], "round")] == [1, 2]
     assert "resumed from round-0001" in crash_run["logs"]["owner-resumed"]
-    for name in ("party-1", "party-2"):  # the model came once; the restarted owner was rejoined
+    for name in ("party-1", "party-2", "party-3"):  # the model came once; the restarted owner was rejoined
         assert crash_run["logs"][name].count("downloading the compressed model") == 1
 
 
@@ -596,26 +619,25 @@ def second_job_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     cluster = Cluster(root, keys, data, tiny_llama_dir)
     resume = root / "resume"
     result: dict = {"out": cluster.out, "out_b": root / "out-b", "root": root}
-    flags = ("--parties", "2", "--secure-agg")
+    flags = ("--parties", "3", "--secure-agg")
     pause = {"FEDBIOT_TEST_FAULT": "pause", "FEDBIOT_TEST_RESUME": str(resume)}
     try:
-        first = cluster.owner(*flags, party_timeout=30)
-        paused = [cluster.party(f"party-{i}", data[f"party-{i}"], module="tests.faulty_party", allow_plain=False,
-                                env=pause) for i in (1, 2)]
+        first = cluster.owner(*flags, party_timeout=60)
+        paused = [cluster.party(f"party-{i}", data[f"3:{i}"], module="tests.faulty_party", env=pause)
+                  for i in (1, 2, 3)]
         for node in paused:
             node.wait_log(re.escape(faulty_party.PAUSED))
         first.kill()  # the parties' masked inputs of round 1 are out; the round was never closed
         result["first_rc"] = first.proc.returncode
         result["checkpoint_at_kill"] = latest_checkpoint_dir(cluster.out).name
-        resumed = cluster.owner(*flags, "--resume", tag="owner-resumed", party_timeout=30)
+        resumed = cluster.owner(*flags, "--resume", tag="owner-resumed", party_timeout=60)
         resume.touch()
         result["resumed_rc"] = resumed.exit_code()
         result["paused_rcs"] = [node.exit_code() for node in paused]
 
         cluster.out = result["out_b"]
-        second = cluster.owner(*flags, tag="owner-b")
-        again = [cluster.party(f"party-{i}", data[f"party-{i}"], tag=f"party-{i}-b", allow_plain=False)
-                 for i in (1, 2)]
+        second = cluster.owner(*flags, "--seed", "1", tag="owner-b")  # its own seed: its own initial state
+        again = [cluster.party(f"party-{i}", data[f"3:{i}"], tag=f"party-{i}-b") for i in (1, 2, 3)]
         result["b_rc"] = second.exit_code()
         result["b_party_rcs"] = [node.exit_code() for node in again]
         result["logs"] = {n.name: n.text() for n in cluster.nodes}
@@ -628,27 +650,27 @@ def test_a_resumed_owner_leaves_out_the_parties_that_masked_its_round_before_the
     run = second_job_run
     assert run["first_rc"] == -signal.SIGKILL and run["checkpoint_at_kill"] == "round-0000"
     log = run["logs"]["owner-resumed"]
-    assert run["resumed_rc"] == 0 and run["paused_rcs"] == [0, 0], log[-3000:]
-    for name in ("party-1", "party-2"):
+    assert run["resumed_rc"] == 0 and run["paused_rcs"] == [0, 0, 0], log[-3000:]
+    for name in ("party-1", "party-2", "party-3"):
         assert f"{name} is ready (took part in this run up to round 1)" in log
-        assert f"{name} already sent its masked input for round 1 before a restart" in log
+        assert f"{name} already took part in round 1 before a restart" in log
     rounds = events(run["out"], "round")
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["participants"] == [] and "never aggregated twice" in rounds[0]["skipped"]
-    assert rounds[1]["participants"] == ["party-1", "party-2"] and "skipped" not in rounds[1]
+    assert rounds[1]["participants"] == ["party-1", "party-2", "party-3"] and "skipped" not in rounds[1]
 
 
 def test_a_second_job_with_the_same_party_work_directories_trains_every_round(second_job_run):
     run = second_job_run
     log = run["logs"]["owner-b"]
-    assert run["b_rc"] == 0 and run["b_party_rcs"] == [0, 0], log[-3000:]
-    assert "already sent" not in log and "skipped" not in log and "took part in this run" not in log
+    assert run["b_rc"] == 0 and run["b_party_rcs"] == [0, 0, 0], log[-3000:]
+    assert "already took part" not in log and "skipped" not in log and "took part in this run" not in log
     rounds = events(run["out_b"], "round")
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["participants"] == ["party-1", "party-2"] and "skipped" not in r for r in rounds)
+    assert all(r["participants"] == ["party-1", "party-2", "party-3"] and "skipped" not in r for r in rounds)
     assert "untrained" not in json.loads((run["out_b"] / "summary.json").read_text())
     assert max(float(t.abs().max()) for n, t in adapfu(run["out_b"]).items() if "lora_B" in n) > 1e-4
-    for i in (1, 2):  # the ledger holds both jobs; the second was not read as the first
+    for i in (1, 2, 3):  # the ledger holds both jobs; the second was not read as the first
         ledger = json.loads((run["root"] / f"work-party-{i}" / "secagg-ledger.json").read_text())
         assert len(ledger["rounds"]) == 2
         assert "the owner ended the run: run finished" in run["logs"][f"party-{i}-b"]
@@ -662,20 +684,21 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
     root = tmp_path_factory.mktemp("dropout")
     cluster = Cluster(root, keys, data, tiny_llama_dir)
     result: dict = {"out": cluster.out}
-    flags = ("--parties", "3", "--min-parties", "2", "--secure-agg")
+    flags = ("--parties", "4", "--min-parties", "3", "--secure-agg")
     try:
         owner = cluster.owner(*flags)
-        parties = [cluster.party(f"party-{i}", data[f"party-{i}"]) for i in (1, 2)]
-        quitter = cluster.party("party-3", data["party-3"], module="tests.faulty_party")
+        parties = [cluster.party(f"party-{i}", data[f"3:{i}"]) for i in (1, 2, 3)]
+        quitter = cluster.party("party-4", data["train"], module="tests.faulty_party")
         owner.wait_log(r"round 1 alignment")  # round 1 is aggregated: everybody's part in it is done
-        parties[1].kill()  # leaves party-1 alone in round 2: fewer than --min-parties
+        parties[1].kill()  # leaves party-1 and party-3 in round 2: fewer than --min-parties
         result["abort_rc"] = owner.exit_code()
-        result["first_party_rcs"] = [parties[0].exit_code(), quitter.exit_code()]
+        result["first_party_rcs"] = [parties[0].exit_code(), parties[2].exit_code(), quitter.exit_code()]
         result["after_abort"] = latest_checkpoint_dir(cluster.out)
         result["rounds_after_abort"] = [r["round"] for r in events(cluster.out, "round")]
 
         resumed = cluster.owner(*flags, "--resume", "--rounds", "3", tag="owner-resumed")
-        again = [cluster.party(f"party-{i}", data[f"party-{i}"], tag=f"party-{i}-again") for i in (1, 2, 3)]
+        again = [cluster.party(f"party-{i}", data[f"3:{i}"] if i < 4 else data["train"], tag=f"party-{i}-again")
+                 for i in (1, 2, 3, 4)]
         resumed.wait_log(r"round 2 alignment")
         again[2].kill()  # between rounds: still counted as ready when round 3 is planned
         result["owner_rc"] = resumed.exit_code()
@@ -688,39 +711,41 @@ def dropout_run(tmp_path_factory, tiny_llama_dir, keys, data) -> dict:
 
 def test_secure_round_completes_when_a_party_drops_after_sharing_keys(dropout_run):
     logs = dropout_run["logs"]
-    assert dropout_run["first_party_rcs"][1] == faulty_party.EXIT_STATUS
-    assert faulty_party.MESSAGE in logs["party-3"]
+    assert dropout_run["first_party_rcs"][2] == faulty_party.EXIT_STATUS
+    assert faulty_party.MESSAGE in logs["party-4"]
     first = events(dropout_run["out"], "round")[0]
-    assert first["round"] == 1 and first["secure_agg"] and first["participants"] == ["party-1", "party-2"]
-    assert re.search(r"party-3 is gone .*round 1 masked inputs", logs["owner"])
+    assert first["round"] == 1 and first["secure_agg"]
+    assert first["participants"] == ["party-1", "party-2", "party-3"]
+    assert re.search(r"party-4 is gone .*round 1 masked inputs", logs["owner"])
 
 
 def test_too_few_parties_abort_cleanly_with_the_checkpoint_intact(dropout_run):
     assert dropout_run["abort_rc"] == 2
     last = dropout_run["logs"]["owner"].strip().splitlines()[-1]
-    assert last.startswith("error: round 2") and "minimum 2" in last and "--resume" in last, last
+    assert last.startswith("error: round 2") and "minimum 3" in last and "--resume" in last, last
     assert dropout_run["after_abort"].name == "round-0001"
     assert load_checkpoint(dropout_run["after_abort"]).round == 1
     assert dropout_run["rounds_after_abort"] == [1]
-    assert dropout_run["first_party_rcs"][0] == 1  # told the run stopped early: not a success
+    assert dropout_run["first_party_rcs"][:2] == [1, 1]  # told the run stopped early: not a success
     assert "owner stopped before the end of the run" in dropout_run["logs"]["party-1"]
 
 
 def test_restarted_parties_rejoin_with_their_downloaded_model(dropout_run):
     assert dropout_run["owner_rc"] == 0, dropout_run["logs"]["owner-resumed"][-3000:]
-    assert dropout_run["party_rcs"] == [0, 0, -signal.SIGKILL]
+    assert dropout_run["party_rcs"] == [0, 0, -signal.SIGKILL, 0]
     rounds = events(dropout_run["out"], "round")
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert rounds[1]["participants"] == ["party-1", "party-2", "party-3"]
+    assert rounds[1]["participants"] == ["party-1", "party-2", "party-3", "party-4"]
     logs = dropout_run["logs"]
-    for i in (1, 2, 3):
+    for i in (1, 2, 3, 4):
         assert "downloading" not in logs[f"party-{i}-again"]
         assert re.search(rf"party-{i} joined \(\d+ examples, has the model\)", logs["owner-resumed"])
 
 
 def test_secure_round_completes_when_an_invited_party_is_gone_before_advertising(dropout_run):
     last = events(dropout_run["out"], "round")[-1]
-    assert last["round"] == 3 and last["secure_agg"] and last["participants"] == ["party-1", "party-2"]
+    assert last["round"] == 3 and last["secure_agg"]
+    assert last["participants"] == ["party-1", "party-2", "party-4"]
     assert json.loads((dropout_run["out"] / "summary.json").read_text())["rounds"] == 3
 
 
@@ -730,7 +755,7 @@ def test_secure_round_completes_when_an_invited_party_is_gone_before_advertising
 def test_a_busy_port_or_bad_flags_leave_no_run_behind(tiny_llama_dir, keys, data, tmp_path, capsys):
     base = ["--out", str(tmp_path / "out"), "--model", str(tiny_llama_dir), "--key", str(keys["owner"][1]),
             "--allow", str(keys["allow"]), "--public-data", str(data["public"]), "--eval-data",
-            str(data["eval"]), *TRAIN_ARGS, "--parties", "2", "--quiet"]
+            str(data["eval"]), *TRAIN_ARGS, "--parties", "3", "--quiet"]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -738,10 +763,10 @@ def test_a_busy_port_or_bad_flags_leave_no_run_behind(tiny_llama_dir, keys, data
     assert "cannot listen" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing at all: a plain rerun is not refused as "not empty"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    assert owner_main(["--listen", endpoint, *base, "--min-parties", "3"]) == 2
+    assert owner_main(["--listen", endpoint, *base, "--min-parties", "4"]) == 2
     assert "--min-parties" in capsys.readouterr().err
-    assert owner_main(["--listen", endpoint, *base, "--min-parties", "1"]) == 2
-    assert "secure aggregation needs at least 2" in capsys.readouterr().err
+    assert owner_main(["--listen", endpoint, *base, "--min-parties", "2"]) == 2
+    assert "secure aggregation needs at least 3" in capsys.readouterr().err
     assert owner_main(["--listen", endpoint, *base, "--party-timeout", "0"]) == 2
     assert "--party-timeout" in capsys.readouterr().err
 
@@ -754,7 +779,7 @@ def test_a_new_run_that_fails_after_creating_out_leaves_nothing_and_a_failed_res
     def listen(out: Path, *extra: str) -> int:
         return owner_main(["--listen", f"tcp://127.0.0.1:{free_port()}", "--out", str(out), "--key",
                            str(keys["owner"][1]), "--allow", str(keys["allow"]), "--public-data", str(data["public"]),
-                           "--eval-data", str(data["eval"]), *TRAIN_ARGS, "--parties", "2", "--quiet", *extra])
+                           "--eval-data", str(data["eval"]), *TRAIN_ARGS, "--parties", "3", "--quiet", *extra])
 
     model = ["--model", str(tiny_llama_dir)]
     assert listen(tmp_path / "new", *model, "--target-modules", "no_such_proj") == 2
@@ -771,7 +796,7 @@ def test_a_new_run_that_fails_after_creating_out_leaves_nothing_and_a_failed_res
     (run / "notes.txt").write_text("kept\n")
     assert listen(run, "--model", str(tmp_path / "no-such-model")) == 2  # refused before loading the model
     assert "is not empty" in capsys.readouterr().err
-    RunConfig(model=str(tiny_llama_dir), parties=2, rounds=2, public_data=str(data["public"]),
+    RunConfig(model=str(tiny_llama_dir), parties=3, rounds=2, public_data=str(data["public"]),
               eval_data=str(data["eval"]), public_limit=16, eval_items=4, max_length=96, secure_agg=True,
               lora=LoraSettings(target_modules=("no_such_proj",))).save(run / "config.json")
     saved = (run / "config.json").read_text()

@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from protocol.keys import generate_keypair
+from secure_agg.identity import ConsortiumRoster, generate_identity
 from tasks.datasets import load_examples
 from tasks.splits import split_iid
 from tests.test_network import ENV, ROOT, events, free_port
@@ -28,10 +29,10 @@ WAIT_S = 420  # the whole run, bounded (downloading and loading the real model o
 
 def test_three_parties_train_the_embedded_model_over_the_network(tmp_path: Path):
     keys = {name: generate_keypair(tmp_path / "keys" / name, name) for name in ("owner", *PARTIES)}
-    allow = tmp_path / "allow"
-    allow.mkdir()
     for name in PARTIES:
-        (allow / f"{name}.key").write_bytes(keys[name][0].read_bytes())
+        generate_identity(tmp_path / "keys" / name, name)
+    roster = tmp_path / "roster.json"  # the consortium's roster, which every party pins; the owner allows it
+    ConsortiumRoster.from_public_files([tmp_path / "keys" / name for name in PARTIES]).save(roster)
     parts = split_iid(load_examples("gsm8k-train", limit=24), len(PARTIES), 0)
     endpoint, out = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out"
 
@@ -39,11 +40,11 @@ def test_three_parties_train_the_embedded_model_over_the_network(tmp_path: Path)
     try:
         for name, args in [("owner", [
             "-m", "owner.cli", "--listen", endpoint, "--parties", "3", "--rounds", "2", "--out", str(out),
-            "--key", str(keys["owner"][1]), "--allow", str(allow), "--local-steps", "2", "--batch-size", "2",
+            "--key", str(keys["owner"][1]), "--allow", str(roster), "--local-steps", "2", "--batch-size", "2",
             "--align-pre-steps", "2", "--align-steps", "1", "--max-length", "128", "--eval-items", "4",
             "--public-limit", "16", "--join-timeout", "300", "--round-timeout", "300"])] + [
             (name, ["-m", "party.cli", "--connect", endpoint, "--data", str(data_file(tmp_path, name, part)),
-                    "--key", str(keys[name][1]), "--owner-key", str(keys["owner"][0]),
+                    "--key", str(keys[name][1]), "--owner-key", str(keys["owner"][0]), "--roster", str(roster),
                     "--work", str(tmp_path / f"work-{name}"), "--timeout", str(WAIT_S)])
                 for name, part in zip(PARTIES, parts, strict=True)]:
             logs[name] = tmp_path / f"{name}.log"

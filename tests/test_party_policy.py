@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
@@ -27,8 +29,9 @@ from protocol.keys import generate_keypair
 from protocol.messages import MessageType
 from protocol.replay import SeqCounter
 from protocol.sockets import bind_router, bound_endpoint, close_router, recv
-from secure_agg import SecAggError
+from secure_agg import SecAggError, SecAggParty
 from secure_agg.identity import ConsortiumRoster, Identity, generate_identity
+from tests.hostile_owner import HostileOwner
 from tests.tiny_models import byte_tokenizer, tiny_model
 
 RUN = "run-policy-test"
@@ -274,3 +277,52 @@ def test_an_owner_ending_the_run_untrained_is_the_partys_last_line_and_no_succes
     assert codes == [1]
     assert lines[-1] == ("the owner ended the run without training the adapter: run ended untrained: no round was "
                          "aggregated (2 of 2 rounds skipped)"), lines
+
+
+def settings_dict(run: str = RUN) -> dict:
+    return PartyRunSettings(run_id=run, seed=0, rounds=3, max_length=64, template="plain", lora=LORA, train=TRAIN,
+                            secure_agg=True).to_dict()
+
+
+def test_the_partys_own_clip_and_silence_hold_through_the_node(world, tmp_path):
+    """A default party node in a whole secure round with two in-process peers, against a scripted owner that
+    unmasks the sum: with --clip 1e-7 the party's update reaches the sum clipped (and counted as clipped), and
+    it sends no per-round statistics."""
+    owner = HostileOwner(tmp_path, world["keys"]["owner"][1], world["allow"], world["root"] / "model")
+    lines: list[str] = []
+    opts = PartyOptions(endpoint=owner.endpoint, key=world["keys"]["alice"][1], owner_key=world["keys"]["owner"][0],
+                        data=str(world["data"]), work_dir=tmp_path / "work", timeout=60.0, trust_owner_peers=True,
+                        clip=1e-7, privacy_dir=tmp_path / "privacy")
+    node = PartyNode(opts, log=lines.append)
+    worker = threading.Thread(target=node.run, daemon=True)
+    worker.start()
+    try:
+        owner.welcome(["alice"], RUN, lambda name: settings_dict())
+        model = PartyModel.load(world["root"] / "model", LORA, 0)
+        state = tuple({k: v.numpy() for k, v in lora_state(model.model, layers).items()}
+                      for layers in (model.manifest.adapter_layers, model.manifest.emulator_layers))
+        binding = owner.binding(RUN, settings_dict(), state, 3)
+        peers = [SecAggParty(secagg_config([8] * 3, 0), u, 3, 0, RUN, binding=binding) for u in (1, 2)]
+        outcome = owner.secure_round(0, RUN, {"alice": state}, sybils=peers)
+    finally:
+        owner.close()
+        worker.join(30)
+    result = outcome["result"]
+    assert outcome["error"] is None and result is not None and result.included == [0, 1, 2], (outcome, lines)
+    assert result.clipped > 0  # the party's own bound bit: lr 1e-2 moves the LoRA far beyond 1e-7
+    assert np.abs(result.weighted_sum).max() <= result.total_weight * 1e-7 + 3 * 2.0 ** -16
+    assert not [msg for _, msg in owner.inbox if msg.type in (MessageType.ROUND_STATS, MessageType.UPDATE)]
+
+
+def test_an_archive_over_the_partys_download_limit_is_refused_before_anything_is_written(world, owner_socket,
+                                                                                        tmp_path):
+    _, endpoint = owner_socket
+    node, lines = make_party(world, endpoint, tmp_path, max_download=1000)
+    try:
+        big = m.welcome(run_id=RUN, settings=settings_dict(), model_sha256="ab" * 32, model_size=10_000,
+                        chunk_size=4096, n_chunks=3, round=0)
+        node.dispatch(big)
+        assert any("exceeds the limit of 1000" in line for line in lines), lines
+        assert not node.work.download.exists() or not any(node.work.download.iterdir())
+    finally:
+        node.close(0)

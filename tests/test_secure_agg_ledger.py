@@ -27,7 +27,7 @@ def test_a_second_masked_input_for_the_same_round_is_refused_across_restarts(tmp
     path = tmp_path / "work" / "secagg-ledger.json"
     _, parties, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
     parties[0].contribute(np.zeros(5), 1).masked_input(relays[0])
-    assert SecAggLedger(path).entry("s", 3) == {"input_sent": True, "revealed": {}}
+    assert SecAggLedger(path).entry("s", 3) == {"claimed": True, "input_sent": True, "revealed": {}}
     # The party restarts (a new object and a new ledger reading the same file); the owner reruns round 3.
     _, again, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
     with pytest.raises(SecAggError, match="already sent a masked input for round 3"):
@@ -91,3 +91,29 @@ def test_a_corrupt_ledger_is_an_error_and_is_left_alone(tmp_path):
     with pytest.raises(SecAggError, match="unknown format"):
         SecAggLedger(path).entry("s", 0)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_round_is_claimed_once_and_a_global_state_once_per_owner(tmp_path):
+    ledger = SecAggLedger(tmp_path / "ledger.json")
+    ledger.claim_round("run-a", 0, "owner-1", "aa")
+    again = SecAggLedger(tmp_path / "ledger.json")  # a restarted party
+    with pytest.raises(SecAggError, match="already took part in round 1 of this run"):
+        again.claim_round("run-a", 0, "owner-1", "bb")  # a redraw of the round, even from another state
+    with pytest.raises(SecAggError, match=r"already took part from this global state \(run-a round 1\)"):
+        again.claim_round("run-b", 0, "owner-1", "aa")  # a "new run" from the same state
+    again.claim_round("run-b", 0, "owner-2", "aa")  # another owner's state is another state
+    again.claim_round("run-a", 1, "owner-1", "cc")
+    assert again.rounds_claimed("run-a") == [0, 1] and again.rounds_claimed("run-b") == [0]
+    assert again.has_state("owner-1", "aa") and not again.has_state("owner-1", "dd")
+    assert again.entry("run-a", 0) == {"claimed": True, "input_sent": False, "revealed": {}}
+
+
+def test_a_version_1_ledger_is_read_as_it_is(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"version": 1, "rounds": {"run-a": {"2": {"input_sent": True, "revealed": {}}}}}))
+    ledger = SecAggLedger(path)
+    assert ledger.rounds_claimed("run-a") == [2]  # what it sent before still counts
+    with pytest.raises(SecAggError, match="already took part in round 3"):
+        ledger.claim_round("run-a", 2, "owner", "aa")
+    ledger.claim_round("run-a", 3, "owner", "aa")
+    assert json.loads(path.read_text())["version"] == 2

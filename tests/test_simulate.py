@@ -131,10 +131,10 @@ def test_a_non_empty_out_is_refused_before_the_model_is_loaded(data_files, tmp_p
 
 
 def test_secure_aggregation_gives_the_plain_result_within_fixed_point_error(tiny_llama_dir, data_files,
-                                                                             tmp_path):
+                                                                             tmp_path, capsys):
     plain, secure = tmp_path / "plain", tmp_path / "secure"
-    assert main(args_for(tiny_llama_dir, data_files, plain)) == 0
-    assert main(args_for(tiny_llama_dir, data_files, secure, "--secure-agg")) == 0
+    assert main(args_for(tiny_llama_dir, data_files, plain, "--simulate", "3")) == 0
+    assert main(args_for(tiny_llama_dir, data_files, secure, "--simulate", "3", "--secure-agg")) == 0
     tp, ts = adapfu_tensors(plain), adapfu_tensors(secure)
     assert tp.keys() == ts.keys()
     worst = max(float((tp[n] - ts[n]).abs().max()) for n in tp)
@@ -142,6 +142,9 @@ def test_secure_aggregation_gives_the_plain_result_within_fixed_point_error(tiny
     assert any(float(t.abs().max()) > 1e-3 for n, t in tp.items() if "lora_B" in n)
     rounds = [json.loads(x) for x in (secure / "metrics.jsonl").read_text().splitlines()]
     assert all("secagg" in r for r in rounds if r["event"] == "round")
+    capsys.readouterr()
+    assert main(args_for(tiny_llama_dir, data_files, tmp_path / "two", "--secure-agg")) == 2  # two parties
+    assert "secure aggregation needs at least 3 parties" in capsys.readouterr().err
 
 
 def test_sparse_secure_aggregation_gives_the_plain_result(tiny_llama_dir, data_files, tmp_path):
