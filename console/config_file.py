@@ -65,12 +65,20 @@ def _convert(key: str, action: argparse.Action, value: Any) -> Any:
         if isinstance(action.const, bool):
             return value if action.const else not value
         return action.const if value else action.default
-    if not isinstance(action, argparse._StoreAction) or action.nargs not in (None, "?"):
+    if not isinstance(action, argparse._StoreAction) or action.nargs not in (None, "?", "+"):
         raise ConfigError(f"config key {key!r} ({flag}) cannot be set from a config file")
     if value is None:
         if action.default is None:
             return None
         raise ConfigError(f"config key {key!r} ({flag}) needs a value, not null")
+    if action.nargs == "+":  # a flag of one or more values: a non-empty list
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"config key {key!r} ({flag}) takes a non-empty list, not {value!r}")
+        return [_convert_one(key, flag, action, item) for item in value]
+    return _convert_one(key, flag, action, value)
+
+
+def _convert_one(key: str, flag: str, action: argparse.Action, value: Any) -> Any:
     kind = action.type
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)

@@ -107,7 +107,8 @@ def test_a_runs_config_json_given_back_rebuilds_the_same_run_config(tmp_path):
         model="some/model", method="fedot", adapter_size=3, drop_rate=0.4, rounds=6, parties=4, seed=11,
         party_data="train.jsonl", party_data_kind="alpaca", split="category", party_limit=90,
         public_data="pub.jsonl", public_limit=50, eval_data="ev.jsonl", eval_items=7, max_length=128,
-        template="plain", secure_agg=True, secagg_graph="sparse", lora=LoraSettings(r=4, alpha=8),
+        template="plain", secure_agg=True, secagg_graph="sparse",
+        lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")),
         train=TrainSettings(local_steps=5, batch_size=2, lr=1e-3, prox_eps=0.5),
         align=AlignSettings(pre_steps=3, round_steps=2, batch_size=6, lr=2e-4, kl_weight=0.5, cache_teacher=False,
                             cache_memory_mb=64.0),
@@ -165,6 +166,16 @@ def test_party_toml_satisfies_the_required_options_and_flags_override(tmp_path):
     assert args.dp_epsilon == 3.0 and args.progress == "plain" and args.timeout == 60.0
     with pytest.raises(ConfigError, match="'progress' .*one of"):
         parse_with_config(party_parser(), ["--config", str(write(tmp_path / "p2.toml", 'progress = "fancy"\n'))])
+
+
+def test_a_flag_of_several_values_takes_a_list(tmp_path):
+    cfg = write(tmp_path / "run.toml", 'simulate = 2\nout = "o"\ntarget-modules = ["q_proj", "v_proj"]\n')
+    assert owner_args(["--config", str(cfg)]).target_modules == ["q_proj", "v_proj"]
+    assert owner_args(["--config", str(cfg), "--target-modules", "k_proj"]).target_modules == ["k_proj"]
+    for bad in ('"q_proj"', "[]", "[1]"):
+        cfg = write(tmp_path / "bad.toml", f'simulate = 2\nout = "o"\ntarget-modules = {bad}\n')
+        with pytest.raises(ConfigError, match=r"\(--target-modules\) takes"):
+            owner_args(["--config", str(cfg)])
 
 
 def test_store_false_flags_take_a_boolean(tmp_path):
