@@ -134,11 +134,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
                       translate: Translate | None = None) -> argparse.Namespace:
     """Parse `argv`, taking defaults from the file named by `--config` (if any); flags override the file.
 
-    The parser must already define `--config` (see `add_config_option`). Options the file sets stop being
+    The parser must already define `--config` (`console.options.terminal_options`). Options the file sets stop being
     required on the command line; of mutually exclusive options, one given on the command line replaces
     the one the file chose (`--listen` on the command line beats `simulate = 3` in the file).
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    from console.terminal import OneLineErrors  # noqa: PLC0415
+
+    pre = OneLineErrors(add_help=False)
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
@@ -167,8 +169,3 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             for a in from_file:
                 setattr(args, a.dest, original[a.dest])
     return args
-
-
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="TOML (or a run's config.json) of option values by long name; flags override it")
