@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -214,17 +213,10 @@ def readme_toml(marker: str) -> str:
     return found[0]
 
 
-def test_the_readme_examples_are_complete_valid_config_files(tmp_path):
+def test_the_readme_example_is_a_valid_config_file(tmp_path):
     owner_file = write(tmp_path / "run.toml", readme_toml("owner --config run.toml"))
     args = owner_args(["--config", str(owner_file)])
     assert args.listen and args.parties == 3 and args.report_to == "tensorboard"
     config = config_from_args(args, args.parties, args.secure_agg)
     assert config.rounds == 10 and config.train.local_steps == 8
-    party_file = write(tmp_path / "party.toml", readme_toml("party --config party.toml"))
-    party = parse_with_config(party_parser(), ["--config", str(party_file)])
-    assert party.connect.startswith("tcp://") and party.dp_epsilon == 8.0 and party.progress == "plain"
-    # complete: every option of the party's command line is in its example
-    from console.config_file import option_actions
-
-    documented = {k.replace("-", "_") for k in tomllib.loads(party_file.read_text())}
-    assert set(option_actions(party_parser())) - {"dp_noise", "verbose"} <= documented
+    assert config.lora.target_modules == ("q_proj", "v_proj")

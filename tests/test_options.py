@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from party import options as party_options
 from party.client import PartyOptions
 from secure_agg import PartyPolicy
 
+ROOT = Path(__file__).resolve().parent.parent
 PARTY_REQUIRED = ["--connect", "tcp://127.0.0.1:5555", "--data", "d.jsonl", "--key", "k/alice.key_secret",
                   "--owner-key", "k/owner.key"]
 
@@ -161,6 +163,15 @@ def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, main, argv, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_options_reference_is_generated_from_the_tables():
+    render = runpy.run_path(str(ROOT / "scripts" / "options_doc.py"))["render"]
+    assert (ROOT / "docs" / "options.md").read_text() == render(), \
+        "docs/options.md is out of date: python scripts/options_doc.py"
+    text = render()
+    for command in (*owner_options.COMMANDS, *party_options.COMMANDS):
+        assert all(f"`{option.usage()}`" in text for option in command.options())
 
 
 def test_config_json_sections_map_onto_the_options():
