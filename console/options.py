@@ -253,7 +253,7 @@ def flags_from_config(data: Mapping[str, Any], options: Sequence[Option], target
         if option.from_field is not None and value is not None:
             value = option.from_field(value)
         if option.switch:  # a switch is given, or not: given when the field holds what giving it sets
-            if value != (option.action == "store_true"):
+            if value is not (option.action == "store_true"):
                 return
             value = True
         if value is None:
