@@ -160,8 +160,7 @@ def prepare_model(spec: str | None, label: str, methods: list[Method], work: Pat
                   ) -> dict:
     """Compress the model for every method (written as a party receives it) and count the wire bytes."""
     from benchmarks.overhead_wire import round_bytes, shipping_bytes
-    from learning.lora import LoraSettings, attach_lora, lora_state
-    from learning.seeds import derive_seed
+    from learning.lora import LoraSettings, initial_lora, lora_state
     from owner.compress import compress, save_compressed
     from owner.config import RunConfig
     from owner.models import decoder_layers, load_model
@@ -183,8 +182,7 @@ def prepare_model(spec: str | None, label: str, methods: list[Method], work: Pat
         save_compressed(compressed, base.tokenizer, manifest, directory)
         ship = shipping_bytes(directory, work / "archive.tar")
         (work / "archive.tar").unlink()
-        peft_model = attach_lora(compressed, list(manifest.emulator_layers) + list(manifest.adapter_layers),
-                                 LoraSettings(), derive_seed(args.seed, "lora-init"))
+        peft_model = initial_lora(compressed, manifest, LoraSettings(), args.seed)
         adapter = lora_state(peft_model, manifest.adapter_layers)
         emulator = lora_state(peft_model, manifest.emulator_layers)
         demo = round_bytes(adapter, emulator, demo_sizes, args.seed).to_dict()

@@ -96,8 +96,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from learning.lora import LoraSettings, attach_lora
-    from learning.training import derive_seed
+    from learning.lora import LoraSettings, initial_lora
     from owner.alignment import AlignSettings, EmulatorAligner
     from owner.compress import compress, save_compressed
     from owner.models import load_model
@@ -135,9 +134,8 @@ def worker(spec: dict) -> dict:
         save_compressed(compressed, tokenizer, manifest, Path(tmp) / "compressed")
     phase("save")
     lora = LoraSettings()
-    seed = derive_seed(0, "lora-init")
-    student = attach_lora(compressed, list(manifest.emulator_layers) + list(manifest.adapter_layers), lora, seed)
-    teacher = attach_lora(loaded.model, manifest.full_adapter_layers, lora, seed)
+    student = initial_lora(compressed, manifest, lora, 0)
+    teacher = initial_lora(loaded.model, manifest, lora, 0, full_model=True)
     settings = AlignSettings(batch_size=spec["batch_size"], cache_teacher=spec["cache"])
     aligner = EmulatorAligner(student, teacher, manifest, data, pad, settings, seed=0)
     build_seconds = time.perf_counter() - build_start

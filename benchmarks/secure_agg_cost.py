@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks.reports import write_report
 from learning.secure_update import secagg_config
-from secure_agg import SecAggConfig, aggregate_in_process, round_params
+from secure_agg import SecAggConfig, Stage, aggregate_in_process, round_params
 from secure_agg.config import sparse_degree
 
 COLUMNS = [
@@ -62,7 +62,8 @@ def measure(n: int, graph: str, n_dropped: int, params: int, degree: int | None,
     config = dataclasses.replace(secagg_config(weights, seed, graph), degree=degree)
     dropped = set(int(u) for u in rng.choice(n, size=n_dropped, replace=False))
     start = time.perf_counter()
-    result = aggregate_in_process(vectors, weights, config, round_id=0, seed=seed, drop_after_share=dropped)
+    result = aggregate_in_process(vectors, weights, config, round_id=0, seed=seed,
+                                  drops={Stage.MASKED_INPUT: dropped})
     wall = time.perf_counter() - start
     included = result.included
     expected = sum(weights[m] * vectors[m].astype(np.float64) for m in included)
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     start = time.perf_counter()
     for n in args.parties:
-        round_params(SecAggConfig(), n)  # fail early on an impossible party count
-        n_drop = min(max(1, math.floor(args.dropout * n)), n - (n // 2 + 1)) if args.dropout > 0 else 0
+        tolerance = n - round_params(SecAggConfig(), n).min_survivors  # fails early on an impossible count
+        n_drop = min(max(1, math.floor(args.dropout * n)), tolerance) if args.dropout > 0 else 0
         for graph in ("complete", "sparse"):
             for dropped in sorted({0, n_drop}):
                 row = measure(n, graph, dropped, args.params, args.degree, args.seed)

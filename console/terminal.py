@@ -71,14 +71,13 @@ def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> in
     """Run a CLI body: a FedbiotError becomes one `error: ...` line and exit status 2."""
     import sys  # noqa: PLC0415
 
-    from errors import FedbiotError  # noqa: PLC0415
+    from errors import FedbiotError, one_line  # noqa: PLC0415
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
     except FedbiotError as exc:
-        text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"error: {text or type(exc).__name__}", file=sys.stderr)  # one line, even for a library's text
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -19,3 +19,17 @@ class ConfigError(FedbiotError):
 
 class RunUntrained(FedbiotError):
     """Every round ran, but the adapter is the one the run started with: outputs exist, success does not."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a library's error is
+    quoted inside one of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """Every line of an exception's message joined with " | " (its type's name when it has none): how the CLIs
+    print a FedbiotError, as one line even when a library's text runs over several."""
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from errors import DataError, ModelError
+from errors import DataError, ModelError, first_line
 
 MANIFEST_NAME = "fedbiot.json"
 FORMAT_VERSION = 1
@@ -284,7 +284,7 @@ def load_compressed(directory: Path | str, dtype: torch.dtype = torch.float32, d
                                                          quantization_config=quantization_config)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load compressed model from {directory}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load compressed model from {directory}: {first_line(e)}") from None
     n = len(decoder_layers(model))
     if n != manifest.n_compressed:
         raise ModelError(f"compressed model in {directory} has {n} layers but its manifest lists "

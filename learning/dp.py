@@ -280,9 +280,11 @@ class DPPartyTrainer(PartyTrainer):
     """`PartyTrainer` with DP-SGD: Poisson batches of expected size B, clipped + noised adapter gradients.
 
     `rounds` is the number of rounds the party expects to train (a target epsilon is spent over
-    rounds * local_steps steps). `ledger` continues a restored accountant; `secret_seed` (None: from the
-    OS) seeds the Poisson draws and the noise and must not be shared; `fresh_noise` draws a new one from the
-    OS every round (a networked party: a round run again releases new noise, and the accountant counts it).
+    rounds * local_steps steps). `ledger` continues a restored accountant; `run_from` is where this run starts
+    in its history (a networked party's accountant spans every run on the same data: the target epsilon is
+    this run's, `budget` caps the whole history); `secret_seed` (None: from the OS) seeds the Poisson draws and
+    the noise and must not be shared; `fresh_noise` draws a new one from the OS every round (a networked
+    party: a round run again releases new noise, and the accountant counts it).
     Each round's stats carry `epsilon` (spent so far, all rounds), `delta` and the accounting numbers;
     `shareable_stats` picks those out.
     """
@@ -303,8 +305,11 @@ class DPPartyTrainer(PartyTrainer):
         secret_seed: int | None = None,
         layers_path: str = "model.layers",
         fresh_noise: bool = False,
+        run_from: int = 0,
+        budget: float | None = None,
     ) -> None:
-        super().__init__(name, model, manifest, data, pad_id, lora, settings, seed, layers_path)
+        super().__init__(name, model, manifest, data, pad_id, lora, settings, seed, layers_path,
+                         own_randomness=fresh_noise)
         if rounds < 1:
             raise ConfigError("DP training needs the number of rounds (at least 1)")
         self.dp = dp
@@ -315,6 +320,7 @@ class DPPartyTrainer(PartyTrainer):
         if self.ledger.mechanism != dp.accountant:
             raise ConfigError(f"restored DP accountant is {self.ledger.mechanism!r}, settings ask for "
                               f"{dp.accountant!r}")
+        self.run_from, self.budget = run_from, budget
         self.secret_seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
         self.fresh_noise = fresh_noise  # a new OS secret every round: no rerun can replay a draw or its noise
         if dp.noise_multiplier is not None:
@@ -339,15 +345,24 @@ class DPPartyTrainer(PartyTrainer):
         self.ledger, self.secret_seed = ledger, int(state["secret_seed"])
 
     def check_budget(self, steps: int) -> None:
-        """Refuse a round that would spend more than the target epsilon. The noise was sized for the rounds
-        planned at the start; a retried round or a run extended on resume would otherwise overspend."""
+        """Refuse a round that would spend more than this run's target epsilon (the noise was sized for the
+        rounds planned at the start; a retried round or a run extended on resume would otherwise overspend), or
+        more than the party's budget over every run on its data."""
+        step = (self.noise_multiplier, self.sample_rate, steps)
+        if self.budget is not None:
+            after = self.ledger.epsilon_after(self.delta, *step)
+            if after > self.budget * (1 + 1e-9):
+                raise BudgetSpent(f"{self.name}: another round would bring the epsilon spent on this data, over "
+                                  f"every run, from {self.epsilon:.3f} to {after:.3f}, past the budget "
+                                  f"{self.budget:g} (delta {self.delta:.2g}); this party trains no more")
         if self.dp.target_epsilon is None:
             return
-        after = self.ledger.epsilon_after(self.delta, self.noise_multiplier, self.sample_rate, steps)
+        run = PrivacyLedger(self.ledger.mechanism, self.ledger.history[self.run_from:])
+        after = run.epsilon_after(self.delta, *step)
         if after > self.dp.target_epsilon * (1 + 1e-9):
-            raise BudgetSpent(f"{self.name}: another round would bring epsilon from {self.epsilon:.3f} to "
-                              f"{after:.3f}, past the target {self.dp.target_epsilon:g} (delta "
-                              f"{self.delta:.2g}); this party trains no more")
+            raise BudgetSpent(f"{self.name}: another round would bring this run's epsilon from "
+                              f"{run.epsilon(self.delta):.3f} to {after:.3f}, past the target "
+                              f"{self.dp.target_epsilon:g} (delta {self.delta:.2g}); this party trains no more")
 
     def privacy_report(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,

@@ -22,8 +22,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from errors import ConfigError, ModelError
-from learning.compressed_model import decoder_layers, decoder_layers_path, unwrap_model
-from learning.seeds import lora_module_seed
+from learning.compressed_model import Manifest, decoder_layers, decoder_layers_path, unwrap_model
+from learning.seeds import derive_seed, lora_module_seed
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -201,6 +201,15 @@ def attach_lora(model: nn.Module, layers: Sequence[int], settings: LoraSettings,
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model
+
+
+def initial_lora(model: nn.Module, manifest: Manifest, settings: LoraSettings, run_seed: int, *,
+                 full_model: bool = False) -> PeftModel:
+    """A run's LoRA as it starts, attached the one way the owner and every party attach it, so that all of
+    them draw the same initial A (B = 0) from the run seed: on a compressed model, every emulator and adapter
+    layer; on the full model (`full_model=True`, the owner's teacher), its adapter layers."""
+    layers = manifest.full_adapter_layers if full_model else [*manifest.emulator_layers, *manifest.adapter_layers]
+    return attach_lora(model, layers, settings, derive_seed(run_seed, "lora-init"))
 
 
 def set_trainable(model: nn.Module, layers: Sequence[int]) -> list[nn.Parameter]:

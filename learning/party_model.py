@@ -16,8 +16,7 @@ from peft import PeftModel
 from errors import ConfigError
 from learning.compressed_model import Manifest, load_compressed
 from learning.hardware import Hardware
-from learning.lora import LoraSettings, attach_lora, lora_state_spec
-from learning.seeds import derive_seed
+from learning.lora import LoraSettings, initial_lora, lora_state_spec
 from learning.training import PartyTrainer, TrainSettings
 from tasks.datasets import Example
 from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
@@ -56,14 +55,13 @@ class PartyModel:
     def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, hardware: Hardware | None = None,
              quantize: str | None = None) -> PartyModel:
         """Load the checkpoint the owner shipped (frozen weights on the given device and dtype, or
-        quantised: `int8` / `nf4`) and attach LoRA initialised from the run seed (every party and the owner
+        quantised: `int8` / `nf4`) and attach the run's initial LoRA (`initial_lora`: every party and the owner
         draw the same initial A matrices). LoRA parameters are float32 whatever the frozen weights are."""
         start = time.perf_counter()
         hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
         model, tokenizer, manifest = load_compressed(model_dir, hardware.dtype, hardware.device,
                                                      quantization_config(quantize, hardware))
-        layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        peft_model = attach_lora(model, layers, lora, derive_seed(seed, "lora-init"))
+        peft_model = initial_lora(model, manifest, lora, seed)
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)
 
     def tokenize(self, examples: Sequence[Example], max_length: int, template: str) -> list[TokenizedExample]:
@@ -76,15 +74,21 @@ class PartyModel:
 
     def trainer(self, name: str, data: Sequence[TokenizedExample], lora: LoraSettings, train: TrainSettings,
                 seed: int, *, dp=None, rounds: int = 0, ledger=None, secret_seed: int | None = None,
-                dp_state: dict | None = None, fresh_noise: bool = False) -> PartyTrainer:
+                dp_state: dict | None = None, own_randomness: bool = False, run_from: int = 0,
+                budget: float | None = None) -> PartyTrainer:
         """A plain trainer, or a DP-SGD one when `dp` (DPSettings) is given; `ledger` / `dp_state` resume its
-        privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp)."""
+        privacy accountant, `secret_seed` fixes its noise (only the in-process run may: see learning.dp);
+        `own_randomness`: batch order, dropout and DP draws from a new OS secret every round (a networked
+        party); `run_from` / `budget`: where this run starts in a restored accountant's history, and the most
+        epsilon the whole history may reach (`learning.dp.DPPartyTrainer`)."""
         if dp is None:
-            return PartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed)
+            return PartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed,
+                                own_randomness=own_randomness)
         from learning.dp import DPPartyTrainer  # noqa: PLC0415 - opacus only when DP is on
 
         trainer = DPPartyTrainer(name, self.model, self.manifest, data, self.pad_id, lora, train, seed, dp=dp,
-                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed, fresh_noise=fresh_noise)
+                                 rounds=rounds, ledger=ledger, secret_seed=secret_seed, fresh_noise=own_randomness,
+                                 run_from=run_from, budget=budget)
         if dp_state is not None:
             trainer.load_state_dict(dp_state)
         return trainer

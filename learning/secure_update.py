@@ -33,7 +33,9 @@ def frac_bits_for(n_parties: int, max_weight: int, clip: float = CLIP) -> int:
     if not 2 <= n_parties <= MAX_PARTIES:  # no secure round possible; round_params reports it later
         return FRAC_BITS
     for bits in range(FRAC_BITS, MIN_FRAC_BITS, -1):
-        config = SecAggConfig(clip=clip, frac_bits=bits, max_weight=max_weight)
+        # The ring depends on the party count, not on c: size it with c = 0, so a round the default collusion
+        # bound makes impossible (two parties) is reported by whoever runs it, not here.
+        config = SecAggConfig(clip=clip, frac_bits=bits, max_weight=max_weight, collusion=0)
         if round_params(config, n_parties).ring_bits <= TARGET_RING_BITS:
             return bits
     return MIN_FRAC_BITS

@@ -10,6 +10,7 @@ materialises a d x d matrix and its gradient is exact.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -110,6 +111,9 @@ class PartyTrainer:
     """Trains the adapter LoRA of a compressed model on one party's data, one round at a time.
 
     The model may be shared by several simulated parties: every round starts by loading the global LoRA.
+    Randomness (batch order, LoRA dropout): in process it follows the run seed, so a run repeats exactly; a
+    networked party (`own_randomness`) draws a new secret from the OS every round, so the owner can neither
+    predict it nor make a rerun repeat it: two runs from the same state never yield the same update.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class PartyTrainer:
         settings: TrainSettings,
         seed: int,
         layers_path: str = "model.layers",
+        own_randomness: bool = False,
     ) -> None:
         if not data:
             raise ConfigError(f"party {name} has no training examples")
@@ -134,6 +139,7 @@ class PartyTrainer:
         self.lora = lora
         self.settings = settings
         self.seed = derive_seed(seed, "party", name)
+        self.own_randomness = own_randomness
         self.adapter_prefixes = layer_prefixes(layers_path, manifest.adapter_layers)
         self.step_hook: Callable[[torch.Tensor], None] | None = None
         self.fold_emulator = True  # the emulator LoRA is frozen here: fold it into the weights (load_lora_state)
@@ -177,7 +183,11 @@ class PartyTrainer:
         params, pairs = self.load_global(adapter_state, emulator_state)
         optimizer = self.make_optimizer(params)
         s = self.settings
-        batches = round_batches(self.data, round_idx, s.local_steps, s.batch_size, self.seed, self.pad_id)
+        seed = self.seed
+        if self.own_randomness:
+            seed = secrets.randbits(63)
+            torch.manual_seed(derive_seed(seed, "dropout"))  # a party process: its global generator is its own
+        batches = round_batches(self.data, round_idx, s.local_steps, s.batch_size, seed, self.pad_id)
         self.model.train()
         losses: list[float] = []
         tokens = 0

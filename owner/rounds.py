@@ -1,8 +1,8 @@
 """The networked owner's rounds: start a round, collect plain or masked updates, aggregate, record, end it.
 
-A secure round is a table of stages (`SECURE_STAGES`): each collects one kind of party message into the
-`SecAggServer`, then closes the stage and relays what the server answers to the parties still in. The
-stages run one after the other; whoever is missing when a stage closes is treated as dropped.
+A secure round is a loop over the round's table (`secure_agg.ROUND`): each stage collects one kind of party
+message into the `SecAggServer`, then closes the stage and relays what the server answers to the parties
+still in. Whoever is missing when a stage closes is treated as dropped.
 """
 
 from __future__ import annotations
@@ -24,39 +24,9 @@ from owner.session import OwnerSession
 from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.messages import Message, MessageType
-from secure_agg import (
-    AdvertiseKeys,
-    ConsistencySignature,
-    MaskedInput,
-    SecAggConfig,
-    SecAggError,
-    SecAggServer,
-    ShareKeys,
-    UnmaskShares,
-    message_from_wire,
-)
+from secure_agg import ROUND, RoundStage, SecAggConfig, SecAggError, SecAggServer, message_from_wire
 
 MAX_FAILED_ROUNDS = 3  # secure rounds aborting in a row before the owner stops (resumable)
-
-
-@dataclass(frozen=True)
-class SecureStage:
-    """One stage of a masked round: what the parties send, how the server takes it and closes the stage."""
-
-    kind: type
-    receive: str  # SecAggServer method taking one party message (its answer, if any, goes back at once)
-    close: str  # SecAggServer method closing the stage: {party id: message to relay}, or the result
-    what: str  # for progress lines
-    needs_quorum: bool  # fewer than --min-parties delivering aborts the round
-
-
-SECURE_STAGES = (
-    SecureStage(AdvertiseKeys, "receive_advertise", "close_advertise", "training and keys", True),
-    SecureStage(ShareKeys, "receive_shares", "close_shares", "key shares", False),
-    SecureStage(MaskedInput, "receive_masked_input", "close_inputs", "masked inputs", True),
-    SecureStage(ConsistencySignature, "receive_consistency", "close_consistency", "consistency check", False),
-    SecureStage(UnmaskShares, "receive_unmask", "finish", "unmasking", False),
-)
 
 
 @dataclass
@@ -232,7 +202,7 @@ class RoundDriver:
         server = SecAggServer(plan.secagg, len(ids), sum(t.numel() for t in sent.values()), r, self.run_id)
         stats: dict[str, dict] = {}
 
-        def accept_stage(stage: SecureStage) -> Callable[[str, Message], bool]:
+        def accept_stage(stage: RoundStage) -> Callable[[str, Message], bool]:
             def accept(name: str, msg: Message) -> bool:
                 if msg.type is MessageType.ROUND_STATS:  # statistics only; the update itself is masked
                     stats[name] = msg["stats"]
@@ -240,11 +210,11 @@ class RoundDriver:
                 if msg.type is not MessageType.SECAGG:
                     raise ProtocolError(f"expected a secure-aggregation message, got {msg.type.value}")
                 obj = message_from_wire(msg["data"], dict(msg.tensors))
-                if not isinstance(obj, stage.kind):
-                    raise ProtocolError(f"expected {stage.kind.TYPE}, got {type(obj).TYPE}")
+                if not isinstance(obj, stage.party_sends):
+                    raise ProtocolError(f"expected {stage.party_sends.TYPE}, got {type(obj).TYPE}")
                 if obj.sender != ids[name]:
                     raise ProtocolError(f"{name} is party {ids[name]} but claims to be {obj.sender}")
-                answer = getattr(server, stage.receive)(obj)
+                answer = stage.server_receive(server, obj)
                 if answer is not None:
                     self.relay(r, name, answer)
                 return True
@@ -253,13 +223,13 @@ class RoundDriver:
         pending: set[str] = set(plan.started)
         stage_deadline = deadline  # the first stage includes the parties' training
         result = None
-        for stage in SECURE_STAGES:
+        for stage in ROUND:
             delivered = self.links.collect(pending, accept_stage(stage), stage_deadline,
                                            f"round {r + 1} {stage.what}")
-            if stage.needs_quorum:
+            if stage.quorum:
                 self.require(delivered, r)
-            closed = getattr(server, stage.close)()
-            if stage is SECURE_STAGES[-1]:
+            closed = stage.server_close(server)
+            if stage is ROUND[-1]:
                 result = closed
                 break
             pending = set()  # the next stage waits only for those who were sent this stage's answer

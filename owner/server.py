@@ -1,5 +1,6 @@
-"""The `owner --listen` node's start-up: check the options, bind the CurveZMQ socket, prepare the session
-(the same `OwnerSession` as the in-process run), ship the compressed model, run the rounds, say BYE.
+"""The `owner --listen` node's start-up: check the options, bind the CurveZMQ socket, start the run as the
+in-process run does (`owner.startup`: run directory, config, the same `OwnerSession`), ship the compressed
+model, run the rounds, say BYE.
 
 `owner.links` holds the connections (sessions, liveness, admission) and `owner.rounds` the rounds.
 """
@@ -20,8 +21,7 @@ from owner.links import OwnerLinks
 from owner.metrics import MetricsLog, megabytes
 from owner.models import decoder_layers
 from owner.rounds import RoundDriver
-from owner.session import OwnerSession
-from owner.simulate import prepare_out_dir, run_dir_setup
+from owner.startup import OwnerStart
 from protocol.chunks import pack_dir
 from protocol.codec import DEFAULT_LIMITS
 from protocol.keys import load_allowlist
@@ -78,8 +78,8 @@ def run_id_for(out_dir: Path) -> str:
 
 def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
     """`owner --listen`: validate inputs, bind, prepare the session, serve rounds, export."""
-    out_dir = Path(opts.out)
-    config = config.resumed(out_dir, opts.resume)
+    start = OwnerStart.begin(config, opts.out, opts.resume, log)
+    config, out_dir = start.config, start.out_dir
     min_parties = opts.min_parties or config.parties
     if not 1 <= min_parties <= config.parties:
         raise ConfigError(f"--min-parties must be between 1 and --parties ({config.parties})")
@@ -91,19 +91,15 @@ def serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
         if not value > 0:
             raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     allowlist = load_allowlist(opts.allow)
-    base, owner_data = OwnerSession.load_inputs(config, log)
+    base, owner_data = start.load_inputs()
     limit = inbound_limit(base.model, config)
-    prepare_out_dir(out_dir, opts.resume)
-    # Bind before writing into --out: a busy port must not leave a half-started run behind.
+    # Bind before --out is created: a busy port leaves nothing behind.
     sock, auth = bind_router(opts.listen, opts.key, opts.allow, max_msg_size=limit)
     monitor = refusal_monitor(sock)  # from the start: parties may knock while the owner pre-aligns
     links = None
     try:
-        with run_dir_setup(out_dir, opts.resume):
-            config.save(out_dir / "config.json")
-            log.path = out_dir / "metrics.jsonl"
-            log.say(f"listening on {opts.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
-            session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=opts.resume)
+        log.say(f"listening on {opts.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
+        with start.session(base, owner_data) as session:
             archive = pack_dir(session.compressed_dir, out_dir / "compressed.tar")
             log.say(f"compressed model archive: {megabytes(archive.info.model_size):.1f} MB in "
                     f"{archive.info.n_chunks} chunks")

@@ -18,8 +18,7 @@ import torch
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.lora import attach_lora, load_lora_state, lora_state, remap_layer_indices
-from learning.seeds import derive_seed
+from learning.lora import initial_lora, load_lora_state, lora_state, remap_layer_indices
 from owner.alignment import EmulatorAligner
 from owner.compress import can_share, compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
@@ -28,7 +27,7 @@ from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import LoadedModel, decoder_layers, load_model, make_resident
+from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, load_model, make_resident
 from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
@@ -84,7 +83,7 @@ class OwnerSession:
         """Everything that can fail on bad input, before anything is written: data, model, compression."""
         hardware = config.hardware()  # an unusable --device/--dtype is one error line, before any output
         data = OwnerData.load(config)
-        log.say(f"loading model {config.model or 'SmolLM2-135M-Instruct (embedded default)'} on "
+        log.say(f"loading model {config.model or DEFAULT_NAME} on "
                 f"{hardware.describe()}")
         base = load_model(config.model, dtype=hardware.dtype, placement=config.placement())
         n_layers = len(decoder_layers(base.model))
@@ -122,11 +121,9 @@ class OwnerSession:
         adapter = f"first {a} + last {s}" if a else f"{s}"
         self.log.say(f"{cfg.method}: compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter "
                      f"{adapter} (kept {manifest.kept_layers})")
-        lora_seed = derive_seed(cfg.seed, "lora-init")
-        all_layers = list(manifest.emulator_layers) + list(manifest.adapter_layers)
-        self.student = attach_lora(compressed, all_layers, cfg.lora, lora_seed)
+        self.student = initial_lora(compressed, manifest, cfg.lora, cfg.seed)
         make_resident(self.base.model, [f"{manifest.layers_path}.{i}" for i in manifest.full_adapter_layers])
-        self.teacher = attach_lora(self.base.model, manifest.full_adapter_layers, cfg.lora, lora_seed)
+        self.teacher = initial_lora(self.base.model, manifest, cfg.lora, cfg.seed, full_model=True)
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.initial_adapter = {k: v.clone() for k, v in self.adapter_state.items()}  # what `untrained` compares
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)

@@ -7,10 +7,8 @@ model however many parties it runs.
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
@@ -25,7 +23,7 @@ from owner.aggregation import aggregate_figures, plain_fedavg, secure_fedavg
 from owner.config import RunConfig
 from owner.metrics import MetricsLog, megabytes
 from owner.records import round_lines, round_record, run_totals
-from owner.session import OwnerSession
+from owner.startup import OwnerStart
 from tasks.datasets import Example, load_examples
 from tasks.prompts import TokenizedExample, tokenize_examples
 from tasks.splits import split_by_category, split_iid
@@ -42,39 +40,6 @@ def party_splits(config: RunConfig) -> list[list[Example]]:
         raise ConfigError(f"--split category gives {len(by_category)} parties "
                           f"({', '.join(by_category)}), but {config.parties} were asked for")
     return list(by_category.values())
-
-
-def prepare_out_dir(out_dir: Path, resume: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} exists and is not a directory")
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ConfigError(f"--out {out_dir} is not empty: pass --resume to continue that run, or choose "
-                          "another directory")
-    if resume and not (out_dir / "config.json").is_file():
-        raise ConfigError(f"--resume: {out_dir} holds no run to resume (no config.json)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-@contextmanager
-def run_dir_setup(out_dir: Path, resume: bool) -> Iterator[None]:
-    """`prepare_out_dir`, then the setup in the `with` block; if a new run's setup fails (a model that does
-    not compress, an unreachable DP budget, an interrupt), what it wrote is removed, so the corrected command
-    is not refused because --out is not empty. A resumed run's directory is never touched."""
-    existed = out_dir.is_dir()
-    prepare_out_dir(out_dir, resume)
-    try:
-        yield
-    except BaseException:
-        if not resume:
-            if existed:
-                for child in out_dir.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-            else:
-                shutil.rmtree(out_dir, ignore_errors=True)
-        raise
 
 
 def payload_bytes(*states: dict) -> int:
@@ -132,17 +97,13 @@ def dp_report(trainers: Sequence[PartyTrainer]) -> dict[str, dict]:
 def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
                    log: MetricsLog | None = None) -> dict:
     """Run the whole method in one process and write every output under `out_dir`; returns the summary."""
-    out_dir = Path(out_dir)
-    config = config.resumed(out_dir, resume)
-    log = log or MetricsLog(None)
+    start = OwnerStart.begin(config, out_dir, resume, log or MetricsLog(None))
+    config, log = start.config, start.log
     splits = party_splits(config)
-    base, owner_data = OwnerSession.load_inputs(config, log)
+    base, owner_data = start.load_inputs()
     party_tokens = [tokenize_examples(part, base.tokenizer, config.max_length, config.template)
                     for part in splits]
-    with run_dir_setup(out_dir, resume):
-        config.save(out_dir / "config.json")
-        log.path = out_dir / "metrics.jsonl"
-        session = OwnerSession.create(config, out_dir, log, base, owner_data, resume=resume)
+    with start.session(base, owner_data) as session:
         party = PartyModel.load(session.compressed_dir, config.lora, config.seed, config.hardware(), config.quantize)
         trainers = make_trainers(config, party, party_tokens, session.history)
     log.say(f"{len(trainers)} parties with {[t.n_examples for t in trainers]} examples; "

@@ -29,8 +29,8 @@ def options_from_args(args: argparse.Namespace):
     from console.options import build, dp_from_args, hardware_from_args, values_from_args  # noqa: PLC0415
     from console.progress import Progress  # noqa: PLC0415
     from errors import ConfigError  # noqa: PLC0415
-    from party.client import PartyOptions, stamp  # noqa: PLC0415
     from party.options import party_options  # noqa: PLC0415
+    from party.session import PartyOptions, stamp  # noqa: PLC0415
 
     dp = dp_from_args(args)
     values = values_from_args(args, party_options())  # a mistyped column mapping fails here, before connecting
@@ -57,7 +57,7 @@ def run(argv: list[str]) -> int:
 
     if not args.verbose:
         quiet_libraries()  # before the learning stack is imported: some libraries talk on import
-    from party.client import run_party  # noqa: PLC0415
+    from party.session import run_party  # noqa: PLC0415
 
     return run_party(options_from_args(args))
 

@@ -18,7 +18,7 @@ GB = 10**9
 @functools.cache
 def party_options() -> tuple[Option, ...]:
     """Every option of `party`, in --help's order."""
-    from party.client import PartyOptions  # noqa: PLC0415 - `party keygen` needs none of it
+    from party.session import PartyOptions  # noqa: PLC0415 - `party keygen` needs none of it
     from tasks.columns import ColumnMap  # noqa: PLC0415
 
     return bind(PartyOptions, (
@@ -42,7 +42,7 @@ def party_options() -> tuple[Option, ...]:
         Option("--min-parties", to="min_parties", type=int, group=POLICY,
                help="refuse a secure round that invites fewer parties"),
         Option("--min-collusion", to="policy.min_collusion", type=int, metavar="C", group=POLICY,
-               shown="1, or (n-1)//3 when smaller",
+               shown="1, or 5% of the invited parties when that is more",
                help="the least collusion bound c a secure round must tolerate: the owner plus up to c parties "
                     "learn no sum of fewer than the honest minimum"),
         Option("--min-degree", to="policy.min_degree", type=int, group=POLICY,

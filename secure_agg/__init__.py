@@ -3,7 +3,8 @@
 Bonawitz et al. (CCS 2017) double masking with SecAgg+ (Bell et al., CCS 2020) sparse graphs as an option,
 safe against an owner colluding with up to c parties (t > (n + c) / 2, consistency and view signatures, a
 connectivity check on the summed parties); transport-free state machines (`SecAggParty`, `SecAggServer`), a
-party's own floors (`PartyPolicy`) and durable record (`SecAggLedger`), and an in-process driver. See README.md.
+party's own floors (`PartyPolicy`) and durable record (`SecAggLedger`), the round declared once (`ROUND`), and an
+in-process driver. See README.md.
 """
 
 from secure_agg.config import PartyPolicy, RoundParams, SecAggConfig, round_params
@@ -25,12 +26,13 @@ from secure_agg.messages import (
     wire_size,
 )
 from secure_agg.party import SecAggParty
+from secure_agg.round import ROUND, RoundStage
 from secure_agg.server import SecAggServer, ServerResult
+from secure_agg.stages import STAGES, Stage
 
 __all__ = [
     "AdvertiseKeys", "AggregateResult", "ConsistencyRequest", "ConsistencySignature", "InputAck", "MaskedInput",
-    "PartyPolicy", "RelayedShares", "Roster", "RoundParams", "SecAggConfig", "SecAggError", "SecAggLedger",
-    "SecAggParty", "SecAggServer",
-    "ServerResult", "ShareKeys", "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire",
-    "round_params", "wire_size",
+    "PartyPolicy", "ROUND", "RelayedShares", "Roster", "RoundParams", "RoundStage", "STAGES", "SecAggConfig",
+    "SecAggError", "SecAggLedger", "SecAggParty", "SecAggServer", "ServerResult", "ShareKeys", "Stage",
+    "UnmaskRequest", "UnmaskShares", "aggregate_in_process", "message_from_wire", "round_params", "wire_size",
 ]

@@ -26,9 +26,10 @@ class SecAggConfig:
         rounded stochastically (unbiased), so the mean's error is at most 2**-frac_bits / mean weight.
     max_weight: public upper bound on a party's weight n_m (its data size); with the party count it sets the
         ring size so that the masked sum cannot overflow. Weights stay hidden inside the masked sum.
-    collusion: c, how many parties may collude with the owner. None = (n - 1) // 3 on the complete graph;
-        on the sparse graph also at most max(1, degree / 2 - 1) (raise `degree` to cover more). An int is
-        taken as is. The sparse degree is at least 2c + 2; the thresholds follow from c.
+    collusion: c, how many parties may collude with the owner. None = max(1, (n - 1) // 3) on the complete
+        graph; on the sparse graph also at most degree / 2 - 1, but never below the parties' default floor
+        (`default_collusion_floor`: 1, or 5% of n). An int is taken as is. The sparse degree is at least
+        2c + 2; the thresholds follow from c.
     threshold: t, the consistency signatures and the Shamir shares a round needs. None = the least t with
         t > (n + c) / 2; a float f in (0.5, 1] = ceil(f * n), never below that; an int = that number,
         which must exceed (n + c) / 2. With t > (n + c) / 2 two different alive lists can never both gather
@@ -132,15 +133,22 @@ def _nominal_degree(config: SecAggConfig, n_parties: int) -> int:
     return k + k % 2
 
 
+def default_collusion_floor(n_parties: int) -> int:
+    """The collusion bound a party demands unless told otherwise: one colluder, or 5% of the invited parties
+    when that is more. It is also the least the owner's default config offers."""
+    return max(1, math.ceil(n_parties / 20))
+
+
 def collusion_bound(config: SecAggConfig, n_parties: int) -> int:
-    """c for a round of `n_parties`: the config's value, or (n - 1) // 3 capped by the sparse degree."""
+    """c for a round of `n_parties`: the config's value, or (n - 1) // 3 (at least one); on the sparse graph
+    capped by its degree, but never below the parties' default floor (the degree then grows to 2c + 2)."""
     if config.collusion is not None:
         return config.collusion
-    c = (n_parties - 1) // 3
+    c = max(1, (n_parties - 1) // 3)
     if config.graph == "sparse":
         k = _nominal_degree(config, n_parties)
         if k < n_parties - 1:
-            c = min(c, max(1, k // 2 - 1))  # at least one colluder: the degree then grows to 2c + 2
+            c = min(c, max(default_collusion_floor(n_parties), k // 2 - 1))
     return c
 
 
@@ -181,9 +189,9 @@ def round_params(config: SecAggConfig, n_parties: int) -> RoundParams:
 class PartyPolicy:
     """A party's own floors, set on the party's side (never by the owner): it refuses a round below them.
 
-    min_collusion: the least collusion bound c it accepts. None = 1, or (n - 1) // 3 when that is smaller
-        (with three parties, one colluder and one dropout cannot both be tolerated: a dropout would leave
-        the sum of two parties, one of them the colluder).
+    min_collusion: the least collusion bound c it accepts. None = `default_collusion_floor(n)`: one colluder,
+        or 5% of the invited parties when that is more. With c >= 1 a round needs at least three parties
+        (t > (n + c) / 2 and t - c >= 2), so two parties can never unmask a sum of one honest input.
     min_degree: the least sparse-graph degree (capped at the complete graph's n - 1).
     min_honest: the fewest honest inputs, t - c, in any sum the owner may learn.
     """
@@ -204,7 +212,7 @@ class PartyPolicy:
     def collusion_floor(self, n_parties: int) -> int:
         if self.min_collusion is not None:
             return self.min_collusion
-        return min(1, (n_parties - 1) // 3)
+        return default_collusion_floor(n_parties)
 
     def check(self, params: RoundParams, party: int) -> None:
         """Refuse round parameters weaker than this party's floors."""

@@ -71,10 +71,14 @@ def view_message(session: str, round_id: int, party: int, transcript: bytes) -> 
 
 
 def transcript_digest(session: str, round_id: int, numbers: Sequence[int], members: Sequence[int],
-                      member_keys: Sequence[bytes], sharers: Sequence[int], coins: Sequence[bytes]) -> bytes:
+                      member_keys: Sequence[bytes], sharers: Sequence[int], coins: Sequence[bytes],
+                      binding: bytes = b"") -> bytes:
     """SHA-256 over everything a round's view consists of: the round parameters, the members and their
-    share-encryption, signing and coin-commitment keys (concatenated per member), the sharers and their coins."""
+    advertisements (keys, commitments and name, concatenated per member), the sharers and their coins, and the
+    round's binding: a digest of what the parties trained on (`learning.round_binding`), so parties that were
+    sent different settings or state hold different transcripts and refuse each other's signatures."""
     h = hashlib.sha256(context(b"transcript", session, round_id, *numbers))
+    h.update(len(binding).to_bytes(4, "big") + binding)
     h.update(len(members).to_bytes(4, "big") + b"".join(m.to_bytes(4, "big") for m in members))
     for keys in member_keys:
         h.update(keys)

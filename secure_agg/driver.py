@@ -1,7 +1,7 @@
 """One whole round in one process: every message takes its wire form and back, and is counted.
 
 Used by the owner's in-process simulation and by the tests and the cost benchmark; the networked run drives
-the same SecAggParty / SecAggServer objects over ZeroMQ instead.
+the same SecAggParty / SecAggServer objects over ZeroMQ instead. All three loop over `secure_agg.round.ROUND`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -19,7 +19,9 @@ from secure_agg.config import PartyPolicy, SecAggConfig
 from secure_agg.errors import SecAggError
 from secure_agg.messages import wire_size
 from secure_agg.party import SecAggParty
+from secure_agg.round import ROUND
 from secure_agg.server import SecAggServer, ServerResult
+from secure_agg.stages import STAGES
 
 M = TypeVar("M")
 # (header, arrays) -> (bytes on the wire, header and arrays as the receiver decodes them)
@@ -85,20 +87,18 @@ def _transit(header: dict, arrays: dict[str, np.ndarray]) -> tuple[int, dict, di
 
 
 def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], config: SecAggConfig, *,
-                         round_id: int, seed: int, drop_before_share: Collection[int] = (),
-                         drop_after_share: Collection[int] = (), drop_before_unmask: Collection[int] = (),
-                         drop_before_advertise: Collection[int] = (), drop_before_consistency: Collection[int] = (),
+                         round_id: int, seed: int, drops: Mapping[str, Collection[int]] | None = None,
                          session: str | None = None, transit: Transit | None = None,
                          policy: PartyPolicy | None = None) -> AggregateResult:
     """Securely aggregate `vectors` weighted by `weights` (party m = index m), simulating dropouts.
 
     seed: the run seed; it seeds the stochastic rounding (replacing config.rounding_seed, so a networked
     party configured with rounding_seed = run seed encodes the same numbers) and names the default session.
-    Dropouts: drop_before_advertise never shows up; drop_before_share advertises keys and is lost before
-    sending its shares; drop_after_share sends its shares and no input; drop_before_consistency sends its
-    input and no consistency signature; drop_before_unmask signs and sends no unmask reply. A party in
-    several sets drops at the earliest. Raises SecAggError when the round
-    aborts (fewer than the threshold left at some stage).
+    drops: {stage name (`secure_agg.stages.Stage`): parties lost before taking that stage's step}: lost before
+    `advertise` never shows up; before `share_keys`, advertised keys and sent no shares; before
+    `masked_input`, shared keys and sent no input; before `consistency`, sent its input and no consistency
+    signature; before `unmask`, signed and sent no unmask reply. A party lost once stays lost. Raises
+    SecAggError when the round aborts (fewer than the threshold left at some stage).
     transit: carries every message across (default: JSON header + array copies, sized by `wire_size`); a
     transport's own codec can be passed so that `party_sent` etc. count its exact bytes.
     policy: every party's own floors (default `PartyPolicy()`); a config below them raises SecAggError.
@@ -109,16 +109,13 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     lengths = {np.asarray(v).size for v in vectors}
     if len(lengths) != 1:
         raise SecAggError(f"the parties' vectors differ in length: {sorted(lengths)}")
-    drops = [set(drop_before_advertise), set(drop_before_share), set(drop_after_share),
-             set(drop_before_consistency), set(drop_before_unmask)]
-    for d in drops:
+    drops = dict(drops or {})
+    unknown = sorted(set(drops) - set(STAGES))
+    if unknown:
+        raise SecAggError(f"unknown stages {unknown} in drops (stages: {', '.join(STAGES)})")
+    for d in drops.values():
         if any(isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < n for u in d):
             raise SecAggError(f"dropout ids {sorted(d, key=str)} must be party indices in 0..{n - 1}")
-    gone: set[int] = set()
-
-    def present(stage: int) -> list[int]:
-        gone.update(drops[stage])
-        return [u for u in range(n) if u not in gone]
 
     config = dataclasses.replace(config, rounding_seed=seed)
     session = session if session is not None else f"sim-{seed}"
@@ -126,32 +123,23 @@ def aggregate_in_process(vectors: Sequence[np.ndarray], weights: Sequence[int], 
     server = meter.server(SecAggServer, config, n, lengths.pop(), round_id, session)
     parties = [meter.party(u, lambda u=u: SecAggParty(config, u, n, round_id, session, policy=policy))
                for u in range(n)]
+    for u in range(n):
+        parties[u].contribute(np.asarray(vectors[u]), weights[u])
 
-    for u in present(0):
-        server.receive_advertise(meter.to_server(u, meter.party(u, parties[u].advertise)))
-    rosters = meter.server(server.close_advertise)
-    for u in present(1):
-        if u in rosters:
-            shares = meter.party(u, parties[u].share_keys, meter.to_party(u, rosters[u]))
-            meter.server(server.receive_shares, meter.to_server(u, shares))
-    relays = meter.server(server.close_shares)
-    for u in present(2):
-        if u in relays:
-            relayed = meter.to_party(u, relays[u])
-            masked = meter.party(u, parties[u].masked_input, relayed, np.asarray(vectors[u]), weights[u])
-            ack = meter.server(server.receive_masked_input, meter.to_server(u, masked))
-            meter.party(u, parties[u].receive_ack, meter.to_party(u, ack))
-    checks = meter.server(server.close_inputs)
-    for u in present(3):
-        if u in checks:
-            signature = meter.party(u, parties[u].consistency_check, meter.to_party(u, checks[u]))
-            meter.server(server.receive_consistency, meter.to_server(u, signature))
-    requests = meter.server(server.close_consistency)
-    for u in present(4):
-        if u in requests:
-            reply = meter.party(u, parties[u].unmask, meter.to_party(u, requests[u]))
-            meter.server(server.receive_unmask, meter.to_server(u, reply))
-    result = meter.server(server.finish)
+    gone: set[int] = set()
+    inbox: dict[int, Any] = dict.fromkeys(range(n))  # what each party's next step takes
+    closed: Any = None
+    for stage in ROUND:
+        gone.update(drops.get(stage.name, ()))
+        for u in sorted(set(inbox) - gone):
+            received = None if stage.party_receives is None else meter.to_party(u, inbox[u])
+            sent = meter.party(u, stage.take_step, parties[u], received)
+            answer = meter.server(stage.server_receive, server, meter.to_server(u, sent))
+            if stage.answer is not None:
+                meter.party(u, stage.party_takes_answer, parties[u], meter.to_party(u, answer))
+        closed = meter.server(stage.server_close, server)
+        inbox = closed if isinstance(closed, dict) else {}
+    result: ServerResult = closed
     return AggregateResult(**dataclasses.asdict(result), ring_bits=server.params.ring_bits,
                            party_sent=meter.party_sent, party_received=meter.party_received,
                            server_sent=meter.server_sent, server_received=meter.server_received,

@@ -13,6 +13,7 @@ and server state machines then check the message against the round (ids, lists, 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,7 +24,8 @@ from secure_agg.crypto import KEY_BYTES, NONCE_BYTES, SIGNATURE_BYTES, TAG_BYTES
 from secure_agg.errors import SecAggError
 from secure_agg.shamir import SHARE_BYTES
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: advertisements carry a member name and an identity signature; the roster relays them whole
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 MAX_ROUND = (1 << 63) - 1
 MAX_LENGTH = 1 << 31
 MAX_SESSION = 128
@@ -122,14 +124,32 @@ class _Message:
     session: str
 
 
+def _name(header: dict, key: str) -> str:
+    """A member name: "" (no identity) or 1..64 letters, digits, '.', '_', '-' (no leading symbol)."""
+    value = header[key]
+    if not isinstance(value, str) or (value and re.fullmatch(NAME_PATTERN, value) is None):
+        raise SecAggError(f"field {key!r} must be a member name or empty, got {value!r:.80}")
+    return value
+
+
+def _names(header: dict, key: str, count: int) -> list[str]:
+    value = header[key]
+    if not isinstance(value, list) or len(value) != count:
+        raise SecAggError(f"field {key!r} must be a list of {count} member names")
+    return [_name({key: v}, key) for v in value]
+
+
 @dataclass(frozen=True)
 class AdvertiseKeys(_Message):
     """Party -> owner: the round's two X25519 public keys (shares, masks), its Ed25519 signing key (for the
-    consistency check), a commitment to its self-mask seed and one to its graph coin."""
+    consistency check), a commitment to its self-mask seed and one to its graph coin; and, when the party has
+    a long-term identity, its member name and the identity key's signature over all of these
+    (`secure_agg.identity`), so that its peers can check them against their own roster ("" and zeros
+    without one)."""
 
     TYPE: ClassVar[str] = "advertise_keys"
-    FIELDS: ClassVar[tuple[str, ...]] = ("sender",)
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit", "coin_commit")
+    FIELDS: ClassVar[tuple[str, ...]] = ("sender", "name")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit", "coin_commit", "identity_sig")
 
     round_id: int
     session: str
@@ -139,12 +159,25 @@ class AdvertiseKeys(_Message):
     sig_pk: bytes
     seed_commit: bytes
     coin_commit: bytes
+    name: str = ""
+    identity_sig: bytes = bytes(SIGNATURE_BYTES)
+
+    @property
+    def keys(self) -> bytes:
+        """Everything the identity signature covers besides the envelope, in one fixed order."""
+        return self.c_pk + self.s_pk + self.sig_pk + self.seed_commit + self.coin_commit
+
+    @property
+    def transcript_entry(self) -> bytes:
+        """The member's part of the round transcript: its keys, commitments and name."""
+        name = self.name.encode()
+        return self.keys + bytes([len(name)]) + name
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return self._header(sender=self.sender), {"c_pk": _as_blob(self.c_pk), "s_pk": _as_blob(self.s_pk),
-                                                  "sig_pk": _as_blob(self.sig_pk),
-                                                  "seed_commit": _as_blob(self.seed_commit),
-                                                  "coin_commit": _as_blob(self.coin_commit)}
+        return self._header(sender=self.sender, name=self.name), {
+            "c_pk": _as_blob(self.c_pk), "s_pk": _as_blob(self.s_pk), "sig_pk": _as_blob(self.sig_pk),
+            "seed_commit": _as_blob(self.seed_commit), "coin_commit": _as_blob(self.coin_commit),
+            "identity_sig": _as_blob(self.identity_sig)}
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> AdvertiseKeys:
@@ -152,22 +185,24 @@ class AdvertiseKeys(_Message):
         return cls(round_id, session, _int(header, "sender", 0, MAX_PARTIES - 1),
                    _blob(arrays, "c_pk", KEY_BYTES), _blob(arrays, "s_pk", KEY_BYTES),
                    _blob(arrays, "sig_pk", KEY_BYTES), _blob(arrays, "seed_commit", DIGEST_BYTES),
-                   _blob(arrays, "coin_commit", DIGEST_BYTES))
+                   _blob(arrays, "coin_commit", DIGEST_BYTES), _name(header, "name"),
+                   _blob(arrays, "identity_sig", SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)
 class Roster(_Message):
-    """Owner -> party: who advertised (the members), the round parameters, and every member's
-    share-encryption key, signing key and coin commitment (members order).
+    """Owner -> party: who advertised (the members), the round parameters, and every member's advertisement
+    as it was sent: its keys and commitments, its name and its identity signature (members order).
 
     The party recomputes every derived field and refuses the roster if one differs or falls below its own
-    floors. The neighbours are not known yet: they follow from the coins, revealed with the shares.
+    floors, and checks every member it knows against its own consortium roster. The neighbours are not known
+    yet: they follow from the coins, revealed with the shares.
     """
 
     TYPE: ClassVar[str] = "roster"
     FIELDS: ClassVar[tuple[str, ...]] = ("recipient", "n_parties", "members", "min_survivors", "collusion",
-                                         "degree", "ring_bits")
-    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "sig_pk", "coin_commit")
+                                         "degree", "ring_bits", "names")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("c_pk", "s_pk", "sig_pk", "seed_commit", "coin_commit", "identity_sig")
 
     round_id: int
     session: str
@@ -178,28 +213,47 @@ class Roster(_Message):
     collusion: int
     degree: int
     ring_bits: int
-    c_pks: list[bytes] = field(repr=False)  # one per member, in members order
-    sig_pks: list[bytes] = field(repr=False)
-    coin_commits: list[bytes] = field(repr=False)
+    adverts: list[AdvertiseKeys] = field(repr=False)  # one per member, in members order
+
+    @property
+    def c_pks(self) -> list[bytes]:
+        return [a.c_pk for a in self.adverts]
+
+    @property
+    def sig_pks(self) -> list[bytes]:
+        return [a.sig_pk for a in self.adverts]
+
+    @property
+    def coin_commits(self) -> list[bytes]:
+        return [a.coin_commit for a in self.adverts]
 
     def to_wire(self) -> tuple[dict, dict[str, np.ndarray]]:
         header = self._header(recipient=self.recipient, n_parties=self.n_parties, members=list(self.members),
                               min_survivors=self.min_survivors, collusion=self.collusion, degree=self.degree,
-                              ring_bits=self.ring_bits)
-        return header, {"c_pk": _as_rows(self.c_pks, KEY_BYTES), "sig_pk": _as_rows(self.sig_pks, KEY_BYTES),
-                        "coin_commit": _as_rows(self.coin_commits, DIGEST_BYTES)}
+                              ring_bits=self.ring_bits, names=[a.name for a in self.adverts])
+        return header, {
+            "c_pk": _as_rows(self.c_pks, KEY_BYTES), "s_pk": _as_rows([a.s_pk for a in self.adverts], KEY_BYTES),
+            "sig_pk": _as_rows(self.sig_pks, KEY_BYTES),
+            "seed_commit": _as_rows([a.seed_commit for a in self.adverts], DIGEST_BYTES),
+            "coin_commit": _as_rows(self.coin_commits, DIGEST_BYTES),
+            "identity_sig": _as_rows([a.identity_sig for a in self.adverts], SIGNATURE_BYTES)}
 
     @classmethod
     def from_wire(cls, header: Any, arrays: Any) -> Roster:
         round_id, session = cls._open(header, arrays)
         members = _ids(header, "members")
         m = len(members)
+        names = _names(header, "names", m)
+        columns = [_rows(arrays, "c_pk", m, KEY_BYTES), _rows(arrays, "s_pk", m, KEY_BYTES),
+                   _rows(arrays, "sig_pk", m, KEY_BYTES), _rows(arrays, "seed_commit", m, DIGEST_BYTES),
+                   _rows(arrays, "coin_commit", m, DIGEST_BYTES)]
+        sigs = _rows(arrays, "identity_sig", m, SIGNATURE_BYTES)
+        adverts = [AdvertiseKeys(round_id, session, u, *(column[i] for column in columns), names[i], sigs[i])
+                   for i, u in enumerate(members)]
         return cls(round_id, session, _int(header, "recipient", 0, MAX_PARTIES - 1),
                    _int(header, "n_parties", 2, MAX_PARTIES), members,
                    _int(header, "min_survivors", 1, MAX_PARTIES), _int(header, "collusion", 0, MAX_PARTIES),
-                   _int(header, "degree", 1, MAX_PARTIES), _int(header, "ring_bits", 8, 64),
-                   _rows(arrays, "c_pk", m, KEY_BYTES), _rows(arrays, "sig_pk", m, KEY_BYTES),
-                   _rows(arrays, "coin_commit", m, DIGEST_BYTES))
+                   _int(header, "degree", 1, MAX_PARTIES), _int(header, "ring_bits", 8, 64), adverts)
 
 
 @dataclass(frozen=True)

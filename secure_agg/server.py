@@ -1,9 +1,9 @@
 """The owner's side of one round: collects, relays, and unmasks only the sum.
 
-Stages: receive_advertise* -> close_advertise() -> receive_shares* -> close_shares() ->
-receive_masked_input* -> close_inputs() -> receive_consistency* -> close_consistency() -> receive_unmask*
--> finish(). The caller decides when a stage closes (all answered, or a timeout); whoever has not answered
-by then is treated as dropped:
+Stages (`secure_agg.round.ROUND`): receive_advertise* -> close_advertise() -> receive_shares* ->
+close_shares() -> receive_masked_input* -> close_inputs() -> receive_consistency* -> close_consistency() ->
+receive_unmask* -> finish(). The caller decides when a stage closes (all answered, or a timeout); whoever has
+not answered by then is treated as dropped:
 - lost before sharing keys: left out (nobody masks with it);
 - lost after sharing keys: its pairwise masks are removed through its Shamir-shared mask key;
 - lost before signing or before the unmask reply: its input stays in the sum, its self mask is rebuilt.
@@ -45,8 +45,10 @@ from secure_agg.messages import (
     UnmaskShares,
     check_session,
 )
+from secure_agg.stages import Stage
 
 _WHAT = {"seed": "self-mask seed", "key": "mask key"}
+ABORTED, DONE = "aborted", "done"  # the owner's state after an abort and after the result
 
 
 @dataclass
@@ -74,10 +76,11 @@ class ServerResult:
 
 class SecAggServer:
     """Owner state for round `round_id` of `session` with `n_parties` invited parties (ids 0..n-1) and input
-    vectors of `vector_length` floats."""
+    vectors of `vector_length` floats. `binding`: the digest of what the round's parties were sent to train on
+    (`learning.round_binding`; b"" in process), part of the transcript their view signatures cover."""
 
     def __init__(self, config: SecAggConfig, n_parties: int, vector_length: int, round_id: int,
-                 session: str) -> None:
+                 session: str, binding: bytes = b"") -> None:
         self.config = config
         self.params = round_params(config, n_parties)
         if (isinstance(vector_length, bool) or not isinstance(vector_length, int)
@@ -87,7 +90,8 @@ class SecAggServer:
             raise SecAggError(f"the round id must be a non-negative int, got {round_id!r}")
         self.n_parties, self.length, self.round_id = n_parties, vector_length + 2, round_id
         self.session = check_session(session)
-        self.stage = "advertise"
+        self.binding = binding
+        self.stage: Stage | str = Stage.ADVERTISE  # the stage whose messages it accepts
         self._keys: dict[int, AdvertiseKeys] = {}
         self.members: list[int] = []  # U1: advertised keys
         self.sharers: list[int] = []  # U2: shared keys
@@ -108,20 +112,24 @@ class SecAggServer:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _abort(self, reason: str) -> SecAggError:
-        self.stage = "aborted"
+        self.stage = ABORTED
         self._sum = np.zeros(0, dtype=np.uint64)
         self._replies.clear()
         return SecAggError(f"secure aggregation round {self.round_id} aborted: {reason}; nothing was "
                            "unmasked")
 
-    def _expect(self, stage: str, msg: Any, sender: int, allowed: Container[int]) -> None:
+    def _expect(self, stage: Stage, msg: Any, sender: int, allowed: Container[int]) -> None:
         if self.stage != stage:
-            raise SecAggError(f"the owner is in stage {self.stage!r}, not accepting a {msg.TYPE}")
+            raise SecAggError(f"the owner is in stage {str(self.stage)!r}, not accepting a {msg.TYPE}")
         if msg.round_id != self.round_id or msg.session != self.session:
             raise SecAggError(f"a {msg.TYPE} for round {msg.round_id} of session {msg.session!r} arrived in "
                               f"round {self.round_id} of {self.session!r} (replay?)")
         if sender not in allowed:
             raise SecAggError(f"party {sender} may not send a {msg.TYPE} now")
+
+    def _closing(self, stage: Stage, step: str) -> None:
+        if self.stage != stage:
+            raise SecAggError(f"{step} in stage {str(self.stage)!r}")
 
     def _need(self, count: int, what: str) -> None:
         if count < self.params.min_survivors:
@@ -130,33 +138,31 @@ class SecAggServer:
     # -- stage 1: keys ---------------------------------------------------------------------------------
 
     def receive_advertise(self, msg: AdvertiseKeys) -> None:
-        self._expect("advertise", msg, msg.sender, range(self.n_parties))
+        self._expect(Stage.ADVERTISE, msg, msg.sender, range(self.n_parties))
         if msg.sender in self._keys:
             raise SecAggError(f"party {msg.sender} advertised keys twice")
         self._keys[msg.sender] = msg
 
     def close_advertise(self) -> dict[int, Roster]:
-        """Fix the members (U1); one roster per member, with every member's keys and coin commitment."""
-        if self.stage != "advertise":
-            raise SecAggError(f"close_advertise in stage {self.stage!r}")
+        """Fix the members (U1); one roster per member, with every member's advertisement as it was sent."""
+        self._closing(Stage.ADVERTISE, "close_advertise")
         members = sorted(self._keys)
         self._need(len(members), "advertised keys")
         adverts = [self._keys[m] for m in members]
-        all_keys = [k for a in adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.coin_commit)]
+        all_keys = [k for a in adverts for k in (a.c_pk, a.s_pk, a.sig_pk, a.seed_commit, a.coin_commit)]
         if len(set(all_keys)) != len(all_keys):
             raise self._abort("two parties advertised the same public key")
         self.members = members
-        self.stage = "shares"
+        self.stage = Stage.SHARE_KEYS
         p = self.params
-        c_pks, sig_pks, coins = [a.c_pk for a in adverts], [a.sig_pk for a in adverts], [a.coin_commit for a in adverts]
         return {u: Roster(self.round_id, self.session, u, self.n_parties, members, p.min_survivors, p.collusion,
-                          p.degree, p.ring_bits, c_pks, sig_pks, coins)
+                          p.degree, p.ring_bits, adverts)
                 for u in members}
 
     # -- stage 2: encrypted shares ---------------------------------------------------------------------
 
     def receive_shares(self, msg: ShareKeys) -> None:
-        self._expect("shares", msg, msg.sender, self.members)
+        self._expect(Stage.SHARE_KEYS, msg, msg.sender, self.members)
         u = msg.sender
         if u in self._shares:
             raise SecAggError(f"party {u} shared keys twice")
@@ -173,8 +179,7 @@ class SecAggServer:
     def close_shares(self) -> dict[int, RelayedShares]:
         """Fix U2 and the graph over it (from the sharers' coins); relay to each sharer the other sharers'
         ciphertexts and share commitments for it, every sharer's coin, and its neighbours' mask keys."""
-        if self.stage != "shares":
-            raise SecAggError(f"close_shares in stage {self.stage!r}")
+        self._closing(Stage.SHARE_KEYS, "close_shares")
         sharers = sorted(self._shares)
         self._need(len(sharers), "shared keys")
         coins = {u: self._shares[u].coin for u in sharers}
@@ -184,8 +189,8 @@ class SecAggServer:
         adverts = [self._keys[m] for m in self.members]
         self.transcript = crypto.transcript_digest(
             self.session, self.round_id, (self.n_parties, p.collusion, p.min_survivors, p.degree, p.ring_bits),
-            self.members, [a.c_pk + a.sig_pk + a.coin_commit for a in adverts], sharers, list(coins.values()))
-        self.stage = "inputs"
+            self.members, [a.transcript_entry for a in adverts], sharers, list(coins.values()), self.binding)
+        self.stage = Stage.MASKED_INPUT
         index = {m: i for i, m in enumerate(self.members)}
         relays = {}
         for v in sharers:
@@ -205,7 +210,7 @@ class SecAggServer:
     def receive_masked_input(self, msg: MaskedInput) -> InputAck:
         """Check the sender's view signature, add the masked vector into the running sum (nothing else of it
         is kept) and acknowledge its digest."""
-        self._expect("inputs", msg, msg.sender, self.sharers)
+        self._expect(Stage.MASKED_INPUT, msg, msg.sender, self.sharers)
         if msg.sender in self._inputs:
             raise SecAggError(f"party {msg.sender} sent its masked input twice")
         if msg.length != self.length or msg.ring_bits != self.params.ring_bits:
@@ -221,8 +226,7 @@ class SecAggServer:
 
     def close_inputs(self) -> dict[int, ConsistencyRequest]:
         """Fix U3; ask every alive party to sign it, unless c colluders could split the alive parties' graph."""
-        if self.stage != "inputs":
-            raise SecAggError(f"close_inputs in stage {self.stage!r}")
+        self._closing(Stage.MASKED_INPUT, "close_inputs")
         self._need(len(self._inputs), "sent masked inputs")
         alive = sorted(self._inputs)
         if not is_k_connected(self.graph, alive, self.params.collusion + 1):
@@ -231,14 +235,14 @@ class SecAggServer:
         self.alive = alive
         dropped = [u for u in self.sharers if u not in self._inputs]
         views = [self._views[u] for u in alive]
-        self.stage = "consistency"
+        self.stage = Stage.CONSISTENCY
         return {v: ConsistencyRequest(self.round_id, self.session, v, alive, dropped, views) for v in alive}
 
     # -- stage 4: consistency check --------------------------------------------------------------------
 
     def receive_consistency(self, msg: ConsistencySignature) -> None:
         """Keep a valid signature over U3; refuse a bad one here, since it would make every party refuse."""
-        self._expect("consistency", msg, msg.sender, self._inputs)
+        self._expect(Stage.CONSISTENCY, msg, msg.sender, self._inputs)
         if msg.sender in self._signatures:
             raise SecAggError(f"party {msg.sender} signed the alive list twice")
         message = crypto.consistency_message(self.session, self.round_id, self.alive, self.transcript)
@@ -248,19 +252,18 @@ class SecAggServer:
 
     def close_consistency(self) -> dict[int, UnmaskRequest]:
         """Fix the signers; send each the signatures, unless fewer than t signed."""
-        if self.stage != "consistency":
-            raise SecAggError(f"close_consistency in stage {self.stage!r}")
+        self._closing(Stage.CONSISTENCY, "close_consistency")
         signers = sorted(self._signatures)
         self._need(len(signers), "signed the alive list")
         self.signers = signers
-        self.stage = "unmask"
+        self.stage = Stage.UNMASK
         signatures = [self._signatures[v] for v in signers]
         return {v: UnmaskRequest(self.round_id, self.session, v, signers, signatures) for v in signers}
 
     # -- stage 5: unmasking ----------------------------------------------------------------------------
 
     def receive_unmask(self, msg: UnmaskShares) -> None:
-        self._expect("unmask", msg, msg.sender, self.signers)
+        self._expect(Stage.UNMASK, msg, msg.sender, self.signers)
         if msg.sender in self._replies:
             raise SecAggError(f"party {msg.sender} answered the unmask request twice")
         dropped = [u for u in self.sharers if u not in self._inputs]
@@ -290,8 +293,7 @@ class SecAggServer:
     def finish(self) -> ServerResult:
         """Check every revealed share, rebuild each needed secret from t good ones, check it, remove the
         masks and decode the sum."""
-        if self.stage != "unmask":
-            raise SecAggError(f"finish in stage {self.stage!r}")
+        self._closing(Stage.UNMASK, "finish")
         responders = sorted(self._replies)
         self._need(len(responders), "answered the unmask request")
         t = self.share_threshold
@@ -338,7 +340,7 @@ class SecAggServer:
                 (np.subtract if v < d else np.add)(total, mask, out=total)
         weighted_sum, total_weight, clipped = decode(total, self.config, self.params)
         self.responders = responders
-        self.stage = "done"
+        self.stage = DONE
         self._sum = np.zeros(0, dtype=np.uint64)
         left_out = [u for u in range(self.n_parties) if u not in set(self.sharers)]
         return ServerResult(weighted_sum, total_weight, list(self.alive), dropped, left_out, clipped,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from errors import DataError
+from errors import DataError, first_line
 
 # file suffix -> the `datasets` builder that reads it
 FILE_FORMATS: dict[str, str] = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet",
@@ -66,11 +66,6 @@ def _library():
     return datasets
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _rows(rows: Iterable[Any], name: str, what: str) -> Iterator[tuple[str, Any]]:
     """(`row N`, row) pairs; a library error while reading becomes one DataError line."""
     iterator = iter(rows)
@@ -85,7 +80,7 @@ def _rows(rows: Iterable[Any], name: str, what: str) -> Iterator[tuple[str, Any]
         except UnicodeDecodeError as exc:
             raise DataError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except Exception as exc:  # noqa: BLE001 - pandas, pyarrow and fsspec raise many kinds
-            raise DataError(f"{name}: cannot read as {what} ({_first_line(exc)})") from exc
+            raise DataError(f"{name}: cannot read as {what} ({first_line(exc)})") from exc
         index += 1
         yield f"row {index}", row
 
@@ -125,7 +120,7 @@ def iter_file_rows(path: Path, fmt: str, name: str) -> Iterator[tuple[str, Any]]
     try:
         stream = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{name}: cannot read as {what} ({_first_line(exc)})") from exc
+        raise DataError(f"{name}: cannot read as {what} ({first_line(exc)})") from exc
     yield from _rows(stream, name, what)
 
 
@@ -157,7 +152,7 @@ def iter_saved_rows(path: Path, split: str | None, name: str) -> Iterator[tuple[
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{name}: cannot read the saved data set ({_first_line(exc)})") from exc
+        raise DataError(f"{name}: cannot read the saved data set ({first_line(exc)})") from exc
     if isinstance(data, datasets.DatasetDict):
         data = _pick_split(dict(data), split, name)
     elif split is not None:
@@ -175,9 +170,14 @@ def parse_hub_spec(spec: str, name: str | None = None) -> tuple[str, str | None,
     return parts[0], None, parts[1] if len(parts) == 2 else None
 
 
-def hub_offline() -> bool:
-    """Whether the library was told to stay offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
-    return bool(_library().config.HF_HUB_OFFLINE)
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether the Hugging Face libraries were told to stay offline, read from the environment as they read it:
+    HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE) set to 1/true/yes/on; for the `datasets` library
+    (`datasets=True`), HF_DATASETS_OFFLINE instead when it is set."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if datasets and os.environ.get("HF_DATASETS_OFFLINE") is not None:
+        value = os.environ["HF_DATASETS_OFFLINE"]
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
@@ -218,7 +218,7 @@ def iter_hub_rows(spec: str, name: str, not_local: str | None = None) -> Iterato
     repo, config, split = parse_hub_spec(spec, name)
     datasets = _library()
     lead = f"{name}: {not_local}, and the Hugging Face hub" if not_local else f"{name}: the Hugging Face hub"
-    if hub_offline():
+    if hub_offline(datasets=True):
         offline = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
     else:
         offline = None
@@ -228,14 +228,14 @@ def iter_hub_rows(spec: str, name: str, not_local: str | None = None) -> Iterato
     try:
         data = datasets.load_dataset(repo, config, split=split)
     except datasets.exceptions.DatasetNotFoundError as exc:
-        raise DataError(f"{lead} has no such data set ({_first_line(exc)})") from exc
+        raise DataError(f"{lead} has no such data set ({first_line(exc)})") from exc
     except ConnectionError as exc:
-        why = offline or _first_line(exc)
+        why = offline or first_line(exc)
         raise DataError(f"{lead} cannot be used: {why}") from exc
     except ValueError as exc:  # unknown split or config
-        raise DataError(f"{name}: {_first_line(exc)} (a hub data set is written {HUB_SPEC})") from exc
+        raise DataError(f"{name}: {first_line(exc)} (a hub data set is written {HUB_SPEC})") from exc
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{name}: cannot load from the Hugging Face hub ({_first_line(exc)})") from exc
+        raise DataError(f"{name}: cannot load from the Hugging Face hub ({first_line(exc)})") from exc
     if isinstance(data, datasets.DatasetDict):
         data = _pick_split(dict(data), None, name)
     yield from _rows(data, name, "a hub data set")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from console.terminal import quiet_libraries
 from party.cli import build_parser, options_from_args
-from party.client import PartyNode
+from party.session import PartyNode
 
 EXIT_STATUS = 3
 MESSAGE = "test fault: exiting right after sending the key shares"

@@ -372,6 +372,23 @@ def test_made_up_hub_id_offline_is_one_clear_line(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.parametrize(("env", "models", "data_sets"), [
+    ({}, False, False),
+    ({"HF_HUB_OFFLINE": "1"}, True, True),
+    ({"HF_HUB_OFFLINE": "On"}, True, True),
+    ({"HF_HUB_OFFLINE": "0"}, False, False),
+    ({"TRANSFORMERS_OFFLINE": "yes"}, True, True),
+    ({"HF_DATASETS_OFFLINE": "1"}, False, True),
+    ({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "0"}, True, False),
+])
+def test_offline_as_the_libraries_read_it(monkeypatch, env, models, data_sets):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert hf_sources.hub_offline() is models and hf_sources.hub_offline(datasets=True) is data_sets
+
+
 def test_unreachable_hub_fails_fast_without_the_library_retrying(monkeypatch):
     """A closed port on 127.0.0.1 stands for a machine without network: the probe answers, no download starts."""
     import datasets
@@ -380,10 +397,10 @@ def test_unreachable_hub_fails_fast_without_the_library_retrying(monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
 
     def no_download(*args, **kwargs):
         raise AssertionError("the library must not be asked to download")

@@ -12,6 +12,7 @@ from learning.lora import (
     LoraSettings,
     attach_lora,
     deltas_from_state,
+    initial_lora,
     linear_module_names,
     load_lora_state,
     lora_deltas,
@@ -95,6 +96,31 @@ def test_init_is_seeded_and_starts_frozen():
     assert all(torch.equal(only5[k], s1[k]) for k in only5)
     model = _peft()
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_owner_and_every_party_start_from_the_same_lora(tiny_llama_dir, tmp_path):
+    """`initial_lora` is the one place a run's LoRA is attached: the owner's student (on the compressed model
+    sharing the full model's weights) and a party's model (loaded from the shipped checkpoint) start equal."""
+    from learning.party_model import PartyModel
+    from owner.compress import compress, save_compressed
+    from owner.models import load_model
+
+    base = load_model(str(tiny_llama_dir))
+    compressed, manifest = compress(base.model, 2, 0.5, base.identity, share_weights=True)
+    save_compressed(compressed, base.tokenizer, manifest, tmp_path / "compressed")
+    lora = LoraSettings(r=4, alpha=8)
+    student = initial_lora(compressed, manifest, lora, 7)
+    teacher = initial_lora(base.model, manifest, lora, 7, full_model=True)
+    owner_state = lora_state(student)
+    for party in (PartyModel.load(tmp_path / "compressed", lora, 7), PartyModel.load(tmp_path / "compressed", lora, 7)):
+        party_state = lora_state(party.model)
+        assert set(party_state) == set(owner_state)
+        assert all(torch.equal(party_state[k], owner_state[k]) for k in owner_state)
+    layers = {int(k.split(".")[2]) for k in owner_state}
+    assert layers == {*manifest.emulator_layers, *manifest.adapter_layers}
+    assert {int(k.split(".")[2]) for k in lora_state(teacher)} == set(manifest.full_adapter_layers)
+    other = lora_state(initial_lora(tiny_model("llama", 8), manifest, lora, 8))
+    assert not torch.equal(other[next(iter(other))], owner_state[next(iter(other))])
 
 
 def test_lora_state_subset_and_spec():

@@ -56,6 +56,23 @@ def test_decoder_layers_through_peft(tiny_llama_dir):
     assert decoder_layers_path(peft) == "model.layers"
 
 
+def test_model_source_tells_every_kind_apart(tiny_llama_dir, tmp_path, monkeypatch):
+    (tmp_path / "model.GGUF").write_bytes(b"GGUF")
+    (tmp_path / "llama.json").write_text("{}")
+    assert models.model_source(str(tiny_llama_dir)) == models.ModelSource("directory", str(tiny_llama_dir),
+                                                                           tiny_llama_dir)
+    assert models.model_source(str(tmp_path / "model.GGUF")).kind == "gguf"
+    assert models.model_source(str(tmp_path / "llama.json")).kind == "file"
+    assert models.model_source("org/model") == models.ModelSource("hub", "org/model")
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "model.GGUF")
+    default = models.model_source(None)
+    assert (default.kind, default.path, default.name) == ("default", tmp_path / "model.GGUF", models.DEFAULT_NAME)
+    for bad, message in [("", "expected a hub id"), (str(tmp_path), "no config.json"),
+                         ("missing.json", "does not exist"), ("~/missing", "does not exist")]:
+        with pytest.raises(ModelError, match=message):
+            models.model_source(bad)
+
+
 @pytest.mark.parametrize("spec", ["/no/such/dir", "./missing-model", "missing.gguf"])
 def test_missing_paths(spec):
     with pytest.raises(ModelError, match="does not exist"):

@@ -41,7 +41,9 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
+from learning.lora import LoraSettings
 from owner.cli import main as owner_main
+from owner.config import RunConfig
 from owner.state import latest_checkpoint_dir, load_checkpoint
 from protocol import messages as m
 from protocol.codec import decode, encode, encode_tensors
@@ -734,7 +736,7 @@ def test_a_busy_port_or_bad_flags_leave_no_run_behind(tiny_llama_dir, keys, data
         busy.listen()
         assert owner_main(["--listen", f"tcp://127.0.0.1:{busy.getsockname()[1]}", *base]) == 2
     assert "cannot listen" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "config.json").exists()  # a plain rerun is not refused as "not empty"
+    assert not (tmp_path / "out").exists()  # nothing at all: a plain rerun is not refused as "not empty"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     assert owner_main(["--listen", endpoint, *base, "--min-parties", "3"]) == 2
     assert "--min-parties" in capsys.readouterr().err
@@ -742,3 +744,37 @@ def test_a_busy_port_or_bad_flags_leave_no_run_behind(tiny_llama_dir, keys, data
     assert "secure aggregation needs at least 2" in capsys.readouterr().err
     assert owner_main(["--listen", endpoint, *base, "--party-timeout", "0"]) == 2
     assert "--party-timeout" in capsys.readouterr().err
+
+
+def test_a_new_run_that_fails_after_creating_out_leaves_nothing_and_a_failed_resume_keeps_the_run(
+        tiny_llama_dir, keys, data, tmp_path, capsys):
+    """--target-modules that match no layer fail only when the session attaches LoRA, after config.json and
+    the compressed model were written into --out: a new run removes them again (and --out, if it made it); a
+    failed --resume removes nothing. A non-empty --out is refused before the model is loaded."""
+    def listen(out: Path, *extra: str) -> int:
+        return owner_main(["--listen", f"tcp://127.0.0.1:{free_port()}", "--out", str(out), "--key",
+                           str(keys["owner"][1]), "--allow", str(keys["allow"]), "--public-data", str(data["public"]),
+                           "--eval-data", str(data["eval"]), *TRAIN_ARGS, "--parties", "2", "--quiet", *extra])
+
+    model = ["--model", str(tiny_llama_dir)]
+    assert listen(tmp_path / "new", *model, "--target-modules", "no_such_proj") == 2
+    assert "no_such_proj" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert listen(empty, *model, "--target-modules", "no_such_proj") == 2
+    assert "no_such_proj" in capsys.readouterr().err
+    assert empty.is_dir() and not any(empty.iterdir())
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("kept\n")
+    assert listen(run, "--model", str(tmp_path / "no-such-model")) == 2  # refused before loading the model
+    assert "is not empty" in capsys.readouterr().err
+    RunConfig(model=str(tiny_llama_dir), parties=2, rounds=2, public_data=str(data["public"]),
+              eval_data=str(data["eval"]), public_limit=16, eval_items=4, max_length=96, secure_agg=True,
+              lora=LoraSettings(target_modules=("no_such_proj",))).save(run / "config.json")
+    saved = (run / "config.json").read_text()
+    assert listen(run, "--resume") == 2
+    assert "no_such_proj" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == saved and (run / "notes.txt").read_text() == "kept\n"

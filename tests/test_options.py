@@ -23,7 +23,7 @@ from owner.config import RunConfig
 from owner.options import flags_from_config, run_options
 from party import cli as party_cli
 from party import options as party_options
-from party.client import PartyOptions
+from party.session import PartyOptions
 from secure_agg import PartyPolicy
 
 ROOT = Path(__file__).resolve().parent.parent

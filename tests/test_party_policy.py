@@ -19,7 +19,8 @@ from learning.run_settings import PartyRunSettings
 from learning.secure_update import secagg_config
 from learning.training import TrainSettings
 from owner.compress import compress, save_compressed
-from party.client import OwnerGone, PartyNode, PartyOptions
+from party.link import OwnerGone
+from party.session import PartyNode, PartyOptions
 from protocol import messages as m
 from protocol.codec import decode, encode
 from protocol.keys import generate_keypair
@@ -27,6 +28,7 @@ from protocol.messages import MessageType
 from protocol.replay import SeqCounter
 from protocol.sockets import bind_router, bound_endpoint, close_router, recv
 from secure_agg import SecAggError
+from secure_agg.identity import ConsortiumRoster, Identity, generate_identity
 from tests.tiny_models import byte_tokenizer, tiny_model
 
 RUN = "run-policy-test"
@@ -39,6 +41,7 @@ SILENCE_S = 1.5
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("policy")
     keys = {"owner": generate_keypair(root / "owner", "owner"), "alice": generate_keypair(root / "alice", "alice")}
+    generate_identity(root / "alice", "alice")
     allow = root / "allow"
     allow.mkdir()
     shutil.copy(keys["alice"][0], allow / "alice.key")
@@ -48,7 +51,9 @@ def world(tmp_path_factory):
     data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?",
                                         "answer": f"{i} plus {i} is {2 * i}.\n#### {2 * i}"}) + "\n"
                             for i in range(8)))
-    return {"root": root, "keys": keys, "allow": allow, "data": data}
+    roster = ConsortiumRoster.from_public_files([root / "alice"])
+    identity = Identity.load(root / "alice" / "alice.id_secret")
+    return {"root": root, "keys": keys, "allow": allow, "data": data, "roster": roster, "identity": identity}
 
 
 @pytest.fixture()
@@ -63,19 +68,22 @@ def owner_socket(world):
 def make_party(world, endpoint: str, tmp_path, **options) -> tuple[PartyNode, list[str]]:
     lines: list[str] = []
     opts = PartyOptions(endpoint=endpoint, key=world["keys"]["alice"][1], owner_key=world["keys"]["owner"][0],
-                        data=str(world["data"]), work_dir=tmp_path / "work", timeout=5.0, **options)
+                        data=str(world["data"]), work_dir=tmp_path / "work", timeout=5.0,
+                        **{"roster": world["roster"], "identity": world["identity"],
+                           "privacy_dir": tmp_path / "privacy", **options})
     node = PartyNode(opts, log=lines.append)
-    node.settings = PartyRunSettings(run_id=RUN, seed=0, rounds=3, max_length=64, template="plain", lora=LORA,
-                                     train=TRAIN, secure_agg=True)
+    node.rounds.join(PartyRunSettings(run_id=RUN, seed=0, rounds=3, max_length=64, template="plain", lora=LORA,
+                                      train=TRAIN, secure_agg=True))
     party = PartyModel.load(world["root"] / "model", LORA, 0)
-    node.trainer = party.trainer("alice", party.tokenize(node.examples, 64, "plain"), LORA, TRAIN, 0)
-    node.manifest, node.welcomed = party.manifest, True
+    node.rounds.trainer = party.trainer("alice", party.tokenize(node.examples, 64, "plain"), LORA, TRAIN, 0)
+    node.manifest, node.link.welcomed = party.manifest, True
     node.party = party
     return node, lines
 
 
-def round_start(node: PartyNode, secagg: dict | None = None, r: int = 0):
-    adapter = {k: v.numpy() for k, v in lora_state(node.party.model, node.manifest.adapter_layers).items()}
+def round_start(node: PartyNode, secagg: dict | None = None, r: int = 0, moved: float = 0.0):
+    """ROUND_START with the model's LoRA as the global state (`moved` added to the adapter's: another state)."""
+    adapter = {k: v.numpy() + moved for k, v in lora_state(node.party.model, node.manifest.adapter_layers).items()}
     emulator = {k: v.numpy() for k, v in lora_state(node.party.model, node.manifest.emulator_layers).items()}
     return m.round_start(round=r, deadline_s=5, adapter=adapter, emulator=emulator, secagg=secagg or {})
 
@@ -120,9 +128,9 @@ def run_until(node: PartyNode, msg, sock, want: MessageType, limit_s: float = 12
 
 
 def run(node: PartyNode, msg) -> None:
-    node.last_heard = time.monotonic()  # the owner "just spoke": the round starts now
+    node.link.last_heard = time.monotonic()  # the owner "just spoke": the round starts now
     try:
-        node.run_round(msg)
+        node.rounds.run_round(msg)
     except (SecAggError, OwnerGone):
         pass  # a positive control waits for the owner's answer, which this test owner never gives
     finally:
@@ -151,7 +159,7 @@ def test_with_allow_plain_the_same_round_sends_its_update(world, owner_socket, t
 
 
 @pytest.mark.parametrize("attack, fields, match", [
-    ("too few parties", secure_fields(n=1), "at least 2"),
+    ("too few parties", secure_fields(n=2), "at least 3"),
     ("another run's session", {**secure_fields(), "session": "run-other"}, "session"),
     ("collusion bound 0 among 10", secure_fields(n=10, collusion=0), "collusion bound"),
     ("sparse degree 2", secure_fields(n=10, graph="sparse", degree=2, collusion=0), "floor"),
@@ -170,21 +178,26 @@ def test_a_round_below_the_partys_floors_is_refused_before_training(world, owner
         node.close(0)
 
 
-def test_a_round_already_masked_is_never_masked_again_even_after_a_restart(world, owner_socket, tmp_path):
+def test_a_round_already_advertised_is_never_taken_part_in_again_even_after_a_restart(world, owner_socket,
+                                                                                      tmp_path):
     sock, endpoint = owner_socket
     node, lines = make_party(world, endpoint, tmp_path)
     try:  # first time: the party trains and advertises its keys (the round then stalls here: no owner answers)
         assert MessageType.SECAGG in run_until(node, round_start(node, secure_fields()), sock, MessageType.SECAGG)
-        node.ledger.claim_input(RUN, 0)  # as masked_input does just before the masked input leaves
-        assert node.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
+        assert node.work.ledger.entry(RUN, 0)["claimed"]  # claimed before its keys left: no redraw of the round
+        assert node.rounds.last_contributed() == 0  # what READY reports, so a resumed owner leaves it out
     finally:
         node.close(0)
     again, lines = make_party(world, endpoint, tmp_path)  # a restarted party reads the same ledger
     try:
         run(again, round_start(again, secure_fields()))
-        assert any("already sent its masked input for round 1" in line for line in lines), lines
+        assert any("already took part in round 1 of this run" in line for line in lines), lines
         assert received(sock) == []
-        next_round = round_start(again, secure_fields(), r=1)  # the next round is fine
+        # The next round from the same global state is a repetition too; from a new state it is fine.
+        run(again, round_start(again, secure_fields(), r=1))
+        assert any("already took part from this global state" in line for line in lines), lines
+        assert received(sock) == []
+        next_round = round_start(again, secure_fields(), r=1, moved=1e-3)
         assert MessageType.SECAGG in run_until(again, next_round, sock, MessageType.SECAGG)
     finally:
         again.close(0)
@@ -218,7 +231,7 @@ def readies(sock, seconds: float = SILENCE_S) -> list:
 
 
 def welcome_for(node: PartyNode, run_id: str, sha: str):
-    settings = dataclasses.replace(node.settings, run_id=run_id).to_dict()
+    settings = dataclasses.replace(node.rounds.settings, run_id=run_id).to_dict()
     return m.welcome(run_id=run_id, settings=settings, model_sha256=sha, model_size=1000, chunk_size=1000,
                      n_chunks=1, round=0)
 
@@ -227,12 +240,12 @@ def test_a_new_run_is_not_shortened_by_an_earlier_runs_ledger(world, owner_socke
     sock, endpoint = owner_socket
     node, _ = make_party(world, endpoint, tmp_path)
     sha = "ab" * 32
-    shutil.copytree(world["root"] / "model", node.work / "model")  # the model is on disk: WELCOME -> READY
-    node.save_state(model_sha256=sha)
+    shutil.copytree(world["root"] / "model", node.work.model)  # the model is on disk: WELCOME -> READY
+    node.work.save_state(model_sha256=sha)
     try:
-        node.ledger.claim_input(RUN, 0)  # the earlier run: both rounds masked and finished
-        node.ledger.claim_input(RUN, 1)
-        node.rounds_done = 2
+        node.work.ledger.claim_input(RUN, 0)  # the earlier run: both rounds masked and finished
+        node.work.ledger.claim_input(RUN, 1)
+        node.rounds.rounds_done = 2
         node.on_welcome(welcome_for(node, "run-next", sha))
         [ready] = readies(sock)
         assert (ready["run_id"], ready["last_round"]) == ("run-next", -1)  # nothing of run-next was done

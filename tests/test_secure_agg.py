@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from errors import ConfigError, FedbiotError
 from secure_agg import (
+    STAGES,
     SecAggConfig,
     SecAggError,
     SecAggParty,
     SecAggServer,
+    Stage,
     aggregate_in_process,
     round_params,
 )
@@ -38,7 +40,7 @@ def plain_levels(vectors, weights, config, round_id, seed, members):
 
 @st.composite
 def rounds(draw):
-    n = draw(st.integers(2, 20))
+    n = draw(st.integers(3, 20))
     length = draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2**31))
     rng = np.random.default_rng(seed)
@@ -70,10 +72,9 @@ def test_unmasked_sum_equals_plain_weighted_sum(case):
     u4 = signers - before_unmask
     complete_ok = min(len(u1), len(u2), len(u3), len(signers), len(u4)) >= t
     try:
-        result = aggregate_in_process(vectors, weights, config, round_id=7, seed=seed,
-                                      drop_before_advertise=before_adv, drop_before_share=before_share,
-                                      drop_after_share=after_share, drop_before_consistency=before_sign,
-                                      drop_before_unmask=before_unmask)
+        drops = {Stage.ADVERTISE: before_adv, Stage.SHARE_KEYS: before_share, Stage.MASKED_INPUT: after_share,
+                 Stage.CONSISTENCY: before_sign, Stage.UNMASK: before_unmask}
+        result = aggregate_in_process(vectors, weights, config, round_id=7, seed=seed, drops=drops)
     except SecAggError as exc:
         event(f"aborted ({config.graph})")
         assert "aborted" in str(exc)
@@ -103,7 +104,7 @@ def test_no_dropout_sparse_graph_many_parties_matches_average():
     vectors = [rng.normal(0, 0.2, length) for _ in range(n)]
     weights = [int(w) for w in rng.integers(1, 500, n)]
     result = aggregate_in_process(vectors, weights, SecAggConfig(graph="sparse"), round_id=0, seed=3,
-                                  drop_after_share={5, 17}, drop_before_unmask={9})
+                                  drops={Stage.MASKED_INPUT: {5, 17}, Stage.UNMASK: {9}})
     kept = [m for m in range(n) if m not in (5, 17)]
     assert result.included == kept and result.dropped == [5, 17]
     expected = np.average(np.stack([vectors[m] for m in kept]), axis=0, weights=[weights[m] for m in kept])
@@ -111,16 +112,15 @@ def test_no_dropout_sparse_graph_many_parties_matches_average():
     assert result.total_weight == sum(weights[m] for m in kept)
 
 
-@pytest.mark.parametrize("stage", ["drop_before_advertise", "drop_before_share", "drop_after_share",
-                                   "drop_before_consistency", "drop_before_unmask"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_below_threshold_aborts_at_every_stage(stage):
     vectors = [np.full(8, 0.25) for _ in range(7)]  # n = 7, c = 2, t = 5 > (7 + 2) / 2: losing 3 leaves 4
     assert round_params(SecAggConfig(), 7).min_survivors == 5
     with pytest.raises(SecAggError, match="aborted.*below the threshold 5.*nothing was unmasked"):
-        aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2, 4}})
+        aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, drops={stage: {0, 2, 4}})
     # One fewer dropout and the same round completes.
-    result = aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, **{stage: {0, 2}})
-    assert len(result.included) == (7 if stage in ("drop_before_consistency", "drop_before_unmask") else 5)
+    result = aggregate_in_process(vectors, [1] * 7, SecAggConfig(), round_id=1, seed=0, drops={stage: {0, 2}})
+    assert len(result.included) == (7 if stage in (Stage.CONSISTENCY, Stage.UNMASK) else 5)
 
 
 def test_aborted_server_unmasks_nothing_and_refuses_to_go_on():
@@ -154,7 +154,7 @@ def test_ring_size_follows_party_count_and_overflow_is_refused():
     assert round_params(config, 3).ring_bits == 40
     assert round_params(config, 127).ring_bits == 40
     assert round_params(config, 128).ring_bits == 48
-    for n in (2, 10, 1000):
+    for n in (3, 10, 1000):
         p = round_params(config, n)
         assert n * p.level_bound < 2 ** (p.ring_bits - 1) and p.ring_bits % 8 == 0
     with pytest.raises(SecAggError, match="overflow a 64-bit ring"):
@@ -195,10 +195,15 @@ def test_config_validation_and_threshold_rules():
         SecAggConfig(threshold=12).threshold_for(10)
     with pytest.raises(ConfigError, match="collusion"):
         SecAggConfig(collusion=-1)
-    # The default collusion bound: fewer than a third; on the sparse graph also below half the degree.
-    assert [round_params(SecAggConfig(), n).collusion for n in (2, 3, 4, 7, 10, 100)] == [0, 0, 1, 2, 3, 33]
+    # The default collusion bound: fewer than a third, at least one; on the sparse graph also below half the
+    # degree, but never below the parties' default floor (5% of the parties), which raises the degree.
+    assert [round_params(SecAggConfig(), n).collusion for n in (3, 4, 7, 10, 100)] == [1, 1, 2, 3, 33]
+    with pytest.raises(SecAggError, match="fewer than 2 honest"):
+        round_params(SecAggConfig(), 2)
     sparse100 = round_params(SecAggConfig(graph="sparse"), 100)
     assert (sparse100.degree, sparse100.collusion, sparse100.min_survivors) == (14, 6, 54)
+    sparse200 = round_params(SecAggConfig(graph="sparse"), 200)
+    assert (sparse200.degree, sparse200.collusion) == (22, 10)
     assert round_params(SecAggConfig(graph="sparse", collusion=10), 100).degree == 22  # at least 2c + 2
     with pytest.raises(SecAggError, match="fewer than 2 honest"):
         round_params(SecAggConfig(collusion=3), 4)
@@ -228,7 +233,7 @@ def test_a_single_masked_vector_looks_uniform():
     for p in parties:
         server.receive_shares(p.share_keys(rosters[p.party_id]))
     relays = server.close_shares()
-    masked = parties[0].masked_input(relays[0], np.zeros(length), 7)
+    masked = parties[0].contribute(np.zeros(length), 7).masked_input(relays[0])
     words = unpack(masked.masked, params.ring_bytes)[:-1]
     limit = chi_square_limit(255)
     top = (words >> np.uint64(params.ring_bits - 8)).astype(np.int64)
@@ -252,10 +257,10 @@ def test_costs_are_accounted():
 def test_cost_benchmark_writes_table(tmp_path, capsys):
     from benchmarks.secure_agg_cost import main
 
-    assert main(["--out", str(tmp_path), "--params", "500", "--parties", "3", "6"]) == 0
+    assert main(["--out", str(tmp_path), "--params", "500", "--parties", "4", "6"]) == 0
     table = (tmp_path / "secure_agg_cost.md").read_text()
     rows = json.loads((tmp_path / "secure_agg_cost.json").read_text())["rows"]
-    assert {(r["parties"], r["dropped"]) for r in rows} == {(3, 0), (3, 1), (6, 0), (6, 1)}
+    assert {(r["parties"], r["dropped"]) for r in rows} == {(4, 0), (4, 1), (6, 0), (6, 1)}
     assert all(r["expansion"] > 1 and r["max_abs_error_of_mean"] < 1e-4 for r in rows)
     assert table.count("\n| 6 |") == 4 and "sparse" in table
     assert "party CPU" in capsys.readouterr().out
@@ -269,8 +274,8 @@ def test_dropout_at_the_consistency_check_keeps_the_input_in_the_sum(graph):
     vectors = [rng.uniform(-1, 1, 20) for _ in range(n)]
     weights = [int(w) for w in rng.integers(1, 9, n)]
     config = SecAggConfig(graph=graph, degree=6)
-    result = aggregate_in_process(vectors, weights, config, round_id=3, seed=2, drop_after_share={0},
-                                  drop_before_consistency={4, 9}, drop_before_unmask={7})
+    result = aggregate_in_process(vectors, weights, config, round_id=3, seed=2,
+                                  drops={Stage.MASKED_INPUT: {0}, Stage.CONSISTENCY: {4, 9}, Stage.UNMASK: {7}})
     assert result.included == [u for u in range(n) if u != 0] and result.dropped == [0]
     expected_sum, expected_weight = plain_levels(vectors, weights, config, 3, 2, result.included)
     np.testing.assert_array_equal(result.weighted_sum, expected_sum)

@@ -47,6 +47,9 @@ class Outcome:
     offered: list  # the alive lists the owner showed
 
 
+ONE_COLLUDER = PartyPolicy(min_collusion=1)  # the ring attacks below need c = 1 at 25 parties
+
+
 def setup(n: int, config: SecAggConfig, corrupt: set[int], skip_share=(), policy=None, length: int = 5):
     """Advertise, share (minus `skip_share`) and mask honestly; returns (server, parties, relays, inputs)."""
     rng = np.random.default_rng(n)
@@ -62,7 +65,7 @@ def setup(n: int, config: SecAggConfig, corrupt: set[int], skip_share=(), policy
     relays = server.close_shares()
     inputs = {}
     for u, relay in relays.items():
-        inputs[u] = parties[u].masked_input(relay, vectors[u], 1)
+        inputs[u] = parties[u].contribute(vectors[u], 1).masked_input(relay)
         server.receive_masked_input(inputs[u])
     return server, parties, vectors, inputs
 
@@ -262,8 +265,8 @@ def test_dropping_blocks_of_the_ring_cannot_isolate_arcs():
     """The reviewer's attack on the sparse graph (25 parties, degree 4): declare two runs of 2 consecutive
     parties dropped, so the ring falls into two arcs, each of which would unmask on its own. The owner's
     own check aborts, and every party refuses to sign such a list."""
-    n, config = 25, SecAggConfig(graph="sparse", degree=4)
-    server, parties, _, inputs = setup(n, config, set())
+    n, config = 25, SecAggConfig(graph="sparse", degree=4, collusion=1)
+    server, parties, _, inputs = setup(n, config, set(), policy=ONE_COLLUDER)
     assert server.params.degree == 4 and server.params.collusion == 1
     cut = ring_blocks(server, 2, 2)
     alive = [u for u in server.sharers if u not in cut]
@@ -292,10 +295,10 @@ def test_dropping_blocks_of_the_ring_cannot_isolate_arcs():
 
 
 def test_honest_server_aborts_a_split_alive_set_before_asking_for_signatures():
-    n, config = 25, SecAggConfig(graph="sparse", degree=4)
+    n, config = 25, SecAggConfig(graph="sparse", degree=4, collusion=1)
     rng = np.random.default_rng(0)
     server = SecAggServer(config, n, 3, 0, SESSION)
-    parties = [SecAggParty(config, u, n, 0, SESSION) for u in range(n)]
+    parties = [SecAggParty(config, u, n, 0, SESSION, policy=ONE_COLLUDER) for u in range(n)]
     for p in parties:
         server.receive_advertise(p.advertise())
     for u, roster in server.close_advertise().items():
@@ -303,7 +306,7 @@ def test_honest_server_aborts_a_split_alive_set_before_asking_for_signatures():
     relays = server.close_shares()
     cut = ring_blocks(server, 2, 2)
     for u, relay in relays.items():
-        masked = parties[u].masked_input(relay, rng.uniform(-1, 1, 3), 1)
+        masked = parties[u].contribute(rng.uniform(-1, 1, 3), 1).masked_input(relay)
         if u not in cut:
             server.receive_masked_input(masked)
     with pytest.raises(SecAggError, match="can be split.*nothing was unmasked"):
@@ -311,18 +314,26 @@ def test_honest_server_aborts_a_split_alive_set_before_asking_for_signatures():
 
 
 def test_the_owner_cannot_lower_the_degree_or_the_collusion_bound_below_the_partys_floor():
-    # An owner-chosen degree 2 with no colluders assumed: the party's floor (c >= 1) refuses the round.
-    with pytest.raises(SecAggError, match="collusion bound 0 is below this party's floor 1"):
+    # An owner-chosen degree 2 with no colluders assumed: the party's floor (c >= 2 of 25: 5%, at least one)
+    # refuses the round, and so it does c = 1.
+    with pytest.raises(SecAggError, match="collusion bound 0 is below this party's floor 2"):
         SecAggParty(SecAggConfig(graph="sparse", degree=2, collusion=0), 0, 25, 0, SESSION)
-    # With c = 1 a degree of 2 is raised to 2c + 2 = 4; a party may demand more.
-    assert round_params(SecAggConfig(graph="sparse", degree=2), 25).degree == 4
-    with pytest.raises(SecAggError, match="degree 4 is below this party's floor 6"):
-        SecAggParty(SecAggConfig(graph="sparse", degree=2), 0, 25, 0, SESSION, policy=PartyPolicy(min_degree=6))
+    with pytest.raises(SecAggError, match="collusion bound 1 is below this party's floor 2"):
+        SecAggParty(SecAggConfig(graph="sparse", degree=2, collusion=1), 0, 25, 0, SESSION)
+    # By default the owner offers the floor: c = 2, and a degree of 2 is raised to 2c + 2 = 6; a party may
+    # demand more.
+    assert round_params(SecAggConfig(graph="sparse", degree=2), 25).degree == 6
+    with pytest.raises(SecAggError, match="degree 6 is below this party's floor 8"):
+        SecAggParty(SecAggConfig(graph="sparse", degree=2), 0, 25, 0, SESSION, policy=PartyPolicy(min_degree=8))
     with pytest.raises(SecAggError, match="only 3 honest inputs"):
         SecAggParty(SecAggConfig(), 0, 5, 0, SESSION, policy=PartyPolicy(min_honest=4))
-    assert SecAggParty(SecAggConfig(), 0, 3, 0, SESSION).params.collusion == 0  # 3 parties: floor 0
+    # Three parties: one colluder assumed, so all three must stay (t = 3) and a sum holds two honest inputs.
+    three = SecAggParty(SecAggConfig(), 0, 3, 0, SESSION).params
+    assert (three.collusion, three.min_survivors, three.min_honest) == (1, 3, 2)
     with pytest.raises(SecAggError, match="floor 1"):
-        SecAggParty(SecAggConfig(), 0, 3, 0, SESSION, policy=PartyPolicy(min_collusion=1))
+        SecAggParty(SecAggConfig(collusion=0), 0, 3, 0, SESSION)
+    with pytest.raises(SecAggError, match="fewer than 2 honest"):  # two parties cannot be safe at all
+        SecAggParty(SecAggConfig(), 0, 2, 0, SESSION)
 
 
 def test_a_colluder_at_a_cut_vertex_cannot_isolate_the_arcs():

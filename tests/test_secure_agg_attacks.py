@@ -59,7 +59,7 @@ class Round:
     def mask(self, skip=()):
         for u, relay in self.relays.items():
             if u not in skip:
-                self.inputs[u] = wire(self.parties[u].masked_input(relay, self.vectors[u], self.weights[u]))
+                self.inputs[u] = wire(self.parties[u].contribute(self.vectors[u], self.weights[u]).masked_input(relay))
                 self.parties[u].receive_ack(wire(self.server.receive_masked_input(self.inputs[u])))
         self.checks = {u: wire(r) for u, r in self.server.close_inputs().items()}
         return self
@@ -85,6 +85,12 @@ class Round:
         return sum(self.weights[m] * np.clip(self.vectors[m], -1, 1) for m in members)
 
 
+def with_keys(roster, column: str, values):
+    """The roster with one column of the members' advertisements replaced, as a tampering owner would."""
+    adverts = [dataclasses.replace(a, **{column: v}) for a, v in zip(roster.adverts, values, strict=True)]
+    return dataclasses.replace(roster, adverts=adverts)
+
+
 def flip(blob: bytes, at: int = 20) -> bytes:
     return blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:]
 
@@ -103,9 +109,9 @@ def test_tampered_ciphertext_is_detected():
     relay = r.relays[1]
     bad = dataclasses.replace(relay, ciphertexts=[flip(relay.ciphertexts[0]), *relay.ciphertexts[1:]])
     with pytest.raises(SecAggError, match=r"share from party 0 failed authentication"):
-        r.parties[1].masked_input(bad, r.vectors[1], 1)
+        r.parties[1].contribute(r.vectors[1], 1).masked_input(bad)
     with pytest.raises(SecAggError, match="aborted"):  # a refusing party answers nothing more
-        r.parties[1].masked_input(relay, r.vectors[1], 1)
+        r.parties[1].contribute(r.vectors[1], 1).masked_input(relay)
 
 
 def test_ciphertext_relayed_to_the_wrong_party_or_under_another_sender_fails():
@@ -114,12 +120,12 @@ def test_ciphertext_relayed_to_the_wrong_party_or_under_another_sender_fails():
     # Party 0's ciphertext for party 1, handed to party 2 as party 0's ciphertext for it.
     misrouted = dataclasses.replace(to_two, ciphertexts=[to_one.ciphertexts[0], *to_two.ciphertexts[1:]])
     with pytest.raises(SecAggError, match="failed authentication"):
-        r.parties[2].masked_input(misrouted, r.vectors[2], 1)
+        r.parties[2].contribute(r.vectors[2], 1).masked_input(misrouted)
     # Party 1's ciphertexts from parties 0 and 2, swapped.
     c = to_one.ciphertexts
     swapped = dataclasses.replace(to_one, ciphertexts=[c[1], c[0], *c[2:]])
     with pytest.raises(SecAggError, match="failed authentication"):
-        r.parties[1].masked_input(swapped, r.vectors[1], 1)
+        r.parties[1].contribute(r.vectors[1], 1).masked_input(swapped)
 
 
 def test_replayed_shares_from_another_round_fail():
@@ -127,11 +133,11 @@ def test_replayed_shares_from_another_round_fail():
     second = Round(4, round_id=2).advertise().share()
     # The whole relay of round 1 replayed in round 2: refused on its envelope.
     with pytest.raises(SecAggError, match="round 1.*round 2.*replay"):
-        second.parties[1].masked_input(first.relays[1], second.vectors[1], 1)
+        second.parties[1].contribute(second.vectors[1], 1).masked_input(first.relays[1])
     # Round 1's ciphertexts inside a round-2 envelope: they fail authentication.
     replay = dataclasses.replace(second.relays[2], ciphertexts=first.relays[2].ciphertexts)
     with pytest.raises(SecAggError, match="failed authentication"):
-        second.parties[2].masked_input(replay, second.vectors[2], 1)
+        second.parties[2].contribute(second.vectors[2], 1).masked_input(replay)
 
 
 def test_round_and_session_are_bound_even_under_the_same_key_material():
@@ -198,7 +204,7 @@ def test_party_refuses_inconsistent_alive_lists(tamper, reason):
 def test_party_signs_once_and_answers_one_unmask_request_only():
     r = Round(5).advertise().share().mask(skip={4}).sign()
     flipped = dataclasses.replace(r.checks[1], alive=[0, 1, 2, 4], dropped=[3])
-    with pytest.raises(SecAggError, match="consistency_check called in stage 'signed'"):
+    with pytest.raises(SecAggError, match="consistency_check called in stage 'consistency'"):
         r.parties[1].consistency_check(flipped)
     with pytest.raises(SecAggError, match="stage"):
         r.parties[1].consistency_check(r.checks[1])  # not even the same request twice
@@ -356,7 +362,7 @@ def test_a_share_that_does_not_match_its_commitment_is_refused_by_the_holder():
     relay = r.relays[1]
     bad = dataclasses.replace(relay, seed_commits=[relay.seed_commits[0], bytes(32), *relay.seed_commits[2:]])
     with pytest.raises(SecAggError, match=f"party {relay.senders[1]} dealt a share that does not match"):
-        r.parties[1].masked_input(bad, r.vectors[1], 1)
+        r.parties[1].contribute(r.vectors[1], 1).masked_input(bad)
 
 
 @pytest.mark.parametrize(("field", "value", "reason"), [
@@ -377,21 +383,21 @@ def test_party_refuses_a_manipulated_roster(field, value, reason):
 def test_party_refuses_a_roster_with_a_repeated_key_or_a_foreign_coin_commitment():
     r = Round(4).advertise()
     roster = r.rosters[1]
-    bad = dataclasses.replace(roster, c_pks=[roster.c_pks[0]] * len(roster.c_pks))
+    bad = with_keys(roster, "c_pk", [roster.c_pks[0]] * len(roster.c_pks))
     with pytest.raises(SecAggError, match="not its own|repeats a public key"):
         r.parties[1].share_keys(bad)
-    bad = dataclasses.replace(r.rosters[0], c_pks=[roster.c_pks[0], roster.c_pks[0], *roster.c_pks[2:]])
+    bad = with_keys(r.rosters[0], "c_pk", [roster.c_pks[0], roster.c_pks[0], *roster.c_pks[2:]])
     with pytest.raises(SecAggError, match="repeats a public key"):
         r.parties[0].share_keys(bad)
     commits = r.rosters[2].coin_commits
-    bad = dataclasses.replace(r.rosters[2], coin_commits=[*commits[:2], commits[0], commits[3]])
+    bad = with_keys(r.rosters[2], "coin_commit", [*commits[:2], commits[0], commits[3]])
     with pytest.raises(SecAggError, match="not its own"):
         r.parties[2].share_keys(bad)
 
 
 def test_party_refuses_an_ack_for_another_input():
     r = Round(3).advertise().share()
-    server_ack = r.server.receive_masked_input(r.parties[0].masked_input(r.relays[0], r.vectors[0], 3))
+    server_ack = r.server.receive_masked_input(r.parties[0].contribute(r.vectors[0], 3).masked_input(r.relays[0]))
     with pytest.raises(SecAggError, match="did not send"):
         r.parties[0].receive_ack(dataclasses.replace(server_ack, digest=bytes(32)))
 
@@ -417,14 +423,14 @@ def test_server_rejects_bad_messages_without_losing_the_round():
     for s in shares[1:]:
         r.server.receive_shares(s)
     r.relays = r.server.close_shares()
-    masked = r.parties[0].masked_input(r.relays[0], r.vectors[0], r.weights[0])
+    masked = r.parties[0].contribute(r.vectors[0], r.weights[0]).masked_input(r.relays[0])
     with pytest.raises(SecAggError, match="elements"):
         r.server.receive_masked_input(dataclasses.replace(masked, length=5, masked=masked.masked[:25]))
     with pytest.raises(SecAggError, match="view signature is invalid"):
         r.server.receive_masked_input(dataclasses.replace(masked, view_signature=flip(masked.view_signature)))
     r.server.receive_masked_input(masked)
     for u in (1, 2, 3):
-        r.server.receive_masked_input(r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u]))
+        r.server.receive_masked_input(r.parties[u].contribute(r.vectors[u], r.weights[u]).masked_input(r.relays[u]))
     r.checks = r.server.close_inputs()
     signatures = [r.parties[u].consistency_check(r.checks[u]) for u in range(4)]
     with pytest.raises(SecAggError, match="signature is invalid"):
@@ -456,11 +462,11 @@ def test_relayed_graph_or_coins_from_elsewhere_are_refused():
     other = [v for v in range(12) if v != 3 and v not in relay.neighbours][:4]
     bad = dataclasses.replace(relay, neighbours=sorted(other))
     with pytest.raises(SecAggError, match="differ from the graph"):
-        r.parties[3].masked_input(bad, r.vectors[3], 1)
+        r.parties[3].contribute(r.vectors[3], 1).masked_input(bad)
     coins = list(r.relays[4].coins)
     coins[0] = bytes(32)
     with pytest.raises(SecAggError, match="party 0's graph coin does not match its commitment"):
-        r.parties[4].masked_input(dataclasses.replace(r.relays[4], coins=coins), r.vectors[4], 1)
+        r.parties[4].contribute(r.vectors[4], 1).masked_input(dataclasses.replace(r.relays[4], coins=coins))
 
 
 def test_relay_from_a_non_member_is_refused():
@@ -468,7 +474,7 @@ def test_relay_from_a_non_member_is_refused():
     relay = r.relays[2]
     bad = dataclasses.replace(relay, senders=[*relay.senders[:-1], 5])
     with pytest.raises(SecAggError, match=r"non-members \[5\]"):
-        r.parties[2].masked_input(bad, r.vectors[2], 1)
+        r.parties[2].contribute(r.vectors[2], 1).masked_input(bad)
 
 
 def test_an_owner_equivocating_about_the_sharers_is_caught_by_the_view_signatures():
@@ -482,12 +488,12 @@ def test_an_owner_equivocating_about_the_sharers_is_caught_by_the_view_signature
                                seed_commits=[relay.seed_commits[i] for i in keep],
                                key_commits=[relay.key_commits[i] for i in keep], coins=relay.coins[:-1],
                                neighbours=relay.neighbours[:-1], s_pks=relay.s_pks[:-1])
-    masked = r.parties[0].masked_input(lied, r.vectors[0], r.weights[0])
+    masked = r.parties[0].contribute(r.vectors[0], r.weights[0]).masked_input(lied)
     with pytest.raises(SecAggError, match="party 0's view signature is invalid"):
         r.server.receive_masked_input(masked)
     r.inputs[0] = masked
     for u in range(1, 6):
-        r.inputs[u] = r.parties[u].masked_input(r.relays[u], r.vectors[u], r.weights[u])
+        r.inputs[u] = r.parties[u].contribute(r.vectors[u], r.weights[u]).masked_input(r.relays[u])
     with pytest.raises(SecAggError, match="party 0's view signature is invalid"):
         r.parties[1].consistency_check(request_for(r, 1, range(6), []))
 
@@ -568,7 +574,7 @@ def test_signer_outside_the_alive_list_is_refused():
 def test_unmask_before_signing_and_the_old_direct_request_are_refused():
     r = Round(4).advertise().share().mask()
     request = UnmaskRequest(0, "s", 0, [], [])
-    with pytest.raises(SecAggError, match="unmask called in stage 'masked'"):
+    with pytest.raises(SecAggError, match="unmask called in stage 'masked_input'"):
         r.parties[0].unmask(request)
     with pytest.raises(SecAggError, match="not accepting"):
         r.server.receive_unmask(UnmaskShares(0, "s", 0, [], [], [], []))
@@ -619,4 +625,4 @@ def test_party_refuses_a_roster_with_wrong_signing_keys(keys, reason):
     roster = r.rosters[0]
     assert len(roster.sig_pks) == 4 and roster.sig_pks[0] == r.adverts[0].sig_pk
     with pytest.raises(SecAggError, match=reason):
-        r.parties[0].share_keys(dataclasses.replace(roster, sig_pks=keys(roster.sig_pks)))
+        r.parties[0].share_keys(with_keys(roster, "sig_pk", keys(roster.sig_pks)))

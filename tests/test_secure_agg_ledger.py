@@ -26,18 +26,18 @@ def run_until_masked(tmp_path, n=4, session="s", round_id=3, ledgers=None):
 def test_a_second_masked_input_for_the_same_round_is_refused_across_restarts(tmp_path):
     path = tmp_path / "work" / "secagg-ledger.json"
     _, parties, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
-    parties[0].masked_input(relays[0], np.zeros(5), 1)
+    parties[0].contribute(np.zeros(5), 1).masked_input(relays[0])
     assert SecAggLedger(path).entry("s", 3) == {"input_sent": True, "revealed": {}}
     # The party restarts (a new object and a new ledger reading the same file); the owner reruns round 3.
     _, again, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
     with pytest.raises(SecAggError, match="already sent a masked input for round 3"):
-        again[0].masked_input(relays[0], np.zeros(5), 1)
+        again[0].contribute(np.zeros(5), 1).masked_input(relays[0])
     assert again[0].stage == "aborted"
     # Another round, or another session, is a fresh contribution.
     _, other, relays = run_until_masked(tmp_path, round_id=4, ledgers={0: SecAggLedger(path)})
-    other[0].masked_input(relays[0], np.zeros(5), 1)
+    other[0].contribute(np.zeros(5), 1).masked_input(relays[0])
     _, other, relays = run_until_masked(tmp_path, session="t", ledgers={0: SecAggLedger(path)})
-    other[0].masked_input(relays[0], np.zeros(5), 1)
+    other[0].contribute(np.zeros(5), 1).masked_input(relays[0])
     data = json.loads(path.read_text())
     assert set(data["rounds"]) == {"s", "t"} and set(data["rounds"]["s"]) == {"3", "4"}
 
@@ -47,7 +47,7 @@ def test_a_refused_input_claims_nothing(tmp_path):
     path = tmp_path / "ledger.json"
     _, parties, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
     with pytest.raises(SecAggError, match="NaN"):
-        parties[0].masked_input(relays[0], np.full(5, np.nan), 1)
+        parties[0].contribute(np.full(5, np.nan), 1).masked_input(relays[0])
     assert SecAggLedger(path).entry("s", 3)["input_sent"] is False
 
 
@@ -71,7 +71,7 @@ def test_party_consults_the_ledger_before_revealing(tmp_path):
     SecAggLedger(path).record_reveal("s", 3, [], [1])
     server, parties, relays = run_until_masked(tmp_path, ledgers={0: SecAggLedger(path)})
     for u, relay in relays.items():
-        parties[u].receive_ack(server.receive_masked_input(parties[u].masked_input(relay, np.zeros(5), 1)))
+        parties[u].receive_ack(server.receive_masked_input(parties[u].contribute(np.zeros(5), 1).masked_input(relay)))
     for u, check in server.close_inputs().items():
         server.receive_consistency(parties[u].consistency_check(check))
     requests = server.close_consistency()

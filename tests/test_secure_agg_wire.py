@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,16 +31,20 @@ from secure_agg import (
 from secure_agg.crypto import context, prg_words
 from secure_agg.encoding import decode, encode, pack, unpack
 from secure_agg.graph import is_k_connected, neighbour_graph
+from secure_agg.identity import ConsortiumRoster, Identity, Member
 from secure_agg.messages import MESSAGE_TYPES
 
 FAST = settings(max_examples=40, deadline=None)
 
 
 def all_messages():
-    """Every message type from a real three-party round with one dropout."""
+    """Every message type from a real four-party round with one dropout, its members signed by their
+    identities."""
     config = SecAggConfig()
     server = SecAggServer(config, 4, 5, 0, "wire")
-    parties = [SecAggParty(config, u, 4, 0, "wire") for u in range(4)]
+    identities = [Identity(f"member-{u}", Ed25519PrivateKey.generate()) for u in range(4)]
+    peers = ConsortiumRoster(tuple(Member(i.name, f"{u:040d}", i.public) for u, i in enumerate(identities)))
+    parties = [SecAggParty(config, u, 4, 0, "wire", identity=identities[u], peers=peers) for u in range(4)]
     out = [p.advertise() for p in parties]
     for m in out:
         server.receive_advertise(m)
@@ -52,7 +57,7 @@ def all_messages():
     relays = server.close_shares()
     out += relays.values()
     for u in range(3):
-        masked = parties[u].masked_input(relays[u], np.linspace(-1, 1, 5), u + 1)
+        masked = parties[u].contribute(np.linspace(-1, 1, 5), u + 1).masked_input(relays[u])
         ack = server.receive_masked_input(masked)
         parties[u].receive_ack(ack)
         out += [masked, ack]
@@ -119,7 +124,7 @@ def corruptions():
 
     return [
         ("wrong type", set_header("type", "secagg.other")),
-        ("wrong version", set_header("version", 2)),
+        ("wrong version", set_header("version", 1)),
         ("extra field", set_header("extra", 1)),
         ("missing field", drop_header("session")),
         ("bool round", set_header("round", True)),
@@ -295,8 +300,9 @@ def test_graph_degree_rules():
         neighbour_graph(coins_for(range(10)), 3, "s", 0)
     from secure_agg.config import sparse_degree
     assert sparse_degree(SecAggConfig(graph="sparse"), 100) == 14
-    assert sparse_degree(SecAggConfig(graph="sparse", degree=5), 100) == 6
-    assert sparse_degree(SecAggConfig(graph="sparse", degree=2), 100) == 4  # c >= 1 needs 2c + 2
+    # At 100 parties the floor is 5 colluders, so a lower degree is raised to 2c + 2 = 12.
+    assert sparse_degree(SecAggConfig(graph="sparse", degree=5), 100) == 12
+    assert sparse_degree(SecAggConfig(graph="sparse", degree=2), 20) == 4  # c >= 1 needs 2c + 2
     assert sparse_degree(SecAggConfig(graph="sparse"), 5) == 4
     assert sparse_degree(SecAggConfig(), 100) == 99
 
@@ -341,7 +347,7 @@ def test_k_connectivity_matches_brute_force(n, data):
 @given(values=st.lists(st.integers(-(2**39) + 1, 2**39 - 1), min_size=1, max_size=50))
 def test_pack_unpack_and_signed_decode(values):
     config = SecAggConfig(frac_bits=0)
-    params = round_params(config, 2)
+    params = round_params(config, 3)
     assert params.ring_bits == 24
     big = round_params(SecAggConfig(), 10)
     words = np.array(values + [3, 2], dtype=np.int64).view(np.uint64)
@@ -360,7 +366,7 @@ def test_pack_unpack_and_signed_decode(values):
 
 def test_stochastic_rounding_is_unbiased():
     config = SecAggConfig(frac_bits=4)
-    params = round_params(config, 2)
+    params = round_params(config, 3)
     x = np.full(200_000, 0.3)  # 0.3 * 16 = 4.8 levels: 4 or 5
     levels = encode(x, 1, config, params, np.random.default_rng(0))[:-2].view(np.int64)
     assert set(np.unique(levels)) == {4, 5}

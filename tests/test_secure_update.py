@@ -11,7 +11,7 @@ from secure_agg import aggregate_in_process, round_params
 from secure_agg.encoding import pack
 
 
-@pytest.mark.parametrize("sizes", [[134, 133, 133], [40] * 10, [4] * 100, [1, 1], [1000, 3, 7, 900, 12]])
+@pytest.mark.parametrize("sizes", [[134, 133, 133], [40] * 10, [4] * 100, [1, 1, 1], [1000, 3, 7, 900, 12]])
 def test_everyday_rounds_use_a_32_bit_ring(sizes):
     config = secagg_config(sizes, seed=0)
     params = round_params(config, len(sizes))

@@ -121,6 +121,15 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(tiny_llama_dir, data_
     assert not out.exists()
 
 
+def test_a_non_empty_out_is_refused_before_the_model_is_loaded(data_files, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(args_for(tmp_path / "no-such-model", data_files, out)) == 2  # the model would fail to load
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_secure_aggregation_gives_the_plain_result_within_fixed_point_error(tiny_llama_dir, data_files,
                                                                              tmp_path):
     plain, secure = tmp_path / "plain", tmp_path / "secure"
