@@ -65,12 +65,20 @@ def _convert(key: str, action: argparse.Action, value: Any) -> Any:
         if isinstance(action.const, bool):
             return value if action.const else not value
         return action.const if value else action.default
-    if not isinstance(action, argparse._StoreAction) or action.nargs not in (None, "?"):
+    if not isinstance(action, argparse._StoreAction) or action.nargs not in (None, "?", "+"):
         raise ConfigError(f"config key {key!r} ({flag}) cannot be set from a config file")
     if value is None:
         if action.default is None:
             return None
         raise ConfigError(f"config key {key!r} ({flag}) needs a value, not null")
+    if action.nargs == "+":  # a flag of one or more values: a non-empty list
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"config key {key!r} ({flag}) takes a non-empty list, not {value!r}")
+        return [_convert_one(key, flag, action, item) for item in value]
+    return _convert_one(key, flag, action, value)
+
+
+def _convert_one(key: str, flag: str, action: argparse.Action, value: Any) -> Any:
     kind = action.type
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -126,11 +134,13 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
                       translate: Translate | None = None) -> argparse.Namespace:
     """Parse `argv`, taking defaults from the file named by `--config` (if any); flags override the file.
 
-    The parser must already define `--config` (see `add_config_option`). Options the file sets stop being
+    The parser must already define `--config` (`console.options.terminal_options`). Options the file sets stop being
     required on the command line; of mutually exclusive options, one given on the command line replaces
     the one the file chose (`--listen` on the command line beats `simulate = 3` in the file).
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    from console.terminal import OneLineErrors  # noqa: PLC0415
+
+    pre = OneLineErrors(add_help=False)
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
@@ -159,8 +169,3 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             for a in from_file:
                 setattr(args, a.dest, original[a.dest])
     return args
-
-
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="TOML (or a run's config.json) of option values by long name; flags override it")

@@ -1,6 +1,9 @@
-"""Terminal output shared by both nodes: quiet libraries so our own progress lines stay readable."""
+"""Terminal output shared by both nodes: quiet libraries so our own progress lines stay readable, and
+one `error:` line for whatever the user got wrong."""
 
 from __future__ import annotations
+
+import argparse
 
 # Libraries that log what a user of fedbiot cannot act on: bitsandbytes warns about optional accelerations
 # on import ("Failed to load CPU gemm_4bit_forward from kernels-community"); MLflow and alembic announce
@@ -52,6 +55,16 @@ def _quiet_gguf_bar() -> None:
     bar = getattr(gguf_loader, "tqdm", None)
     if bar is not None and not isinstance(bar, functools.partial):
         gguf_loader.tqdm = functools.partial(bar, disable=True)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors (an unknown option, a value outside its choices, a missing
+    required one) are ConfigErrors, so the CLI prints them as one `error:` line and exits 2."""
+
+    def error(self, message: str):
+        from errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(message)
 
 
 def run_cli(run, argv: list[str] | None, interrupted: str = "interrupted") -> int:

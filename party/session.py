@@ -18,7 +18,7 @@ from pathlib import Path
 from console.progress import Progress, Task
 from errors import ConfigError
 from learning.compressed_model import Manifest, cache_root
-from learning.dp import BudgetSpent, PrivacyLedger
+from learning.dp import BudgetSpent, DPSettings, PrivacyLedger
 from learning.hardware import Hardware
 from learning.party_model import PartyModel
 from learning.run_settings import PartyRunSettings
@@ -48,7 +48,7 @@ class PartyOptions:
     columns: ColumnMap | None = None  # column mapping for a layout the loader does not recognise
     name: str | None = None
     work_dir: Path | None = None
-    dp: object | None = None  # learning.dp.DPSettings when DP-SGD is on
+    dp: DPSettings | None = None  # DP-SGD on this party's adapter LoRA; None = no DP
     timeout: float = 3600.0  # give up after this long without hearing from the owner
     hardware: Hardware | None = None  # device and dtype of the frozen weights (None: CPU, float32)
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)

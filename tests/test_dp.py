@@ -11,6 +11,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from console.options import add_options
 from errors import ConfigError
 from learning.dp import (
     BudgetSpent,
@@ -25,9 +26,10 @@ from learning.dp import (
 )
 from learning.lora import LoraSettings, attach_lora, lora_state, set_trainable
 from learning.training import PartyTrainer, TrainSettings
-from owner.cli import add_run_options, config_from_args, main
+from owner.cli import config_from_args, main
 from owner.compress import compress
 from owner.config import RunConfig
+from owner.options import run_options
 from tasks.batching import collate, poisson_indices
 from tasks.datasets import Example
 from tasks.prompts import tokenize_examples
@@ -92,7 +94,7 @@ def test_settings_need_exactly_one_of_noise_and_target_epsilon():
 
 def parse(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    add_run_options(p)
+    add_options(p, run_options())
     return p.parse_args(list(argv))
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from console.options import add_hardware_options, hardware_from_args
+from console.options import add_options, bind, hardware_from_args, hardware_options
 from errors import ConfigError
 from learning.dp import DPSettings
 from learning.hardware import Hardware, resolve_device, resolve_dtype, resolve_hardware
@@ -51,7 +51,7 @@ def test_unknown_dtype_is_refused():
 
 def test_dp_keeps_float32_unless_told_otherwise():
     p = argparse.ArgumentParser()
-    add_hardware_options(p)
+    add_options(p, bind(RunConfig, hardware_options()))
     assert hardware_from_args(p.parse_args(["--device", "cpu"]), dp=True).dtype == torch.float32
     with pytest.raises(ConfigError, match="DP-SGD"):
         hardware_from_args(p.parse_args(["--device", "cpu", "--dtype", "bfloat16"]), dp=True)
