@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import secrets
 import sys
 
 from errors import ConfigError, RunUntrained
@@ -102,6 +104,8 @@ def run_mode(args: argparse.Namespace, log) -> dict:
             raise ConfigError("owner --listen needs --parties, --key and --allow")
         secure = True if args.secure_agg is None else args.secure_agg
         config = config_from_args(args, args.parties, secure)
+        if args.seed is None and not args.resume:  # a new run starts from a state of its own
+            config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
         if config.dp is not None:
             raise ConfigError("--dp-* apply to the parties of --simulate; networked parties choose DP "
                               "themselves")

@@ -101,8 +101,11 @@ def run_options() -> tuple[Option, ...]:
         Option("--template", to="template", choices=tuple(TEMPLATES), group=DATA,
                help="prompt format: " + "; ".join(f"{name}: {what}" for name, what in TEMPLATES.items())),
         Option("--rounds", to="rounds", type=int, group=TRAINING, help="federated rounds"),
-        Option("--seed", to="seed", type=int, group=TRAINING,
-               help="run seed: every random draw of the run derives from it"),
+        Option("--seed", to="seed", type=int, group=TRAINING, unset=True,
+               shown="0 with --simulate; a new --listen run draws its own",
+               help="run seed: every draw of the owner's derives from it (the initial LoRA, the split of "
+                    "--simulate); a networked run's parties draw their own randomness. Two --listen runs with "
+                    "one seed start from one state, which parties take part from only once"),
         Option("--local-steps", to="train.local_steps", type=int, group=TRAINING, help="K: party steps per round"),
         Option("--batch-size", to="train.batch_size", type=int, group=TRAINING, help="B: party batch size"),
         Option("--lr", to="train.lr", type=float, group=TRAINING, help="party AdamW learning rate"),

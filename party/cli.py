@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -11,9 +12,26 @@ def keygen_main(argv: list[str]) -> int:
 
     args = KEYGEN.parser().parse_args(argv)
     from protocol.keys import generate_keypair  # noqa: PLC0415
+    from secure_agg.identity import generate_identity  # noqa: PLC0415
 
     public, secret = generate_keypair(args.out, args.name)
-    print(f"public key: {public} (give it to the owner)\nsecret key: {secret} (keep it private)")
+    identity, identity_secret = generate_identity(args.out, args.name)
+    print(f"public key: {public} (give it to the owner and the consortium)\n"
+          f"identity: {identity} (give it to the consortium: it goes into the roster)\n"
+          f"secret keys: {secret}, {identity_secret} (keep them private)")
+    return 0
+
+
+def roster_main(argv: list[str]) -> int:
+    from party.options import ROSTER  # noqa: PLC0415
+
+    args = ROSTER.parser().parse_args(argv)
+    from secure_agg.identity import ConsortiumRoster  # noqa: PLC0415
+
+    roster = ConsortiumRoster.from_public_files(args.members)
+    roster.save(args.out)
+    print(f"roster of {len(roster.members)} members ({', '.join(m.name for m in roster.members)}): {args.out}\n"
+          f"fingerprint {roster.fingerprint()} (every member checks it is the same)")
     return 0
 
 
@@ -31,11 +49,20 @@ def options_from_args(args: argparse.Namespace):
     from errors import ConfigError  # noqa: PLC0415
     from party.options import party_options  # noqa: PLC0415
     from party.session import PartyOptions, stamp  # noqa: PLC0415
+    from secure_agg.identity import Identity  # noqa: PLC0415
 
     dp = dp_from_args(args)
     values = values_from_args(args, party_options())  # a mistyped column mapping fails here, before connecting
-    if args.min_parties < 2:
-        raise ConfigError("--min-parties must be at least 2: a secure sum of one party is that party's update")
+    if args.min_parties < 3:
+        raise ConfigError("--min-parties must be at least 3: with one colluder a smaller secure sum can hold one "
+                          "honest update")
+    if values["roster"] is not None and values["identity"] is None:  # the identity beside the key file
+        name = Path(args.key).name.removesuffix(".key_secret")
+        values["identity"] = Identity.load(Path(args.key).with_name(f"{name}.id_secret"))
+    if values["identity"] is not None and values["roster"] is not None and \
+            values["roster"].identity_of(values["identity"].name) != values["identity"].public:
+        raise ConfigError(f"the roster does not list this party's identity ({values['identity'].name}): it would "
+                          "take its own keys for a stranger's")
     if args.clip is not None and not args.clip > 0:
         raise ConfigError(f"--clip must be positive, got {args.clip}")
     del values["device"], values["dtype"]
@@ -47,6 +74,8 @@ def options_from_args(args: argparse.Namespace):
 def run(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    if argv[:1] == ["roster"]:
+        return roster_main(argv[1:])
     from console.terminal import quiet_import_noise  # noqa: PLC0415
 
     quiet_import_noise(argv)

@@ -39,6 +39,17 @@ def party_options() -> tuple[Option, ...]:
         Option("--timeout", to="timeout", type=float, help="give up after this many seconds without the owner"),
         Option("--max-download-gb", to="max_download", type=float, to_field=lambda gb: int(gb * GB),
                from_field=lambda size: size / GB, help="refuse a compressed model archive larger than this"),
+        Option("--roster", to="roster", type=Path, to_field=_load_roster, from_field=lambda roster: None,
+               shown="none: secure rounds are refused", group=POLICY,
+               help="the consortium roster this party pins (made by `party roster`): every peer's per-round keys "
+                    "are checked against its members' identity keys, and a member not on it counts as a "
+                    "colluder"),
+        Option("--identity", to="identity", type=Path, to_field=_load_identity, from_field=lambda identity: None,
+               shown="NAME.id_secret beside --key", group=POLICY,
+               help="this party's identity secret key (written by `party keygen`), which signs its per-round keys"),
+        Option("--trust-owner-peers", to="trust_owner_peers", action="store_true", group=POLICY,
+               help="take part in secure rounds without a roster: the owner then says who the peers are, and "
+                    "can fill a round with identities it controls"),
         Option("--min-parties", to="min_parties", type=int, group=POLICY,
                help="refuse a secure round that invites fewer parties"),
         Option("--min-collusion", to="policy.min_collusion", type=int, metavar="C", group=POLICY,
@@ -60,15 +71,42 @@ def party_options() -> tuple[Option, ...]:
                from_field=operator.not_, group=POLICY,
                help="take part in rounds without secure aggregation (the owner then sees this party's raw adapter "
                     "update); by default such a round is refused"),
+        Option("--reproducible", to="reproducible", action="store_true", group=POLICY,
+               help="take batch order, dropout and rounding from the run's seed, as the in-process run does (for "
+                    "audits and tests): the owner can then predict them and a rerun repeats the update; by "
+                    "default this party draws its own randomness every round"),
+        Option("--privacy-dir", to="privacy_dir", type=Path, group=POLICY, shown="the fedbiot cache dir / privacy",
+               help="where the DP accountant of each data set is kept, over every run and owner"),
+        Option("--dp-budget", to="dp_budget", type=float, metavar="EPS", group=POLICY, shown="none",
+               help="the most epsilon this party spends on its data over every run: it trains no more once a "
+                    "round would pass it"),
         *terminal_options(),
         *training_options(),
     ))
 
 
-KEYGEN = Command("party keygen", "Write a party's CurveZMQ key pair.", (
-    Option("--name", required=True, help="party name (the owner allowlists NAME.key)"),
-    Option("--out", type=Path, required=True, metavar="KEYDIR", help="directory the key pair is written to"),
+def _load_roster(path: Path | None):
+    from secure_agg.identity import ConsortiumRoster  # noqa: PLC0415
+
+    return None if path is None else ConsortiumRoster.load(path)
+
+
+def _load_identity(path: Path | None):
+    from secure_agg.identity import Identity  # noqa: PLC0415
+
+    return None if path is None else Identity.load(path)
+
+
+KEYGEN = Command("party keygen", "Write a party's CurveZMQ key pair and its identity key pair.", (
+    Option("--name", required=True, help="party name (the owner allowlists NAME.key; the roster lists NAME.id)"),
+    Option("--out", type=Path, required=True, metavar="KEYDIR", help="directory the key pairs are written to"),
+))
+ROSTER = Command("party roster", "Make the consortium roster from the members' public files (NAME.key and NAME.id "
+                 "in each KEYDIR); every member pins the same file, and the owner can allow it.", (
+    Option("--out", type=Path, required=True, metavar="FILE", help="the roster file to write"),
+    Option("--members", type=Path, nargs="+", required=True, metavar="KEYDIR",
+           help="directories holding the members' public files"),
 ))
 PARTY = Command("party", "FedBiOT party: trains the adapter LoRA on local data; the data never leave this machine.",
-                party_options, subcommands=(KEYGEN,))
-COMMANDS = (PARTY, KEYGEN)
+                party_options, subcommands=(KEYGEN, ROSTER))
+COMMANDS = (PARTY, KEYGEN, ROSTER)

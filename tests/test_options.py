@@ -46,7 +46,8 @@ SIM = ["--simulate", "2", "--out", "o"]
     (["--simulate", "3", "--out", "o"], RunConfig(parties=3)),
     (["--listen", "tcp://0.0.0.0:1", "--parties", "4", "--key", "k", "--allow", "a", "--out", "o"],
      RunConfig(parties=4, secure_agg=True)),
-    ([*SIM, "--secure-agg", "--secagg-graph", "sparse"], RunConfig(parties=2, secure_agg=True, secagg_graph="sparse")),
+    (["--simulate", "3", "--out", "o", "--secure-agg", "--secagg-graph", "sparse"],
+     RunConfig(parties=3, secure_agg=True, secagg_graph="sparse")),
     ([*SIM, "--dp-noise", "0.5", "--dp-clip", "2.0"],
      RunConfig(parties=2, dp=DPSettings(noise_multiplier=0.5, max_grad_norm=2.0))),
     ([*SIM, "--dp-epsilon", "8", "--dp-delta", "1e-6", "--dp-accountant", "prv"],
@@ -86,9 +87,9 @@ def test_a_saved_config_json_is_given_back_byte_for_byte(tmp_path):
     assert again == saved
     again.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_bytes() == (tmp_path / "config.json").read_bytes()
-    changed = run_config(["--config", str(tmp_path / "config.json"), "--simulate", "2", "--out", "o", "--lr", "0.3",
+    changed = run_config(["--config", str(tmp_path / "config.json"), "--simulate", "3", "--out", "o", "--lr", "0.3",
                           "--lora-r", "16"])
-    assert changed.parties == 2 and changed.train.lr == 0.3 and changed.lora.r == 16 and not changed.share_weights
+    assert changed.parties == 3 and changed.train.lr == 0.3 and changed.lora.r == 16 and not changed.share_weights
 
 
 def test_the_parsers_defaults_are_the_fields_defaults():

@@ -41,7 +41,7 @@ from learning.secure_update import secagg_config
 from learning.training import TrainSettings
 from owner.compress import compress, save_compressed
 from protocol.keys import generate_keypair
-from secure_agg import SecAggParty, Stage
+from secure_agg import PartyPolicy, SecAggParty, Stage
 from secure_agg.identity import ConsortiumRoster, Identity, generate_identity
 from tests.hostile_owner import HostileOwner, secure_messages
 from tests.tiny_models import byte_tokenizer, tiny_model
@@ -51,7 +51,8 @@ PARTIES = ("party-a", "party-b", "party-c")
 COLLUDER = "party-m"
 LORA = LoraSettings(r=4, alpha=8)
 TRAIN = TrainSettings(local_steps=2, batch_size=2, lr=1e-2)
-REFUSAL_S = 25.0  # how long the owner waits for a stage the parties are expected to refuse
+REFUSAL_S = 25.0  # how long the owner waits for a stage the parties are expected to refuse, after training
+REFUSED_AT_ONCE_S = 12.0  # the same for a round refused on arrival (before training)
 ENV = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -131,12 +132,12 @@ def attacked(tmp_path_factory) -> dict:
         out["honest_messages"] = secure_messages(owner_node.inbox[start:])
 
         owner_node.welcome(PARTIES, run1, lambda name: settings(run1))  # "restarted": round 1 again
-        out["redraw"] = owner_node.secure_round(0, run1, everyone, stage_timeout=REFUSAL_S)
-        out["same_state"] = owner_node.secure_round(1, run1, everyone, stage_timeout=REFUSAL_S)
+        out["redraw"] = owner_node.secure_round(0, run1, everyone, stage_timeout=REFUSED_AT_ONCE_S)
+        out["same_state"] = owner_node.secure_round(1, run1, everyone, stage_timeout=REFUSED_AT_ONCE_S)
 
         run2 = run_id(2)
         owner_node.welcome(PARTIES, run2, lambda name: settings(run2))
-        out["new_run"] = owner_node.secure_round(0, run2, everyone, stage_timeout=REFUSAL_S)
+        out["new_run"] = owner_node.secure_round(0, run2, everyone, stage_timeout=REFUSED_AT_ONCE_S)
         out["new_run_moved"] = owner_node.secure_round(1, run2, {n: shifted(state0, 1e-6) for n in PARTIES})
 
         run3 = run_id(3)
@@ -164,10 +165,14 @@ def attacked(tmp_path_factory) -> dict:
         pair = ["party-a", "party-b"]
         owner_node.welcome(pair, run6, lambda name: settings(run6))
         weak = dataclasses.replace(secagg_config([8] * 3, 0), collusion=0)
+        m_weak = SecAggParty(weak, 2, 3, 0, run6, identity=colluder, policy=PartyPolicy(min_collusion=0))
         out["collusion_0"] = owner_node.secure_round(
-            0, run6, {n: shifted(state0, 6e-6) for n in pair}, config=weak, stage_timeout=REFUSAL_S)
-        m = SecAggParty(secagg_config([8] * 3, 0), 2, 3, 1, run6, identity=colluder)
-        out["isolate"] = owner_node.secure_round(1, run6, {n: shifted(state0, 7e-6) for n in pair}, sybils=[m],
+            0, run6, {n: shifted(state0, 6e-6) for n in pair}, config=weak, sybils=[m_weak],
+            stage_timeout=REFUSED_AT_ONCE_S)
+        moved = shifted(state0, 7e-6)  # the colluder plays along: its view is the honest parties'
+        m = SecAggParty(secagg_config([8] * 3, 0), 2, 3, 1, run6, identity=colluder,
+                        binding=owner_node.binding(run6, settings(run6), moved, 3))
+        out["isolate"] = owner_node.secure_round(1, run6, {n: moved for n in pair}, sybils=[m],
                                                  drop_inputs_of=["party-b"], stage_timeout=REFUSAL_S)
         out["received_after_attacks"] = secure_messages(owner_node.inbox)
     finally:
