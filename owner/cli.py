@@ -67,6 +67,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-data-kind", default=d.eval_data_kind)
     g.add_argument("--eval-columns", default=None, metavar="MAP", help="column mapping of --eval-data")
     g.add_argument("--eval-items", type=int, default=d.eval_items)
+    g.add_argument("--task-fidelity-data", default=None,
+                   help="held-out task items (read like --party-data; a validation split, never test items) on "
+                        "which the owner also measures the gradient fidelity after pre-alignment and the last round")
+    g.add_argument("--task-fidelity-batches", type=int, default=d.task_fidelity_batches,
+                   help="batches (of the alignment batch size) of --task-fidelity-data")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
     g.add_argument("--template", default=d.template, choices=["auto", "chat", "plain"])
     g = p.add_argument_group("training")
@@ -110,7 +115,8 @@ def config_from_args(args: argparse.Namespace, parties: int, secure_agg: bool):
         party_columns=args.party_columns, split=args.split, party_limit=args.party_limit,
         public_data=args.public_data, public_data_kind=args.public_data_kind, public_columns=args.public_columns,
         public_limit=args.public_limit, eval_data=args.eval_data, eval_data_kind=args.eval_data_kind,
-        eval_columns=args.eval_columns, eval_items=args.eval_items, max_length=args.max_length,
+        eval_columns=args.eval_columns, eval_items=args.eval_items, task_fidelity_data=args.task_fidelity_data,
+        task_fidelity_batches=args.task_fidelity_batches, max_length=args.max_length,
         template=args.template, secure_agg=secure_agg, secagg_graph=args.secagg_graph,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.target_modules),
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
