@@ -545,7 +545,7 @@ def run_key(config) -> str:
 
 
 SUMMARY_KEYS = ("nll_base", "nll_adapemu", "nll_adapfu", "answer_nll_base", "answer_nll_adapemu", "answer_nll_adapfu",
-                "parties", "rounds", "seconds")
+                "answer_items", "parties", "rounds", "seconds")
 
 
 def run_record(entry: Entry, key: str, summary: dict, run_dir: Path) -> dict:
@@ -759,6 +759,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
             record["val_nll"] = cached(out / "evals" / f"{entry.name}-val-nll.json",
                                        {"val": data.val, "max_length": args.max_length}, validate)["nll"]
+            publish()  # the report keeps what the choice is made on, so a resumed grid need not redo the run
         return record["val_nll"]
 
     def untouched() -> dict:
@@ -865,6 +866,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 "align_lr": args.align_lr, "lora_r": reference.lora.r, "max_length": args.max_length,
                 "align_pre_steps": args.align_pre_steps, "align_steps": args.align_steps,
                 "task_fidelity_batches": args.task_fidelity_batches, "eval_items": args.eval_items,
+                "answer_items": next((r["summary"].get("answer_items") for r in trained), None),
                 "acc_items": args.acc_items,
                 "max_new_tokens": args.max_new_tokens or (200 if spec.metric == "gsm8k" else 384),
                 "prompt": ("8-shot chain-of-thought text" if args.gsm8k_prompt == "fewshot" else

@@ -229,7 +229,8 @@ def markdown(result: dict) -> str:
         "",
         f"NLL: mean response-token negative log-likelihood on {b['eval_items']} held-out items "
         f"({b['test_data']}); answer-line NLL: the same over the tokens of the response's last line only (GSM8K: "
-        "\"The answer is N.\"); lower is better.",
+        f"\"The answer is N.\"), on the {b.get('answer_items') or 'N'} items whose answer line fits in "
+        f"{b['max_length']} tokens; lower is better.",
         "Paired seeds: at one seed every method with 3 parties gets the same party split and batches; Offsite-tuning "
         "(1 party) gets the same items in the same seed-derived order. Gradient cosine: the adapter-LoRA gradient "
         "through the emulator against through the full model, after pre-alignment -> after the last round, on the "

@@ -33,7 +33,7 @@ from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned,
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
-from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
+from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, tokenize_examples
 
 
 @dataclass
@@ -318,6 +318,8 @@ class OwnerSession:
             "rounds": self.round,
             "parties": cfg.parties,
             "eval_items": len(self.data.eval_tokens),
+            "answer_items": sum(any(label != IGNORE_INDEX for label in item.labels[1:])
+                                for item in self.data.eval_answer_tokens),  # the rest lose their answer to max_length
             "base_model": self.base.identity,
             "method": cfg.method,
             "emulator_layers": len(m.emulator_layers),
