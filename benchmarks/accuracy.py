@@ -722,6 +722,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
     state = {"accuracy": {}, "eval_seconds": 0.0}
     needs_val: set[str] = set()  # runs a choice is made on: a record without its validation NLL does not do
+    left_out: set[str] = set()
 
     def record_of(entry: Entry) -> dict | None:
         """The finished run's record: from the report resumed from, from DIR/runs/, or by training it now."""
@@ -735,7 +736,9 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             records[entry.name] = old
             return old
         if args.finished_only and not (run_dir / "summary.json").is_file():
-            say(f"{entry.name}: not finished, left out (--finished-only)")
+            if entry.name not in left_out:
+                say(f"{entry.name}: not finished, left out (--finished-only)")
+            left_out.add(entry.name)
             return None
         say(f"run {len(records) + 1}: {entry.name}")
         fresh = not (run_dir / "summary.json").is_file()
@@ -902,11 +905,14 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     leaders = [name for name in groups if name not in follows]
     for extension in range(args.extend_lrs + 1):
         for name in leaders:
-            best, count = tune(groups[name], args, score)
+            scores: list[float] = []
+            best, count = tune(groups[name], args, lambda e, scores=scores: scores.append(score(e)) or scores[-1])
             chosen[name] = best
+            known = count > 1 and all(map(math.isfinite, scores))  # --finished-only: an edge needs every candidate
             selection[name] = {"group": name, "lr": best.lr, "kl_weight": best.kl_weight, "prox_eps": best.prox_eps,
                                "align_steps": best.realign_steps, "follows": None, "candidates": count,
-                               "lrs": list(args.lrs), "lr_edge": lr_edge(best.lr, args.lrs) if count > 1 else None}
+                               "finished": sum(1 for e in tuned.values() if e.group == name),
+                               "lrs": list(args.lrs), "lr_edge": lr_edge(best.lr, args.lrs) if known else None}
             say(f"{name}: lambda {best.kl_weight}, eps {best.prox_eps}, lr {best.lr:g} chosen out of {count} "
                 f"candidates" + (f", at the grid's {selection[name]['lr_edge']}" if selection[name]["lr_edge"] else ""))
         edges = [selection[name]["lr_edge"] for name in leaders]

@@ -181,10 +181,12 @@ def _correlation_table(correlations: Sequence[dict]) -> list[str]:
 
 
 def _selection_table(selection: Sequence[dict]) -> list[str]:
-    rows = [[s["group"] + (f" (takes {s['follows']})" if s.get("follows") else ""), str(s.get("candidates", "-")),
+    rows = [[s["group"] + (f" (takes {s['follows']})" if s.get("follows") else ""),
+             f"{s.get('candidates', '-')}" + (f" ({s['finished']} finished)" if s.get("candidates") else ""),
              ", ".join(f"{v:g}" for v in s.get("lrs") or []), _g(s["lr"]), _g(s["kl_weight"]), _g(s["prox_eps"]),
              s.get("lr_edge") or "no"] for s in selection]
-    return _table("Selection (on the first seed's validation NLL; candidates = settings the search compared):",
+    return _table("Selection (on the first seed's validation NLL; candidates = settings the search compares; "
+                  "finished = tuning runs finished for the group):",
                   ["group", "candidates", "lr grid", "lr", "lambda", "eps", "lr at the grid's edge"], rows)
 
 

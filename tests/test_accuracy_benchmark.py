@@ -361,7 +361,11 @@ def test_resume_from_a_report_skips_its_finished_runs(tiny_llama_dir, data_files
     assert not (second / "runs").exists() and (report.with_suffix(".md")).is_file()
     again = json.loads(report.with_suffix(".json").read_text())
     assert again["rows"] == result["rows"] and again["tests"] == result["tests"] and again["runs"] == result["runs"]
-    # other settings are other runs: not taken from the report
+    # other settings are other runs: not taken from the report; and with no candidate finished there is no choice,
+    # so no edge of the lr grid to grow past
     assert main([*bench_args(tiny_llama_dir, data_files, second, *same, "--local-steps", "2"), "--finished-only",
-                 "--resume-from", str(first / "accuracy.json")]) == 0
-    assert capsys.readouterr().err.count("not finished, left out") == 6
+                 "--resume-from", str(first / "accuracy.json"), "--lrs", "1e-3", "2e-3", "--extend-lrs", "1"]) == 0
+    assert capsys.readouterr().err.count("not finished, left out") == 3 * 2 + 3  # 2 lrs at seed 0, seed 1: each once
+    partial = json.loads((second / "accuracy.json").read_text())
+    assert all(s["lrs"] == [1e-3, 2e-3] and s["lr_edge"] is None for s in partial["selection"])
+    assert {s["finished"] for s in partial["selection"]} == {0} and partial["rows"][0]["method"] == "untouched"
