@@ -3,8 +3,9 @@
     python -m benchmarks.accuracy --out DIR [--task gsm8k|dolly|codealpaca]
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
         [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
-        [--lrs 5e-4 1e-3 2e-3] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR] [--seeds 0 1 2]
-        [--val-items 64] [--search coordinate|grid] [--tune-sizes 4] [--dtype bfloat16]
+        [--lrs 5e-4 1e-3 2e-3] [--extend-lrs N] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR]
+        [--align-steps 4 0] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64] [--search coordinate|grid]
+        [--tune-sizes 4] [--dtype bfloat16] [--resume-from REPORT.json] [--report PREFIX]
         [--gsm8k-prompt template|fewshot] [--acc-seeds 0] ...
 
 Every configuration (method x drop rate x adapter size) is an ordinary in-process run (`run_simulation`) in
@@ -18,24 +19,47 @@ DIR/accuracy.json, DIR/accuracy.md (the table with its budget) and DIR/accuracy.
 Offsite-tuning and FedOT use the paper's adapter, the first 2 + last `--baseline-adapter-size` layers;
 FedAvg-LoRA on the full model has no emulator, so its AdapEmu is its AdapFu and only AdapFu is scored.
 
-A fair protocol: every varied hyperparameter is an option. FedBiOT runs over `--kl-weights` (lambda) x
-`--prox-eps`; the baselines (Offsite-tuning, FedOT, FedAvg-LoRA) train without FedBiOT's proximal term
-(eps 0) and align, where they do, with the first lambda. Settings are tuned on the first seed: per method, adapter
-size and drop rate (a "group"), the party lr out of `--lrs` and FedBiOT's (lambda, eps) are chosen by the AdapFu
-NLL on a validation split (`--val-items` training items held out, never test items): `--search coordinate` tries
-every lr at the first (lambda, eps), then every lambda at the best lr, then every eps at the best lambda;
-`--search grid` tries every combination.
+A fair protocol: every varied hyperparameter is an option, tuned alike for every method. Every method with an
+emulator (Offsite-tuning, FedOT, FedBiOT) runs over `--kl-weights` (the alignment's lambda); FedBiOT also over
+`--prox-eps` and once per `--align-steps` value (its per-round re-alignment steps: `--align-steps 4 0` adds the
+ablation "FedBiOT without re-alignment", pre-alignment only, as its own row); the baselines train without FedBiOT's
+proximal term (eps 0). Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
+steps (a "group"), the party lr out of `--lrs` and (lambda, eps) are chosen by the AdapFu NLL on a validation split
+(`--val-items` training items held out, never test items): `--search coordinate` tries every lr at the first
+(lambda, eps), then every lambda at the best lr, then every eps at the best lambda; `--search grid` tries every
+combination. So every group with an emulator gets the same number of candidates (|lrs| + |lambdas| - 1 with one
+eps); the oracle and FedAvg-LoRA have nothing to align and get the lr candidates only; the report states each
+group's count. `--extend-lrs N`: while a group's chosen lr is the smallest or largest of the grid, the grid grows
+(for every group alike) by one lr beyond that edge (the ratio of the last two), at most N times; a choice still at
+an edge is marked in the report.
 FedBiOT sizes outside `--tune-sizes` and drop rates outside `--tune-drop-rates` take the setting chosen for the same
-method at the first tuned size and drop rate. The
-chosen setting of every group then runs for each of `--seeds` (runs that share a pre-alignment share one cached
-emulator, DIR/prealigned/), and the table gives mean, std and n over seeds (accuracies with a 95% Wilson interval of
-the pooled counts). `--drop-rates 0` gives FedBiOT's oracle row: the emulator keeps every lower layer (nothing to
-align), so AdapEmu = AdapFu = a last-s LoRA trained on the full model.
+method at the first tuned size and drop rate. The chosen setting of every group then runs for each of `--seeds`
+(`--seeds-at BETA=S,S,...` gives a drop rate its own seeds; runs that share a pre-alignment share one cached
+emulator, DIR/prealigned/): tuned drop rates first, seed by seed, so the decisive comparisons finish first. The table
+gives mean, std and n over seeds (accuracies with a 95% Wilson interval of the pooled counts). `--drop-rates 0` gives
+FedBiOT's oracle row: the emulator keeps every lower layer (nothing to align), so AdapEmu = AdapFu = a last-s LoRA
+trained on the full model.
+
+Paired seeds: a run's seed alone decides its party split, each party's batch order and the LoRA initialisation (by
+module name), and the data split is the same for every seed. So FedOT, FedBiOT (with or without re-alignment) and
+the oracle, all with 3 parties, get the same parties and the same batches at the same seed. Offsite-tuning has one
+party: at the same seed it gets the same items (all of them) in the same seed-derived order, but its batches are
+drawn from the whole set, so its pairing is by seed, not by batch. The report's `tests` compare FedBiOT (the first
+`--align-steps`) with every other method at each drop rate on the seeds both finished: the paired t-test and the
+exact Wilcoxon signed-rank test on the per-seed AdapFu NLL differences (and on the answer-line NLL). Each run also
+carries its gradient fidelity (owner.fidelity) after pre-alignment and after the last round, on the owner's public
+batches and on held-out task batches (the validation split), and the report gives Spearman's rho between each and
+the AdapFu NLL across runs.
+
+Every finished run is a record in the report's `runs` (its config key, NLLs, fidelity, validation NLL), rewritten
+after each run (`--report PREFIX`, default DIR/accuracy): `--resume-from REPORT.json` treats the runs recorded there
+as finished (reused, not retrained), so a grid continues from a committed report in a fresh directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -48,13 +72,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.reports import save_figure, write_report
+from benchmarks.accuracy_report import (
+    FIDELITY_KEYS,
+    METHOD_LABELS,
+    aggregate,
+    fidelity_correlations,
+    markdown,
+    paired_tests,
+    plot,
+    wilson_interval,
+)
+from benchmarks.reports import write_report
 from errors import ConfigError, FedbiotError
 
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
-METHOD_LABELS = {"untouched": "untouched", "offsite": "Offsite-tuning", "fedot": "FedOT", "fedbiot": "FedBiOT",
-                 "fedavg-full": "FedAvg-LoRA (full model)"}
 ORACLE_LABEL = "oracle (last-s LoRA on the full model)"
+NO_REALIGN_LABEL = "FedBiOT without re-alignment"
 BASELINES = ("offsite", "fedot", "fedavg-full")  # trained without FedBiOT's proximal term
 
 
@@ -90,6 +123,7 @@ class Entry:
     prox_eps: float | None = None
     lr: float | None = None
     seed: int | None = None
+    align_steps: int | None = None  # FedBiOT's per-round re-alignment steps (0: pre-alignment only)
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -98,15 +132,35 @@ class Entry:
         return self.method == "fedbiot" and self.drop_rate == 0.0
 
     @property
+    def aligns(self) -> bool:
+        """The run has an emulator to align (so lambda matters): not the oracle, not FedAvg-LoRA."""
+        return self.method in ("offsite", "fedot", "fedbiot") and not self.oracle
+
+    @property
+    def realign_steps(self) -> int:
+        """Alignment steps after every round: FedBiOT's `align_steps`; none for every other run."""
+        return (self.align_steps or 0) if self.method == "fedbiot" and not self.oracle else 0
+
+    @property
     def label(self) -> str:
-        return ORACLE_LABEL if self.oracle else METHOD_LABELS[self.method]
+        if self.oracle:
+            return ORACLE_LABEL
+        if self.method == "fedbiot" and self.align_steps == 0:
+            return NO_REALIGN_LABEL
+        return METHOD_LABELS[self.method]
+
+    @property
+    def arm(self) -> tuple[str, int]:
+        """What a paired test compares: the method and its per-round alignment steps."""
+        return self.method, self.realign_steps
 
     @property
     def group(self) -> str:
-        """What one setting is chosen for: the method at one adapter size and drop rate."""
+        """What one setting is chosen for: the method at one adapter size, drop rate and re-alignment."""
         if self.method in ("untouched", "fedavg-full"):
             return self.method
-        return f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+        name = f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
+        return name + f"-ra{self.realign_steps}" if self.method == "fedbiot" and not self.oracle else name
 
     @property
     def cell(self) -> str:
@@ -114,7 +168,7 @@ class Entry:
         if self.method == "untouched":
             return self.method
         name = self.group
-        if self.method == "fedbiot":
+        if self.method == "fedbiot" or self.aligns:
             name += f"-kl{self.kl_weight:g}"
         return name + f"-eps{self.prox_eps:g}"
 
@@ -148,6 +202,11 @@ class Progress:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for runs/, evals/ and accuracy.{md,json,png}")
+    p.add_argument("--report", type=Path, default=None, metavar="PREFIX",
+                   help="write the report to PREFIX.json/.md/.png (default: OUT/accuracy), after every finished run")
+    p.add_argument("--resume-from", type=Path, action="append", default=[], metavar="REPORT.json",
+                   help="a report of this benchmark: the runs recorded in it with the same settings count as finished "
+                        "(reused, not retrained); may be given more than once")
     p.add_argument("--task", choices=sorted(TASKS), default="gsm8k")
     p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=list(METHOD_ORDER))
     p.add_argument("--variants", nargs="+", choices=["adapemu", "adapfu"], default=["adapemu", "adapfu"])
@@ -173,20 +232,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=4, help="B: party batch size")
     g.add_argument("--lrs", nargs="+", type=float, default=None,
                    help="party lr grid, chosen per method on the validation split (e.g. 5e-4 1e-3 2e-3)")
+    g.add_argument("--extend-lrs", type=int, default=0, metavar="N",
+                   help="while a group's chosen lr is at an edge of --lrs, add the next lr beyond it (for every "
+                        "group), at most N times")
     g.add_argument("--lr", type=float, default=None, help="a single party lr (when --lrs is not given; default: the "
                    "parties' default)")
     g.add_argument("--kl-weights", nargs="+", type=float, default=None,
-                   help="FedBiOT's lambda grid (default: the owner's default lambda)")
+                   help="lambda grid of every method with an emulator (default: the owner's default lambda)")
     g.add_argument("--prox-eps", nargs="+", type=float, default=None,
                    help="FedBiOT's proximal eps grid (default: the parties' default; baselines always use 0)")
     g.add_argument("--align-lr", type=float, default=None, help="owner alignment lr (default: the owner's)")
     g.add_argument("--align-pre-steps", type=int, default=None,
                    help="owner pre-alignment steps (all methods; default: the owner's)")
-    g.add_argument("--align-steps", type=int, default=None,
-                   help="owner alignment steps per round (FedBiOT; default: the owner's)")
+    g.add_argument("--align-steps", nargs="+", type=int, default=None,
+                   help="owner alignment steps per round, FedBiOT only (default: the owner's); FedBiOT runs once per "
+                        "value, the first is FedBiOT itself (0 = the ablation without re-alignment)")
+    g.add_argument("--task-fidelity-batches", type=int, default=4,
+                   help="batches of 4 validation items on which the gradient fidelity is also measured (0: off)")
     g.add_argument("--max-length", type=int, default=256)
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="run seeds (default: --seed)")
     g.add_argument("--seed", type=int, default=0, help="a single seed (when --seeds is not given)")
+    g.add_argument("--seeds-at", action="append", default=[], metavar="BETA=S,S,...",
+                   help="the seeds of one drop rate (default: --seeds); the first seed must stay --seeds' first")
     g.add_argument("--val-items", type=int, default=64,
                    help="training items held out as the validation split that chooses the settings")
     g.add_argument("--search", choices=["coordinate", "grid"], default="coordinate",
@@ -224,12 +291,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from learning.training import TrainSettings  # noqa: PLC0415 - defaults of the runs themselves
     from owner.alignment import AlignSettings  # noqa: PLC0415
 
-    args.lrs = list(dict.fromkeys(args.lrs or [args.lr if args.lr is not None else TrainSettings().lr]))
+    args.lrs = sorted(dict.fromkeys(args.lrs or [args.lr if args.lr is not None else TrainSettings().lr]))
     if args.align_pre_steps is None:
         args.align_pre_steps = AlignSettings().pre_steps
-    if args.align_steps is None:
-        args.align_steps = AlignSettings().round_steps
+    args.align_steps = list(dict.fromkeys(args.align_steps if args.align_steps is not None
+                                          else [AlignSettings().round_steps]))
+    if any(v < 0 for v in args.align_steps) or args.extend_lrs < 0 or args.task_fidelity_batches < 0:
+        p.error("--align-steps, --extend-lrs and --task-fidelity-batches must be >= 0")
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))
+    seeds_at = {}
+    for spec in args.seeds_at:
+        beta, _, seeds = spec.partition("=")
+        try:
+            seeds_at[float(beta)] = list(dict.fromkeys(int(v) for v in seeds.split(",")))
+        except ValueError:
+            p.error(f"--seeds-at {spec!r}: expected BETA=S,S,... (e.g. 0.5=0,1,2)")
+        if seeds_at[float(beta)][:1] != args.seeds[:1]:
+            p.error(f"--seeds-at {spec!r}: the first seed must be --seeds' first ({args.seeds[0]}), the one tuned on")
+    args.seeds_at = seeds_at
     args.seed = args.seeds[0]  # the data split: the same items for every seed, so the spread is training's
     args.kl_weights = list(dict.fromkeys(args.kl_weights or [AlignSettings().kl_weight]))
     args.prox_eps = list(dict.fromkeys(args.prox_eps if args.prox_eps is not None else [TrainSettings().prox_eps]))
@@ -265,9 +344,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ plan
 
 def plan(args: argparse.Namespace) -> list[Entry]:
-    """The method configurations, without lr and seed: untouched once; Offsite/FedOT per drop rate > 0; FedBiOT per
-    drop rate x s x lambda x eps (the oracle, drop rate 0, with the first lambda: it has nothing to align);
-    FedAvg-LoRA once. Baselines: eps 0, lambda = the first of `--kl-weights`."""
+    """The method configurations, without lr and seed: untouched once; Offsite/FedOT per drop rate > 0 x lambda;
+    FedBiOT per drop rate x s x per-round alignment steps x lambda x eps (the oracle, drop rate 0, with the first
+    lambda and no alignment: it has nothing to align); FedAvg-LoRA once. Baselines: eps 0."""
     variants = tuple(v for v in ("adapemu", "adapfu") if v in args.variants)
     configs: list[Entry] = []
     for method in args.methods:
@@ -276,8 +355,9 @@ def plan(args: argparse.Namespace) -> list[Entry]:
         elif method == "fedavg-full":
             configs.append(Entry(method, variants=("adapfu",), kl_weight=args.kl_weights[0], prox_eps=0.0))
         elif method in BASELINES:
-            configs += [Entry(method, args.baseline_adapter_size, beta, variants, args.kl_weights[0], 0.0)
-                        for beta in args.drop_rates if beta > 0]  # drop rate 0 is FedBiOT's oracle row
+            configs += [Entry(method, args.baseline_adapter_size, beta, variants, kl, 0.0)
+                        for beta in args.drop_rates if beta > 0  # drop rate 0 is FedBiOT's oracle row
+                        for kl in args.kl_weights]
         else:
             for beta in args.drop_rates:
                 for s in (args.oracle_sizes or args.adapter_sizes) if beta == 0.0 else args.adapter_sizes:
@@ -285,8 +365,8 @@ def plan(args: argparse.Namespace) -> list[Entry]:
                         configs += [Entry(method, s, beta, ("adapfu",), args.kl_weights[0], eps)
                                     for eps in args.prox_eps]
                     else:
-                        configs += [Entry(method, s, beta, variants, kl, eps)
-                                    for kl in args.kl_weights for eps in args.prox_eps]
+                        configs += [Entry(method, s, beta, variants, kl, eps, align_steps=steps)
+                                    for steps in args.align_steps for kl in args.kl_weights for eps in args.prox_eps]
     return configs
 
 
@@ -313,22 +393,42 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
     return groups, follows
 
 
-def tune(members: Sequence[Entry], args: argparse.Namespace, score) -> Entry:
-    """The group's setting chosen on the first seed: the lowest `score` (validation NLL; ties: the smaller lr, then
-    the earlier value in its grid). Coordinate search: every lr at the first configuration, then every lambda at that
-    lr, then every eps at that lambda (members run over `--kl-weights` x `--prox-eps`); grid: every combination."""
+def tune(members: Sequence[Entry], args: argparse.Namespace, score) -> tuple[Entry, int]:
+    """The group's setting chosen on the first seed, and how many candidates the search compared: the lowest
+    `score` (validation NLL; ties: the smaller lr, then the earlier value in its grid). Coordinate search: every lr
+    at the first configuration, then every lambda at that lr, then every eps at that lambda (members run over
+    `--kl-weights` x `--prox-eps`); grid: every combination. One candidate is not scored (count 1)."""
     seed = args.seeds[0]
     candidates = [replace(c, lr=lr, seed=seed) for c in members for lr in args.lrs]
     if len(candidates) == 1:
-        return candidates[0]
+        return candidates[0], 1
     if args.search == "grid":
-        return min(candidates, key=lambda e: (score(e), e.lr))
+        return min(candidates, key=lambda e: (score(e), e.lr)), len(candidates)
     best = min((replace(members[0], lr=lr, seed=seed) for lr in args.lrs), key=lambda e: (score(e), e.lr))
+    tried = len(args.lrs)
     for axis in ("kl_weight", "prox_eps"):
         others = [c for c in members if all(getattr(c, k) == getattr(best, k)
                                             for k in ("kl_weight", "prox_eps") if k != axis)]
+        tried += sum(1 for c in others if c.cell != best.cell)
         best = min([replace(c, lr=best.lr, seed=seed) for c in others], key=score)
-    return best
+    return best, tried
+
+
+def lr_edge(lr: float, lrs: Sequence[float]) -> str | None:
+    """'bottom' / 'top' when the chosen lr is the smallest / largest of a grid of several, else None."""
+    if len(lrs) < 2:
+        return None
+    return "bottom" if lr == min(lrs) else "top" if lr == max(lrs) else None
+
+
+def extended_lrs(lrs: Sequence[float], edges: Sequence[str | None]) -> list[float]:
+    """The grid grown by one lr beyond each edge some group chose (the ratio of the two values at that edge)."""
+    grid = sorted(lrs)
+    if "top" in edges:
+        grid.append(grid[-1] * grid[-1] / grid[-2])
+    if "bottom" in edges:
+        grid.insert(0, grid[0] * grid[0] / grid[1])
+    return [float(f"{v:.6g}") for v in grid]
 
 
 @dataclass(frozen=True)
@@ -394,6 +494,8 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
     from owner.config import RunConfig  # noqa: PLC0415
 
     aligned = not entry.oracle  # the oracle's emulator is the full model's lower layers: nothing to align
+    val = getattr(data, "val", None)
+    task_batches = getattr(args, "task_fidelity_batches", 0) if val and aligned else 0
     return RunConfig(
         model=args.model, method=entry.method, adapter_size=entry.adapter_size or 2,
         drop_rate=entry.drop_rate if entry.drop_rate is not None else 0.0, rounds=args.rounds,
@@ -401,11 +503,12 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
         party_data=data.train, split=spec.split,
         party_limit=args.party_limit, public_data=data.public, public_limit=args.public_limit,
         eval_data=data.test, eval_items=args.eval_items, max_length=args.max_length,
+        task_fidelity_data=val if task_batches else None, task_fidelity_batches=task_batches,
         train=TrainSettings(local_steps=args.local_steps, batch_size=args.batch_size,
                             lr=args.lrs[0] if entry.lr is None else entry.lr,
                             prox_eps=args.prox_eps[0] if entry.prox_eps is None else entry.prox_eps),
         align=AlignSettings(pre_steps=args.align_pre_steps if aligned else 0,
-                            round_steps=args.align_steps if aligned else 0, lr=args.align_lr,
+                            round_steps=entry.realign_steps, lr=args.align_lr,
                             kl_weight=args.kl_weights[0] if entry.kl_weight is None else entry.kl_weight),
         prealign_cache=getattr(args, "prealign_cache", None), dtype=getattr(args, "dtype", "float32"),
     )
@@ -421,6 +524,49 @@ def _comparable(config_dict: dict) -> dict:
         for key in ("lr", "kl_weight", "betas", "max_grad_norm", "batch_size"):
             align.pop(key, None)
     return data
+
+
+def _digest(source: str | None) -> str | None:
+    """A data source by content when it is a local file (paths differ between machines and output
+    directories; the bytes do not), else as named."""
+    if source is None or not Path(source).is_file():
+        return source
+    return "sha256:" + hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
+def run_key(config) -> str:
+    """A run's identity across machines and directories: the settings that decide its result, with local data
+    files by content and the pre-alignment cache's location left out."""
+    data = _comparable(config.to_dict())
+    for name in ("party_data", "public_data", "eval_data", "task_fidelity_data"):
+        data[name] = _digest(data.get(name))
+    data.pop("prealign_cache", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+SUMMARY_KEYS = ("nll_base", "nll_adapemu", "nll_adapfu", "answer_nll_base", "answer_nll_adapemu", "answer_nll_adapfu",
+                "answer_items", "parties", "rounds", "seconds")
+
+
+def run_record(entry: Entry, key: str, summary: dict, run_dir: Path) -> dict:
+    """What the report keeps of a finished run: enough to report it, and to skip it in a later `--resume-from`."""
+    return {"name": entry.name, "key": key, "method": entry.method, "adapter_size": entry.adapter_size,
+            "drop_rate": entry.drop_rate, "align_steps": entry.realign_steps, "kl_weight": entry.kl_weight,
+            "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
+            "summary": {k: summary.get(k) for k in SUMMARY_KEYS}, "fidelity": run_fidelity(run_dir),
+            "val_nll": None}
+
+
+def load_resumed(paths: Sequence[Path]) -> dict[str, dict]:
+    """The run records of earlier reports, by run name (a later file wins)."""
+    records: dict[str, dict] = {}
+    for path in paths:
+        try:
+            runs = json.loads(Path(path).read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--resume-from {path}: not a report of this benchmark with its runs ({exc})") from exc
+        records.update({r["name"]: r for r in runs})
+    return records
 
 
 def ensure_run(config, run_dir: Path, say: Progress, quiet: bool = False) -> dict:
@@ -468,16 +614,17 @@ def load_for_eval(adapter_dir: Path | None, base_spec: str | None):
     return model.eval(), tokenizer
 
 
-def base_nll(base_spec: str | None, config) -> float:
-    """Held-out response NLL of the untouched model, computed as the runs compute theirs."""
-    from owner.evaluate import mean_response_nll  # noqa: PLC0415
+def base_nll(base_spec: str | None, config) -> dict[str, float | None]:
+    """Held-out response and answer-line NLL of the untouched model, computed as the runs compute theirs."""
+    from owner.evaluate import response_and_answer_nll  # noqa: PLC0415
     from owner.session import OwnerData  # noqa: PLC0415
     from tasks.prompts import pad_id_of  # noqa: PLC0415
 
     model, tokenizer = load_for_eval(None, base_spec)
-    data = OwnerData.load(config)
+    data = OwnerData.load(replace(config, task_fidelity_data=None))
     data.tokenize(tokenizer, config)
-    return mean_response_nll(model, data.eval_tokens, pad_id_of(tokenizer))
+    nll, answer = response_and_answer_nll(model, data.eval_tokens, data.eval_answer_tokens, pad_id_of(tokenizer))
+    return {"nll": nll, "answer_nll": answer}
 
 
 def task_accuracy(model, tokenizer, spec: TaskSpec, data: TaskData, args: argparse.Namespace) -> dict:
@@ -509,61 +656,22 @@ def adapter_nll(adapter_dir: Path, source: str, config) -> float:
     return mean_response_nll(model, tokens, pad_id_of(tokenizer))
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
-    """95% Wilson score interval of a proportion k/n (sound for small n and for 0 or n successes)."""
-    if n <= 0:
-        return None
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    """Mean, sample std (0 for one value) and n of the values that exist."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None, 0
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mean, std, len(xs)
-
-
 def run_fidelity(run_dir: Path) -> dict[str, float | None]:
     """The run's gradient fidelity (cosine of the adapter-LoRA gradient through the emulator and through the full
-    model, owner.fidelity) after pre-alignment and after the last round, from its metrics.jsonl."""
+    model, owner.fidelity) after pre-alignment and after the last round, on the public batches and on the held-out
+    task batches, from its metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
-    stages = {}
+    stages: dict[str, dict[int, float | None]] = {"fidelity": {}, "task_fidelity": {}}
     if path.is_file():
         for line in path.read_text().splitlines():
             event = json.loads(line)
-            if event.get("event") == "fidelity":
-                stages[event["stage"]] = event.get("cosine")
-    last = max((s for s in stages if s >= 0), default=None)
-    return {"fidelity_pre": stages.get(-1), "fidelity_last": None if last is None else stages[last]}
-
-
-CELL_KEYS = ("method", "label", "adapter", "adapter_size", "drop_rate", "kl_weight", "prox_eps", "lr", "variant")
-
-
-def aggregate(rows: Sequence[dict]) -> list[dict]:
-    """One cell per configuration and variant: NLL and accuracy as mean, std and n over seeds, and the 95%
-    Wilson interval of the pooled accuracy counts."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in rows:
-        cells.setdefault(tuple(json.dumps(r[k]) for k in CELL_KEYS), []).append(r)
-    out = []
-    for group in cells.values():
-        nll, nll_std, n = mean_std([r["nll"] for r in group])
-        fidelity = {key: mean_std([r.get(key) for r in group])[0] for key in ("fidelity_pre", "fidelity_last")}
-        acc, acc_std, n_acc_seeds = mean_std([r["accuracy"] for r in group])
-        k = sum(r["n_correct"] or 0 for r in group if r["accuracy"] is not None)
-        total = sum(r["n_acc"] or 0 for r in group if r["accuracy"] is not None)
-        out.append({**{key: group[0][key] for key in CELL_KEYS}, "seeds": [r["seed"] for r in group],
-                    "nll": nll, "nll_std": nll_std, "n": n, **fidelity, "accuracy": acc, "accuracy_std": acc_std,
-                    "n_accuracy_seeds": n_acc_seeds, "n_correct": k if total else None, "n_acc": total or None,
-                    "ci95": wilson_interval(k, total) if total else None})
+            if event.get("event") in stages:
+                stages[event["event"]][event["stage"]] = event.get("cosine")
+    out = {}
+    for kind, prefix in (("fidelity", "fidelity"), ("task_fidelity", "fidelity_task")):
+        last = max((s for s in stages[kind] if s >= 0), default=None)
+        out[f"{prefix}_pre"] = stages[kind].get(-1)
+        out[f"{prefix}_last"] = None if last is None else stages[kind][last]
     return out
 
 
@@ -581,124 +689,6 @@ def cached(path: Path, settings: dict, compute) -> dict:
     return value
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-VARIANT_LABELS = {"full": "-", "adapemu": "AdapEmu", "adapfu": "AdapFu"}
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _spread(mean: float | None, std: float | None, n: int, digits: int) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f} (n=1)"
-
-
-def _g(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
-
-
-def _fidelity(cell: dict) -> str:
-    if cell["method"] in ("untouched", "fedavg-full") or cell.get("fidelity_pre") is None:
-        return "-"
-    return f"{cell['fidelity_pre']:.3f} -> {_fmt(cell.get('fidelity_last'), 3)}"
-
-
-def markdown(result: dict) -> str:
-    b, cells = result["budget"], result["cells"]
-    acc = result["accuracy_metric"]
-    head = (f"| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL mean ± std (n seeds) | "
-            f"gradient cosine (pre-aligned -> last round) | {acc or 'accuracy'} |")
-    lines = [
-        f"# {result['task']}: FedBiOT and baselines on one engine", "",
-        f"Model: {b['model']}. Command: `{result['command']}`", "",
-        head, "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        accuracy = "-"
-        if c["accuracy"] is not None:
-            lo, hi = c["ci95"]
-            accuracy = (f"{_spread(c['accuracy'], c['accuracy_std'], c['n_accuracy_seeds'], 3)}; pooled "
-                        f"{c['n_correct']}/{c['n_acc']}, 95% CI [{lo:.3f}, {hi:.3f}]")
-        lines.append(f"| {c['label']} | {c['adapter']} | {_fmt(c['drop_rate'], 1)} | {_g(c['kl_weight'])} | "
-                     f"{_g(c['prox_eps'])} | {_g(c['lr'])} | {VARIANT_LABELS[c['variant']]} | "
-                     f"{_spread(c['nll'], c['nll_std'], c['n'], 4)} | {_fidelity(c)} | {accuracy} |")
-    if result.get("tuning"):
-        lines += ["", "Tuning on the first seed (validation NLL of AdapFu; the test NLL beside it is not used to "
-                  "choose):", "", "| group | lambda | eps | lr | validation NLL | test NLL AdapFu | test NLL AdapEmu | "
-                  "gradient cosine (pre-aligned -> last round) |", "|---|---|---|---|---|---|---|---|"]
-        order = sorted(result["tuning"], key=lambda t: (t["group"], t["kl_weight"] or 0, t["prox_eps"] or 0, t["lr"]))
-        for t in order:
-            lines.append(f"| {t['group']} | {_g(t['kl_weight'])} | {_g(t['prox_eps'])} | {t['lr']:g} | "
-                         f"{t['val_nll']:.4f} | {t['nll_adapfu']:.4f} | {t['nll_adapemu']:.4f} | "
-                         f"{_fidelity({'method': t['group'], **t})} |")
-    parties = ", ".join(f"{METHOD_LABELS[m]} {n}" for m, n in b["parties"].items())
-    lines += [
-        "",
-        "Budget: " + (
-            f"{b['train_examples']} training examples ({b['train_data']}) split {b['split']} over the parties "
-            f"({parties}); {b['rounds']} rounds of {b['local_steps']} local steps x batch {b['batch_size']} per "
-            f"party (LoRA r{b['lora_r']}, max {b['max_length']} tokens, frozen weights in {b['dtype']}); per group "
-            f"the party lr out of {', '.join(f'{v:g}' for v in b['lrs'])} and FedBiOT's lambda out of "
-            f"{', '.join(f'{v:g}' for v in b['kl_weights'])} and eps out of "
-            f"{', '.join(f'{v:g}' for v in b['prox_eps'])} "
-            f"chosen ({b['search']} search) on seed {b['seeds'][0]} by the AdapFu NLL on {b['val_items']} held-out "
-            f"training items, then seeds {', '.join(str(s) for s in b['seeds'])} at the choice; the owner aligns the "
-            f"emulator on {b['public_examples']} public examples ({b['public_data']}) at lr {b['align_lr']:g}: "
-            f"{b['align_pre_steps']} steps before round 1 (every method with an emulator), then "
-            f"{b['align_steps']} after every round (FedBiOT only). Baselines train without the proximal term."),
-        "",
-        f"NLL: mean response-token negative log-likelihood on {b['eval_items']} held-out items "
-        f"({b['test_data']}); lower is better.",
-    ]
-    if acc:
-        lines.append(f"Accuracy: {acc} on the first {b['acc_items']} test items ({b['prompt']}), greedy, at most "
-                     f"{b['max_new_tokens']} new tokens (a small sample: one item is {1 / b['acc_items']:.3f}); "
-                     f"mean ± std over seeds, and the 95% Wilson interval of the counts pooled over seeds.")
-    lines += [
-        "Adapter: FedBiOT's last s layers; Offsite-tuning/FedOT: the first 2 + last s layers. AdapEmu = adapter "
-        "on the emulator, AdapFu = adapter plugged into the full model. The oracle is FedBiOT at drop rate 0 "
-        "(the emulator is the full model's lower layers, so AdapEmu = AdapFu).",
-        f"Compute: {result['run_seconds'] / 60:.1f} min of federated runs (training, alignment, export, NLL) and "
-        f"{result['eval_seconds'] / 60:.1f} min of accuracy evaluation on {result['machine']}.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path, title: str, accuracy_label: str | None) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    labels = [f"{r['label']}\ns={r['adapter']} beta={_fmt(r['drop_rate'], 1)} "
-              f"{VARIANT_LABELS[r['variant']]}" if r["method"] != "untouched" else "untouched" for r in rows]
-    panels = [("nll", "held-out response NLL (lower is better)")]
-    if accuracy_label and any(r["accuracy"] is not None for r in rows):
-        panels.append(("accuracy", accuracy_label))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.1 * len(rows)) * len(panels) / 1.5, 4.5),
-                             squeeze=False)
-    colours = {"untouched": "#888888", "offsite": "#d62728", "fedot": "#ff7f0e", "fedbiot": "#1f77b4",
-               "fedavg-full": "#2ca02c"}
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        values = [r[key] if r[key] is not None else 0.0 for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=[colours[r["method"]] for r in rows],
-                      edgecolor="black", linewidth=0.5)
-        for bar, r in zip(bars, rows, strict=True):
-            if r["variant"] == "adapemu":  # hatched: the adapter on the emulator, not on the full model
-                bar.set_hatch("//")
-        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(label, fontsize=9)
-        if key == "nll":
-            low, high = min(values), max(values)
-            ax.set_ylim(max(0.0, low - 0.2 * (high - low + 1e-3)), high + 0.1 * (high - low + 1e-3))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -713,6 +703,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     say = Progress()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    report = args.report or out / "accuracy"
     spec = TASKS[args.task]
     do_accuracy = spec.metric is not None and not args.no_accuracy
     data = prepare_data(spec, args, out / "data")
@@ -723,149 +714,230 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         f"{', '.join(f'{v:g}' for v in args.lrs)} ({args.search} search), then seeds "
         f"{', '.join(str(v) for v in args.seeds)}; variants {', '.join(args.variants)}")
 
-    summaries: dict[str, dict] = {}
-    val_of: dict[str, float] = {}
-    tuning: list[dict] = []
+    resumed = load_resumed(args.resume_from)
+    records: dict[str, dict] = {}  # name -> record of every run finished for this report
+    tuned: dict[str, Entry] = {}  # runs scored on validation, in order
+    chosen: dict[str, Entry] = {}
+    selection: dict[str, dict] = {}
+    reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
+    state = {"accuracy": {}, "eval_seconds": 0.0}
+    needs_val: set[str] = set()  # runs a choice is made on: a record without its validation NLL does not do
+    left_out: set[str] = set()
 
-    def run(entry: Entry) -> dict | None:
-        if entry.name not in summaries:
-            if args.finished_only and not (out / "runs" / entry.name / "summary.json").is_file():
+    def record_of(entry: Entry) -> dict | None:
+        """The finished run's record: from the report resumed from, from DIR/runs/, or by training it now."""
+        if entry.name in records:
+            return records[entry.name]
+        config = run_config(entry, args, spec, data)
+        key = run_key(config)
+        run_dir = out / "runs" / entry.name
+        old = resumed.get(entry.name)
+        if old is not None and old["key"] == key and not (old.get("val_nll") is None and entry.name in needs_val):
+            records[entry.name] = old
+            return old
+        if args.finished_only and not (run_dir / "summary.json").is_file():
+            if entry.name not in left_out:
                 say(f"{entry.name}: not finished, left out (--finished-only)")
-                return None
-            say(f"run {len(summaries) + 1}: {entry.name}")
-            summaries[entry.name] = ensure_run(run_config(entry, args, spec, data), out / "runs" / entry.name, say)
-        return summaries[entry.name]
+            left_out.add(entry.name)
+            return None
+        say(f"run {len(records) + 1}: {entry.name}")
+        fresh = not (run_dir / "summary.json").is_file()
+        records[entry.name] = run_record(entry, key, ensure_run(config, run_dir, say), run_dir)
+        if fresh:
+            publish()  # every finished run reaches the report at once
+        return records[entry.name]
 
     def score(entry: Entry) -> float:
         """The validation NLL of the entry's AdapFu (training it first if needed), cached in DIR/evals/."""
-        if entry.name in val_of:
-            return val_of[entry.name]
-        summary = run(entry)
-        if summary is None:
+        needs_val.add(entry.name)
+        record = record_of(entry)
+        if record is None:
             return math.inf
-        config = run_config(entry, args, spec, data)
+        tuned.setdefault(entry.name, entry)
+        if record.get("val_nll") is None:
+            config = run_config(entry, args, spec, data)
 
-        def validate() -> dict:
-            say(f"{entry.name}: AdapFu NLL on {args.val_items} validation items")
-            return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
-        val_of[entry.name] = cached(out / "evals" / f"{entry.name}-val-nll.json",
-                                    {"val": data.val, "max_length": args.max_length}, validate)["nll"]
-        tuning.append({"group": entry.group, "cell": entry.cell, "kl_weight": entry.kl_weight,
-                       "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed, "val_nll": val_of[entry.name],
-                       "nll_adapfu": summary["nll_adapfu"], "nll_adapemu": summary["nll_adapemu"],
-                       **run_fidelity(out / "runs" / entry.name)})
-        return val_of[entry.name]
+            def validate() -> dict:
+                say(f"{entry.name}: AdapFu NLL on {args.val_items} validation items")
+                return {"nll": adapter_nll(out / "runs" / entry.name / "adapfu", data.val, config)}
+            record["val_nll"] = cached(out / "evals" / f"{entry.name}-val-nll.json",
+                                       {"val": data.val, "max_length": args.max_length}, validate)["nll"]
+            publish()  # the report keeps what the choice is made on, so a resumed grid need not redo the run
+        return record["val_nll"]
 
-    # Tuning on the first seed (groups that follow another are tuned after it), then every seed at the choice.
-    chosen: dict[str, Entry] = {}
-    for name in sorted(groups, key=lambda g: g in follows):
+    def untouched() -> dict:
+        """The untouched model's held-out NLLs (a record too, so a resumed report needs no model)."""
+        config = reference
+        key = hashlib.sha256(json.dumps({"model": args.model, "test": _digest(data.test), "items": args.eval_items,
+                                         "max_length": args.max_length}, sort_keys=True).encode()).hexdigest()[:24]
+        old = resumed.get("untouched")
+        if old is not None and old["key"] == key:
+            records["untouched"] = old
+        if records.get("untouched", {}).get("key") != key:
+            def compute() -> dict:
+                say(f"untouched model: NLL on {args.eval_items} held-out items")
+                return base_nll(args.model, config)
+            scores = cached(out / "evals" / "untouched-full-nll.json", {"key": key}, compute)
+            records["untouched"] = {"name": "untouched", "key": key, "method": "untouched",
+                                    "summary": {"nll_base": scores["nll"], "answer_nll_base": scores["answer_nll"]}}
+        return records["untouched"]
+
+    def entries_to_report() -> list[Entry]:
+        """The untouched model, then each chosen setting at each of its seeds: tuned drop rates first, seed by
+        seed (the decisive comparisons finish first)."""
+        order = list(chosen)
+        seeded = [replace(c, seed=seed) for name, c in chosen.items()
+                  for seed in args.seeds_at.get(c.drop_rate, args.seeds)]
+        seeded.sort(key=lambda e: (e.drop_rate not in (0.0, *args.tune_drop_rates), e.seed, order.index(e.group)))
+        return [Entry("untouched", variants=("full",))] * ("untouched" in args.methods) + seeded
+
+    def rows_of(entries: Sequence[Entry], final: bool) -> list[dict]:
+        rows = []
+        for entry in entries:
+            record = untouched() if entry.method == "untouched" else records.get(entry.name)
+            if record is None:
+                continue
+            for variant in entry.variants:
+                kind = "base" if entry.method == "untouched" else variant
+                scores = state["accuracy"].get(f"{entry.name}-{variant}", {})
+                if final and do_accuracy and not scores:
+                    scores = accuracy_of(entry, variant)
+                fidelity = record.get("fidelity") or dict.fromkeys(FIDELITY_KEYS)
+                rows.append({
+                    "method": entry.method, "label": entry.label, "adapter": entry.adapter_label,
+                    "adapter_size": entry.adapter_size, "drop_rate": entry.drop_rate,
+                    "align_steps": None if entry.method == "untouched" else entry.realign_steps,
+                    "kl_weight": entry.kl_weight, "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
+                    "variant": variant, "nll": record["summary"][f"nll_{kind}"],
+                    "answer_nll": record["summary"].get(f"answer_nll_{kind}"), "val_nll": record.get("val_nll"),
+                    "accuracy": scores.get("accuracy"), "n_correct": scores.get("n_correct"), "n_acc": scores.get("n"),
+                    "ci95": wilson_interval(scores["n_correct"], scores["n"]) if scores.get("n") else None,
+                    "run": None if entry.method == "untouched" else entry.name, **fidelity,
+                })
+        return rows
+
+    def accuracy_of(entry: Entry, variant: str) -> dict:
+        wanted = entry.method == "untouched" or (entry.seed in args.acc_seeds and variant in args.acc_variants)
+        adapter_dir = None if entry.method == "untouched" else out / "runs" / entry.name / variant
+        if not wanted or (adapter_dir is not None and not adapter_dir.is_dir()):
+            return {}
+
+        def compute() -> dict:
+            how = "the untouched model" if adapter_dir is None else "the adapter with transformers + peft"
+            say(f"{entry.name}-{variant}: loading {how}, then {spec.metric_label} on {args.acc_items} items")
+            model, tokenizer = load_for_eval(adapter_dir, args.model)
+            started = time.perf_counter()
+            result = task_accuracy(model, tokenizer, spec, data, args)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            return result
+        settings = {"acc_items": args.acc_items, "max_new_tokens": args.max_new_tokens}
+        if spec.metric == "gsm8k":
+            settings["prompt"] = args.gsm8k_prompt
+        scores = cached(out / "evals" / f"{entry.name}-{variant}-{spec.metric}.json", settings, compute)
+        state["eval_seconds"] += scores.get("seconds", 0.0)
+        state["accuracy"][f"{entry.name}-{variant}"] = scores
+        return scores
+
+    def assemble(final: bool = False) -> dict:
+        rows = rows_of(entries_to_report(), final)
+        runs = {**resumed, **records}  # every run known: nothing finished is ever dropped from the report
+        trained = [r for r in runs.values() if r["method"] != "untouched"]
+        parties = {}
+        for r in trained:
+            parties.setdefault(r["method"], r["summary"].get("parties"))
+        tuning = []
+        for name, entry in tuned.items():
+            r = records[name]
+            tuning.append({"group": entry.group, "cell": entry.cell, **{k: r.get(k) for k in (
+                "kl_weight", "prox_eps", "lr", "seed", "align_steps", "val_nll")},
+                **{k: r["summary"].get(k) for k in ("nll_adapfu", "nll_adapemu", "answer_nll_adapfu")},
+                **(r.get("fidelity") or {})})
+        return {
+            "task": args.task,
+            "command": "python -m benchmarks.accuracy " + " ".join(argv),
+            "accuracy_metric": spec.metric_label if do_accuracy else None,
+            "budget": {
+                "model": args.model or "SmolLM2-135M-Instruct (embedded default)",
+                "train_data": args.train_data or spec.train,
+                "test_data": args.test_data or spec.test or "held out of the training data",
+                "public_data": data.public, "train_examples": train_examples, "public_examples": public_examples,
+                "split": spec.split, "parties": parties, "rounds": args.rounds, "local_steps": args.local_steps,
+                "batch_size": args.batch_size, "lrs": args.lrs, "val_items": args.val_items, "seeds": args.seeds,
+                "seeds_at": {f"{k:g}": v for k, v in args.seeds_at.items()}, "search": args.search,
+                "tune_sizes": args.tune_sizes, "tune_drop_rates": args.tune_drop_rates, "dtype": args.dtype,
+                "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
+                "align_lr": args.align_lr, "lora_r": reference.lora.r, "max_length": args.max_length,
+                "align_pre_steps": args.align_pre_steps, "align_steps": args.align_steps,
+                "task_fidelity_batches": args.task_fidelity_batches, "eval_items": args.eval_items,
+                "answer_items": next((r["summary"].get("answer_items") for r in trained), None),
+                "acc_items": args.acc_items,
+                "max_new_tokens": args.max_new_tokens or (200 if spec.metric == "gsm8k" else 384),
+                "prompt": ("8-shot chain-of-thought text" if args.gsm8k_prompt == "fewshot" else
+                           "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
+            },
+            "selection": list(selection.values()),
+            "tests": paired_tests(rows, args.align_steps[0]),
+            "fidelity_vs_nll": fidelity_correlations(trained),
+            "tuning": tuning,
+            "cells": aggregate(rows),
+            "rows": rows,
+            "runs": sorted(runs.values(), key=lambda r: r["name"]),
+            "run_seconds": round(sum(r["summary"].get("seconds") or 0.0 for r in trained), 1),
+            "eval_seconds": round(state["eval_seconds"], 1),
+            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
+                       f"{args.threads or 'default'} torch threads",
+        }
+
+    def publish(final: bool = False) -> dict:
+        result = assemble(final)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        write_report(report.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        write_report(report.with_suffix(".md"), markdown(result))
+        plot(result["cells"], report.with_suffix(".png"), f"{args.task}: FedBiOT and baselines",
+             result["accuracy_metric"])
+        return result
+
+    train_examples = len(load_examples(data.train, limit=args.party_limit))
+    public_examples = len(load_examples(data.public, limit=args.public_limit))
+
+    # Tuning on the first seed (groups that follow another take its choice), the lr grid grown while a choice sits
+    # at its edge; then every seed at the choice.
+    leaders = [name for name in groups if name not in follows]
+    for extension in range(args.extend_lrs + 1):
+        for name in leaders:
+            scores: list[float] = []
+            best, count = tune(groups[name], args, lambda e, scores=scores: scores.append(score(e)) or scores[-1])
+            chosen[name] = best
+            known = count > 1 and all(map(math.isfinite, scores))  # --finished-only: an edge needs every candidate
+            selection[name] = {"group": name, "lr": best.lr, "kl_weight": best.kl_weight, "prox_eps": best.prox_eps,
+                               "align_steps": best.realign_steps, "follows": None, "candidates": count,
+                               "finished": sum(1 for e in tuned.values() if e.group == name),
+                               "lrs": list(args.lrs), "lr_edge": lr_edge(best.lr, args.lrs) if known else None}
+            say(f"{name}: lambda {best.kl_weight}, eps {best.prox_eps}, lr {best.lr:g} chosen out of {count} "
+                f"candidates" + (f", at the grid's {selection[name]['lr_edge']}" if selection[name]["lr_edge"] else ""))
+        edges = [selection[name]["lr_edge"] for name in leaders]
+        if extension == args.extend_lrs or not any(edges):
+            break
+        args.lrs = extended_lrs(args.lrs, edges)
+        say(f"a choice at the lr grid's edge: the grid grows to {', '.join(f'{v:g}' for v in args.lrs)}")
+    for name in groups:
         if name in follows:
             leader = chosen[follows[name]]
             same = [c for c in groups[name] if (c.kl_weight, c.prox_eps) == (leader.kl_weight, leader.prox_eps)]
             member = (same or groups[name])[0]
             chosen[name] = replace(member, lr=leader.lr, seed=args.seeds[0])
-            say(f"{name}: takes {follows[name]}'s setting (lambda {_g(member.kl_weight)}, eps "
-                f"{_g(member.prox_eps)}, lr {leader.lr:g})")
-            continue
-        chosen[name] = tune(groups[name], args, score)
-        c = chosen[name]
-        say(f"{name}: lambda {_g(c.kl_weight)}, eps {_g(c.prox_eps)}, lr {c.lr:g} chosen"
-            + (f" on validation (NLL {val_of[c.name]:.4f})" if c.name in val_of else ""))
-    entries = [e for e in configs if e.method == "untouched"]
-    entries += [replace(c, seed=seed) for c in chosen.values() for seed in args.seeds]
-    entries = [e for e in entries if e.method == "untouched" or run(e) is not None]
-
-    reference = run_config(Entry("fedbiot", 2, 0.2), args, spec, data)
-    rows: list[dict] = []
-    eval_seconds = 0.0
-    for entry in entries:
-        for variant in entry.variants:
-            key = f"{entry.name}-{variant}"
-            if entry.method == "untouched":
-                adapter_dir = None
-                def untouched_nll() -> dict:
-                    say(f"untouched model: NLL on {args.eval_items} held-out items")
-                    return {"nll": base_nll(args.model, reference)}
-                nll = cached(out / "evals" / f"{key}-nll.json", {"eval_items": args.eval_items,
-                             "max_length": args.max_length, "test": data.test}, untouched_nll)["nll"]
-            else:
-                adapter_dir = out / "runs" / entry.name / variant
-                nll = summaries[entry.name][f"nll_{variant}"]
-            scores: dict = {}
-            wanted = entry.method == "untouched" or (entry.seed in args.acc_seeds and variant in args.acc_variants)
-            if do_accuracy and wanted:
-                def compute(adapter_dir=adapter_dir, key=key) -> dict:
-                    how = "the untouched model" if adapter_dir is None else "the adapter with transformers + peft"
-                    say(f"{key}: loading {how}, then {spec.metric_label} on {args.acc_items} items")
-                    model, tokenizer = load_for_eval(adapter_dir, args.model)
-                    started = time.perf_counter()
-                    result = task_accuracy(model, tokenizer, spec, data, args)
-                    result["seconds"] = round(time.perf_counter() - started, 1)
-                    return result
-                settings = {"acc_items": args.acc_items, "max_new_tokens": args.max_new_tokens}
-                if spec.metric == "gsm8k":
-                    settings["prompt"] = args.gsm8k_prompt
-                scores = cached(out / "evals" / f"{key}-{spec.metric}.json", settings, compute)
-                eval_seconds += scores.get("seconds", 0.0)
-            row = {
-                "method": entry.method, "label": entry.label, "adapter": entry.adapter_label,
-                "adapter_size": entry.adapter_size, "drop_rate": entry.drop_rate, "kl_weight": entry.kl_weight,
-                "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed, "variant": variant, "nll": nll,
-                "val_nll": val_of.get(entry.name), "accuracy": scores.get("accuracy"),
-                "n_correct": scores.get("n_correct"), "n_acc": scores.get("n"),
-                "ci95": wilson_interval(scores["n_correct"], scores["n"]) if scores.get("n") else None,
-                "run": None if adapter_dir is None else str(adapter_dir.relative_to(out)),
-                **(run_fidelity(out / "runs" / entry.name) if entry.method != "untouched" else
-                   {"fidelity_pre": None, "fidelity_last": None}),
-            }
-            rows.append(row)
-            acc_text = "" if row["accuracy"] is None else f", accuracy {row['accuracy']:.3f}"
-            say(f"{key}: NLL {nll:.4f}{acc_text}")
-    cells = aggregate(rows)
-
-    train_examples = len(load_examples(data.train, limit=args.party_limit))
-    public_examples = len(load_examples(data.public, limit=args.public_limit))
-    parties = {}
-    for entry in entries:
+            selection[name] = {**selection[follows[name]], "group": name, "follows": follows[name], "candidates": 0,
+                               "kl_weight": member.kl_weight, "prox_eps": member.prox_eps,
+                               "align_steps": member.realign_steps}
+            say(f"{name}: takes {follows[name]}'s setting (lambda {member.kl_weight}, eps {member.prox_eps}, lr "
+                f"{leader.lr:g})")
+    chosen = {name: chosen[name] for name in groups}  # the groups' own order
+    for entry in entries_to_report():
         if entry.method != "untouched":
-            parties[entry.method] = summaries[entry.name]["parties"]
-    result = {
-        "task": args.task,
-        "command": "python -m benchmarks.accuracy " + " ".join(argv),
-        "accuracy_metric": spec.metric_label if do_accuracy else None,
-        "budget": {
-            "model": args.model or "SmolLM2-135M-Instruct (embedded default)",
-            "train_data": args.train_data or spec.train,
-            "test_data": args.test_data or spec.test or "held out of the training data",
-            "public_data": data.public, "train_examples": train_examples, "public_examples": public_examples,
-            "split": spec.split, "parties": parties, "rounds": args.rounds, "local_steps": args.local_steps,
-            "batch_size": args.batch_size, "lrs": args.lrs, "val_items": args.val_items, "seeds": args.seeds,
-            "search": args.search, "tune_sizes": args.tune_sizes, "tune_drop_rates": args.tune_drop_rates,
-            "dtype": args.dtype,
-            "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
-            "align_lr": args.align_lr, "lora_r": reference.lora.r,
-            "max_length": args.max_length, "align_pre_steps": args.align_pre_steps,
-            "align_steps": args.align_steps, "eval_items": args.eval_items, "acc_items": args.acc_items,
-            "max_new_tokens": args.max_new_tokens or (200 if spec.metric == "gsm8k" else 384),
-            "prompt": ("8-shot chain-of-thought text" if args.gsm8k_prompt == "fewshot" else
-                       "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
-        },
-        "selection": [{"group": name, "lr": c.lr, "kl_weight": c.kl_weight, "prox_eps": c.prox_eps,
-                       "follows": follows.get(name)} for name, c in chosen.items()],
-        "tuning": tuning,
-        "cells": cells,
-        "rows": rows,
-        "run_seconds": round(sum(s.get("seconds", 0.0) for s in summaries.values()), 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), "
-                   f"{args.threads or 'default'} torch threads",
-    }
-    write_report(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    write_report(out / "accuracy.md", table)
-    plot(cells, out / "accuracy.png", f"{args.task}: FedBiOT and baselines", result["accuracy_metric"])
-    say(f"wrote {out / 'accuracy.md'}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
-    print(table)
+            record_of(entry)
+    result = publish(final=True)
+    say(f"wrote {report.with_suffix('.md')}, {report.with_suffix('.json')}, {report.with_suffix('.png')}")
+    print(markdown(result))
     return result
 
 

@@ -45,6 +45,10 @@ class RunConfig:
     eval_data_kind: str = "auto"
     eval_columns: str | None = None
     eval_items: int = 32
+    # Held-out task items on which the owner also measures the gradient fidelity (after pre-alignment and after
+    # the last round), read like --party-data: a diagnostic for benchmarks (a validation split), never test items.
+    task_fidelity_data: str | None = None
+    task_fidelity_batches: int = 4
     max_length: int = 256
     template: str = "auto"
     secure_agg: bool = False
@@ -82,6 +86,8 @@ class RunConfig:
             raise ConfigError(f"--adapter-size must be at least 1, got {self.adapter_size}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.task_fidelity_batches < 0:
+            raise ConfigError(f"--task-fidelity-batches must be >= 0, got {self.task_fidelity_batches}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8")
         dp_dtype(self.dtype, self.dp is not None)  # refused before anything loads

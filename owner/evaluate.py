@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from learning.forward import response_nll_sum, unwrap_causal_lm
-from tasks.batching import eval_batches
+from learning.forward import response_logits, response_positions, unwrap_causal_lm
+from tasks.batching import collate, eval_groups
 from tasks.prompts import TokenizedExample
 
 
@@ -16,16 +16,35 @@ from tasks.prompts import TokenizedExample
 def mean_response_nll(model: nn.Module, data: Sequence[TokenizedExample], pad_id: int,
                       batch_size: int = 8) -> float:
     """Mean negative log-likelihood per response token over `data`."""
+    return response_and_answer_nll(model, data, None, pad_id, batch_size)[0]
+
+
+@torch.no_grad()
+def response_and_answer_nll(model: nn.Module, data: Sequence[TokenizedExample],
+                            answers: Sequence[TokenizedExample] | None, pad_id: int, batch_size: int = 8
+                            ) -> tuple[float, float | None]:
+    """Mean NLL per response token over `data`, and per answer-line token over `answers` (the same items with
+    labels on a subset of the response: `tokenize_examples(..., answer_line=True)`), from one forward pass;
+    the second is None without `answers` (or when no answer token is left)."""
+    if answers is not None and len(answers) != len(data):
+        raise ValueError(f"{len(answers)} answer items for {len(data)} items")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, answer_total, answer_count = 0.0, 0, 0.0, 0
     weight = unwrap_causal_lm(model).get_input_embeddings().weight
     device = None if weight.device.type == "meta" else weight.device  # offloaded: accelerate moves inputs
-    for batch in eval_batches(list(data), batch_size, pad_id):
+    for rows in eval_groups(data, batch_size):
+        batch = collate([data[i] for i in rows], pad_id)
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
-        nll, n = response_nll_sum(model, batch)
-        total += float(nll)
-        count += n
+        out = response_logits(model, batch)
+        losses = nn.functional.cross_entropy(out.logits, out.targets.to(out.logits.device), reduction="none")
+        total += float(losses.sum())
+        count += int(losses.numel())
+        if answers is not None:
+            mask, _ = response_positions(collate([answers[i] for i in rows], pad_id)["labels"])
+            chosen = mask[out.positions[:, 0].cpu(), out.positions[:, 1].cpu()].to(losses.device)
+            answer_total += float(losses[chosen].sum())
+            answer_count += int(chosen.sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), (answer_total / answer_count if answer_count else None)

@@ -97,6 +97,11 @@ def run_options() -> tuple[Option, ...]:
         Option("--eval-columns", to="eval_columns", metavar="MAP", group=DATA, shown="none: a known layout",
                help="column mapping of --eval-data"),
         Option("--eval-items", to="eval_items", type=int, group=DATA, help="held-out items scored"),
+        Option("--task-fidelity-data", to="task_fidelity_data", group=DATA, shown="none",
+               help="held-out task items (read like --party-data; a validation split, never test items) on which "
+                    "the owner also measures the gradient fidelity after pre-alignment and the last round"),
+        Option("--task-fidelity-batches", to="task_fidelity_batches", type=int, group=DATA,
+               help="batches (of the alignment batch size) of --task-fidelity-data"),
         Option("--max-length", to="max_length", type=int, group=DATA, help="tokens per example"),
         Option("--template", to="template", choices=tuple(TEMPLATES), group=DATA,
                help="prompt format: " + "; ".join(f"{name}: {what}" for name, what in TEMPLATES.items())),

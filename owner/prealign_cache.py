@@ -84,24 +84,28 @@ def prealign_key(teacher: nn.Module, manifest: Manifest, public: Sequence[Tokeni
 
 
 def cached_base_nll(cache_dir: Path, teacher: nn.Module, items: Sequence[TokenizedExample],
-                    compute: Callable[[], float]) -> float:
-    """The untouched model's held-out NLL, computed once per (weights, evaluation tokens) across the runs that
-    share the cache (the same number every time: a grid need not pay it per run)."""
+                    compute: Callable[[], dict[str, float | None]]) -> dict[str, float | None]:
+    """The untouched model's held-out scores (`compute()`: {"nll": ..., "answer_nll": ...}), computed once per
+    (weights, evaluation tokens) across the runs that share the cache (the same numbers every time: a grid need
+    not pay them per run). An entry without every score is computed again."""
     h = hashlib.sha256(b"base-nll")
     _model_hash(h, teacher)
     _tokens_hash(h, items)
     path = Path(cache_dir) / f"base-nll-{h.hexdigest()[:32]}.json"
     if path.is_file():
         try:
-            return float(json.loads(path.read_text())["nll"])
-        except (OSError, ValueError, KeyError) as exc:
+            saved = json.loads(path.read_text())
+            float(saved["nll"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cache entry {path} is unreadable ({exc}); remove it") from exc
+        if "answer_nll" in saved:
+            return saved
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # runs may share the cache
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({"nll": value}) + "\n")
+            fh.write(json.dumps(value) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from learning.lora import initial_lora, load_lora_state, lora_state, remap_layer
 from owner.alignment import EmulatorAligner
 from owner.compress import can_share, compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
-from owner.evaluate import mean_response_nll
+from owner.evaluate import response_and_answer_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
@@ -32,7 +32,7 @@ from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned,
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
-from tasks.prompts import TokenizedExample, pad_id_of, tokenize_examples
+from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, tokenize_examples
 
 
 @dataclass
@@ -43,6 +43,9 @@ class OwnerData:
     evaluation: list[Example]
     public_tokens: list[TokenizedExample] = field(default_factory=list)
     eval_tokens: list[TokenizedExample] = field(default_factory=list)
+    eval_answer_tokens: list[TokenizedExample] = field(default_factory=list)  # labels on the answer line only
+    task: list[Example] = field(default_factory=list)  # --task-fidelity-data (held-out task items), or none
+    task_tokens: list[TokenizedExample] = field(default_factory=list)
 
     @classmethod
     def load(cls, config: RunConfig) -> OwnerData:
@@ -50,11 +53,17 @@ class OwnerData:
                                columns=config.public_columns)
         evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items,
                                    columns=config.eval_columns)
-        return cls(public, evaluation)
+        task = [] if not config.task_fidelity_data else load_examples(
+            config.task_fidelity_data, config.party_data_kind, columns=config.party_columns)
+        return cls(public, evaluation, task=task)
 
     def tokenize(self, tokenizer, config: RunConfig) -> None:
         self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template)
         self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template)
+        self.eval_answer_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template,
+                                                    answer_line=True)
+        if self.task:
+            self.task_tokens = tokenize_examples(self.task, tokenizer, config.max_length, config.template)
 
 
 def data_label(spec: str) -> str:
@@ -134,6 +143,8 @@ class OwnerSession:
                                        ) if manifest.emulator_layers else None
         self.fidelity_groups = fidelity_batches(self.data.public_tokens, cfg.align.fidelity_batches,
                                                 cfg.align.batch_size, cfg.seed) if self.aligner else []
+        self.task_fidelity_groups = fidelity_batches(self.data.task_tokens, cfg.task_fidelity_batches,
+                                                     cfg.align.batch_size, cfg.seed) if self.aligner else []
         latest = latest_checkpoint_dir(self.out_dir) if resume else None
         if latest is not None:
             self._restore(load_checkpoint(latest))
@@ -158,7 +169,7 @@ class OwnerSession:
         found = load_prealigned(cache_dir, key)
         if found is None:
             info = self._align(cfg.align.pre_steps, -1)
-            saved = {k: v for k, v in info.items() if k != "fidelity"}
+            saved = {k: v for k, v in info.items() if k not in ("fidelity", "task_fidelity")}  # measured per run
             store_prealigned(cache_dir, key, PreAlignment(self.emulator_state, self.aligner.optimizer.state_dict(),
                                                           saved))
             return {**info, "cache": "stored", "cache_key": key}
@@ -225,12 +236,20 @@ class OwnerSession:
         return info
 
     def _add_fidelity(self, info: dict, stage: int) -> None:
-        """Measure the gradient fidelity (owner.fidelity) into `info` and metrics.jsonl, if switched on."""
+        """Measure the gradient fidelity (owner.fidelity) into `info` and metrics.jsonl, if switched on: on the
+        public batches after every alignment, on the held-out task batches after pre-alignment and the last round
+        (event `task_fidelity`)."""
         fidelity = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.public_tokens,
                                      self.fidelity_groups, self.pad_id)
         if fidelity is not None:
             info["fidelity"] = fidelity
             self.log.record("fidelity", stage=stage, **fidelity)
+        if stage in (-1, self.config.rounds - 1):
+            task = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.task_tokens,
+                                     self.task_fidelity_groups, self.pad_id)
+            if task is not None:
+                info["task_fidelity"] = task
+                self.log.record("task_fidelity", stage=stage, **task)
 
     def checkpoint(self) -> Path:
         optimizer = None if self.aligner is None else self.aligner.optimizer.state_dict()
@@ -248,19 +267,22 @@ class OwnerSession:
         return None
 
     # ----------------------------------------------------------------- results
-    def evaluate(self) -> dict[str, float]:
-        data, pad = self.data.eval_tokens, self.pad_id
+    def evaluate(self) -> dict[str, float | None]:
+        """Held-out NLL of the untouched model, AdapEmu and AdapFu: per response token (`nll_*`) and per token
+        of the response's last line (`answer_nll_*`; GSM8K: "The answer is N."), from the same forward pass."""
+        data, answers, pad = self.data.eval_tokens, self.data.eval_answer_tokens, self.pad_id
 
-        def base() -> float:
+        def score(model) -> dict[str, float | None]:
+            nll, answer_nll = response_and_answer_nll(model, data, answers, pad)
+            return {"nll": nll, "answer_nll": answer_nll}
+
+        def base() -> dict[str, float | None]:
             with self.teacher.disable_adapter():
-                return mean_response_nll(self.teacher, data, pad)
+                return score(self.teacher)
         cache = self.config.prealign_cache
-        nll_base = cached_base_nll(Path(cache).expanduser(), self.teacher, data, base) if cache else base()
-        return {
-            "nll_base": nll_base,
-            "nll_adapemu": mean_response_nll(self.student, data, pad),
-            "nll_adapfu": mean_response_nll(self.teacher, data, pad),
-        }
+        scores = {"base": cached_base_nll(Path(cache).expanduser(), self.teacher, data + answers, base)
+                  if cache else base(), "adapemu": score(self.student), "adapfu": score(self.teacher)}
+        return {f"{kind}_{model}": value[kind] for kind in ("nll", "answer_nll") for model, value in scores.items()}
 
     def card_facts(self, scores: dict[str, float], extra: dict) -> CardFacts:
         """What the adapters' model cards state; `extra` may carry `party_examples` and the parties' `dp`."""
@@ -304,6 +326,8 @@ class OwnerSession:
             "rounds": self.round,
             "parties": cfg.parties,
             "eval_items": len(self.data.eval_tokens),
+            "answer_items": sum(any(label != IGNORE_INDEX for label in item.labels[1:])
+                                for item in self.data.eval_answer_tokens),  # the rest lose their answer to max_length
             "base_model": self.base.identity,
             "method": cfg.method,
             "emulator_layers": len(m.emulator_layers),

@@ -103,11 +103,16 @@ def poisson_round_batches(data: Sequence[TokenizedExample], round_idx: int, step
 def eval_batches(data: Sequence[TokenizedExample], batch_size: int, pad_id: int
                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Every item exactly once, longest first (the peak memory shows up in the first batch)."""
+    for group in eval_groups(data, batch_size):
+        yield collate([data[i] for i in group], pad_id)
+
+
+def eval_groups(data: Sequence[TokenizedExample], batch_size: int) -> list[list[int]]:
+    """The item indices of `eval_batches`' batches, in order (to collate other labels of the same items)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(data)), key=lambda i: -len(data[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        yield collate([data[i] for i in order[start:start + batch_size]], pad_id)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def padding_fraction(batches: Iterable[dict[str, torch.Tensor]]) -> float:

@@ -98,11 +98,14 @@ def end_token_id(tokenizer, template: str = "auto") -> int | None:
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 256,
-                      template: str = "auto") -> list[TokenizedExample]:
+                      template: str = "auto", answer_line: bool = False) -> list[TokenizedExample]:
     """Tokenise examples for training: prompt ids (with what the template / tokenizer adds) + response ids
     (nothing added) + the end token, cut to `max_length` from the right.
 
     Examples left with no labelled token are dropped with a warning; none left at all is a DataError.
+    `answer_line=True` keeps the labels of the response's last line only (GSM8K: "The answer is N."; the end
+    token is not part of it), for an NLL of the answer alone; items are dropped by the whole response's rule, so
+    the list matches the plain one item for item (an answer line cut off by `max_length` leaves no label).
     """
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
@@ -112,17 +115,22 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
     prompts = format_prompts([e.prompt for e in examples], tokenizer, mode)
     # Chat templates write their own BOS into the text; the plain template relies on the tokenizer's.
     prompt_ids = tokenizer(prompts, add_special_tokens=(mode == "plain"))["input_ids"]
-    response_ids = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
+    responses = [e.response for e in examples]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    starts = last_line_starts(responses, tokenizer) if answer_line else [0] * len(responses)
     end = end_token_id(tokenizer, mode)
     tail = [end] if end is not None else []
     out: list[TokenizedExample] = []
-    for p, r in zip(prompt_ids, response_ids, strict=True):
+    for p, r, start in zip(prompt_ids, response_ids, starts, strict=True):
         target = list(r) + tail
         ids = (list(p) + target)[:max_length]
         labels = ([IGNORE_INDEX] * len(p) + target)[:max_length]
         # Position 0 predicts nothing (the loss compares token t with the logits at t-1).
         if all(label == IGNORE_INDEX for label in labels[1:]):
             continue
+        if answer_line:
+            first, stop = len(p) + start, len(p) + len(r)
+            labels = [label if first <= i < stop else IGNORE_INDEX for i, label in enumerate(labels)]
         out.append(TokenizedExample(ids, labels))
     dropped = len(examples) - len(out)
     if not out:
@@ -132,6 +140,19 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
         log.warning("dropped %d of %d examples whose prompt leaves no response token within max_length=%d",
                     dropped, len(examples), max_length)
     return out
+
+
+def last_line_starts(responses: Sequence[str], tokenizer) -> list[int]:
+    """Per response, the index of its first token of the last line (text after the last newline, trailing
+    whitespace aside): by character offsets with a fast tokenizer (a token that straddles the newline counts as
+    the answer's), else by the token count of the text before it."""
+    cuts = [r.rstrip().rfind("\n") + 1 for r in responses]
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return [next((k for k, (_, stop) in enumerate(spans) if stop > cut), len(spans)) if cut else 0
+                for cut, spans in zip(cuts, offsets, strict=True)]
+    return [len(tokenizer(r[:cut], add_special_tokens=False)["input_ids"]) if cut else 0
+            for r, cut in zip(responses, cuts, strict=True)]
 
 
 def pad_id_of(tokenizer) -> int:

@@ -10,10 +10,13 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.accuracy import (
+    NO_REALIGN_LABEL,
     ORACLE_LABEL,
     TASKS,
     aggregate,
+    extended_lrs,
     groups_of,
+    lr_edge,
     main,
     parse_args,
     plan,
@@ -49,7 +52,7 @@ def bench_args(model_dir, data, out, *extra):
             "--val-items", "4", *extra]
 
 LR, KL, EPS = f"{TrainSettings().lr:g}", f"{AlignSettings().kl_weight:g}", f"{TrainSettings().prox_eps:g}"
-FEDOT, FEDBIOT = f"fedot-s2-b0.5-eps0-lr{LR}-seed0", f"fedbiot-s2-b0.5-kl{KL}-eps{EPS}-lr{LR}-seed0"
+FEDOT, FEDBIOT = f"fedot-s2-b0.5-kl{KL}-eps0-lr{LR}-seed0", f"fedbiot-s2-b0.5-ra1-kl{KL}-eps{EPS}-lr{LR}-seed0"
 
 
 def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, data_files, tmp_path, capsys):
@@ -71,8 +74,16 @@ def test_benchmark_writes_table_json_and_plot_and_reuses_runs(tiny_llama_dir, da
         assert summary["parties"] == 2 and summary["rounds"] == 1
     assert result["budget"]["rounds"] == 1 and result["budget"]["eval_items"] == 4
     table = (out / "accuracy.md").read_text()
-    assert "| method | adapter | beta | lambda | eps | lr (chosen) | variant | NLL" in table and "FedOT" in table
-    assert "gradient cosine (pre-aligned -> last round)" in table
+    assert "| method | adapter | beta | re-align steps | lambda | eps | lr (chosen) | variant | NLL" in table
+    assert "FedOT" in table and "| answer-line NLL |" in table and "gradient cosine, task" in table
+    # the answer-line NLL beside the response NLL in every row, the task fidelity in every run with an emulator
+    assert all(r["answer_nll"] > 0 and r["answer_nll"] != r["nll"] for r in result["rows"])
+    assert all(-1 <= r["fidelity_task_pre"] <= 1 and -1 <= r["fidelity_task_last"] <= 1 for r in result["rows"][1:])
+    assert [(r["method"], r["align_steps"]) for r in result["rows"][1::2]] == [("fedot", 0), ("fedbiot", 1)]
+    # one record per run (and the untouched model), what a later --resume-from reads
+    assert sorted(r["name"] for r in result["runs"]) == sorted([FEDBIOT, FEDOT, "untouched"])
+    (test,) = [t for t in result["tests"] if t["metric"] == "nll"]
+    assert (test["a"], test["b"], test["n"], test["p_t"]) == ("FedBiOT", "FedOT", 1, None)
     assert "Budget:" in table and "without the proximal term" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = (out / "runs" / FEDBIOT / "summary.json").stat().st_mtime_ns
@@ -113,8 +124,9 @@ def test_grid_expansion_baselines_without_prox_and_the_oracle_row():
     runs = [e for e in plan(args) if e.method != "untouched"]
     assert all(e.lr is None and e.seed is None for e in runs)  # settings are chosen later, per group
     by_method = {m: [e for e in runs if e.method == m] for m in ("offsite", "fedot", "fedbiot", "fedavg-full")}
-    # FedBiOT at beta 0.5: 2 lambdas x 2 eps; the oracle: 2 eps, one lambda; the baselines: beta 0.5 only
-    assert len(by_method["fedavg-full"]) == 1 and len(by_method["offsite"]) == len(by_method["fedot"]) == 1
+    # FedBiOT at beta 0.5: 2 lambdas x 2 eps; the oracle: 2 eps, one lambda; the baselines: beta 0.5 x 2 lambdas
+    assert len(by_method["fedavg-full"]) == 1 and len(by_method["offsite"]) == len(by_method["fedot"]) == 2
+    assert {e.kl_weight for e in by_method["fedot"]} == {0.0, 1.0}
     dropped = [e for e in by_method["fedbiot"] if e.drop_rate == 0.5]
     oracle = [e for e in by_method["fedbiot"] if e.drop_rate == 0.0]
     assert len(dropped) == 4 and len(oracle) == 2
@@ -140,16 +152,17 @@ def test_groups_and_sizes_that_follow_a_tuned_size():
     args = grid_args("--adapter-sizes", "4", "2", "--tune-sizes", "4")
     groups, follows = groups_of(plan(args), args)
     assert set(groups) == {"offsite-s2-b0.5", "fedot-s2-b0.5", "fedbiot-s4-b0",
-                           "fedbiot-s2-b0", "fedbiot-s4-b0.5", "fedbiot-s2-b0.5", "fedavg-full"}
-    assert follows == {"fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.5": "fedbiot-s4-b0.5"}
-    assert len(groups["fedbiot-s4-b0.5"]) == 4 and len(groups["fedbiot-s4-b0"]) == 2
+                           "fedbiot-s2-b0", "fedbiot-s4-b0.5-ra4", "fedbiot-s2-b0.5-ra4", "fedavg-full"}
+    assert follows == {"fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.5-ra4": "fedbiot-s4-b0.5-ra4"}
+    assert len(groups["fedbiot-s4-b0.5-ra4"]) == 4 and len(groups["fedbiot-s4-b0"]) == 2
     # tuned at one drop rate, the other takes that setting per method; the oracle is tuned on its own
     args = grid_args("--drop-rates", "0", "0.2", "0.5", "--adapter-sizes", "4", "2", "--tune-sizes", "4",
-                     "--tune-drop-rates", "0.2")
+                     "--tune-drop-rates", "0.2", "--align-steps", "4", "0")
     _, follows = groups_of(plan(args), args)
     assert follows == {"offsite-s2-b0.5": "offsite-s2-b0.2", "fedot-s2-b0.5": "fedot-s2-b0.2",
-                       "fedbiot-s2-b0": "fedbiot-s4-b0", "fedbiot-s2-b0.2": "fedbiot-s4-b0.2",
-                       "fedbiot-s4-b0.5": "fedbiot-s4-b0.2", "fedbiot-s2-b0.5": "fedbiot-s4-b0.2"}
+                       "fedbiot-s2-b0": "fedbiot-s4-b0",
+                       **{f"fedbiot-s2-b0.2-ra{n}": f"fedbiot-s4-b0.2-ra{n}" for n in (4, 0)},
+                       **{f"fedbiot-s{s}-b0.5-ra{n}": f"fedbiot-s4-b0.2-ra{n}" for s in (4, 2) for n in (4, 0)}}
     with pytest.raises(SystemExit):
         grid_args("--tune-drop-rates", "0.3")
 
@@ -158,7 +171,7 @@ def test_groups_and_sizes_that_follow_a_tuned_size():
 def test_tuning_searches_on_the_first_seed(search):
     args = grid_args("--lrs", "1e-3", "2e-3", "4e-3", "--seeds", "3", "4", "--search", search)
     groups, _ = groups_of(plan(args), args)
-    members = groups["fedbiot-s2-b0.5"]  # (lambda, eps) in (0, 0), (0, 0.01), (1, 0), (1, 0.01)
+    members = groups["fedbiot-s2-b0.5-ra4"]  # (lambda, eps) in (0, 0), (0, 0.01), (1, 0), (1, 0.01)
     # a validation NLL that prefers lr 2e-3, and lambda 1 / eps 0 at any lr
     best = {(1.0, 0.0): -0.5}
     scored = []
@@ -166,12 +179,13 @@ def test_tuning_searches_on_the_first_seed(search):
     def score(e):
         scored.append(e)
         return abs(e.lr - 2e-3) * 100 + best.get((e.kl_weight, e.prox_eps), 0.0)
-    chosen = tune(members, args, score)
+    chosen, count = tune(members, args, score)
     assert (chosen.kl_weight, chosen.prox_eps, chosen.lr, chosen.seed) == (1.0, 0.0, 2e-3, 3)
     assert {e.seed for e in scored} == {3}  # the other seeds only ever run the choice
-    assert len({e.name for e in scored}) == (3 + 1 + 1 if search == "coordinate" else 12)
+    assert len({e.name for e in scored}) == count == (3 + 1 + 1 if search == "coordinate" else 12)
     # one configuration and one lr: nothing to choose, nothing validated
-    assert tune(members[:1], grid_args("--lrs", "1e-3"), lambda e: pytest.fail("scored")).lr == 1e-3
+    assert tune(members[:1], grid_args("--lrs", "1e-3"), lambda e: pytest.fail("scored")) == (
+        replace(members[0], lr=1e-3, seed=0), 1)
 
 
 def test_bad_grids_are_one_clear_error():
@@ -202,7 +216,8 @@ def test_mean_spread_and_wilson():
 
 def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, data_files, tmp_path):
     out = tmp_path / "grid"
-    args = bench_args(tiny_llama_dir, data_files, out, "--lrs", "1e-4", "5e-2", "--seeds", "0", "1")
+    args = bench_args(tiny_llama_dir, data_files, out, "--lrs", "1e-4", "5e-2", "--seeds", "0", "1",
+                      "--extend-lrs", "1")
     args[args.index("--methods") + 1:args.index("--drop-rates")] = ["untouched", "fedbiot"]
     assert main(args) == 0
     result = json.loads((out / "accuracy.json").read_text())
@@ -213,7 +228,9 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     (selection,) = result["selection"]
     chosen = selection["lr"]
     tried = {t["lr"]: t["val_nll"] for t in result["tuning"]}
-    assert sorted(tried) == [1e-4, 5e-2] and tried[chosen] == min(tried.values())
+    # of two lrs one is at an edge: the grid grew by one beyond it (x500 either way), and the choice is made again
+    assert len(tried) == 3 and {1e-4, 5e-2} < set(tried) and tried[chosen] == min(tried.values())
+    assert selection["lrs"] == sorted(tried) and selection["candidates"] == 3
     assert {t["seed"] for t in result["tuning"]} == {0}  # tuned on the first seed only
     assert all(-1 <= t["fidelity_pre"] <= 1 for t in result["tuning"])
     fedbiot_rows = [r for r in result["rows"] if r["method"] == "fedbiot"]
@@ -221,14 +238,14 @@ def test_lr_is_chosen_on_validation_items_and_seeds_are_pooled(tiny_llama_dir, d
     assert {r["seed"]: r["val_nll"] is not None for r in fedbiot_rows} == {0: True, 1: False}
     cell = next(c for c in result["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
     assert cell["n"] == 2 and cell["nll_std"] >= 0 and cell["seeds"] == [0, 1]
-    assert len(list((out / "evals").glob("*-val-nll.json"))) == 2  # 2 lrs on seed 0, cached
+    assert len(list((out / "evals").glob("*-val-nll.json"))) == 3  # 3 lrs on seed 0, cached
     cache = list((out / "prealigned").iterdir())
-    assert len([p for p in cache if p.is_dir()]) == 2  # one pre-alignment per seed, shared by both lrs
+    assert len([p for p in cache if p.is_dir()]) == 2  # one pre-alignment per seed, shared by every lr
     assert len([p for p in cache if p.name.startswith("base-nll-")]) == 1  # the untouched model scored once
-    assert len(list((out / "runs").iterdir())) == 3  # seed 1 runs the chosen lr only
+    assert len(list((out / "runs").iterdir())) == 4  # seed 1 runs the chosen lr only
     # --finished-only reports what exists and trains nothing: a seed never run is left out
     assert main([*args, "--seeds", "0", "1", "2", "--finished-only"]) == 0
-    assert len(list((out / "runs").iterdir())) == 3
+    assert len(list((out / "runs").iterdir())) == 4
     again = json.loads((out / "accuracy.json").read_text())
     cell = next(c for c in again["cells"] if c["method"] == "fedbiot" and c["variant"] == "adapfu")
     assert cell["seeds"] == [0, 1] and again["selection"] == result["selection"]
@@ -246,3 +263,109 @@ def test_gsm8k_prompts_in_the_training_template(tiny_chat_dir):
     assert result["n_shots"] == 0 and result["prompt"] == "training template (chat)" and result["n"] == 1
     raw = evaluate_gsm8k(model, tok, data, n_shots=1, batch_size=1, max_new_tokens=3, progress=False)
     assert raw["prompt"] == "1-shot text"
+
+
+def test_every_method_with_an_emulator_gets_the_same_number_of_candidates():
+    args = parse_args(["--out", "x", "--methods", "offsite", "fedot", "fedbiot", "--drop-rates", "0", "0.2",
+                       "--adapter-sizes", "4", "--kl-weights", "0", "1", "--lrs", "2e-3", "1e-3", "4e-3",
+                       "--align-steps", "4", "0"])
+    assert args.lrs == [1e-3, 2e-3, 4e-3]
+    groups, _ = groups_of(plan(args), args)
+    counts = {}
+    for name, members in groups.items():
+        scored = set()
+
+        def score(e, scored=scored):
+            scored.add(e.name)
+            return abs(e.lr - 2e-3) + e.kl_weight
+        _, counts[name] = tune(members, args, score)
+        assert counts[name] == len(scored)
+    # every lr at the first lambda, then the other lambda at the best lr; the oracle has no lambda to tune
+    assert counts == {"offsite-s2-b0.2": 4, "fedot-s2-b0.2": 4, "fedbiot-s4-b0.2-ra4": 4, "fedbiot-s4-b0.2-ra0": 4,
+                      "fedbiot-s4-b0": 3}
+
+
+def test_fedbiot_without_re_alignment_is_its_own_row_with_no_per_round_steps():
+    args = grid_args("--drop-rates", "0", "0.2", "--align-steps", "4", "0", "--align-pre-steps", "32")
+    spec, data = TASKS["gsm8k"], argparse.Namespace(train="t", test="x", public="p", val="v")
+    fedbiot = {e.align_steps: replace(e, lr=1e-3, seed=0) for e in plan(args)
+               if e.method == "fedbiot" and e.drop_rate == 0.2 and (e.kl_weight, e.prox_eps) == (1.0, 0.01)}
+    assert fedbiot[0].label == NO_REALIGN_LABEL and fedbiot[4].label == "FedBiOT"
+    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0)
+    configs = {steps: run_config(e, args, spec, data) for steps, e in fedbiot.items()}
+    assert configs[0].realigns_each_round and configs[0].align.round_steps == 0 and configs[4].align.round_steps == 4
+    assert configs[0].align.pre_steps == configs[4].align.pre_steps == 32
+    # nothing else differs: the same pre-alignment, data, seed and budget
+    a, b = configs[0].to_dict(), configs[4].to_dict()
+    a["align"].pop("round_steps"), b["align"].pop("round_steps")
+    assert a == b
+    # the baselines and the oracle never re-align, whatever --align-steps says
+    for e in plan(args):
+        if e.method != "untouched" and not (e.method == "fedbiot" and e.drop_rate):
+            config = run_config(replace(e, lr=1e-3, seed=0), args, spec, data)
+            assert e.realign_steps == 0 and config.align.round_steps == 0
+
+
+def test_the_lr_grid_grows_beyond_the_edge_a_group_chose():
+    assert lr_edge(2e-3, [1e-3, 2e-3]) == "top" and lr_edge(1e-3, [1e-3, 2e-3, 4e-3]) == "bottom"
+    assert lr_edge(2e-3, [1e-3, 2e-3, 4e-3]) is None and lr_edge(1e-3, [1e-3]) is None
+    assert extended_lrs([1e-3, 2e-3, 4e-3], ["top", None]) == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert extended_lrs([1e-3, 2e-3], [None, "bottom", "top"]) == [5e-4, 1e-3, 2e-3, 4e-3]
+
+
+def test_a_seed_gives_every_method_the_same_items_in_the_same_order(data_files):
+    from owner.config import RunConfig
+    from owner.simulate import party_splits
+
+    def splits(method, seed):
+        return party_splits(RunConfig(method=method, parties=3, seed=seed, party_data=str(data_files / "train.jsonl")))
+    for seed in (0, 1):
+        fedot, fedbiot, offsite = (splits(m, seed) for m in ("fedot", "fedbiot", "offsite"))
+        assert fedot == fedbiot and len(fedot) == 3  # the same parties, hence the same batches (seeded per party)
+        assert offsite == [[e for part in fedot for e in part]]  # one party: the same items in the same order
+    assert splits("fedot", 0) != splits("fedot", 1)
+
+
+def test_resume_from_a_report_skips_its_finished_runs(tiny_llama_dir, data_files, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    same = ("--align-steps", "1", "0", "--seeds", "0", "1", "--rounds", "2")
+    assert main(bench_args(tiny_llama_dir, data_files, first, *same)) == 0
+    result = json.loads((first / "accuracy.json").read_text())
+    # the ablation: FedBiOT without re-alignment aligns before round 1 only
+    for steps in (1, 0):
+        (name,) = [r["run"] for r in result["rows"] if r["method"] == "fedbiot" and r["align_steps"] == steps][:1]
+        events = [json.loads(line) for line in (first / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        per_round = [e for e in events if e["event"] == "align_step" and e["stage"] >= 0]
+        rounds = [e["alignment"]["steps"] for e in events if e["event"] == "round"]
+        assert bool(per_round) == bool(steps) and rounds == [steps, steps]
+        assert next(e for e in events if e["event"] == "pre_alignment")["steps"] == 1
+    # the paired tests: per-seed differences of the rows, FedBiOT against each other method
+    fu = {(r["method"], r["align_steps"], r["seed"]): r for r in result["rows"] if r["variant"] == "adapfu"}
+    tests = {(t["b"], t["metric"]): t for t in result["tests"]}
+    assert set(tests) == {(b, m) for b in ("FedOT", NO_REALIGN_LABEL) for m in ("nll", "answer_nll")}
+    for (other, steps), label in ((("fedot", 0), "FedOT"), (("fedbiot", 0), NO_REALIGN_LABEL)):
+        diffs = [fu["fedbiot", 1, seed]["nll"] - fu[other, steps, seed]["nll"] for seed in (0, 1)]
+        t = tests[label, "nll"]
+        assert t["n"] == 2 and t["seeds"] == [0, 1] and t["mean_difference"] == pytest.approx(sum(diffs) / 2)
+        assert 0 < t["p_t"] <= 1 and t["p_wilcoxon"] == pytest.approx(1.0 if diffs[0] * diffs[1] < 0 else 0.5)
+    assert len(result["runs"]) == 7  # 3 methods x 2 seeds, and the untouched model
+    assert "Paired tests over seeds" in (first / "accuracy.md").read_text()
+    capsys.readouterr()
+
+    # a fresh directory resuming from the report trains nothing and loads no model: the same rows and tests
+    report = tmp_path / "report" / "grid"
+    assert main([*bench_args(tiny_llama_dir, data_files, second, *same),
+                 "--resume-from", str(first / "accuracy.json"), "--report", str(report)]) == 0
+    err = capsys.readouterr().err
+    assert "training" not in err and "untouched model: NLL" not in err
+    assert not (second / "runs").exists() and (report.with_suffix(".md")).is_file()
+    again = json.loads(report.with_suffix(".json").read_text())
+    assert again["rows"] == result["rows"] and again["tests"] == result["tests"] and again["runs"] == result["runs"]
+    # other settings are other runs: not taken from the report; and with no candidate finished there is no choice,
+    # so no edge of the lr grid to grow past
+    assert main([*bench_args(tiny_llama_dir, data_files, second, *same, "--local-steps", "2"), "--finished-only",
+                 "--resume-from", str(first / "accuracy.json"), "--lrs", "1e-3", "2e-3", "--extend-lrs", "1"]) == 0
+    assert capsys.readouterr().err.count("not finished, left out") == 3 * 2 + 3  # 2 lrs at seed 0, seed 1: each once
+    partial = json.loads((second / "accuracy.json").read_text())
+    assert all(s["lrs"] == [1e-3, 2e-3] and s["lr_edge"] is None for s in partial["selection"])
+    assert {s["finished"] for s in partial["selection"]} == {0} and partial["rows"][0]["method"] == "untouched"

@@ -54,6 +54,27 @@ def test_dropped_emulator_is_measured_below_one_and_changes_nothing(tiny_llama_d
     assert plot_run(on, tmp_path / "m.png").stat().st_size > 0
 
 
+def test_task_fidelity_after_pre_alignment_and_the_last_round_changes_nothing(tiny_llama_dir, data_files,  # noqa: F811
+                                                                               tmp_path):
+    """--task-fidelity-data: the same measurement on held-out task batches, at the two stages a report reads."""
+    task, plain = tmp_path / "task", tmp_path / "plain"
+    quick = ("--drop-rate", "0.5", "--rounds", "3", "--align-pre-steps", "1")
+    assert main(args_for(tiny_llama_dir, data_files, task, *quick, "--task-fidelity-data",
+                         str(data_files / "eval.jsonl"), "--task-fidelity-batches", "1")) == 0
+    assert main(args_for(tiny_llama_dir, data_files, plain, *quick)) == 0
+    rows = [json.loads(line) for line in (task / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if r["event"] == "task_fidelity"]
+    assert [r["stage"] for r in measured] == [-1, 2] and all(r["batches"] == 1 for r in measured)
+    assert all(-1 <= r["cosine"] <= 1 and r["norm_ratio"] > 0 for r in measured)
+    public = {r["stage"]: r["cosine"] for r in rows if r["event"] == "fidelity"}
+    assert measured[0]["cosine"] != public[-1]  # other batches than the public ones
+    assert not [r for r in (json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())
+                if r["event"] == "task_fidelity"]
+    for rel in ("adapfu/adapter_model.safetensors", "adapemu/adapter_model.safetensors"):
+        a, b = load_file(str(task / rel)), load_file(str(plain / rel))
+        assert all(torch.equal(a[k], b[k]) for k in a), rel
+
+
 def test_progress_line_shows_fidelity():
     record = {"participants": ["a"], "train_loss": 1.0, "mb_down": 1.0, "mb_up": 1.0, "seconds": 1.0,
               "fidelity": {"cosine": 0.5, "norm_ratio": 2.25, "batches": 2}}

@@ -57,10 +57,16 @@ def test_second_run_skips_pre_alignment_and_is_bit_identical(tiny_llama_dir, dat
     (base,) = cache.glob("base-nll-*.json")
     summaries = [json.loads((out / "summary.json").read_text()) for out in (plain, first, second, third)]
     assert {s["nll_base"] for s in summaries} == {json.loads(base.read_text())["nll"]}
-    base.write_text(json.dumps({"nll": 123.0}))  # read back, not recomputed
+    assert {s["answer_nll_base"] for s in summaries} == {json.loads(base.read_text())["answer_nll"]}
+    base.write_text(json.dumps({"nll": 123.0, "answer_nll": 45.0}))  # read back, not recomputed
     fourth = tmp_path / "fourth"
     assert main(args_for(tiny_llama_dir, data_files, fourth, *flags, "--prealign-cache", str(cache))) == 0
-    assert json.loads((fourth / "summary.json").read_text())["nll_base"] == 123.0
+    summary = json.loads((fourth / "summary.json").read_text())
+    assert (summary["nll_base"], summary["answer_nll_base"]) == (123.0, 45.0)
+    base.write_text(json.dumps({"nll": 123.0}))  # an entry from before the answer-line NLL: computed again
+    fifth = tmp_path / "fifth"
+    assert main(args_for(tiny_llama_dir, data_files, fifth, *flags, "--prealign-cache", str(cache))) == 0
+    assert json.loads((fifth / "summary.json").read_text())["nll_base"] == summaries[0]["nll_base"]
 
 
 def test_a_damaged_entry_is_one_clear_error(tmp_path):

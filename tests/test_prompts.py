@@ -152,3 +152,40 @@ def test_packaged_sample_tokenises_within_length():
     assert 0 < len(items) <= len(examples)
     assert all(len(it.input_ids) <= 256 for it in items)
     assert all(any(label != IGNORE_INDEX for label in it.labels[1:]) for it in items)
+
+
+def labelled_text(tok, item):
+    return tok.decode([label for label in item.labels if label != IGNORE_INDEX])
+
+
+def test_answer_line_labels_only_the_last_line_and_match_the_plain_items():
+    tok = byte_tokenizer()
+    examples = [*EXAMPLES, Example("Sum?", "1 + 1 = 2.\n\nThe answer is 2.\n")]  # blank line, trailing newline
+    full = tokenize_examples(examples, tok, max_length=512, template="plain")
+    answer = tokenize_examples(examples, tok, max_length=512, template="plain", answer_line=True)
+    assert [a.input_ids for a in answer] == [f.input_ids for f in full]  # the same items, in the same order
+    assert [labelled_text(tok, a) for a in answer] == ["The answer is 4.", "Blue", "Cat — a small feline.",
+                                                       "The answer is 2.\n"]
+    for a, f in zip(answer, full, strict=True):  # a subset of the response's labels, never the end token
+        kept = [i for i, label in enumerate(a.labels) if label != IGNORE_INDEX]
+        assert all(f.labels[i] == a.labels[i] for i in kept) and f.input_ids[kept[-1] + 1] == tok.eos_token_id
+    # cut off by max_length: the item stays (aligned with the plain list) with no answer label
+    room = len(tok(format_prompt(EXAMPLES[0].prompt, tok, "plain"))["input_ids"]) + 4  # the worked line's start only
+    short = tokenize_examples(EXAMPLES[:1], tok, max_length=room, template="plain", answer_line=True)
+    assert len(short) == 1 and all(label == IGNORE_INDEX for label in short[0].labels)
+
+
+def test_answer_line_with_a_token_across_the_newline():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    text = PLAIN_TEMPLATE.format(prompt="4") + "4.\nThe answer is 4."
+    vocab = {ch: i for i, ch in enumerate(sorted(set(text) | {"<pad>", "</s>"}))}
+    vocab[".\n"], vocab[".\nT"] = len(vocab), len(vocab) + 1  # a token across the end of the worked line
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[(".", "\n"),
+                                                                                              (".\n", "T")])),
+                                  pad_token="<pad>", eos_token="</s>")
+    assert ".\nT" in tok.convert_ids_to_tokens(tok("4.\nThe")["input_ids"])
+    (item,) = tokenize_examples([Example("4", "4.\nThe answer is 4.")], tok, max_length=64, template="plain",
+                                answer_line=True)
+    assert labelled_text(tok, item).replace(" ", "") == ".\nTheansweris4."  # the straddling token counts

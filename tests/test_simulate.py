@@ -51,8 +51,10 @@ def test_simulation_writes_every_output(tiny_llama_dir, data_files, tmp_path):
                 "adapfu/adapter_config.json", "adapfu/adapter_model.safetensors", "config.json"]:
         assert (out / rel).is_file(), rel
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("nll_base", "nll_adapemu", "nll_adapfu"):
+    for key in ("nll_base", "nll_adapemu", "nll_adapfu", "answer_nll_base", "answer_nll_adapemu", "answer_nll_adapfu"):
         assert summary[key] > 0
+    assert summary["answer_nll_adapfu"] != summary["nll_adapfu"]  # the answer line alone
+    assert summary["answer_items"] == summary["eval_items"] == 6
     assert summary["rounds"] == 2
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("round") == 2 and "party_step" in events and "align_step" in events
