@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.reps < 1:
             p.error("--reps must be at least 1")
         args.plan = Plan(**{**asdict(args.plan), "reps": args.reps})
-    args.parties = args.parties or ([2, 3] if args.quick else [3, 10, 30, 100])
+    args.parties = args.parties or ([3, 4] if args.quick else [3, 10, 30, 100])  # secure rounds need 3
     if any(n < 2 for n in args.parties) or args.threads < 1:
         p.error("--parties must be >= 2 each and --threads >= 1")
     return args

@@ -166,10 +166,13 @@ class HostileOwner:
 
     def secure_round(self, r: int, run_id: str, parts: dict[str, tuple[dict, dict]], *,
                      config: SecAggConfig | None = None, sybils: Iterable[SecAggParty] = (),
-                     drop_inputs_of: Iterable[str] = (), stage_timeout: float = 240.0) -> dict:
+                     drop_inputs_of: Iterable[str] = (), refused_at: Stage | None = None,
+                     refusal_s: float = 25.0, stage_timeout: float = 240.0) -> dict:
         """Start round r for the parties in `parts` (name -> (adapter, emulator) sent to it), with in-process
         `sybils` of the owner's own taking the next ids, and relay every stage through a `CredulousServer`.
-        `drop_inputs_of`: real parties declared dropped although their masked input came. Returns what happened:
+        `drop_inputs_of`: real parties declared dropped although their masked input came. `refused_at`: the
+        stage the parties are expected to refuse, waited for `refusal_s` only (every other stage up to
+        `stage_timeout`, so a loaded machine cannot fake a refusal). Returns what happened:
         {"stages": the stages every real party completed, "received": [(stage, [party ids that sent it])],
         "result": the unmasked sum or None, "error": why the owner got no further}."""
         names, sybils = sorted(parts), list(sybils)
@@ -200,7 +203,7 @@ class HostileOwner:
                         answer = server.step(stage.server_receive, sent)
                         if stage.answer is not None:
                             stage.party_takes_answer(sybil, answer)
-                got = self.collect(r, stage, expected, ids, stage_timeout)
+                got = self.collect(r, stage, expected, ids, refusal_s if stage.name is refused_at else stage_timeout)
                 outcome["received"].append((stage.name, sorted(got)))
                 for u in sorted(got):
                     if stage.name is Stage.MASKED_INPUT and u in dropped:

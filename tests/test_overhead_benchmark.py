@@ -118,7 +118,7 @@ def test_quick_run_writes_report_json_and_plots(tmp_path, tiny_llama_dir):
     paired = result["models"][0]["paired"]
     assert paired["ratio"] == pytest.approx(paired[fedbiot["key"]]["tokens_per_s"]
                                             / paired[overhead.FULL]["tokens_per_s"])
-    assert [row["parties"] for row in result["scaling"]] == [2, 3]
+    assert [row["parties"] for row in result["scaling"]] == [3, 4]
     assert all(row["summary"]["ring_bits"] == 32 for row in result["scaling"])
     assert {t["target"].split()[0] for t in result["targets"]} >= {"secure", "uplink"}
     assert "## Targets" in text and "| FedAvg-LoRA, full model |" in text

@@ -51,8 +51,8 @@ PARTIES = ("party-a", "party-b", "party-c")
 COLLUDER = "party-m"
 LORA = LoraSettings(r=4, alpha=8)
 TRAIN = TrainSettings(local_steps=2, batch_size=2, lr=1e-2)
-REFUSAL_S = 25.0  # how long the owner waits for a stage the parties are expected to refuse, after training
-REFUSED_AT_ONCE_S = 12.0  # the same for a round refused on arrival (before training)
+# A round refused on arrival: the owner waits this long for the keys that never come.
+AT_ONCE = {"refused_at": Stage.ADVERTISE, "refusal_s": 12.0}
 ENV = dict(os.environ) | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -132,34 +132,34 @@ def attacked(tmp_path_factory) -> dict:
         out["honest_messages"] = secure_messages(owner_node.inbox[start:])
 
         owner_node.welcome(PARTIES, run1, lambda name: settings(run1))  # "restarted": round 1 again
-        out["redraw"] = owner_node.secure_round(0, run1, everyone, stage_timeout=REFUSED_AT_ONCE_S)
-        out["same_state"] = owner_node.secure_round(1, run1, everyone, stage_timeout=REFUSED_AT_ONCE_S)
+        out["redraw"] = owner_node.secure_round(0, run1, everyone, **AT_ONCE)
+        out["same_state"] = owner_node.secure_round(1, run1, everyone, **AT_ONCE)
 
         run2 = run_id(2)
         owner_node.welcome(PARTIES, run2, lambda name: settings(run2))
-        out["new_run"] = owner_node.secure_round(0, run2, everyone, stage_timeout=REFUSED_AT_ONCE_S)
+        out["new_run"] = owner_node.secure_round(0, run2, everyone, **AT_ONCE)
         out["new_run_moved"] = owner_node.secure_round(1, run2, {n: shifted(state0, 1e-6) for n in PARTIES})
 
         run3 = run_id(3)
         owner_node.welcome(PARTIES, run3, lambda name: settings(run3, TRAIN.lr if name == "party-a" else 5e-324))
         out["settings_lie"] = owner_node.secure_round(0, run3, {n: shifted(state0, 2e-6) for n in PARTIES},
-                                                      stage_timeout=REFUSAL_S)
+                                                      refused_at=Stage.CONSISTENCY)
         run4 = run_id(4)
         owner_node.welcome(PARTIES, run4, lambda name: settings(run4))
         target = shifted(state0, 3e-6)
         out["state_lie"] = owner_node.secure_round(
             0, run4, {"party-a": target, "party-b": zeroed(target), "party-c": zeroed(target)},
-            stage_timeout=REFUSAL_S)
+            refused_at=Stage.CONSISTENCY)
 
         run5 = run_id(5)
         owner_node.welcome(["party-a"], run5, lambda name: settings(run5))
         strangers = [sybil(f"sybil-{i}", Ed25519PrivateKey.generate(), i, 3, 0, run5) for i in (1, 2)]
         out["strangers"] = owner_node.secure_round(0, run5, {"party-a": shifted(state0, 4e-6)}, sybils=strangers,
-                                                   stage_timeout=REFUSAL_S)
+                                                   refused_at=Stage.SHARE_KEYS)
         forged = [sybil("party-b", Ed25519PrivateKey.generate(), 1, 3, 1, run5),
                   sybil("party-c", Ed25519PrivateKey.generate(), 2, 3, 1, run5)]
         out["forged"] = owner_node.secure_round(1, run5, {"party-a": shifted(state0, 5e-6)}, sybils=forged,
-                                                stage_timeout=REFUSAL_S)
+                                                refused_at=Stage.SHARE_KEYS)
 
         run6 = run_id(6)
         pair = ["party-a", "party-b"]
@@ -168,12 +168,12 @@ def attacked(tmp_path_factory) -> dict:
         m_weak = SecAggParty(weak, 2, 3, 0, run6, identity=colluder, policy=PartyPolicy(min_collusion=0))
         out["collusion_0"] = owner_node.secure_round(
             0, run6, {n: shifted(state0, 6e-6) for n in pair}, config=weak, sybils=[m_weak],
-            stage_timeout=REFUSED_AT_ONCE_S)
+            **AT_ONCE)
         moved = shifted(state0, 7e-6)  # the colluder plays along: its view is the honest parties'
         m = SecAggParty(secagg_config([8] * 3, 0), 2, 3, 1, run6, identity=colluder,
                         binding=owner_node.binding(run6, settings(run6), moved, 3))
         out["isolate"] = owner_node.secure_round(1, run6, {n: moved for n in pair}, sybils=[m],
-                                                 drop_inputs_of=["party-b"], stage_timeout=REFUSAL_S)
+                                                 drop_inputs_of=["party-b"], refused_at=Stage.CONSISTENCY)
         out["received_after_attacks"] = secure_messages(owner_node.inbox)
     finally:
         for proc in procs.values():

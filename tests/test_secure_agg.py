@@ -280,3 +280,20 @@ def test_dropout_at_the_consistency_check_keeps_the_input_in_the_sum(graph):
     expected_sum, expected_weight = plain_levels(vectors, weights, config, 3, 2, result.included)
     np.testing.assert_array_equal(result.weighted_sum, expected_sum)
     assert result.total_weight == expected_weight
+
+
+def test_the_documented_default_floors_are_the_derived_ones():
+    """The table of defaults in README.md and secure_agg/README.md is what round_params derives, and every
+    row leaves at least two honest inputs in any sum (the party's default floor holds at every n)."""
+    from pathlib import Path
+
+    from secure_agg import PartyPolicy
+
+    root = Path(__file__).resolve().parents[1]
+    for n in (3, 5, 10, 50, 100):
+        p = round_params(SecAggConfig(), n)
+        PartyPolicy().check(p, 0)  # a default party accepts the default round
+        assert p.min_honest >= 2
+        row = f"| {n} | {p.collusion} | {p.min_survivors} | {n - p.min_survivors} | {p.min_honest} |"
+        for readme in ("README.md", "secure_agg/README.md"):
+            assert row in (root / readme).read_text(), (readme, row)
