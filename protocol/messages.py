@@ -165,7 +165,7 @@ SPECS: dict[MessageType, MessageSpec] = {
                     Int(-1, MAX_ROUND),
                     required=False,
                     default=-1,
-                    doc="last round of this run it finished or sent a masked input for, -1 for none",
+                    doc="last round of this run it finished or took part in (advertised its keys), -1 for none",
                 ),
             ),
             doc="the party holds the model and can train",
