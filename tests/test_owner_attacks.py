@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,9 @@ def attacked(tmp_path_factory) -> dict:
                         binding=owner_node.binding(run6, settings(run6), moved, 3))
         out["isolate"] = owner_node.secure_round(1, run6, {n: moved for n in pair}, sybils=[m],
                                                  drop_inputs_of=["party-b"], refused_at=Stage.CONSISTENCY)
+        # The colluder refuses too, which ends the owner's round at once: give A the moment it needs to read the
+        # request and say why it refused before the parties are stopped.
+        settle(logs["party-a"], r"only 2 parties alive, below the threshold 3")
         out["received_after_attacks"] = secure_messages(owner_node.inbox)
     finally:
         for proc in procs.values():
@@ -182,6 +186,14 @@ def attacked(tmp_path_factory) -> dict:
         owner_node.close()
     out["logs"] = {name: path.read_text(errors="replace") for name, path in logs.items()}
     return out
+
+
+def settle(log: Path, pattern: str, timeout: float = 60.0) -> None:
+    """Wait (at most `timeout`) until a party's log has a line matching `pattern`: the party reads what the owner
+    sent at its own pace, so the last round's verdict may come after the owner is done with it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not re.search(pattern, log.read_text(errors="replace")):
+        time.sleep(0.2)
 
 
 def refusals(logs: dict, pattern: str) -> list[str]:
