@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from learning.vocab_loss import chunk_rows, head_losses
+
 IGNORE_INDEX = -100
 
 
@@ -36,6 +38,15 @@ class ResponseLogits:
     logits: torch.Tensor  # [N, vocab]
     targets: torch.Tensor  # [N]
     positions: torch.Tensor  # [N, 2] (batch, position) of each row, for aligning other per-position values
+
+
+@dataclass
+class ResponseLosses:
+    """Cross-entropy of each labelled token, with its target and position (rows as in `ResponseLogits`)."""
+
+    losses: torch.Tensor  # [N] float32
+    targets: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N, 2]
 
 
 def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,26 +85,59 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: t.to(device, non_blocking=True) for k, t in batch.items()}
 
 
+def response_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """Run the decoder on the batch (in the model's precision context; call it inside one) and keep the last
+    hidden states of the positions that predict response tokens: (hidden [N, H], targets [N], positions [N, 2])."""
+    causal_lm = unwrap_causal_lm(model)
+    batch = to_device(batch, model_device(model))
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    mask, targets = response_positions(batch["labels"].to(hidden.device))  # a dispatched model ends elsewhere
+    return hidden[mask], targets, mask.nonzero()
+
+
 def response_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> ResponseLogits:
     """Run the decoder on the batch and project only the positions that predict response tokens (on the
     model's device, in its precision; the logits come back float32)."""
-    causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder()
-    batch = to_device(batch, model_device(model))
     with precision_context(model):
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
-        mask, targets = response_positions(batch["labels"].to(hidden.device))  # a dispatched model ends elsewhere
-        logits = project(causal_lm, hidden[mask])
-    return ResponseLogits(logits, targets, mask.nonzero())
+        hidden, targets, positions = response_hidden(model, batch)
+        logits = project(unwrap_causal_lm(model), hidden)
+    return ResponseLogits(logits, targets, positions)
+
+
+def vocab_size(causal_lm: nn.Module) -> int:
+    """Rows of the output projection (the vocabulary it scores)."""
+    weight = getattr(causal_lm.get_output_embeddings(), "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(causal_lm.config.get_text_config().vocab_size)
+
+
+def head_parameters(causal_lm: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The output projection's parameters (a loss fused with it needs to know whether any of them trains)."""
+    return tuple(causal_lm.get_output_embeddings().parameters())
+
+
+def response_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> ResponseLosses:
+    """Cross-entropy of every response token, the vocabulary projected a chunk of positions at a time
+    (`learning.vocab_loss`): the same numbers as `cross_entropy(response_logits(...))` without holding
+    [N, vocab] logits for the backward pass."""
+    causal_lm = unwrap_causal_lm(model)
+    with precision_context(model):
+        hidden, targets, positions = response_hidden(model, batch)
+
+        def row_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, targets[sl].to(logits.device), reduction="none")
+
+        losses = head_losses(hidden, lambda h: project(causal_lm, h), row_loss,
+                             chunk_rows(vocab_size(causal_lm)), head_parameters(causal_lm))
+    return ResponseLosses(losses, targets.to(losses.device), positions)
 
 
 def response_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the response tokens and their count."""
-    out = response_logits(model, batch)
-    nll = nn.functional.cross_entropy(out.logits, out.targets, reduction="sum")
-    return nll, int(out.targets.numel())
+    out = response_token_losses(model, batch)
+    return out.losses.sum(), int(out.targets.numel())
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from torch import nn
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.forward import response_logits
+from learning.forward import response_token_losses
 from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
 from learning.seeds import derive_seed
 from tasks.batching import round_batches
@@ -164,8 +164,7 @@ class PartyTrainer:
     def loss(self, batch: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
              pairs: Mapping[str, tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, cross-entropy part) for one batch."""
-        out = response_logits(self.model, batch)
-        ce = nn.functional.cross_entropy(out.logits, out.targets)
+        ce = response_token_losses(self.model, batch).losses.mean()
         if self.settings.prox_eps == 0:
             return ce, ce
         prox = proximal_term(pairs, reference, self.lora.scale)

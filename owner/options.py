@@ -76,6 +76,11 @@ def run_options() -> tuple[Option, ...]:
                group=MEMORY, help="recompute E*(x) every alignment step instead of once per public example"),
         Option("--teacher-cache-mb", to="align.cache_memory_mb", type=float, group=MEMORY,
                help="E*(x) cache kept in memory up to this many MB; the rest spills to OUT/teacher_cache"),
+        Option("--no-align-checkpointing", to="align.checkpoint_activations", dest="checkpoint_activations",
+               action="store_false", group=MEMORY,
+               help="keep every activation of the compressed model's alignment step for its backward pass instead "
+                    "of recomputing each layer's there (faster steps; a peak of several times the weights on a "
+                    "small model)"),
         Option("--party-data", to="party_data", group=DATA,
                help=f"parties' training data in --simulate: {DATA_SOURCES}"),
         Option("--party-data-kind", to="party_data_kind", group=DATA, help=f"layout of --party-data: {KINDS}"),

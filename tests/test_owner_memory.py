@@ -295,13 +295,20 @@ def test_run_is_bit_identical_with_sharing_cache_and_offload(tiny_llama_dir, tmp
 
 
 def test_owner_memory_benchmark_worker(tiny_llama_dir):
-    from benchmarks.owner_memory import worker
+    from benchmarks.owner_memory import MEMORY_MODES, TIME_MODES, markdown, summarise, worker
 
     common = {"model": str(tiny_llama_dir), "threads": 1, "public": 24, "max_length": 256, "batch_size": 2,
               "adapter_size": 2, "drop_rate": 0.5, "steps": 2, "prefill": True, "label": "tiny"}
-    old = worker({**common, "share": False, "cache": False})
-    new = worker({**common, "share": True, "cache": True})
+    old = worker({**common, **MEMORY_MODES["old"]})
+    shared = worker({**common, **MEMORY_MODES["shared"]})
+    new = worker({**common, **MEMORY_MODES["new"]})
     assert old["student_own_bytes"] > 0 and new["student_own_bytes"] == 0
     assert new["filled_examples"] > 0 and new["cache_bytes"] > 0 and old["cache_bytes"] == 0
-    assert new["losses"] == old["losses"] and len(new["step_seconds"]) == 2
+    assert shared["losses"] == old["losses"] and len(new["step_seconds"]) == 2
+    assert new["losses"] == pytest.approx(shared["losses"], rel=1e-5)  # chunked KL, recomputed activations
     assert new["model_bytes"] == old["model_bytes"] > 0
+    result = {"label": "tiny", "memory": {**{m: shared for m in MEMORY_MODES}, "old": old, "new": new},
+              "live": {m: new for m in MEMORY_MODES}, "time": {m: new for m in TIME_MODES}}
+    result["summary"] = summarise(result)
+    text = markdown({"settings": {}, "environment": {}, "models": [result]})
+    assert text.count("| tiny |") == 3 and f"{result['summary']['new_live_peak_x']:.2f}x" in text
