@@ -65,18 +65,43 @@ def project(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: the execution device of accelerate's hook when its weights are offloaded (meta
+    placeholders between forwards), else the device of its first real tensor (the CPU for a module without)."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings."""
-    return unwrap_causal_lm(model).get_input_embeddings().weight.device
+    """Where the model's inputs go: the device its input embeddings run on."""
+    return execution_device(unwrap_causal_lm(model).get_input_embeddings())
+
+
+def frozen_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's frozen weights, read from its input embeddings (a meta placeholder keeps it)."""
+    return unwrap_causal_lm(model).get_input_embeddings().weight.dtype
 
 
 def precision_context(model: nn.Module) -> contextlib.AbstractContextManager:
     """Autocast to the frozen weights' dtype when it is half precision (bf16/fp16), so the float32 LoRA and
-    the half-precision base layers meet in one dtype; nothing (exact float32) otherwise."""
-    weight = unwrap_causal_lm(model).get_input_embeddings().weight
-    if weight.dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type=weight.device.type, dtype=weight.dtype)
+    the half-precision base layers meet in one dtype; nothing (exact float32) otherwise. Autocast is for the
+    device the model computes on, also when accelerate offloads its embeddings (their placeholder is on meta)."""
+    dtype = frozen_dtype(model)
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=model_device(model).type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def loss_scaler(model: nn.Module) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 frozen weights, whose activation gradients underflow to zero unscaled
+    (bfloat16 has float32's range and needs none); a disabled scaler, which changes nothing, otherwise."""
+    return torch.amp.GradScaler(model_device(model).type, enabled=frozen_dtype(model) == torch.float16)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

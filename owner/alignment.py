@@ -31,6 +31,7 @@ from learning.compressed_model import Manifest
 from learning.forward import (
     capture_layer_input,
     head_parameters,
+    loss_scaler,
     precision_context,
     project,
     response_positions,
@@ -175,6 +176,7 @@ class EmulatorAligner:
         self.seed = derive_seed(seed, "alignment")
         self.params = set_trainable(student, manifest.emulator_layers)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas, weight_decay=0.0)
+        self.scaler = loss_scaler(student)  # float16 weights: the loss scale, kept across alignment calls
         self.calls = 0
         self.cache = None
         if settings.cache_teacher:
@@ -213,10 +215,12 @@ class EmulatorAligner:
                                                                       group, self.pad_id)
             self.optimizer.zero_grad(set_to_none=True)
             terms = alignment_loss(self.student, self.teacher, self.manifest, batch, s.kl_weight, cached)
-            terms.total.backward()
+            self.scaler.scale(terms.total).backward()
+            self.scaler.unscale_(self.optimizer)
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skipped when a float16 gradient overflowed
+            self.scaler.update()
             history.append((float(terms.total.detach()), float(terms.l2), float(terms.kl)))
             if progress:
                 progress({"stage": stage, "step": step + 1, "steps": steps, "loss": history[-1][0],
