@@ -200,3 +200,37 @@ def test_recomputed_activations_hold_less_for_the_backward_pass():
     with recomputed_activations(student):
         recomputed = saved_bytes()
     assert recomputed < 0.5 * kept, (recomputed, kept)
+
+
+def test_per_sample_loss_and_nll_equal_the_whole_vocabulary_form(small_chunks):
+    """DP's per-example loss (value and the gradient of any weighting of it, which is what per-sample clipping
+    differentiates) and the evaluation NLL, against cross-entropy over [N, vocab] logits."""
+    from learning.dp import per_sample_ce
+    from learning.forward import response_nll_sum
+    from owner.evaluate import mean_response_nll
+
+    tokenizer = byte_tokenizer()
+    model, manifest = compress(tiny_model("llama", 8, seed=2), 2, 0.5, "tiny")
+    model = attach_lora(model, manifest.adapter_layers, LORA, seed=1)
+    params = set_trainable(model, manifest.adapter_layers)
+    items = data()[:6]
+    batch = collate(items, tokenizer.pad_token_id)
+    out = response_logits(model, batch)
+    token = torch.nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
+    rows = out.positions[:, 0]
+    want = torch.zeros(6).index_add(0, rows, token) / torch.bincount(rows, minlength=6).float()
+    weights = torch.linspace(0.5, 2.0, 6)
+    expected = torch.autograd.grad((want * weights).sum(), params)
+    got = per_sample_ce(model, batch)
+    assert got.shape == (6,) and torch.allclose(got, want.detach(), rtol=1e-6, atol=1e-7)
+    grads = torch.autograd.grad((got * weights).sum(), params)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(close(g, e) for g, e in zip(grads, expected, strict=True))
+
+    with torch.no_grad():
+        nll, count = response_nll_sum(model, batch)
+        reference = torch.nn.functional.cross_entropy(response_logits(model, batch).logits, out.targets,
+                                                      reduction="sum")
+    assert count == out.targets.numel() and torch.allclose(nll, reference, rtol=1e-6)
+    assert abs(mean_response_nll(model, items, tokenizer.pad_token_id, batch_size=6)
+               - float(reference) / count) < 1e-5
