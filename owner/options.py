@@ -203,6 +203,10 @@ def owner_options() -> tuple[Option, ...]:
 
 def plan_options() -> tuple[Option, ...]:
     return (Option("--json", action="store_true", default=False, help="print the figures as JSON instead of a table"),
+            Option("--party-device-map", metavar="MAP", default=None, shown="none: no party split",
+                   help="plan a party's placement too (party --device-map): auto | balanced | sequential | cuda:0"),
+            Option("--party-max-memory", metavar="DEV=SIZE,...", default=None,
+                   help="the party's per-device budget (party --max-memory), e.g. 0=80GiB,1=80GiB"),
             *run_options())
 
 

@@ -14,7 +14,8 @@ from learning.compressed_model import load_compressed
 from learning.lora import LoraSettings, attach_lora, lora_state
 from owner.alignment import AlignSettings, EmulatorAligner, alignment_loss
 from owner.cli import main
-from owner.compress import can_share, compress, save_compressed
+from owner.compress import compress, save_compressed
+from owner.config import RunConfig
 from owner.models import Placement, load_model, make_resident, parse_max_memory, single_device
 from owner.teacher_cache import TeacherInputCache, fingerprint, lower_forward, upper_forward
 from tasks.batching import collate
@@ -122,12 +123,27 @@ def test_shared_compressed_model_saves_a_standalone_checkpoint(tmp_path):
     assert not any(p.data_ptr() in full_ptrs for p in loaded.parameters())
 
 
-def test_sharing_an_offloaded_model_is_refused(tmp_path):
+def test_an_offloaded_model_shares_what_is_resident_and_copies_what_is_offloaded(tmp_path):
     path = save_tiny(tmp_path / "m", "llama", 8)
     off = load_model(str(path), placement=Placement("auto", {"cpu": 150_000}, str(tmp_path / "off"))).model
-    assert not can_share(off) and single_device(off) is None
-    with pytest.raises(ModelError, match="cannot be shared"):
-        compress(off, 2, 0.5, "tiny", share_weights=True)
+    assert single_device(off) is None and "disk" in set(off.hf_device_map.values())
+    compressed, manifest = compress(off, 2, 0.5, "tiny", share_weights=True)
+    full = dict(off.named_parameters())
+    shared = copied = 0
+    for name, p in compressed.named_parameters():
+        source = full[full_name(name, manifest.kept_layers)]
+        assert p.device.type == "cpu"  # nothing of the compressed model is offloaded: it carries LoRA
+        if source.device.type == "meta":
+            copied += 1
+        else:
+            assert p.data_ptr() == source.data_ptr(), name
+            shared += 1
+    assert shared and copied
+    plain = load_model(str(path)).model
+    reference, _ = compress(plain, 2, 0.5, "tiny")
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(compressed(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 # ------------------------------------------------------------------------------------------ E* cache
@@ -237,9 +253,9 @@ def test_offloaded_teacher_matches_the_plain_one(tmp_path):
     tokenizer = byte_tokenizer()
     runs = []
     for full, cache in [(plain, False), (off, False), (off, True)]:
-        compressed, manifest = compress(full, 2, 0.5, "tiny", share_weights=can_share(full))
+        make_resident(full, [f"model.layers.{i}" for i in (6, 7)])  # the adapter layers, as OwnerSession does
+        compressed, manifest = compress(full, 2, 0.5, "tiny", share_weights=True)
         student = attach_lora(compressed, manifest.emulator_layers + manifest.adapter_layers, LORA, seed=1)
-        make_resident(full, [f"model.layers.{i}" for i in manifest.full_adapter_layers])
         teacher = attach_lora(full, manifest.full_adapter_layers, LORA, seed=1)
         aligner = EmulatorAligner(student, teacher, manifest, public_data(tokenizer), tokenizer.pad_token_id,
                                   AlignSettings(batch_size=4, lr=1e-2, cache_teacher=cache), seed=0)
@@ -292,6 +308,22 @@ def test_run_is_bit_identical_with_sharing_cache_and_offload(tiny_llama_dir, tmp
     for label in ("owner-memory", "offload"):
         assert all(torch.equal(runs[label][1][n], reference[n]) for n in reference), label
     assert (tmp_path / "owner-memory" / "teacher_cache" / "cache.json").is_file()
+    # what each owner reported holding is what `owner plan` plans for the same options (the E* cache aside:
+    # the plan bounds it by --public-limit x --max-length, the owner counts the tokens it has)
+    footprints = {label: next(json.loads(line) for line in (tmp_path / label / "metrics.jsonl").open()
+                              if '"footprint"' in line) for label in runs}
+    assert footprints["plain"]["devices"]["cpu"]["student"] > 0 and not footprints["plain"]["shares"]
+    assert footprints["owner-memory"]["devices"]["cpu"]["student"] == 0 and footprints["owner-memory"]["shares"]
+    offload = footprints["offload"]
+    assert offload["offloaded"]["disk"] > 0 and offload["devices"]["cpu"]["student"] > 0
+    from owner.plan import make_plan, read_model_config, shape_from_config
+
+    config = RunConfig(device_map="auto", max_memory={"cpu": 150000}, dtype="float32", max_length=96,
+                       align=AlignSettings(round_steps=1, pre_steps=2))
+    planned = make_plan(shape_from_config(read_model_config(str(tiny_llama_dir))[1]), config).owner_split
+    for use in (*offload["devices"].values(), *planned["devices"].values()):
+        use["total"] -= use.pop("cache")
+    assert {k: planned[k] for k in ("devices", "offloaded")} == {k: offload[k] for k in ("devices", "offloaded")}
 
 
 def test_owner_memory_benchmark_worker(tiny_llama_dir):
