@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from errors import ConfigError
+from errors import ConfigError, ModelError
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,3 +114,23 @@ def resolve_hardware(device: str | None, dtype: str | None, dp: bool = False) ->
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
+
+    GPU ids become ints and plain numbers bytes, as accelerate expects."""
+    if text is None or not text.strip():
+        return None
+    out: dict[str | int, str | int] = {}
+    for item in text.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not device or not size:
+            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
+
+
+def format_max_memory(value):
+    """A max_memory mapping back in the flag's DEV=SIZE,... form (None or a string passes unchanged)."""
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value

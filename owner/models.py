@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from errors import ModelError, first_line
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
+from learning.hardware import parse_max_memory
 from tasks.hf_sources import hub_offline
 
 __all__ = ["DEFAULT_NAME", "LoadedModel", "ModelSource", "Placement", "cache_root", "load_model", "decoder_layers",
@@ -62,21 +63,6 @@ class Placement:
         if self.offload_folder:
             out["offload_folder"] = str(Path(self.offload_folder).expanduser())
         return out
-
-
-def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
-    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
-
-    GPU ids become ints and plain numbers bytes, as accelerate expects."""
-    if text is None or not text.strip():
-        return None
-    out: dict[str | int, str | int] = {}
-    for item in text.split(","):
-        device, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or not device or not size:
-            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
-        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
-    return out
 
 
 def single_device(model: torch.nn.Module) -> torch.device | None:

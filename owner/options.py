@@ -33,14 +33,10 @@ def _memory_field(text: str) -> dict[str, str | int] | None:
     return None if memory is None else {str(k): v for k, v in memory.items()}
 
 
-def _memory_flag(value):
-    """RunConfig.max_memory back in the flag's DEV=SIZE,... form (a string passes unchanged)."""
-    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
-
-
 @functools.cache
 def run_options() -> tuple[Option, ...]:
     """The options of a run (`--simulate`, `--listen`, `owner plan`): each sets a RunConfig field."""
+    from learning.hardware import format_max_memory  # noqa: PLC0415
     from owner.config import METHODS, RunConfig  # noqa: PLC0415 - `owner keygen` needs none of it
     from tasks.prompts import TEMPLATES  # noqa: PLC0415
 
@@ -63,7 +59,7 @@ def run_options() -> tuple[Option, ...]:
         Option("--device-map", to="device_map", group=MEMORY, shown="none: the whole model on --device",
                help="accelerate placement of the full model: auto | balanced | sequential | cuda:0 | cpu"),
         Option("--max-memory", to="max_memory", metavar="DEV=SIZE,...", group=MEMORY, to_field=_memory_field,
-               from_field=_memory_flag, help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
+               from_field=format_max_memory, help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
         Option("--offload-folder", to="offload_folder", group=MEMORY,
                help="disk offload of weights that fit on no device"),
         Option("--no-share-weights", to="share_weights", dest="share_weights", action="store_false", group=MEMORY,

@@ -104,6 +104,25 @@ def test_a_float32_party_is_unchanged_by_the_placement_argument(compressed_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_party_placed_by_a_device_map_trains_as_the_unplaced_one(compressed_dir):
+    """party --device-map / --max-memory: accelerate's placement of the compressed model (here over the CPU,
+    the one device there is) trains to the same update."""
+    plain = _train(PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0))[1].adapter_state
+    party = PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, device_map="auto",
+                            max_memory={"cpu": 10**9})
+    assert {p.device.type for p in party.model.parameters()} == {"cpu"}
+    placed = _train(party)[1].adapter_state
+    assert placed.keys() == plain.keys() and all(torch.equal(placed[n], plain[n]) for n in plain)
+
+
+def test_a_party_placement_that_offloads_is_refused(compressed_dir, tmp_path):
+    from errors import ModelError
+
+    with pytest.raises(ModelError, match="every layer carries LoRA and cannot be offloaded"):
+        PartyModel.load(compressed_dir, LoraSettings(r=4, alpha=8), 0, device_map="auto",
+                        max_memory={"cpu": 60_000, "disk": 10**9})
+
+
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 def test_a_quantised_party_trains(compressed_dir, quantize):
     pytest.importorskip("bitsandbytes")

@@ -344,3 +344,22 @@ def test_owner_memory_benchmark_worker(tiny_llama_dir):
     result["summary"] = summarise(result)
     text = markdown({"settings": {}, "environment": {}, "models": [result]})
     assert text.count("| tiny |") == 3 and f"{result['summary']['new_live_peak_x']:.2f}x" in text
+
+
+def test_the_student_is_placed_where_the_teacher_computes_each_kept_module():
+    """A teacher spread over two GPUs (lm_head CPU-offloaded, so run on the first GPU): each module of the
+    compressed model computes on the device of its counterpart, dropped layers have no place, nothing is
+    offloaded (the student carries LoRA)."""
+    from owner.compress import kept_layer_indices, student_placement
+    from owner.footprint import Place
+
+    full = tiny_model("llama", 8)
+    full.hf_device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": "cpu",
+                          **{f"model.layers.{i}": 0 if i < 4 else 1 for i in range(8)}}
+    kept = kept_layer_indices(8, 2, 0.5)
+    places = student_placement(full, "model.layers", kept)
+    gpu = {0: Place("cuda:0"), 1: Place("cuda:1")}
+    assert places == {"model.embed_tokens": gpu[0], "model.rotary_emb": gpu[0], "model.norm": gpu[1],
+                      "lm_head": gpu[0], **{f"model.layers.{i}": gpu[0 if k < 4 else 1] for i, k in enumerate(kept)}}
+    del full.hf_device_map
+    assert student_placement(full, "model.layers", kept) == {"": Place("cpu")}
