@@ -499,6 +499,9 @@ def format_split(who: str, split: Mapping[str, Any], dtype: str) -> list[str]:
     for where, size in split["offloaded"].items():
         if size:
             lines.append(f"offloaded to {where}: {_size(size)} (read every forward that needs it)")
+    if who == "party" and any(split["offloaded"].values()):
+        lines.append("a party refuses this placement: every layer of its model carries LoRA, which cannot be "
+                     "offloaded (give --party-max-memory more room or another device)")
     return lines
 
 

@@ -255,3 +255,14 @@ def test_configs_that_are_not_decoders_are_refused(tmp_path, capsys, config, mes
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert cli.main(["plan", "--model", str(tmp_path / "config.json")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_party_split_that_offloads_says_the_party_refuses_it():
+    from owner.plan import format_plan
+
+    config = RunConfig(lora=PAPER_LORA, dtype="bfloat16")
+    plan = make_plan(_shape(LLAMA2), config, ("auto", {0: "4GiB", "cpu": "64GiB"}))
+    assert plan.owner_split is None and plan.party_split["offloaded"]["cpu"] > 0
+    assert "a party refuses this placement" in format_plan(plan)
+    fits = make_plan(_shape(LLAMA2), config, ("auto", {0: "40GiB"}))
+    assert set(fits.party_split["devices"]) == {"cuda:0"} and "refuses" not in format_plan(fits)
