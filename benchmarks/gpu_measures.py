@@ -44,14 +44,17 @@ def _owner_models(dtype: torch.dtype, share: bool = True):
 
 
 def _aligner(loaded, compressed, manifest, **settings):
+    """The owner's aligner on the default public set (dolly, up to 256 tokens an item, batch 4: the defaults)."""
     from learning.lora import LoraSettings, attach_lora  # noqa: PLC0415
     from owner.alignment import AlignSettings, EmulatorAligner  # noqa: PLC0415
+    from owner.config import RunConfig  # noqa: PLC0415
+    from tasks.datasets import load_examples  # noqa: PLC0415
     from tasks.prompts import tokenize_examples  # noqa: PLC0415
 
     lora = LoraSettings(r=8, alpha=16)
     student = attach_lora(compressed, manifest.emulator_layers + manifest.adapter_layers, lora, seed=1)
     teacher = attach_lora(loaded.model, manifest.full_adapter_layers, lora, seed=1)
-    data = tokenize_examples(_examples(32), loaded.tokenizer, 256, "chat")
+    data = tokenize_examples(load_examples(RunConfig().public_data, limit=32), loaded.tokenizer, 256, "auto")
     return EmulatorAligner(student, teacher, manifest, data, loaded.tokenizer.pad_token_id,
                            AlignSettings(batch_size=4, lr=1e-3, **settings), seed=0)
 
