@@ -168,7 +168,9 @@ def _placed_compressed(base: PreTrainedModel, config, path: str, kept: list[int]
         for name, tensor in list(names):
             full_name = _full_name(name, path, kept)
             target = source.get(full_name)
-            if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+            # a buffer (rotary inv_freq) keeps whatever dtype the full model's has, say after `.to(bfloat16)`
+            dtype_differs = kind == "_parameters" and target is not None and target.dtype != tensor.dtype
+            if target is None or target.shape != tensor.shape or dtype_differs:
                 raise ModelError(f"compress: {name} of the compressed {type(base).__name__} has no counterpart "
                                  "in the full model")
             if target.device.type == "meta" or not share:

@@ -363,3 +363,13 @@ def test_the_student_is_placed_where_the_teacher_computes_each_kept_module():
                       "lm_head": gpu[0], **{f"model.layers.{i}": gpu[0 if k < 4 else 1] for i, k in enumerate(kept)}}
     del full.hf_device_map
     assert student_placement(full, "model.layers", kept) == {"": Place("cpu")}
+
+
+def test_a_model_cast_with_to_shares_its_buffers_whatever_their_dtype():
+    """`.to(bfloat16)` casts the rotary inv_freq buffer too (loading in bfloat16 keeps it float32): the
+    compressed model takes the full model's buffer as it is."""
+    full = tiny_model("llama", 8).to(torch.bfloat16)
+    compressed, _ = compress(full, 2, 0.5, "tiny", share_weights=True)
+    buffers = dict(full.named_buffers())
+    for name, buffer in compressed.named_buffers():
+        assert buffer.data_ptr() == buffers[name].data_ptr(), name
