@@ -80,6 +80,8 @@ def run_step(name: str, argv: Sequence[str], timeout: float, result_file: Path |
         return {"name": name, "status": "timeout", "seconds": round(time.monotonic() - start, 1),
                 "error": f"still running after {timeout:g} s", "output": output[-TAIL:]}
     record = {"name": name, "seconds": round(time.monotonic() - start, 1)}
+    if result_file is None and code == 0:
+        return record | {"status": "ok", "figures": {"summary": (output.strip().splitlines() or [""])[-1]}}
     written = json.loads(result_file.read_text()) if result_file is not None and result_file.is_file() else None
     if written is not None and "error" not in written and code == 0:
         return record | {"status": "ok", "figures": written.get("figures", {})}

@@ -91,6 +91,14 @@ def test_the_pytest_step_runs_the_gpu_marked_tests(tmp_path, monkeypatch):
     assert calls[1][:3] == ["-m", "benchmarks.gpu_check", "--worker"]
 
 
+def test_a_step_without_a_result_file_is_judged_by_its_exit_status(tmp_path):
+    """The pytest step: its last line is its summary, a nonzero exit its failure."""
+    ok = gpu_check.run_step("pytest", ["-c", "print('noise'); print('3 passed in 1.0s')"], 30)
+    assert ok["status"] == "ok" and ok["figures"] == {"summary": "3 passed in 1.0s"}
+    bad = gpu_check.run_step("pytest", ["-c", "import sys; print('1 failed'); sys.exit(1)"], 30)
+    assert bad["status"] == "failed" and bad["error"] == "exit status 1" and "1 failed" in bad["output"]
+
+
 def test_every_measurement_is_a_function_of_the_measures_module():
     import benchmarks.gpu_measures as measures
 
