@@ -120,11 +120,24 @@ def unique_bytes(tensors) -> int:
 # ------------------------------------------------------------------------------------------- worker
 
 def worker(spec: dict) -> dict:
-    """One owner, built and aligned in this process; what it held and how long its steps took."""
+    """One owner, built and aligned in this process; what it held and how long its steps took. The "whole"
+    loss swaps the alignment's KL for the whole-vocabulary form for this call only (a caller in the same
+    process, a test, gets the chunked one back)."""
+    import owner.alignment
+
+    chunked = owner.alignment.distillation_kl
+    if spec.get("loss", "chunked") == "whole":
+        owner.alignment.distillation_kl = whole_vocabulary_kl
+    try:
+        return _measure(spec)
+    finally:
+        owner.alignment.distillation_kl = chunked
+
+
+def _measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import owner.alignment
     from learning.lora import LoraSettings, initial_lora
     from owner.alignment import AlignSettings, EmulatorAligner
     from owner.compress import compress, save_compressed
@@ -134,8 +147,6 @@ def worker(spec: dict) -> dict:
     from tasks.datasets import load_examples
     from tasks.prompts import tokenize_examples
 
-    if spec.get("loss", "chunked") == "whole":
-        owner.alignment.distillation_kl = whole_vocabulary_kl
     base_rss, base_anon = rss_bytes(peak=False), anon_bytes()
     loaded = load_model(spec["model"])
     model_bytes = unique_bytes(list(loaded.model.parameters()) + list(loaded.model.buffers()))
