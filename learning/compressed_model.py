@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,21 +267,29 @@ class Manifest:
 # ------------------------------------------------------------------------------------------ loading
 
 def load_compressed(directory: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    quantization_config=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
+                    quantization_config=None, device_map: str | Mapping | None = None,
+                    max_memory: Mapping | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Manifest]:
     """Load a compressed checkpoint with plain transformers, plus its manifest (checked against it): frozen
-    weights in `dtype` on `device`, or quantised by `quantization_config` (transformers' BitsAndBytesConfig)."""
+    weights in `dtype` on `device`, or quantised by `quantization_config` (transformers' BitsAndBytesConfig).
+
+    `device_map` / `max_memory` place it over several devices with accelerate's big-model placement instead
+    (a 56B compressed model over a party's GPUs): every layer of a compressed model carries LoRA, which cannot
+    live in an offloaded module, so a placement that offloads any weight to the CPU or disk is refused."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise ModelError(f"compressed model directory {directory} does not exist")
     manifest = Manifest.load(directory)
     try:
-        if quantization_config is None:
+        if quantization_config is None and device_map is None:
             model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
             if torch.device(device).type != "cpu":
                 model = model.to(device)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map={"": str(device)},
-                                                         quantization_config=quantization_config)
+            placed = {"device_map": device_map, "max_memory": dict(max_memory) if max_memory else None}
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), dtype=dtype, quantization_config=quantization_config,
+                **(placed if device_map is not None else {"device_map": {"": str(device)}}))
+            _refuse_offload(model, directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load compressed model from {directory}: {first_line(e)}") from None
@@ -290,3 +298,14 @@ def load_compressed(directory: Path | str, dtype: torch.dtype = torch.float32, d
         raise ModelError(f"compressed model in {directory} has {n} layers but its manifest lists "
                          f"{manifest.n_compressed}")
     return model.eval(), tokenizer, manifest
+
+
+def _refuse_offload(model: PreTrainedModel, directory: Path) -> None:
+    """A placed compressed model must be resident: accelerate offloads to the CPU (when an accelerator is in
+    the map) and to disk, and LoRA cannot be attached to an offloaded module."""
+    devices = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    offloaded = "disk" in devices or ("cpu" in devices and len(devices - {"cpu", "disk"}) > 0)
+    if offloaded:
+        raise ModelError(f"the compressed model in {directory} does not fit on the devices --max-memory allows "
+                         "(placed: " + ", ".join(sorted(devices)) + "): its every layer carries LoRA and cannot be "
+                         "offloaded; give the devices more room or add one")

@@ -39,7 +39,7 @@ from torch import nn
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.forward import response_logits
+from learning.forward import response_token_losses
 from learning.lora import LoraSettings, lora_state
 from learning.training import (
     PartyTrainer,
@@ -208,9 +208,9 @@ class PrivacyLedger:
 
 def per_sample_ce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each example's mean cross-entropy over its response tokens, shape [batch]."""
-    out = response_logits(model, batch)
+    out = response_token_losses(model, batch)
     n = batch["input_ids"].shape[0]
-    token_loss = nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
+    token_loss = out.losses
     rows = out.positions[:, 0]
     total = torch.zeros(n, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
     count = torch.bincount(rows, minlength=n).clamp(min=1).to(token_loss.dtype)

@@ -1,6 +1,6 @@
 """Where a model runs and in which precision: `--device` and `--dtype` as both nodes understand them.
 
-auto picks CUDA when a GPU is present, and bfloat16 there when the GPU supports it; on a CPU, auto stays
+auto picks CUDA when a GPU is present, and bfloat16 there when the GPU computes it natively; on a CPU, auto stays
 float32, so a CPU run is bit-for-bit what it always was (bfloat16 on a CPU is there to be asked for: it is
 faster on CPUs with native bf16 instructions, and the overhead benchmark measures it). Frozen weights take
 the chosen dtype; LoRA parameters and optimizer state stay float32.
@@ -9,10 +9,11 @@ the chosen dtype; LoRA parameters and optimizer state stay float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from errors import ConfigError
+from errors import ConfigError, ModelError
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,15 +55,46 @@ def resolve_device(spec: str | None) -> torch.device:
 
 
 def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    """`auto` (or None): bfloat16 on a GPU that supports it, float32 otherwise (and always on a CPU)."""
+    """`auto` (or None): bfloat16 on a GPU with native bfloat16 (not emulated), float32 otherwise (and always on
+    a CPU)."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
     if spec not in DTYPES:
         raise ConfigError(f"unknown --dtype {spec!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[spec]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA device of compute capability 8.0 or more (asked of
+    that device, not the current one; torch's own check also counts the emulation older GPUs get), or a CPU with
+    AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.cuda.device(index):
+            try:
+                return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            except TypeError:  # a torch without the argument
+                return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type == "cpu":
+        return bool(cpu_flags() & CPU_BF16_FLAGS)
+    return False
+
+
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; Arm's "Features: ... bf16"
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty where there is none."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
 
 
 def dp_dtype(dtype: str | None, dp: bool) -> str | None:
@@ -82,3 +114,23 @@ def resolve_hardware(device: str | None, dtype: str | None, dp: bool = False) ->
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
+    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
+
+    GPU ids become ints and plain numbers bytes, as accelerate expects."""
+    if text is None or not text.strip():
+        return None
+    out: dict[str | int, str | int] = {}
+    for item in text.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not device or not size:
+            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
+
+
+def format_max_memory(value):
+    """A max_memory mapping back in the flag's DEV=SIZE,... form (None or a string passes unchanged)."""
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value

@@ -5,7 +5,7 @@ in-process run and the benchmarks build parties here and nowhere else."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,17 @@ class PartyModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, lora: LoraSettings, seed: int, hardware: Hardware | None = None,
-             quantize: str | None = None) -> PartyModel:
+             quantize: str | None = None, device_map: str | Mapping | None = None,
+             max_memory: Mapping | None = None) -> PartyModel:
         """Load the checkpoint the owner shipped (frozen weights on the given device and dtype, or
-        quantised: `int8` / `nf4`) and attach the run's initial LoRA (`initial_lora`: every party and the owner
+        quantised: `int8` / `nf4`; spread over this machine's devices by `device_map` / `max_memory`, as
+        `party --device-map` asks) and attach the run's initial LoRA (`initial_lora`: every party and the owner
         draw the same initial A matrices). LoRA parameters are float32 whatever the frozen weights are."""
         start = time.perf_counter()
         hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
         model, tokenizer, manifest = load_compressed(model_dir, hardware.dtype, hardware.device,
-                                                     quantization_config(quantize, hardware))
+                                                     quantization_config(quantize, hardware), device_map,
+                                                     max_memory)
         peft_model = initial_lora(model, manifest, lora, seed)
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
-from learning.forward import response_logits
+from learning.forward import loss_scaler, response_token_losses
 from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
 from learning.seeds import derive_seed
 from tasks.batching import round_batches
@@ -143,6 +143,7 @@ class PartyTrainer:
         self.adapter_prefixes = layer_prefixes(layers_path, manifest.adapter_layers)
         self.step_hook: Callable[[torch.Tensor], None] | None = None
         self.fold_emulator = True  # the emulator LoRA is frozen here: fold it into the weights (load_lora_state)
+        self.scaler = loss_scaler(model)  # float16 weights: the loss scale, kept across rounds
 
     @property
     def n_examples(self) -> int:
@@ -164,8 +165,7 @@ class PartyTrainer:
     def loss(self, batch: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
              pairs: Mapping[str, tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, cross-entropy part) for one batch."""
-        out = response_logits(self.model, batch)
-        ce = nn.functional.cross_entropy(out.logits, out.targets)
+        ce = response_token_losses(self.model, batch).losses.mean()
         if self.settings.prox_eps == 0:
             return ce, ce
         prox = proximal_term(pairs, reference, self.lora.scale)
@@ -194,10 +194,12 @@ class PartyTrainer:
         for step, batch in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
             total, ce = self.loss(batch, adapter_state, pairs)
-            total.backward()
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(optimizer)  # clipping and the step see the true gradient
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            optimizer.step()
+            self.scaler.step(optimizer)  # skipped when a float16 gradient overflowed
+            self.scaler.update()
             losses.append(float(ce.detach()))
             tokens += int(batch["attention_mask"].sum())
             if progress:

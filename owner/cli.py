@@ -46,11 +46,13 @@ def plan_main(argv: list[str]) -> int:
     args = PLAN.parser().parse_args(argv)
     import json  # noqa: PLC0415
 
+    from owner.models import parse_max_memory  # noqa: PLC0415
     from owner.plan import format_plan, make_plan, read_model_config, shape_from_config  # noqa: PLC0415
 
     config = config_from_args(args, 1, False)
     name, model_config = read_model_config(args.model)
-    plan = make_plan(shape_from_config(model_config, name), config)
+    party = (args.party_device_map, parse_max_memory(args.party_max_memory))
+    plan = make_plan(shape_from_config(model_config, name), config, party)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
     return 0
 

@@ -13,7 +13,6 @@ modules and the two LoRA sets stay apart.
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import torch
@@ -21,7 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from errors import ModelError
 from learning.compressed_model import FORMAT_VERSION, Manifest, atomic_directory, unwrap_model
-from owner.models import decoder_layers_path, onloaded_state_dict, single_device
+from owner.footprint import Place, place_of, placements
+from owner.models import decoder_layers_path, onloaded_tensor, single_device
 
 # Config lists that never describe one entry per layer, even when their length happens to equal n.
 _NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
@@ -91,10 +91,13 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
              bottom_adapter_size: int = 0, share_weights: bool = False) -> tuple[PreTrainedModel, Manifest]:
     """Build the compressed model (first a layers + kept emulator layers + last s layers) and its manifest.
 
-    Embeddings, final norm and lm_head are kept as they are. By default weights are copied; with
-    `share_weights` every parameter and buffer of the compressed model is the full model's own tensor (one
-    copy on the owner), which needs the full model on a single device (no offload); `can_share` says
-    whether it is. The manifest records `base_identity`, not the config's `_name_or_path`.
+    Embeddings, final norm and lm_head are kept as they are. The compressed model is built on the meta device
+    and each of its tensors placed where the full model computes that module: with `share_weights` it *is* the
+    full model's tensor (one copy on the owner), otherwise a copy on the same device. A tensor the full model
+    offloads (accelerate's CPU/disk offload: a meta placeholder between forwards) is copied onto the device
+    that runs it, since the compressed model carries LoRA there. A full model spread over several devices gives
+    a compressed model dispatched the same way (accelerate's hooks move the activations between devices). The
+    manifest records `base_identity`, not the config's `_name_or_path`.
     """
     base = unwrap_model(model)
     if not isinstance(base, PreTrainedModel):
@@ -105,13 +108,8 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
     kept = kept_layer_indices(n, adapter_size, drop_rate, bottom_adapter_size)
     config = _cut_config(base.config, kept, n)
     config._name_or_path = ""
-    if share_weights:
-        if not can_share(base):
-            raise ModelError("compress: the full model is spread over several devices or offloaded; its "
-                             "weights cannot be shared with the compressed model (build it with copies)")
-        compressed = _shared_compressed(base, config, path, kept)
-    else:
-        compressed = _copied_compressed(base, config, path, kept)
+    places = student_placement(base, path, kept)
+    compressed = _placed_compressed(base, config, path, kept, places, share_weights)
     if base.generation_config is not None:
         compressed.generation_config = copy.deepcopy(base.generation_config)
     manifest = Manifest(format_version=FORMAT_VERSION, base_model=str(base_identity), n_layers=n,
@@ -120,9 +118,24 @@ def compress(model: PreTrainedModel, adapter_size: int, drop_rate: float, base_i
     return compressed.eval(), manifest
 
 
-def can_share(model: torch.nn.Module) -> bool:
-    """Whether the compressed model can share `model`'s tensors: all of them real and on one device."""
-    return single_device(unwrap_model(model)) is not None
+def student_placement(base: torch.nn.Module, path: str, kept: list[int]) -> dict[str, Place]:
+    """Where each module of the compressed model computes: the device-map entries of the full model (its
+    `hf_device_map`, or the one device it is on), layer k of the full model becoming layer i of the compressed
+    one; dropped layers have no entry. Nothing is offloaded: an offloaded entry runs on its execution device."""
+    device_map = getattr(base, "hf_device_map", None)
+    if not device_map:
+        device = single_device(base)
+        device_map = {"": str(device) if device is not None else "cpu"}
+    index = {k: i for i, k in enumerate(kept)}
+    out: dict[str, Place] = {}
+    for key, place in placements(device_map).items():
+        if key.startswith(path + "."):
+            k, _, rest = key[len(path) + 1:].partition(".")
+            if int(k) not in index:
+                continue
+            key = f"{path}.{index[int(k)]}" + (f".{rest}" if rest else "")
+        out[key] = Place(place.device)
+    return out
 
 
 def _full_name(name: str, path: str, kept: list[int]) -> str:
@@ -134,34 +147,13 @@ def _full_name(name: str, path: str, kept: list[int]) -> str:
     return name
 
 
-def _copied_compressed(base: PreTrainedModel, config, path: str, kept: list[int]) -> PreTrainedModel:
-    new_index = {orig: i for i, orig in enumerate(kept)}
-    layer_key = re.compile(re.escape(path) + r"\.(\d+)\.")
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in onloaded_state_dict(base).items():
-        m = layer_key.match(key)
-        if m is None:
-            state[key] = tensor.detach().to("cpu", copy=True)
-        elif int(m.group(1)) in new_index:
-            state[f"{path}.{new_index[int(m.group(1))]}.{key[m.end():]}"] = tensor.detach().to("cpu", copy=True)
-    try:
-        compressed, info = type(base).from_pretrained(None, config=config, state_dict=state, dtype=base.dtype,
-                                                      output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"cannot build the compressed {type(base).__name__}: {e}") from None
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
-                                                             "mismatched_keys")}
-    if problems:
-        raise ModelError(f"compressed {type(base).__name__} does not match its weights: {problems}")
-    device = single_device(base)  # a full model on one accelerator: the copy goes there too; else the CPU
-    return compressed if device is None or device.type == "cpu" else compressed.to(device)
+def _placed_compressed(base: PreTrainedModel, config, path: str, kept: list[int], places: dict[str, Place],
+                       share: bool) -> PreTrainedModel:
+    """The compressed model built on the meta device, then given the full model's Parameters and buffers
+    (`share`) or copies of them on the same devices; offloaded ones copied onto their execution device.
 
-
-def _shared_compressed(base: PreTrainedModel, config, path: str, kept: list[int]) -> PreTrainedModel:
-    """The compressed model built on the meta device, then given the full model's Parameters and buffers.
-
-    Nothing is allocated for its weights; ties (lm_head = embeddings) carry over because both names map to
-    the one tied Parameter of the full model.
+    Nothing is allocated twice when sharing, and no tensor passes through the CPU on its way: a copy is made on
+    the device of its source. Ties (lm_head = embeddings) carry over: both names map to the one tied Parameter.
     """
     try:
         with torch.device("meta"):
@@ -170,16 +162,44 @@ def _shared_compressed(base: PreTrainedModel, config, path: str, kept: list[int]
         raise ModelError(f"cannot build the compressed {type(base).__name__}: {e}") from None
     full_params = dict(base.named_parameters(remove_duplicate=False))
     full_buffers = dict(base.named_buffers(remove_duplicate=False))
+    made: dict[int, torch.Tensor] = {}  # source tensor id -> its copy, so ties stay ties
     for kind, names, source in (("_parameters", compressed.named_parameters(remove_duplicate=False), full_params),
                                 ("_buffers", compressed.named_buffers(remove_duplicate=False), full_buffers)):
         for name, tensor in list(names):
-            target = source.get(_full_name(name, path, kept))
-            if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+            full_name = _full_name(name, path, kept)
+            target = source.get(full_name)
+            # a buffer (rotary inv_freq) keeps whatever dtype the full model's has, say after `.to(bfloat16)`
+            dtype_differs = kind == "_parameters" and target is not None and target.dtype != tensor.dtype
+            if target is None or target.shape != tensor.shape or dtype_differs:
                 raise ModelError(f"compress: {name} of the compressed {type(base).__name__} has no counterpart "
-                                 "in the full model to share")
+                                 "in the full model")
+            if target.device.type == "meta" or not share:
+                if id(target) not in made:
+                    value = (onloaded_tensor(base, full_name, torch.device(place_of(places, name).device))
+                             if target.device.type == "meta" else target.detach().clone())
+                    made[id(target)] = torch.nn.Parameter(value, requires_grad=False) \
+                        if isinstance(target, torch.nn.Parameter) else value
+                target = made[id(target)]
             owner_path, _, attr = name.rpartition(".")
             getattr(compressed.get_submodule(owner_path), kind)[attr] = target
+    _dispatch(compressed, places)
     return compressed
+
+
+def _dispatch(model: PreTrainedModel, places: dict[str, Place]) -> None:
+    """Hooks that move each module's inputs to the device it computes on, when the model spans several
+    devices (accelerate's `AlignDevicesHook`, weights left where they are); `hf_device_map` records the map."""
+    devices = {place.device for place in places.values()}
+    if len(devices) <= 1:
+        return
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module  # noqa: PLC0415
+
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    for key, place in places.items():
+        module = model.get_submodule(key) if key else model
+        add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device(place.device),
+                                                    io_same_device=not key, skip_keys=skip))
+    model.hf_device_map = {key: place.device for key, place in places.items()}
 
 
 def save_compressed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, manifest: Manifest,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from learning.forward import response_logits, response_positions, unwrap_causal_lm
+from learning.forward import response_positions, response_token_losses, unwrap_causal_lm
 from tasks.batching import collate, eval_groups
 from tasks.prompts import TokenizedExample
 
@@ -37,8 +37,8 @@ def response_and_answer_nll(model: nn.Module, data: Sequence[TokenizedExample],
         batch = collate([data[i] for i in rows], pad_id)
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
-        out = response_logits(model, batch)
-        losses = nn.functional.cross_entropy(out.logits, out.targets.to(out.logits.device), reduction="none")
+        out = response_token_losses(model, batch)
+        losses = out.losses
         total += float(losses.sum())
         count += int(losses.numel())
         if answers is not None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from errors import ModelError
 from learning.compressed_model import Manifest
-from learning.forward import response_logits
+from learning.forward import response_token_losses
 from learning.lora import lora_parameters, remap_layer_indices
 from learning.seeds import derive_seed
 from tasks.batching import collate, round_batch_indices
@@ -39,8 +39,7 @@ def fidelity_batches(data: Sequence[TokenizedExample], n_batches: int, batch_siz
 
 def _adapter_grad(model: nn.Module, params: list[nn.Parameter], batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Flat gradient of the mean response cross-entropy w.r.t. `params` (float32, CPU)."""
-    out = response_logits(model, batch)
-    loss = nn.functional.cross_entropy(out.logits, out.targets.to(out.logits.device))
+    loss = response_token_losses(model, batch).losses.mean()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).detach().float().reshape(-1).cpu()
                       for p, g in zip(params, grads, strict=True)])

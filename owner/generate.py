@@ -1,6 +1,9 @@
 """Generate with an exported adapter using only transformers + peft, as any user of the result would.
 
-    python -m owner.generate --adapter runs/x/adapfu --prompt "What is 12 * 7?"
+    python -m owner.generate --adapter runs/x/adapfu --prompt "What is 12 * 7?" [--device auto] [--dtype auto]
+
+The base model loads on `--device` in `--dtype` (auto: a CUDA GPU when present, bfloat16 where it computes it
+natively; `learning.hardware`), the adapter's LoRA beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 
 from errors import FedbiotError, ModelError, first_line
+from learning.hardware import DEVICES, DTYPES, Hardware, resolve_hardware
 from tasks.prompts import pad_id_of
 
 
@@ -32,15 +36,17 @@ def _base_of(adapter: Path) -> str:
     return base
 
 
-def generate(adapter: Path, prompt: str, max_new_tokens: int = 128) -> str:
-    """Greedy answer of base model + adapter to `prompt` (chat template applied when there is one)."""
+def generate(adapter: Path, prompt: str, max_new_tokens: int = 128, hardware: Hardware | None = None) -> str:
+    """Greedy answer of base model + adapter to `prompt` (chat template applied when there is one), the base
+    model on `hardware`'s device and in its dtype (default: float32 on the CPU)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
     base = _base_of(adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=hardware.dtype, device_map={"": str(hardware.device)})
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load base {base} with adapter {adapter}: {first_line(e)}") from None
@@ -51,6 +57,7 @@ def generate(adapter: Path, prompt: str, max_new_tokens: int = 128) -> str:
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     pad = pad_id_of(tokenizer)
+    inputs = inputs.to(hardware.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -63,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path, required=True, help="exported adapter directory")
     parser.add_argument("--prompt", required=True, help="the user prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", help=f"{DEVICES} (auto: a CUDA GPU when present)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="the base model's precision (auto: bfloat16 where the device computes it natively)")
     parser.add_argument("--verbose", action="store_true", help="let libraries print their bars and warnings")
     args = parser.parse_args(argv)
     if not args.verbose:
@@ -73,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
-        print(generate(args.adapter, args.prompt, args.max_new_tokens))
+        print(generate(args.adapter, args.prompt, args.max_new_tokens, resolve_hardware(args.device, args.dtype)))
     except FedbiotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

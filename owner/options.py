@@ -33,14 +33,10 @@ def _memory_field(text: str) -> dict[str, str | int] | None:
     return None if memory is None else {str(k): v for k, v in memory.items()}
 
 
-def _memory_flag(value):
-    """RunConfig.max_memory back in the flag's DEV=SIZE,... form (a string passes unchanged)."""
-    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
-
-
 @functools.cache
 def run_options() -> tuple[Option, ...]:
     """The options of a run (`--simulate`, `--listen`, `owner plan`): each sets a RunConfig field."""
+    from learning.hardware import format_max_memory  # noqa: PLC0415
     from owner.config import METHODS, RunConfig  # noqa: PLC0415 - `owner keygen` needs none of it
     from tasks.prompts import TEMPLATES  # noqa: PLC0415
 
@@ -63,7 +59,7 @@ def run_options() -> tuple[Option, ...]:
         Option("--device-map", to="device_map", group=MEMORY, shown="none: the whole model on --device",
                help="accelerate placement of the full model: auto | balanced | sequential | cuda:0 | cpu"),
         Option("--max-memory", to="max_memory", metavar="DEV=SIZE,...", group=MEMORY, to_field=_memory_field,
-               from_field=_memory_flag, help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
+               from_field=format_max_memory, help="per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
         Option("--offload-folder", to="offload_folder", group=MEMORY,
                help="disk offload of weights that fit on no device"),
         Option("--no-share-weights", to="share_weights", dest="share_weights", action="store_false", group=MEMORY,
@@ -76,6 +72,11 @@ def run_options() -> tuple[Option, ...]:
                group=MEMORY, help="recompute E*(x) every alignment step instead of once per public example"),
         Option("--teacher-cache-mb", to="align.cache_memory_mb", type=float, group=MEMORY,
                help="E*(x) cache kept in memory up to this many MB; the rest spills to OUT/teacher_cache"),
+        Option("--no-align-checkpointing", to="align.checkpoint_activations", dest="checkpoint_activations",
+               action="store_false", group=MEMORY,
+               help="keep every activation of the compressed model's alignment step for its backward pass instead "
+                    "of recomputing each layer's there (faster steps; a peak of several times the weights on a "
+                    "small model)"),
         Option("--party-data", to="party_data", group=DATA,
                help=f"parties' training data in --simulate: {DATA_SOURCES}"),
         Option("--party-data-kind", to="party_data_kind", group=DATA, help=f"layout of --party-data: {KINDS}"),
@@ -198,6 +199,10 @@ def owner_options() -> tuple[Option, ...]:
 
 def plan_options() -> tuple[Option, ...]:
     return (Option("--json", action="store_true", default=False, help="print the figures as JSON instead of a table"),
+            Option("--party-device-map", metavar="MAP", default=None, shown="none: no party split",
+                   help="plan a party's placement too (party --device-map): auto | balanced | sequential | cuda:0"),
+            Option("--party-max-memory", metavar="DEV=SIZE,...", default=None,
+                   help="the party's per-device budget (party --max-memory), e.g. 0=80GiB,1=80GiB"),
             *run_options())
 
 

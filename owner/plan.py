@@ -23,14 +23,27 @@ layer below the lowest trainable one has no backward pass), taken from the confi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from errors import ConfigError, ModelError, first_line
+from learning.compressed_model import FORMAT_VERSION, Manifest, decoder_layers_path
 from owner.compress import kept_layer_indices
 from owner.config import RunConfig
+from owner.footprint import (
+    COMPUTE_BYTES,
+    Dims,
+    loss_chunk_bytes,
+    meta_model,
+    owner_footprint,
+    party_footprint,
+    planned_device_map,
+)
 from owner.models import gguf_cache_dir, model_source
 from tasks.hf_sources import hub_offline
 
@@ -73,6 +86,7 @@ class ModelShape:
     mlp_bias: bool = False
     norms_per_layer: int = 2
     qk_norm: bool = False
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # the config dict itself
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(fan_in, fan_out) of every projection in one decoder layer."""
@@ -143,13 +157,37 @@ def shape_from_config(cfg: Mapping[str, Any], name: str = "") -> ModelShape:
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (kv, head_dim)):
         raise ConfigError(f"{name or 'model config'}: num_key_value_heads and head_dim must be positive integers")
     model_type = str(cfg.get("model_type") or "unknown")
+    causal_config(cfg, name)  # a decoder-only causal LM, or one error line
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelShape(
         name=name or str(cfg.get("_name_or_path") or model_type), model_type=model_type,
         kv_heads=kv, head_dim=head_dim, tied=bool(cfg.get("tie_word_embeddings", True)),
         qkv_bias=attention_bias or model_type in _QKV_BIAS, o_bias=attention_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)), norms_per_layer=2 + _EXTRA_LAYER_NORMS.get(model_type, 0),
-        qk_norm=model_type in _QK_NORM, **values)
+        qk_norm=model_type in _QK_NORM, raw=dict(cfg), **values)
+
+
+def causal_config(cfg: Mapping[str, Any], name: str = ""):
+    """The transformers config of a decoder-only causal LM (the text config of a multimodal checkpoint); an
+    encoder, an encoder-decoder or a model type transformers does not know is refused."""
+    from transformers import AutoConfig  # noqa: PLC0415
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: PLC0415
+
+    text = cfg["text_config"] if isinstance(cfg.get("text_config"), Mapping) else cfg
+    model_type = text.get("model_type") or cfg.get("model_type")
+    what = name or "the model"
+    if cfg.get("is_encoder_decoder") or text.get("is_encoder_decoder"):
+        raise ConfigError(f"{what} ({model_type}) is an encoder-decoder model: FedBiOT compresses decoder-only "
+                          "causal language models")
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if causal is None or not causal.endswith("ForCausalLM"):
+        known = f" (transformers' language-model head for it is {causal})" if causal else ""
+        raise ConfigError(f"{what} ({model_type}) is not a decoder-only causal language model{known}: FedBiOT "
+                          "compresses decoders such as Llama, Mistral, Qwen or Gemma")
+    try:
+        return AutoConfig.for_model(model_type, **{k: v for k, v in text.items() if k != "model_type"})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{what}: cannot read its {model_type} config: {first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------- reading configs
@@ -236,7 +274,10 @@ class Plan:
     step_backward_flops: int
     download_bytes: dict[str, float] = field(default_factory=dict)  # compressed model, by dtype
     party_memory: dict[str, float] = field(default_factory=dict)  # by dtype of the frozen weights
-    owner_memory: dict[str, float] = field(default_factory=dict)
+    owner_memory: dict[str, float | None] = field(default_factory=dict)  # None: the owner holds no such weights
+    split_dtype: str = "bfloat16"  # the dtype of the per-device splits
+    owner_split: dict | None = None  # owner.footprint.Footprint.to_dict() for --device-map
+    party_split: dict | None = None  # the same for a party with --party-device-map
 
     @property
     def round_bytes(self) -> int:
@@ -336,16 +377,20 @@ def party_step_flops(shape: ModelShape, n_layers: int, trainable: set[int], live
 
 
 def _activation_bytes(shape: ModelShape, layers_with_grad: int, tokens: int, compute_bytes: int) -> float:
-    """Tensors autograd keeps for the backward pass: per token and layer, the norms' inputs and outputs,
-    q/k/v, the attention output, gate/up outputs and the MLP's activation (SDPA keeps no score matrix);
-    plus float32 logits and their gradient."""
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = 4 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate
-    return tokens * (layers_with_grad * per_layer * compute_bytes + 2 * shape.vocab * 4)
+    """Tensors autograd keeps for a party's backward pass (`owner.footprint.Dims.layer_keeps` per token and
+    layer), and one chunk of the cross-entropy over the vocabulary (`learning.vocab_loss`)."""
+    dims = Dims(shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim,
+                shape.vocab)
+    return tokens * layers_with_grad * dims.layer_keeps() * compute_bytes + loss_chunk_bytes(dims, tokens, "party")
 
 
-def make_plan(shape: ModelShape, config: RunConfig) -> Plan:
-    """Every figure of `config` on a model of `shape` (raises ConfigError/ModelError on a bad layout)."""
+def make_plan(shape: ModelShape, config: RunConfig,
+              party_placement: tuple[str | None, Mapping | None] | None = None) -> Plan:
+    """Every figure of `config` on a model of `shape` (raises ConfigError/ModelError on a bad layout).
+
+    The owner's memory is `owner.footprint.owner_footprint` on the model built on the meta device from the
+    config, the function the owner itself reports at start-up: per device when `config.device_map` places it
+    (the map transformers would make); `party_placement` = (device_map, max_memory) of a party adds its split."""
     n = shape.n_layers
     bottom, top = config.adapter_layout(n)
     kept = kept_layer_indices(n, top, config.drop_rate, bottom)
@@ -365,8 +410,8 @@ def make_plan(shape: ModelShape, config: RunConfig) -> Plan:
                              tokens, train.prox_eps > 0)
     lowest = min(adapter_c)
     download = {d: shape.weight_bytes(n_c, d) for d in DTYPES}
-    party, owner = {}, {}
-    align_tokens = config.align.batch_size * config.max_length
+    party: dict[str, float] = {}
+    owner: dict[str, float | None] = {}
     for dtype in DTYPES:
         compute = 4 if dtype == "float32" else 2
         # A float32 party folds the frozen emulator LoRA into its weights; other dtypes keep it as LoRA.
@@ -375,16 +420,33 @@ def make_plan(shape: ModelShape, config: RunConfig) -> Plan:
         adapter_state = trainable * WIRE_BYTES * 5
         party[dtype] = (download[dtype] + unfolded + adapter_state
                         + _activation_bytes(shape, n_c - lowest, tokens, compute))
-        # owner: full model (teacher, adapter LoRA) + compressed model (student, LoRA on every layer) with
-        # AdamW on the emulator LoRA; alignment backpropagates through the whole student; teacher logits
-        # are kept for the KL term. FedAvg on the full model needs the full model only.
-        full = shape.weight_bytes(n, dtype)
-        if emulator_c:
-            owner[dtype] = (full + download[dtype] + (trainable * 2 + emulator_lora * 4) * WIRE_BYTES
-                            + _activation_bytes(shape, n_c, align_tokens, compute)
-                            + align_tokens * shape.vocab * 4)
-        else:
-            owner[dtype] = full + trainable * WIRE_BYTES * 2
+    owner_split = party_split = None
+    split_dtype = config.dtype if config.dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    if shape.raw is not None:
+        hf_config = causal_config(shape.raw, shape.name)
+        # the public set's tokens at most (without a limit, the E* cache fills its bound)
+        public_tokens = config.public_limit * config.max_length if config.public_limit else math.inf
+        for dtype in ("float32", "bfloat16"):
+            full_model = meta_model(hf_config, getattr(torch, dtype))
+            manifest = Manifest(format_version=FORMAT_VERSION, base_model=shape.name, n_layers=n, adapter_size=top,
+                                drop_rate=float(config.drop_rate), kept_layers=kept,
+                                layers_path=decoder_layers_path(full_model), bottom_adapter_size=bottom)
+            owner[dtype] = owner_footprint(full_model, {"": "device"}, manifest, config, public_tokens,
+                                           COMPUTE_BYTES[dtype]).total
+        full_model = meta_model(hf_config, getattr(torch, split_dtype))
+        if config.device_map is not None:
+            device_map = planned_device_map(full_model, config.device_map, config.max_memory, "device")
+            owner_split = owner_footprint(full_model, device_map, manifest, config, public_tokens,
+                                          COMPUTE_BYTES[split_dtype]).to_dict()
+        if party_placement is not None and party_placement[0] is not None:
+            from owner.compress import _cut_config  # noqa: PLC0415
+
+            party_model = meta_model(_cut_config(hf_config, kept, n), getattr(torch, split_dtype))
+            party_map = planned_device_map(party_model, party_placement[0], party_placement[1], "device")
+            compressed_manifest = replace(manifest, layers_path=decoder_layers_path(party_model))
+            party_split = party_footprint(party_model, party_map, compressed_manifest, config,
+                                          COMPUTE_BYTES[split_dtype]).to_dict()
+    owner.update({"int8": None, "nf4": None})
     return Plan(
         model=shape.name, method=config.method, n_layers=n, params_full=shape.params(),
         kept_layers=kept, adapter_layers=[kept[i] for i in adapter_c], emulator_layers=[kept[i] for i in emulator_c],
@@ -393,7 +455,8 @@ def make_plan(shape: ModelShape, config: RunConfig) -> Plan:
         rounds=config.rounds, batch_size=train.batch_size,
         max_length=config.max_length, local_steps=train.local_steps,
         step_forward_flops=sum(flops["forward"].values()), step_backward_flops=sum(flops["backward"].values()),
-        download_bytes=download, party_memory=party, owner_memory=owner)
+        download_bytes=download, party_memory=party, owner_memory=owner, split_dtype=split_dtype,
+        owner_split=owner_split, party_split=party_split)
 
 
 # ------------------------------------------------------------------------------------------- printing
@@ -419,6 +482,27 @@ def _mb(n: float) -> str:
 
 def _size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else _mb(n)
+
+
+def format_split(who: str, split: Mapping[str, Any], dtype: str) -> list[str]:
+    """A node's memory per device (`owner.footprint.Footprint.to_dict()`) as table lines."""
+    parts = ("weights", "student", "lora", "cache", "activations")
+    heads = {"weights": "weights", "student": "own copies", "lora": "LoRA+AdamW", "cache": "E* cache",
+             "activations": "activations"}
+    if who == "party":
+        parts = ("weights", "lora", "activations")
+    lines = [f"{who} per device ({dtype}){'' if who == 'party' or split['shares'] else ', without sharing'}:",
+             f"{'device':<8}  " + "  ".join(f"{heads[k]:>11}" for k in parts) + f"  {'total':>11}"]
+    for device, use in split["devices"].items():
+        cells = "  ".join(f"{_size(use[k]):>11}" for k in parts)
+        lines.append(f"{device:<8}  {cells}  {_size(use['total']):>11}")
+    for where, size in split["offloaded"].items():
+        if size:
+            lines.append(f"offloaded to {where}: {_size(size)} (read every forward that needs it)")
+    if who == "party" and any(split["offloaded"].values()):
+        lines.append("a party refuses this placement: every layer of its model carries LoRA, which cannot be "
+                     "offloaded (give --party-max-memory more room or another device)")
+    return lines
 
 
 def format_plan(plan: Plan) -> str:
@@ -448,8 +532,13 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     lines.append(f"{'frozen weights':<14}  {'download':>10}  {'party memory':>12}  {'owner memory':>12}")
     for dtype in DTYPES:
+        owner = plan.owner_memory.get(dtype)
         lines.append(f"{dtype:<14}  {_size(plan.download_bytes[dtype]):>10}  {_size(plan.party_memory[dtype]):>12}  "
-                     f"{_size(plan.owner_memory[dtype]):>12}")
-    lines.append("(download: the compressed model a party fetches once, shipped today as float32; memory: weights "
-                 "+ LoRA and optimizer state + activations of one step, without framework overhead)")
+                     f"{'-' if owner is None else _size(owner):>12}")
+    lines.append("(download: the compressed model a party fetches once, in the run's dtype; memory: weights + LoRA "
+                 "and optimizer state + activations of one step (the owner's: an alignment step, with the E* cache), "
+                 "without framework overhead; the owner holds its model unquantised)")
+    for who, split in (("owner", plan.owner_split), ("party", plan.party_split)):
+        if split:
+            lines += ["", *format_split(who, split, plan.split_dtype)]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from tasks.prompts import TokenizedExample
 
 _SAMPLES_PER_TENSOR = 64
 # Settings that do not change what pre-alignment computes (where E* lives, what is measured afterwards).
-_NOT_IN_KEY = ("cache_memory_mb", "fidelity_batches", "round_steps")
+_NOT_IN_KEY = ("cache_memory_mb", "checkpoint_activations", "fidelity_batches", "round_steps")
 
 
 @dataclass

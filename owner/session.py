@@ -18,16 +18,18 @@ import torch
 
 from errors import ConfigError
 from learning.compressed_model import Manifest
+from learning.forward import model_device
 from learning.lora import initial_lora, load_lora_state, lora_state, remap_layer_indices
 from owner.alignment import EmulatorAligner
-from owner.compress import can_share, compress, kept_layer_indices, save_compressed
+from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
 from owner.evaluate import response_and_answer_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
+from owner.footprint import gb, owner_footprint
 from owner.metrics import MetricsLog
 from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, load_model, make_resident
+from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, decoder_layers_path, load_model, make_resident
 from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
@@ -112,12 +114,14 @@ class OwnerSession:
     def _build(self, resume: bool) -> None:
         cfg = self.config
         compressed_dir = self.out_dir / "compressed"
-        bottom, top = cfg.adapter_layout(len(decoder_layers(self.base.model)))
-        share = cfg.share_weights and can_share(self.base.model)
-        if cfg.share_weights and not share:
-            self.log.say("the full model is spread over devices or offloaded: the compressed model gets copies")
+        n_layers = len(decoder_layers(self.base.model))
+        bottom, top = cfg.adapter_layout(n_layers)
+        path = decoder_layers_path(self.base.model)
+        # the adapter layers carry LoRA on both models: out of any offload before the compressed model shares them
+        make_resident(self.base.model, [f"{path}.{i}" for i in (*range(bottom), *range(n_layers - top, n_layers))])
         compressed, manifest = compress(self.base.model, top, cfg.drop_rate, self.base.identity, bottom,
-                                        share_weights=share)
+                                        share_weights=cfg.share_weights)
+        self._report_footprint(manifest)
         if resume and compressed_dir.is_dir():
             saved = Manifest.load(compressed_dir)
             if saved.kept_layers != manifest.kept_layers or saved.base_model != manifest.base_model:
@@ -131,7 +135,6 @@ class OwnerSession:
         self.log.say(f"{cfg.method}: compressed {manifest.n_layers} layers -> emulator {n_emu} + adapter "
                      f"{adapter} (kept {manifest.kept_layers})")
         self.student = initial_lora(compressed, manifest, cfg.lora, cfg.seed)
-        make_resident(self.base.model, [f"{manifest.layers_path}.{i}" for i in manifest.full_adapter_layers])
         self.teacher = initial_lora(self.base.model, manifest, cfg.lora, cfg.seed, full_model=True)
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.initial_adapter = {k: v.clone() for k, v in self.adapter_state.items()}  # what `untrained` compares
@@ -156,6 +159,22 @@ class OwnerSession:
                 self.log.say(f"after pre-alignment, {describe_fidelity(info['fidelity'])}")
             self.checkpoint()
         self.log.rounds_started(cfg.rounds, self.round)
+
+    def _report_footprint(self, manifest: Manifest) -> None:
+        """What the owner holds per device (`owner.footprint`, the figures `owner plan` prints), logged and
+        recorded; offloaded weights are named with what they cost every alignment step."""
+        model = self.base.model
+        device_map = getattr(model, "hf_device_map", None) or {"": str(model_device(model))}
+        compute = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
+        tokens = sum(len(item.input_ids) for item in self.data.public_tokens)
+        footprint = owner_footprint(model, device_map, manifest, self.config, tokens, compute)
+        self.log.record("footprint", **footprint.to_dict())
+        self.log.say(f"owner memory (weights, LoRA, E* cache, one alignment step): {footprint.describe()}")
+        slow = {k: v for k, v in footprint.offloaded.items() if v}
+        if slow:
+            self.log.say("offloaded weights are read from " + " and ".join(f"{where} ({gb(size)})" for where, size
+                         in slow.items()) + " every time they run: the full model's lower layers once per public "
+                         "example (E* is cached), the compressed model runs from its own copies of what it keeps")
 
     def _pre_align(self) -> dict:
         """Pre-alignment, or its result loaded from `--prealign-cache` when everything it depends on matches."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from errors import ModelError
 from learning.compressed_model import Manifest
-from learning.forward import unwrap_causal_lm
+from learning.forward import execution_device, unwrap_causal_lm
 from owner.models import decoder_layers
 from tasks.batching import collate
 from tasks.prompts import TokenizedExample
@@ -206,7 +206,7 @@ class TeacherInputCache:
         """Padded E* [B, T, H] of `data[indices]` (right padding, zeros), computing what is not cached yet."""
         lm = unwrap_causal_lm(teacher)
         boundary = decoder_layers(lm)[boundary_index(manifest)]
-        device = _module_device(boundary)
+        device = execution_device(boundary)
         found = {i: self.get(i, device) for i in dict.fromkeys(indices)}
         missing = [i for i, t in found.items() if t is None]
         if missing:
@@ -221,18 +221,6 @@ class TeacherInputCache:
         for row, i in enumerate(indices):
             out[row, :found[i].shape[0]] = found[i].to(first.device)
         return out
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    """Where a module's weights are (its execution device under accelerate offload hooks)."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    for t in module.parameters():
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

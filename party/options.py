@@ -18,6 +18,7 @@ GB = 10**9
 @functools.cache
 def party_options() -> tuple[Option, ...]:
     """Every option of `party`, in --help's order."""
+    from learning.hardware import format_max_memory, parse_max_memory  # noqa: PLC0415
     from party.session import PartyOptions  # noqa: PLC0415 - `party keygen` needs none of it
     from tasks.columns import ColumnMap  # noqa: PLC0415
 
@@ -39,6 +40,11 @@ def party_options() -> tuple[Option, ...]:
         Option("--timeout", to="timeout", type=float, help="give up after this many seconds without the owner"),
         Option("--max-download-gb", to="max_download", type=float, to_field=lambda gb: int(gb * GB),
                from_field=lambda size: size / GB, help="refuse a compressed model archive larger than this"),
+        Option("--device-map", to="device_map", shown="none: the whole model on --device",
+               help="place the compressed model over this machine's devices with accelerate: auto | balanced | "
+                    "sequential | cuda:0 (every layer carries LoRA, so nothing may be offloaded)"),
+        Option("--max-memory", to="max_memory", metavar="DEV=SIZE,...", to_field=parse_max_memory,
+               from_field=format_max_memory, help="per-device budget for --device-map, e.g. 0=70GiB,1=70GiB"),
         Option("--roster", to="roster", type=Path, to_field=_load_roster, from_field=lambda roster: None,
                shown="none: secure rounds are refused", group=POLICY,
                help="the consortium roster this party pins (made by `party roster`): every peer's per-round keys "

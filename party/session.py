@@ -52,6 +52,8 @@ class PartyOptions:
     timeout: float = 3600.0  # give up after this long without hearing from the owner
     hardware: Hardware | None = None  # device and dtype of the frozen weights (None: CPU, float32)
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
+    device_map: str | None = None  # accelerate's placement of the compressed model over this machine's devices
+    max_memory: dict[str | int, str | int] | None = None  # per-device budget for device_map
     require_secure_agg: bool = True  # refuse any round whose update would leave unmasked
     max_download: int = 200 * 10**9  # bytes: a larger model archive is refused before anything is written
     policy: PartyPolicy | None = None  # this party's floors for a secure round (collusion bound, degree, ...)
@@ -190,7 +192,8 @@ class PartyNode:
 
     def load_model(self, model_dir: Path) -> None:
         cfg, opts = self.rounds.settings, self.opts
-        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, opts.hardware, opts.quantize)
+        party = PartyModel.load(model_dir, cfg.lora, cfg.seed, opts.hardware, opts.quantize, opts.device_map,
+                                opts.max_memory)
         data = party.tokenize(self.examples, cfg.max_length, cfg.template)
         dp: dict = {}
         if opts.dp is not None:  # one accountant for this data over every run, whoever the owner
@@ -212,6 +215,9 @@ class PartyNode:
             emulator={n: (shape, "F32") for n, (shape, _) in emulator_spec.items()})}
         self.send_ready()
         where = self.opts.hardware.describe() if self.opts.hardware else "cpu float32"
+        placed = getattr(party.model.get_base_model(), "hf_device_map", None)
+        if self.opts.device_map is not None and placed:
+            where += " over " + ", ".join(sorted({str(v) for v in placed.values()}))
         self.log(f"model ready ({len(party.manifest.emulator_layers)} emulator + {party.manifest.adapter_size} "
                  f"adapter layers, {where}{f', {self.opts.quantize}' if self.opts.quantize else ''}); "
                  f"training data: {len(data)} examples")

@@ -141,3 +141,27 @@ def test_generate_cli_missing_dir(tmp_path, capsys):
     assert main(["--adapter", str(tmp_path / "none"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+
+
+def test_generate_loads_the_base_model_on_the_chosen_device_and_dtype(tiny_chat_dir, tmp_path, monkeypatch):
+    """--device/--dtype reach from_pretrained (a 7B no longer always loads as 27 GB of float32 on the CPU)."""
+    import transformers
+
+    compressed, manifest = compress(_load(tiny_chat_dir), 2, 0.0, str(tiny_chat_dir))
+    peft = attach_lora(compressed, manifest.adapter_layers, SETTINGS, seed=0)
+    export_adapfu(_randomise(peft, manifest.adapter_layers, seed=5), manifest, str(tiny_chat_dir), SETTINGS,
+                  tmp_path / "adapfu")
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append((kwargs.get("dtype"), kwargs.get("device_map"), next(model.parameters()).dtype))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    argv = ["--adapter", str(tmp_path / "adapfu"), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert seen[-1] == (torch.bfloat16, {"": "cpu"}, torch.bfloat16)
+    assert main([*argv, "--device", "cpu"]) == 0  # auto on a CPU: float32
+    assert seen[-1][0] == torch.float32

@@ -98,7 +98,7 @@ def test_the_parsers_defaults_are_the_fields_defaults():
     party = party_cli.options_from_args(party_cli.build_parser().parse_args(PARTY_REQUIRED))
     blank = PartyOptions(endpoint="x", key=Path("k"), owner_key=Path("o"), data="d")
     for name in ("data_kind", "columns", "name", "work_dir", "dp", "timeout", "quantize", "require_secure_agg",
-                 "max_download", "min_parties", "clip", "share_stats", "share_data_size"):
+                 "max_download", "min_parties", "clip", "share_stats", "share_data_size", "device_map", "max_memory"):
         assert getattr(party, name) == getattr(blank, name), name
     assert party.policy == PartyPolicy()
 
@@ -107,7 +107,8 @@ def test_party_flags_reach_their_fields():
     argv = [*PARTY_REQUIRED, "--data-kind", "gsm8k", "--name", "bob", "--work", "w", "--timeout", "5",
             "--max-download-gb", "1.5", "--min-parties", "3", "--min-collusion", "0", "--min-degree", "2",
             "--min-honest", "1", "--clip", "0.5", "--share-stats", "--share-data-size", "--allow-plain",
-            "--quantize", "nf4", "--device", "cpu", "--dtype", "float32", "--dp-epsilon", "3", "--progress", "none"]
+            "--quantize", "nf4", "--device", "cpu", "--dtype", "float32", "--dp-epsilon", "3", "--progress", "none",
+            "--device-map", "auto", "--max-memory", "0=70GiB,1=70GiB,cpu=1000"]
     opts = party_cli.options_from_args(party_cli.build_parser().parse_args(argv))
     assert (opts.endpoint, opts.data, opts.data_kind, opts.name, opts.work_dir) == (
         "tcp://127.0.0.1:5555", "d.jsonl", "gsm8k", "bob", Path("w"))
@@ -116,6 +117,7 @@ def test_party_flags_reach_their_fields():
     assert opts.clip == 0.5 and opts.share_stats and opts.share_data_size and not opts.require_secure_agg
     assert opts.quantize == "nf4" and opts.hardware.describe() == "cpu float32" and opts.progress.mode == "none"
     assert opts.dp == DPSettings(target_epsilon=3.0)
+    assert opts.device_map == "auto" and opts.max_memory == {0: "70GiB", 1: "70GiB", "cpu": 1000}
 
 
 def test_every_option_has_help_and_says_its_default():

@@ -14,7 +14,8 @@ from learning.compressed_model import load_compressed
 from learning.lora import LoraSettings, attach_lora, lora_state
 from owner.alignment import AlignSettings, EmulatorAligner, alignment_loss
 from owner.cli import main
-from owner.compress import can_share, compress, save_compressed
+from owner.compress import compress, save_compressed
+from owner.config import RunConfig
 from owner.models import Placement, load_model, make_resident, parse_max_memory, single_device
 from owner.teacher_cache import TeacherInputCache, fingerprint, lower_forward, upper_forward
 from tasks.batching import collate
@@ -122,12 +123,27 @@ def test_shared_compressed_model_saves_a_standalone_checkpoint(tmp_path):
     assert not any(p.data_ptr() in full_ptrs for p in loaded.parameters())
 
 
-def test_sharing_an_offloaded_model_is_refused(tmp_path):
+def test_an_offloaded_model_shares_what_is_resident_and_copies_what_is_offloaded(tmp_path):
     path = save_tiny(tmp_path / "m", "llama", 8)
     off = load_model(str(path), placement=Placement("auto", {"cpu": 150_000}, str(tmp_path / "off"))).model
-    assert not can_share(off) and single_device(off) is None
-    with pytest.raises(ModelError, match="cannot be shared"):
-        compress(off, 2, 0.5, "tiny", share_weights=True)
+    assert single_device(off) is None and "disk" in set(off.hf_device_map.values())
+    compressed, manifest = compress(off, 2, 0.5, "tiny", share_weights=True)
+    full = dict(off.named_parameters())
+    shared = copied = 0
+    for name, p in compressed.named_parameters():
+        source = full[full_name(name, manifest.kept_layers)]
+        assert p.device.type == "cpu"  # nothing of the compressed model is offloaded: it carries LoRA
+        if source.device.type == "meta":
+            copied += 1
+        else:
+            assert p.data_ptr() == source.data_ptr(), name
+            shared += 1
+    assert shared and copied
+    plain = load_model(str(path)).model
+    reference, _ = compress(plain, 2, 0.5, "tiny")
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(compressed(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 # ------------------------------------------------------------------------------------------ E* cache
@@ -237,9 +253,9 @@ def test_offloaded_teacher_matches_the_plain_one(tmp_path):
     tokenizer = byte_tokenizer()
     runs = []
     for full, cache in [(plain, False), (off, False), (off, True)]:
-        compressed, manifest = compress(full, 2, 0.5, "tiny", share_weights=can_share(full))
+        make_resident(full, [f"model.layers.{i}" for i in (6, 7)])  # the adapter layers, as OwnerSession does
+        compressed, manifest = compress(full, 2, 0.5, "tiny", share_weights=True)
         student = attach_lora(compressed, manifest.emulator_layers + manifest.adapter_layers, LORA, seed=1)
-        make_resident(full, [f"model.layers.{i}" for i in manifest.full_adapter_layers])
         teacher = attach_lora(full, manifest.full_adapter_layers, LORA, seed=1)
         aligner = EmulatorAligner(student, teacher, manifest, public_data(tokenizer), tokenizer.pad_token_id,
                                   AlignSettings(batch_size=4, lr=1e-2, cache_teacher=cache), seed=0)
@@ -292,16 +308,68 @@ def test_run_is_bit_identical_with_sharing_cache_and_offload(tiny_llama_dir, tmp
     for label in ("owner-memory", "offload"):
         assert all(torch.equal(runs[label][1][n], reference[n]) for n in reference), label
     assert (tmp_path / "owner-memory" / "teacher_cache" / "cache.json").is_file()
+    # what each owner reported holding is what `owner plan` plans for the same options (the E* cache aside:
+    # the plan bounds it by --public-limit x --max-length, the owner counts the tokens it has)
+    footprints = {label: next(json.loads(line) for line in (tmp_path / label / "metrics.jsonl").open()
+                              if '"footprint"' in line) for label in runs}
+    assert footprints["plain"]["devices"]["cpu"]["student"] > 0 and not footprints["plain"]["shares"]
+    assert footprints["owner-memory"]["devices"]["cpu"]["student"] == 0 and footprints["owner-memory"]["shares"]
+    offload = footprints["offload"]
+    assert offload["offloaded"]["disk"] > 0 and offload["devices"]["cpu"]["student"] > 0
+    from owner.plan import make_plan, read_model_config, shape_from_config
+
+    config = RunConfig(device_map="auto", max_memory={"cpu": 150000}, dtype="float32", max_length=96,
+                       align=AlignSettings(round_steps=1, pre_steps=2))
+    planned = make_plan(shape_from_config(read_model_config(str(tiny_llama_dir))[1]), config).owner_split
+    for use in (*offload["devices"].values(), *planned["devices"].values()):
+        use["total"] -= use.pop("cache")
+    assert {k: planned[k] for k in ("devices", "offloaded")} == {k: offload[k] for k in ("devices", "offloaded")}
 
 
 def test_owner_memory_benchmark_worker(tiny_llama_dir):
-    from benchmarks.owner_memory import worker
+    from benchmarks.owner_memory import MEMORY_MODES, TIME_MODES, markdown, summarise, worker
 
     common = {"model": str(tiny_llama_dir), "threads": 1, "public": 24, "max_length": 256, "batch_size": 2,
               "adapter_size": 2, "drop_rate": 0.5, "steps": 2, "prefill": True, "label": "tiny"}
-    old = worker({**common, "share": False, "cache": False})
-    new = worker({**common, "share": True, "cache": True})
+    old = worker({**common, **MEMORY_MODES["old"]})
+    shared = worker({**common, **MEMORY_MODES["shared"]})
+    new = worker({**common, **MEMORY_MODES["new"]})
     assert old["student_own_bytes"] > 0 and new["student_own_bytes"] == 0
     assert new["filled_examples"] > 0 and new["cache_bytes"] > 0 and old["cache_bytes"] == 0
-    assert new["losses"] == old["losses"] and len(new["step_seconds"]) == 2
+    assert shared["losses"] == old["losses"] and len(new["step_seconds"]) == 2
+    assert new["losses"] == pytest.approx(shared["losses"], rel=1e-5)  # chunked KL, recomputed activations
     assert new["model_bytes"] == old["model_bytes"] > 0
+    result = {"label": "tiny", "memory": {**{m: shared for m in MEMORY_MODES}, "old": old, "new": new},
+              "live": {m: new for m in MEMORY_MODES}, "time": {m: new for m in TIME_MODES}}
+    result["summary"] = summarise(result)
+    text = markdown({"settings": {}, "environment": {}, "models": [result]})
+    assert text.count("| tiny |") == 3 and f"{result['summary']['new_live_peak_x']:.2f}x" in text
+
+
+def test_the_student_is_placed_where_the_teacher_computes_each_kept_module():
+    """A teacher spread over two GPUs (lm_head CPU-offloaded, so run on the first GPU): each module of the
+    compressed model computes on the device of its counterpart, dropped layers have no place, nothing is
+    offloaded (the student carries LoRA)."""
+    from owner.compress import kept_layer_indices, student_placement
+    from owner.footprint import Place
+
+    full = tiny_model("llama", 8)
+    full.hf_device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": "cpu",
+                          **{f"model.layers.{i}": 0 if i < 4 else 1 for i in range(8)}}
+    kept = kept_layer_indices(8, 2, 0.5)
+    places = student_placement(full, "model.layers", kept)
+    gpu = {0: Place("cuda:0"), 1: Place("cuda:1")}
+    assert places == {"model.embed_tokens": gpu[0], "model.rotary_emb": gpu[0], "model.norm": gpu[1],
+                      "lm_head": gpu[0], **{f"model.layers.{i}": gpu[0 if k < 4 else 1] for i, k in enumerate(kept)}}
+    del full.hf_device_map
+    assert student_placement(full, "model.layers", kept) == {"": Place("cpu")}
+
+
+def test_a_model_cast_with_to_shares_its_buffers_whatever_their_dtype():
+    """`.to(bfloat16)` casts the rotary inv_freq buffer too (loading in bfloat16 keeps it float32): the
+    compressed model takes the full model's buffer as it is."""
+    full = tiny_model("llama", 8).to(torch.bfloat16)
+    compressed, _ = compress(full, 2, 0.5, "tiny", share_weights=True)
+    buffers = dict(full.named_buffers())
+    for name, buffer in compressed.named_buffers():
+        assert buffer.data_ptr() == buffers[name].data_ptr(), name

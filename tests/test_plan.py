@@ -13,6 +13,7 @@ from benchmarks.flops import step_flops
 from learning.lora import LoraSettings, attach_lora, load_lora_state, lora_state
 from learning.training import TrainSettings
 from owner import cli
+from owner.alignment import AlignSettings
 from owner.compress import compress
 from owner.config import RunConfig
 from owner.plan import make_plan, party_step_flops, read_model_config, shape_from_config
@@ -140,7 +141,9 @@ def test_cli_json_and_model_directory(tmp_path, capsys):
     assert figures["down_bytes"] == figures["up_bytes"] == 4 * figures["trainable"]
     mem = figures["party_memory"]
     assert mem["float32"] > mem["bfloat16"] > mem["int8"] > mem["nf4"] > 0
-    assert figures["owner_memory"]["float32"] > mem["float32"]
+    owner = figures["owner_memory"]
+    assert owner["float32"] > 4 * figures["params_full"] > owner["bfloat16"] > 2 * figures["params_full"]
+    assert owner["int8"] is None and owner["nf4"] is None  # the owner holds its model unquantised
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -175,3 +178,91 @@ def test_target_modules_reach_a_run_config():
     config = cli.config_from_args(args, 2, False)
     assert config.lora.target_modules == ("q_proj", "v_proj")
     assert RunConfig.from_dict(config.to_dict()).lora == config.lora
+
+
+# ------------------------------------------------------------------------------------------ owner memory
+
+LLAMA2_70B = CONFIGS / "llama-2-70b-hf.json"
+EIGHT_H100 = {str(i): "80GiB" for i in range(8)}
+
+
+def test_the_owner_of_a_70b_shares_its_weights_over_eight_80gb_gpus():
+    shape = _shape(LLAMA2_70B)
+    config = RunConfig(lora=PAPER_LORA, dtype="bfloat16", device_map="auto", max_memory=EIGHT_H100)
+    plan = make_plan(shape, config, ("auto", {0: "80GiB", 1: "80GiB"}))
+    split = plan.owner_split
+    assert split["shares"] and set(split["devices"]) == {f"cuda:{i}" for i in range(8)}
+    assert not any(split["offloaded"].values())
+    weights = sum(d["weights"] for d in split["devices"].values())
+    assert weights == pytest.approx(shape.weight_bytes(80, "bfloat16"), rel=1e-6)
+    assert all(d["student"] == 0 and 0 < d["total"] < 80 * 2**30 for d in split["devices"].values())
+    assert sum(d["total"] for d in split["devices"].values()) == pytest.approx(plan.owner_memory["bfloat16"])
+    # the party's 56B compressed model (Table: 112 GB in bfloat16, 30 GB in nf4) over two 80 GB GPUs
+    assert plan.download_bytes["bfloat16"] == pytest.approx(110.6e9, rel=0.01)
+    assert plan.download_bytes["nf4"] == pytest.approx(29.3e9, rel=0.01)
+    party = plan.party_split
+    assert set(party["devices"]) == {"cuda:0", "cuda:1"} and all(d["total"] < 80 * 2**30
+                                                                 for d in party["devices"].values())
+    assert sum(d["weights"] for d in party["devices"].values()) == pytest.approx(plan.download_bytes["bfloat16"],
+                                                                                 rel=1e-6)
+
+
+def test_sharing_and_the_cache_bound_change_the_owner_memory():
+    shape = _shape(LLAMA2)
+    base = make_plan(shape, RunConfig(lora=PAPER_LORA)).owner_memory["bfloat16"]
+    copied = make_plan(shape, RunConfig(lora=PAPER_LORA, share_weights=False)).owner_memory["bfloat16"]
+    assert copied - base == pytest.approx(shape.weight_bytes(26, "bfloat16"), rel=1e-3)  # the student's copy
+    small = make_plan(shape, RunConfig(lora=PAPER_LORA, align=AlignSettings(cache_memory_mb=100)))
+    none = make_plan(shape, RunConfig(lora=PAPER_LORA, align=AlignSettings(cache_teacher=False)))
+    cache = 400 * 256 * 4096 * 2  # every public item at max_length, bfloat16 hidden states: under the 1 GiB bound
+    assert base - small.owner_memory["bfloat16"] == pytest.approx(cache - 100 * 2**20)
+    assert base - none.owner_memory["bfloat16"] == pytest.approx(cache)
+    kept = make_plan(shape, RunConfig(lora=PAPER_LORA, align=AlignSettings(checkpoint_activations=False)))
+    assert kept.owner_memory["bfloat16"] > base + 1e9  # every layer's activations of an alignment step
+    # LLaMA-2-7B in bfloat16: the weights once (13.5 GB), the E* cache and one alignment step
+    assert 13.5e9 < base < 16e9
+
+
+def test_the_plan_places_the_model_as_the_owner_does(tmp_path):
+    """The planner's split is `owner_footprint` on transformers' own placement of the model built on meta; the
+    owner computes it on the model it loaded: the same numbers."""
+    from learning.compressed_model import Manifest
+    from owner.footprint import owner_footprint
+    from owner.models import Placement, load_model
+    from tests.tiny_models import save_tiny
+
+    path = save_tiny(tmp_path / "m", "llama", 8)
+    memory = {"cpu": 150_000}
+    config = RunConfig(device_map="auto", max_memory=memory, offload_folder=str(tmp_path / "off"), public_limit=8,
+                       dtype="float32")
+    loaded = load_model(str(path), placement=Placement("auto", memory, str(tmp_path / "off"))).model
+    plan = make_plan(_shape(path), config)
+    kept = plan.kept_layers
+    manifest = Manifest(format_version=1, base_model="tiny", n_layers=8, adapter_size=2, drop_rate=0.2,
+                        kept_layers=kept, layers_path="model.layers")
+    owner = owner_footprint(loaded, loaded.hf_device_map, manifest, config, 8 * config.max_length, 4).to_dict()
+    assert owner == plan.owner_split
+    assert owner["offloaded"]["disk"] > 0 and owner["devices"]["cpu"]["student"] > 0  # copies of offloaded layers
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": 30522, "hidden_size": 768,
+      "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}, "not a decoder-only"),
+    ({"model_type": "t5", "is_encoder_decoder": True, "vocab_size": 32128, "hidden_size": 512,
+      "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048}, "encoder-decoder"),
+])
+def test_configs_that_are_not_decoders_are_refused(tmp_path, capsys, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert cli.main(["plan", "--model", str(tmp_path / "config.json")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_party_split_that_offloads_says_the_party_refuses_it():
+    from owner.plan import format_plan
+
+    config = RunConfig(lora=PAPER_LORA, dtype="bfloat16")
+    plan = make_plan(_shape(LLAMA2), config, ("auto", {0: "4GiB", "cpu": "64GiB"}))
+    assert plan.owner_split is None and plan.party_split["offloaded"]["cpu"] > 0
+    assert "a party refuses this placement" in format_plan(plan)
+    fits = make_plan(_shape(LLAMA2), config, ("auto", {0: "40GiB"}))
+    assert set(fits.party_split["devices"]) == {"cuda:0"} and "refuses" not in format_plan(fits)
