@@ -58,7 +58,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         for sl in _slices(hidden.shape[0], rows):
             with torch.enable_grad():
                 part = hidden[sl].detach().requires_grad_(True)
-                loss = row_loss(head(part), sl)
+                # The head sees a view, not the leaf: hooks on a module's inputs (torch's module tracker, as
+                # FlopCounterMode uses) cannot be attached to a leaf inside autograd.grad.
+                loss = row_loss(head(part.view_as(part)), sl)
                 (grad,) = torch.autograd.grad(loss.sum(), part)
             losses.append(loss.detach())
             grads.append(grad)
