@@ -26,13 +26,13 @@ from owner.evaluate import response_and_answer_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.metrics import MetricsLog
-from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, load_model, make_resident
+from owner.model_card import EMBEDDED_WEIGHTS, CardFacts, base_model_name, dp_summary, render_card
+from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, load_model, make_resident, model_source
 from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
-from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, tokenize_examples
+from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, resolve_template, tokenize_examples
 
 
 @dataclass
@@ -267,6 +267,11 @@ class OwnerSession:
         return None
 
     # ----------------------------------------------------------------- results
+    @property
+    def compressed_name(self) -> str:
+        """How AdapEmu names its base: the run's compressed checkpoint under --out as the user gave it."""
+        return str(self.out_dir / "compressed")
+
     def evaluate(self) -> dict[str, float | None]:
         """Held-out NLL of the untouched model, AdapEmu and AdapFu: per response token (`nll_*`) and per token
         of the response's last line (`answer_nll_*`; GSM8K: "The answer is N."), from the same forward pass."""
@@ -308,7 +313,10 @@ class OwnerSession:
             settings=settings, data={k: v for k, v in data.items() if isinstance(v, int)},
             nll={"base": scores["nll_base"], "adapfu": scores["nll_adapfu"], "adapemu": scores["nll_adapemu"]},
             eval_items=len(self.data.eval_tokens), eval_data=data_label(cfg.eval_data),
-            secure_agg=cfg.secure_agg, dp=dp_summary(extra.get("dp")))
+            secure_agg=cfg.secure_agg, dp=dp_summary(extra.get("dp")),
+            template=resolve_template(self.tokenizer, cfg.template),
+            on_hub=model_source(cfg.model).kind in ("hub", "default"),
+            base_weights=EMBEDDED_WEIGHTS if cfg.model is None else None, compressed=self.compressed_name)
 
     def finish(self, extra: dict | None = None) -> dict:
         """Evaluate, export AdapEmu and AdapFu with their model cards, write summary.json."""
@@ -316,11 +324,11 @@ class OwnerSession:
         self.log.say(f"evaluating NLL on {len(self.data.eval_tokens)} held-out items")
         scores = self.evaluate()
         facts = self.card_facts(scores, extra or {})
-        export_adapemu(self.adapter_state, self.emulator_state, m, self.compressed_dir.resolve(), cfg.lora,
-                       self.out_dir / "adapemu", card=render_card("adapemu", facts))
-        export_adapfu(self.adapter_state, m, self.base.identity, cfg.lora, self.out_dir / "adapfu",
-                      card=render_card("adapfu", facts))
-        self.log.say("exported AdapEmu and AdapFu with their model cards")
+        export_adapemu(self.student, m, self.compressed_dir, self.out_dir / "adapemu", self.tokenizer,
+                       render_card("adapemu", facts), base_name=self.compressed_name)
+        export_adapfu(self.teacher, m, facts.base_model, self.out_dir / "adapfu", self.tokenizer,
+                      render_card("adapfu", facts))
+        self.log.say(f"exported AdapFu (base {facts.base_model}) and AdapEmu, with tokenizer and model card")
         summary = {
             **scores,
             "rounds": self.round,
@@ -328,7 +336,8 @@ class OwnerSession:
             "eval_items": len(self.data.eval_tokens),
             "answer_items": sum(any(label != IGNORE_INDEX for label in item.labels[1:])
                                 for item in self.data.eval_answer_tokens),  # the rest lose their answer to max_length
-            "base_model": self.base.identity,
+            "base_model": facts.base_model,
+            **({"base_weights": facts.base_note} if facts.base_note else {}),
             "method": cfg.method,
             "emulator_layers": len(m.emulator_layers),
             "adapter_layers": len(m.adapter_layers),
