@@ -58,7 +58,7 @@ def test_the_same_option_twice_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("text, pattern", [
-    ('out = "o"\nsimulate = 2\nlocal-stepz = 8\n', "unknown key 'local-stepz'"),
+    ('out = "o"\nsimulate = 2\nlocal-stepz = 8\n', "unknown key 'local-stepz' .*did you mean 'local-steps'"),
     ('out = "o"\nsimulate = 2\nrounds = "five"\n', "'rounds' .*integer"),
     ('out = "o"\nsimulate = 2\nrounds = 2.5\n', "'rounds' .*integer"),
     ('out = "o"\nsimulate = 2\nlr = true\n', "'lr' .*number"),
