@@ -116,6 +116,11 @@ def test_simulated_run_writes_cards_and_reads_csv_with_columns(tiny_llama_dir, t
         assert "| differential privacy | none |" in card
         assert "### Instruction:" in card_recipe(card, "x")  # the plain template this tokenizer trained with
     assert summary["base_model"] == str(tiny_llama_dir) and "base_weights" not in summary
+    # AdapFu names the base as the run was given it (no cache path); each adapter carries its tokenizer
+    adapter_config = json.loads((out / "adapfu" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_llama_dir)
+    for kind in ("adapfu", "adapemu"):
+        assert {"tokenizer.json", "tokenizer_config.json"} <= {f.name for f in (out / kind).iterdir()}
     # The card's recipe, run as written from another directory on a copy of each adapter: it loads the base
     # by the name the adapter carries, the tokenizer from the adapter's own directory, and generates.
     elsewhere = tmp_path / "elsewhere"
