@@ -68,6 +68,16 @@ def test_a_mistyped_flag_names_the_one_meant(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("main", [owner_cli.main, party_cli.main])
+def test_an_invalid_choice_is_one_line_not_a_usage_block(tmp_path, monkeypatch, capsys, main):
+    monkeypatch.chdir(tmp_path)
+    argv = (["--simulate", "2", "--out", "o"] if main is owner_cli.main else
+            ["--connect", "tcp://h:5555", "--data", "d", "--key", "k", "--owner-key", "o"])
+    assert main([*argv, "--dtype", "float8"]) == 2
+    assert "argument --dtype: invalid choice: 'float8' (choose from" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unreachable_owner_is_said_while_waiting_then_one_error_line(tmp_path, monkeypatch, capsys, keys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
