@@ -598,20 +598,15 @@ def ensure_run(config, run_dir: Path, say: Progress, quiet: bool = False) -> dic
 def load_for_eval(adapter_dir: Path | None, base_spec: str | None):
     """(model, tokenizer) with plain transformers + peft: an exported adapter on the base it names (merged
     into the weights, which generates faster and computes the same function), or the untouched model."""
-    import torch  # noqa: PLC0415
-    from peft import PeftModel  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
     if adapter_dir is None:
         from owner.models import load_model  # noqa: PLC0415
 
         loaded = load_model(base_spec)
         return loaded.model.eval(), loaded.tokenizer
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    return model.eval(), tokenizer
+    from owner.generate import load_adapter  # noqa: PLC0415
+
+    model, tokenizer, _ = load_adapter(adapter_dir)
+    return model.merge_and_unload().eval(), tokenizer
 
 
 def base_nll(base_spec: str | None, config) -> dict[str, float | None]:

@@ -12,6 +12,7 @@ structure back into flag names, so the file a run wrote can be given back.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -116,7 +117,9 @@ def config_values(parser: argparse.ArgumentParser, data: Mapping[str, Any], sour
         key = str(raw_key).replace("-", "_")
         action = actions.get(key)
         if action is None:
-            raise ConfigError(f"{source}: unknown key {raw_key!r} (no option --{key.replace('_', '-')})")
+            close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+            meant = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {raw_key!r} (no option --{key.replace('_', '-')}){meant}")
         if isinstance(value, dict):
             raise ConfigError(f"{source}: key {raw_key!r} holds a table; options are top-level keys")
         if action.dest in seen:

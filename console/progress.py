@@ -149,6 +149,18 @@ class Task:
         self.progress.line(self.line())
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 round`, `3 rounds`, `2 parties`: a count with its noun in the right number."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {plural or (noun[:-1] + 'ies' if noun.endswith('y') and noun[-2:-1] not in 'aeiou' else noun + 's')}"
+
+
+def checkpointed(rounds: int) -> str:
+    """`1 round is checkpointed`, `3 rounds are checkpointed`: what a stopped run can resume from."""
+    return f"{counted(rounds, 'round')} {'is' if rounds == 1 else 'are'} checkpointed"
+
+
 def _has_width(stream: TextIO) -> bool:
     """Whether the terminal reports its width (a pseudo-terminal may say 0 columns: tqdm then draws nothing)."""
     try:
@@ -188,10 +200,12 @@ class Progress:
         return Task(self, desc, total, **kwargs)
 
     def step(self, desc: str, step: int, steps: int, note: str = "", every: int = 4) -> None:
-        """Report step `step` of `steps` from a per-step callback: step 1 (or a new `desc`) opens a task,
-        the last step closes it. Plain mode prints step 1, every `every`th and the last."""
+        """Report step `step` of `steps` from a per-step callback: a new `desc` (or a step not past the last one
+        reported) opens a task, the last step closes it. Step 0, reported before the first step starts, shows
+        the task from its start (a bar at 0, a first plain line) and gives step 1 its rate. Plain mode prints
+        the first step reported, every `every`th and the last."""
         current = self._steps
-        if current is None or current[0] != desc or step == 1 or current[1].closed:
+        if current is None or current[0] != desc or step <= current[1].done or current[1].closed:
             if current is not None:
                 current[1].close()
             # counted from now: the step just reported gives no rate (its start is not known)

@@ -67,8 +67,9 @@ class PartyModel:
         peft_model = initial_lora(model, manifest, lora, seed)
         return cls(peft_model, tokenizer, manifest, pad_id_of(tokenizer), time.perf_counter() - start)
 
-    def tokenize(self, examples: Sequence[Example], max_length: int, template: str) -> list[TokenizedExample]:
-        return tokenize_examples(examples, self.tokenizer, max_length, template)
+    def tokenize(self, examples: Sequence[Example], max_length: int, template: str, what: str = ""
+                 ) -> list[TokenizedExample]:
+        return tokenize_examples(examples, self.tokenizer, max_length, template, what=what, use="training")
 
     def part_specs(self) -> tuple[dict, dict]:
         """Names -> (shape, dtype) of the adapter and of the emulator LoRA state a round carries."""

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import secrets
 import sys
+from pathlib import Path
 
 from errors import ConfigError, RunUntrained
 
@@ -46,7 +47,12 @@ def plan_main(argv: list[str]) -> int:
     args = PLAN.parser().parse_args(argv)
     import json  # noqa: PLC0415
 
-    from owner.models import parse_max_memory  # noqa: PLC0415
+    if "--verbose" not in argv:
+        from console.terminal import quiet_libraries  # noqa: PLC0415
+
+        quiet_libraries()
+
+    from learning.hardware import parse_max_memory  # noqa: PLC0415
     from owner.plan import format_plan, make_plan, read_model_config, shape_from_config  # noqa: PLC0415
 
     config = config_from_args(args, 1, False)
@@ -69,6 +75,9 @@ def run(argv: list[str]) -> int:
     from owner.options import flags_from_config  # noqa: PLC0415
 
     args = parse_with_config(build_parser(), argv, translate=flags_from_config)
+    from owner.out_dir import check_out_dir  # noqa: PLC0415
+
+    check_out_dir(Path(args.out), args.resume)  # before torch and transformers load: a refusal comes at once
     from console.terminal import quiet_libraries  # noqa: PLC0415
     from owner.metrics import MetricsLog  # noqa: PLC0415
     from owner.tracking import make_sinks  # noqa: PLC0415
@@ -104,6 +113,11 @@ def run_mode(args: argparse.Namespace, log) -> dict:
 
         if args.parties is None or args.key is None or args.allow is None:
             raise ConfigError("owner --listen needs --parties, --key and --allow")
+        from protocol.keys import load_secret  # noqa: PLC0415
+        from protocol.sockets import check_endpoint  # noqa: PLC0415
+
+        check_endpoint(args.listen, "--listen", listen=True)  # before the model loads: one line, at once
+        load_secret(args.key)
         secure = True if args.secure_agg is None else args.secure_agg
         config = config_from_args(args, args.parties, secure)
         if args.seed is None and not args.resume:  # a new run starts from a state of its own

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,13 +19,19 @@ def mean_response_nll(model: nn.Module, data: Sequence[TokenizedExample], pad_id
     return response_and_answer_nll(model, data, None, pad_id, batch_size)[0]
 
 
+def eval_batch_count(n_items: int, batch_size: int = 8) -> int:
+    """How many batches `response_and_answer_nll` runs over `n_items` items."""
+    return -(-n_items // batch_size)
+
+
 @torch.no_grad()
 def response_and_answer_nll(model: nn.Module, data: Sequence[TokenizedExample],
-                            answers: Sequence[TokenizedExample] | None, pad_id: int, batch_size: int = 8
-                            ) -> tuple[float, float | None]:
+                            answers: Sequence[TokenizedExample] | None, pad_id: int, batch_size: int = 8,
+                            progress: Callable[[], None] | None = None) -> tuple[float, float | None]:
     """Mean NLL per response token over `data`, and per answer-line token over `answers` (the same items with
     labels on a subset of the response: `tokenize_examples(..., answer_line=True)`), from one forward pass;
-    the second is None without `answers` (or when no answer token is left)."""
+    the second is None without `answers` (or when no answer token is left). `progress()` is called after each
+    batch (`eval_batch_count` of them)."""
     if answers is not None and len(answers) != len(data):
         raise ValueError(f"{len(answers)} answer items for {len(data)} items")
     was_training = model.training
@@ -46,5 +52,7 @@ def response_and_answer_nll(model: nn.Module, data: Sequence[TokenizedExample],
             chosen = mask[out.positions[:, 0].cpu(), out.positions[:, 1].cpu()].to(losses.device)
             answer_total += float(losses[chosen].sum())
             answer_count += int(chosen.sum())
+        if progress:
+            progress()
     model.train(was_training)
     return total / max(count, 1), (answer_total / answer_count if answer_count else None)

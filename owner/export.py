@@ -1,90 +1,79 @@
-"""The two results of a run as PEFT adapter directories that `PeftModel.from_pretrained` loads.
+"""The two results of a run as PEFT adapter directories, written by PEFT itself (`PeftModel.save_pretrained`).
 
-AdapFu = full model E* with the adapter LoRA on its last s layers (what matters for accuracy);
-AdapEmu = compressed model with the aligned emulator LoRA and the adapter LoRA. Both are written
-directly (config + safetensors), so exporting never needs the full model in memory. Each directory may get
-a README.md model card (owner/model_card.py) written in the same atomic step.
+AdapFu = the full model's PEFT model (the owner's teacher: adapter LoRA on the full model's adapter layers),
+what matters for accuracy; AdapEmu = the compressed model's PEFT model (the owner's student: aligned emulator
+LoRA and adapter LoRA). Each directory also gets the tokenizer (so `AutoTokenizer.from_pretrained(DIR)` works
+with no base at hand) and a README.md model card (owner/model_card.py), written in one atomic step.
+
+`adapter_config.json` names the base by the name given (`base_model_name_or_path`): a hub id, or the path the
+user gave, never a cache path of the machine that trained it, so `AutoPeftModelForCausalLM.from_pretrained(DIR)`
+works on any machine that has that base.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
+from peft import PeftModel
 
 from errors import ModelError
 from learning.compressed_model import Manifest, atomic_directory
-from learning.lora import LoraSettings, remap_layer_indices, split_lora_name
+from learning.lora import lora_state
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CARD = "README.md"
-_PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _check_state(state: Mapping[str, torch.Tensor], manifest: Manifest, layers: list[int], what: str,
-                 settings: LoraSettings) -> None:
-    """Names on `layers` only, A and B for every module, rank = settings.r, finite floats."""
+def _check_state(model: PeftModel, manifest: Manifest, layers: list[int], what: str) -> None:
+    """The model's LoRA lies on `layers` only and holds finite values."""
+    state = lora_state(model)
+    if not state:
+        raise ModelError(f"nothing to export: the {what} model carries no LoRA")
     pattern = re.compile(re.escape(manifest.layers_path) + r"\.(\d+)\.")
     allowed = set(layers)
-    modules: dict[str, set[str]] = {}
     for name, t in state.items():
-        module, ab = split_lora_name(name)
         m = pattern.match(name)
         if m is None or int(m.group(1)) not in allowed:
             raise ModelError(f"{what} LoRA: {name} is not on the {what} layers {layers}")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
-            raise ModelError(f"{what} LoRA: {name} must be a 2-d floating tensor")
         if not bool(torch.isfinite(t).all()):
             raise ModelError(f"{what} LoRA: {name} contains NaN or infinite values")
-        rank = t.shape[0] if ab == "A" else t.shape[1]
-        if rank != settings.r:
-            raise ModelError(f"{what} LoRA: {name} has rank {rank}, settings say r={settings.r}")
-        modules.setdefault(module, set()).add(ab)
-    for module, parts in modules.items():
-        if parts != {"A", "B"}:
-            raise ModelError(f"{what} LoRA: {module} lacks one of its lora_A/lora_B matrices")
 
 
-def _write_adapter(state: Mapping[str, torch.Tensor], base: str, settings: LoraSettings,
-                   out_dir: Path, card: str | None = None) -> None:
-    if not state:
-        raise ModelError("nothing to export: the LoRA state is empty")
-    targets = sorted({split_lora_name(name)[0] for name in state})
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base)
-    tensors = {_PEFT_PREFIX + name: t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
-               for name, t in state.items()}
-    with atomic_directory(Path(out_dir)) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if card is not None:
-            (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
+def save_adapter(model: PeftModel, base_name: str, out_dir: Path, tokenizer=None, card=None) -> None:
+    """`model.save_pretrained(out_dir)` naming `base_name` as the base, with the tokenizer and `card` (a
+    huggingface_hub ModelCard, which replaces the one PEFT writes), all or nothing."""
+    config = model.peft_config[model.active_adapter]
+    named = config.base_model_name_or_path
+    config.base_model_name_or_path = str(base_name)
+    try:
+        with atomic_directory(Path(out_dir)) as tmp:
+            # LoRA lies on decoder Linear layers only; False also keeps PEFT from asking the hub about the base
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if card is not None:
+                card.save(tmp / MODEL_CARD)
+    finally:
+        config.base_model_name_or_path = named
 
 
-def export_adapfu(adapter_state: Mapping[str, torch.Tensor], manifest: Manifest, base_identity: str,
-                  settings: LoraSettings, out_dir: Path, card: str | None = None) -> None:
-    """AdapFu: the adapter LoRA (compressed adapter layers) moved onto the full model's last s layers;
-    `card` is the README.md text, if any."""
-    _check_state(adapter_state, manifest, manifest.adapter_layers, "adapter", settings)
-    mapping = dict(zip(manifest.adapter_layers, manifest.full_adapter_layers, strict=True))
-    full = remap_layer_indices(adapter_state, mapping, manifest.layers_path)
-    _write_adapter(full, str(base_identity), settings, out_dir, card)
+def export_adapfu(teacher: PeftModel, manifest: Manifest, base_name: str, out_dir: Path, tokenizer=None,
+                  card=None) -> None:
+    """AdapFu: `teacher` is the full model with the adapter LoRA on its adapter layers (the manifest's
+    `full_adapter_layers`); `base_name` is how adapter_config.json names that full model."""
+    _check_state(teacher, manifest, manifest.full_adapter_layers, "adapter")
+    save_adapter(teacher, base_name, out_dir, tokenizer, card)
 
 
-def export_adapemu(adapter_state: Mapping[str, torch.Tensor], emulator_state: Mapping[str, torch.Tensor],
-                   manifest: Manifest, compressed_dir: Path, settings: LoraSettings, out_dir: Path,
-                   card: str | None = None) -> None:
-    """AdapEmu: the compressed model with the aligned emulator LoRA and the adapter LoRA (`card`: README.md)."""
-    compressed_dir = Path(compressed_dir).absolute()
-    on_disk = Manifest.load(compressed_dir)
+def export_adapemu(student: PeftModel, manifest: Manifest, compressed_dir: Path, out_dir: Path, tokenizer=None,
+                   card=None, base_name: str | None = None) -> None:
+    """AdapEmu: `student` is the compressed model with the emulator and the adapter LoRA; its base is the
+    compressed checkpoint in `compressed_dir`, named `base_name` (default: `compressed_dir` as given)."""
+    on_disk = Manifest.load(Path(compressed_dir))
     if on_disk.kept_layers != manifest.kept_layers or on_disk.n_layers != manifest.n_layers:
         raise ModelError(f"the compressed model in {compressed_dir} is not the one this run used "
                          f"(kept layers {on_disk.kept_layers} vs {manifest.kept_layers})")
-    _check_state(adapter_state, manifest, manifest.adapter_layers, "adapter", settings)
-    _check_state(emulator_state, manifest, manifest.emulator_layers, "emulator", settings)
-    _write_adapter({**emulator_state, **adapter_state}, str(compressed_dir), settings, out_dir, card)
+    _check_state(student, manifest, [*manifest.emulator_layers, *manifest.adapter_layers], "compressed")
+    save_adapter(student, base_name or str(compressed_dir), out_dir, tokenizer, card)

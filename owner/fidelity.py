@@ -14,7 +14,7 @@ own seeded generator, so a run with fidelity on gives the same adapters as one w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,10 +59,11 @@ def _paired_params(student: nn.Module, teacher: nn.Module, manifest: Manifest
 
 
 def gradient_fidelity(student: nn.Module, teacher: nn.Module, manifest: Manifest,
-                      data: Sequence[TokenizedExample], groups: Sequence[Sequence[int]], pad_id: int
-                      ) -> dict[str, float | None] | None:
+                      data: Sequence[TokenizedExample], groups: Sequence[Sequence[int]], pad_id: int,
+                      progress: Callable[[int], None] | None = None) -> dict[str, float | None] | None:
     """Mean over `groups` (item indices per batch) of the cosine and the norm ratio (student / teacher) of
-    the adapter-LoRA gradients; None without batches. Leaves both models exactly as it found them."""
+    the adapter-LoRA gradients; None without batches. Leaves both models exactly as it found them.
+    `progress(n)` is told after each batch how many are done."""
     if not groups:
         return None
     s_params, t_params = _paired_params(student, teacher, manifest)
@@ -81,6 +82,8 @@ def gradient_fidelity(student: nn.Module, teacher: nn.Module, manifest: Manifest
             n_s, n_t = float(g_s.norm()), float(g_t.norm())
             cosines.append(float(g_s @ g_t) / (n_s * n_t) if n_s > 0 and n_t > 0 else float("nan"))
             ratios.append(n_s / n_t if n_t > 0 else float("nan"))
+            if progress:
+                progress(len(ratios))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

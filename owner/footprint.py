@@ -274,7 +274,7 @@ def owner_footprint(model: nn.Module, device_map: Mapping[str, Any], manifest: M
         out.use(student_device[i]).activations += (tokens * dims.hidden * compute_bytes
                                                    if align.checkpoint_activations else keeps)
     if align.checkpoint_activations:  # one layer's activations, recomputed in the backward pass
-        busiest = max(set(student_device.values()), key=lambda d: out.use(d).activations)
+        busiest = max(dict.fromkeys(student_device.values()), key=lambda d: out.use(d).activations)  # first of ties
         out.use(busiest).activations += keeps
     out.use(head_device).activations += loss_chunk_bytes(dims, tokens, "owner")
     return out

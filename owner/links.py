@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from console.progress import checkpointed, duration
 from errors import FedbiotError
 from owner.metrics import MetricsLog
 from protocol import messages as m
@@ -32,6 +33,7 @@ from protocol.sockets import identity_limit, peer_name, recv
 from secure_agg import SecAggError
 
 HEARTBEAT_S = 2.0
+WAIT_LINE_S = 60.0  # while waiting for parties (to join, or for their updates), a line at least this often
 LOUD_REJECTS = 20  # per party, rejections printed one by one; after that every 1000th (all are in metrics)
 
 
@@ -201,7 +203,8 @@ class OwnerLinks:
         self.liveness.seen(name)
         self.send_to(name, self.welcome())
         has_model = msg["model_sha256"] == self.archive.info.model_sha256
-        self.log.say(f"{name} joined ({msg['n_examples']} examples{', has the model' if has_model else ''})")
+        # A party announces a ceiling (the next power of two, unless it shares the exact size): say it as one
+        self.log.say(f"{name} joined (at most {msg['n_examples']} examples{', has the model' if has_model else ''})")
         self.log.record("join", party=name, n_examples=msg["n_examples"])
 
     def on_control(self, name: str, msg: Message) -> tuple[str, Message] | None:
@@ -257,7 +260,12 @@ class OwnerLinks:
         the deadline passed. Returns who delivered; messages accept refuses are REJECTed."""
         pending, done = set(pending), set()
         self.liveness_grace(pending)
+        last_line = time.monotonic()
         while pending and time.monotonic() < deadline:
+            if time.monotonic() - last_line >= WAIT_LINE_S:  # never quiet while parties train
+                last_line = time.monotonic()
+                self.log.say(f"waiting for {what}: {len(done)} of {len(done) + len(pending)} in, still waiting for "
+                             f"{', '.join(sorted(pending))} (deadline in {duration(deadline - last_line)})")
             item = self.pump(0.2)
             if item is not None:
                 name, msg = item
@@ -288,18 +296,24 @@ class OwnerLinks:
         """Block until enough parties are ready: all `wanted` (or, after the join timeout, the minimum)."""
         self.drain()
         deadline = time.monotonic() + join_timeout
-        announced = -1
+        announced, last_line = -1, 0.0
         while True:
             ready = self.ready_parties()
             if len(ready) >= wanted or (not first and len(ready) >= minimum):
                 return ready
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 if len(ready) >= minimum:
                     return ready
                 raise RoundAborted(
                     f"only {len(ready)} of the {minimum} parties needed are ready after {join_timeout:.0f} s; "
-                    f"{done_rounds} rounds are checkpointed, restart with --resume")
-            if len(ready) != announced:
-                announced = len(ready)
-                self.log.say(f"waiting for parties: {announced} of {wanted} ready")
+                    f"{checkpointed(done_rounds)}, restart with --resume")
+            if len(ready) != announced or now - last_line >= WAIT_LINE_S:
+                announced, last_line = len(ready), now
+                left = duration(deadline - now)
+                then = (f"in {left} it starts with those ready if at least {minimum}, else stops" if first and
+                        minimum < wanted else f"gives up in {left} (--join-timeout)")
+                names = f" ({', '.join(ready)})" if ready else ""
+                self.log.say(f"waiting for parties: {announced} of {wanted if first else minimum} ready{names}; "
+                             f"{then}")
             self.pump(0.5)

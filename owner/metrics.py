@@ -1,7 +1,8 @@
 """Progress on the terminal and metrics as JSONL, so a long run is visible now and plottable later.
 
-Every event goes to `metrics.jsonl` and to the `--report-to` sinks (TensorBoard, MLflow); progress of
-pre-alignment, local steps and rounds goes to a `console.progress.Progress` (bar, plain lines or none).
+Every event goes to `metrics.jsonl` and to the `--report-to` sinks (TensorBoard, MLflow), and the run's settings
+to the sinks as hyperparameters; progress of every phase that takes a while (alignment, local steps, gradient
+fidelity, evaluation, rounds) goes to a `console.progress.Progress` (bar, plain lines or none).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from console.progress import Progress, Task
-from owner.tracking import Sink
+from owner.tracking import Sink, flat_params
 
 
 class MetricsLog:
@@ -45,12 +46,22 @@ class MetricsLog:
         if self.path:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")
-            if not self._sinks_open:
-                for sink in self.sinks:
-                    sink.open(self.path.parent)
-                self._sinks_open = True
-            for sink in self.sinks:
+            for sink in self._open_sinks():
                 sink.write(row)
+
+    def params(self, params: dict) -> None:
+        """The run's settings (nested sections flattened: `train.lr`) as hyperparameters of the sinks; once the
+        run directory is known."""
+        flat = flat_params(params)
+        for sink in self._open_sinks():
+            sink.params(flat)
+
+    def _open_sinks(self) -> list[Sink]:
+        if self.path and not self._sinks_open:
+            for sink in self.sinks:
+                sink.open(self.path.parent)
+            self._sinks_open = True
+        return self.sinks if self._sinks_open else []
 
     def say(self, line: str) -> None:
         if self.stream and not self.quiet:
@@ -61,11 +72,22 @@ class MetricsLog:
         self.progress.step(f"round {info['round'] + 1} {info['party']}", info["step"], info["steps"],
                            f"loss {info['loss']:.4f}")
 
+    def align_started(self, stage: int, steps: int) -> None:
+        """Alignment of `stage` (-1: pre-alignment) begins: its progress shows from now, not from its first step."""
+        if steps:
+            self.progress.step(_alignment(stage), 0, steps)
+
     def align_step(self, info: dict) -> None:
         self.record("align_step", **info)
-        stage = "pre-alignment" if info["stage"] < 0 else f"round {info['stage'] + 1} alignment"
-        self.progress.step(stage, info["step"], info["steps"],
+        self.progress.step(_alignment(info["stage"]), info["step"], info["steps"],
                            f"loss {info['loss']:.4f} (l2 {info['l2']:.4f}, kl {info['kl']:.4f})")
+
+    def phase(self, desc: str, total: int, unit: str = "step") -> Task:
+        """Work of a known size, shown from its start with rate and ETA: a bar, or plain lines (the start, the
+        end, and one at least every 30 s between). Update it, then close it (or use `with`)."""
+        task = self.progress.task(desc, total, unit=unit, leave=False)
+        task.update_to(0)
+        return task
 
     def rounds_started(self, total: int, done: int = 0) -> None:
         """The rounds to come: a bar (or a line per round) with the time per round and the ETA."""
@@ -92,6 +114,10 @@ class MetricsLog:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _alignment(stage: int) -> str:
+    return "pre-alignment" if stage < 0 else f"round {stage + 1} alignment"
 
 
 def megabytes(n_bytes: int) -> float:

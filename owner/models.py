@@ -175,6 +175,9 @@ def _cached_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ImportError:  # transformers reads GGUF through the gguf package, an owner extra
+        raise ModelError(f"reading the GGUF model {gguf.name} needs the gguf package: pip install 'fedbiot[owner]'"
+                         ) from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot read GGUF file {gguf}: {first_line(e)}") from None
     # The dequantised weights are plain tensors now; without this save_pretrained refuses.

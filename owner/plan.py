@@ -45,13 +45,14 @@ from owner.footprint import (
     planned_device_map,
 )
 from owner.models import gguf_cache_dir, model_source
-from tasks.hf_sources import hub_offline
+from tasks.hf_sources import hub_offline, hub_unreachable
 
 MB = 1e6
 WIRE_BYTES = 4  # LoRA tensors travel (and are trained) in float32
 # Bytes per frozen decoder weight. int8 and nf4 quantise only the decoder-layer projections (as
 # bitsandbytes does); embeddings, lm_head and norms stay bfloat16. nf4 includes QLoRA's double-quantised
 # block scales (about 0.127 bits a weight).
+SHIPPED_DTYPES = ("float32", "bfloat16")  # what the compressed model is written in (the owner's --dtype)
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "nf4": 0.5 + 0.127 / 8}
 DTYPES = tuple(WEIGHT_BYTES)
 ATTN_IN = ("q_proj", "k_proj", "v_proj")
@@ -216,6 +217,9 @@ def _gguf_config(path: Path) -> dict:
 
     try:
         return _config_dict(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    except ImportError:
+        raise ModelError(f"reading the GGUF model {path.name} needs the gguf package: pip install 'fedbiot[owner]'"
+                         ) from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot read the config of GGUF file {path}: {first_line(e)}") from None
 
@@ -236,9 +240,14 @@ def read_model_config(spec: str | None) -> tuple[str, dict]:
 def _hub_config(repo_id: str) -> dict:
     from transformers import AutoConfig  # noqa: PLC0415
 
+    # No network: the cache alone, at once, instead of half a minute of retries
+    unreachable = None if hub_offline() else hub_unreachable()
     try:
-        return _config_dict(AutoConfig.from_pretrained(repo_id))
+        return _config_dict(AutoConfig.from_pretrained(repo_id, local_files_only=unreachable is not None))
     except Exception as e:  # huggingface_hub raises many types for network and lookup failures
+        if unreachable is not None:
+            raise ModelError(f"cannot read the config of {repo_id!r}: {unreachable}, and it is not in the Hugging "
+                             "Face cache; pass a config.json or a checkpoint directory instead") from None
         if hub_offline():
             raise ModelError(f"cannot read the config of {repo_id!r}: offline (HF_HUB_OFFLINE) and it is not in "
                              "the Hugging Face cache; pass a config.json or a checkpoint directory instead"
@@ -533,10 +542,12 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"{'frozen weights':<14}  {'download':>10}  {'party memory':>12}  {'owner memory':>12}")
     for dtype in DTYPES:
         owner = plan.owner_memory.get(dtype)
-        lines.append(f"{dtype:<14}  {_size(plan.download_bytes[dtype]):>10}  {_size(plan.party_memory[dtype]):>12}  "
+        shipped = _size(plan.download_bytes[dtype]) if dtype in SHIPPED_DTYPES else "-"
+        lines.append(f"{dtype:<14}  {shipped:>10}  {_size(plan.party_memory[dtype]):>12}  "
                      f"{'-' if owner is None else _size(owner):>12}")
-    lines.append("(download: the compressed model a party fetches once, in the run's dtype; memory: weights + LoRA "
-                 "and optimizer state + activations of one step (the owner's: an alignment step, with the E* cache), "
+    lines.append("(download: the compressed model a party fetches once, in the owner's --dtype; an int8 or nf4 "
+                 "party (party --quantize) fetches that and quantises it as it loads; memory: weights + LoRA and "
+                 "optimizer state + activations of one step (the owner's: an alignment step, with the E* cache), "
                  "without framework overhead; the owner holds its model unquantised)")
     for who, split in (("owner", plan.owner_split), ("party", plan.party_split)):
         if split:

@@ -39,7 +39,10 @@ def read_events(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path, out: Path) -> Path:
-    import matplotlib  # noqa: PLC0415
+    try:
+        import matplotlib  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("drawing a run needs matplotlib: pip install 'fedbiot[owner]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415

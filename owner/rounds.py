@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from console.progress import checkpointed, counted
 from learning.round_binding import round_binding, state_digest
 from learning.secure_update import secagg_config
 from owner.aggregation import aggregate_figures, plain_fedavg, secure_mean
@@ -88,11 +89,12 @@ class RoundDriver:
                              "out")
             participants = [n for n in participants if n not in done]
             if len(participants) < self.min_parties:
-                self.skip_round(r, f"{len(done)} parties had already contributed to round {r + 1} before the "
+                self.skip_round(r, f"{counted(len(done), 'party')} had already contributed to round {r + 1} before the "
                                    "owner restarted; a round is never aggregated twice")
                 return
         before = {n: (link.bytes_down, link.bytes_up) for n, link in links.items()}
-        self.log.say(f"round {r + 1}/{self.config.rounds}: {len(participants)} parties ({', '.join(participants)})")
+        self.log.say(f"round {r + 1}/{self.config.rounds}: {counted(len(participants), 'party')} "
+                     f"({', '.join(participants)})")
         plan = self.start_round(r, participants)
         deadline = time.monotonic() + self.round_timeout
         try:
@@ -107,7 +109,7 @@ class RoundDriver:
             self.failed_rounds += 1
             if self.failed_rounds >= MAX_FAILED_ROUNDS:
                 raise RoundAborted(f"round {r + 1} aborted by secure aggregation: {exc}; {MAX_FAILED_ROUNDS} "
-                                   f"rounds in a row failed; {r} rounds are checkpointed, restart with --resume"
+                                   f"rounds in a row failed; {checkpointed(r)}, restart with --resume"
                                    ) from None
             self.skip_round(r, f"secure aggregation aborted ({exc})")
             return
@@ -171,9 +173,8 @@ class RoundDriver:
 
     def require(self, done: set[str], r: int) -> None:
         if len(done) < self.min_parties:
-            raise RoundAborted(f"round {r + 1}: only {len(done)} parties answered, fewer than the minimum "
-                               f"{self.min_parties}; {self.session.round} rounds are checkpointed, restart with "
-                               "--resume")
+            raise RoundAborted(f"round {r + 1}: only {counted(len(done), 'party')} answered, fewer than the minimum "
+                               f"{self.min_parties}; {checkpointed(self.session.round)}, restart with --resume")
 
     def plain_round(self, plan: RoundPlan, deadline: float) -> tuple[dict, dict, dict, dict]:
         updates: dict[str, Message] = {}

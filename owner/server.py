@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import zmq
 
+from console.progress import counted
 from errors import ConfigError
 from owner.config import RunConfig
 from owner.links import OwnerLinks
@@ -124,7 +125,8 @@ def _serve(config: RunConfig, opts: ServeOptions, log: MetricsLog) -> dict:
     monitor = refusal_monitor(sock)  # from the start: parties may knock while the owner pre-aligns
     links = None
     try:
-        log.say(f"listening on {opts.listen} for {config.parties} parties ({len(allowlist)} keys allowed)")
+        log.say(f"listening on {opts.listen} for {counted(config.parties, 'party')} "
+                f"({counted(len(allowlist), 'key')} allowed)")
         with start.session(base, owner_data) as session:
             archive = pack_dir(session.compressed_dir, out_dir / "compressed.tar")
             log.say(f"compressed model archive: {megabytes(archive.info.model_size):.1f} MB in "

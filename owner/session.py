@@ -23,18 +23,26 @@ from learning.lora import initial_lora, load_lora_state, lora_state, remap_layer
 from owner.alignment import EmulatorAligner
 from owner.compress import compress, kept_layer_indices, save_compressed
 from owner.config import RunConfig
-from owner.evaluate import response_and_answer_nll
+from owner.evaluate import eval_batch_count, response_and_answer_nll
 from owner.export import export_adapemu, export_adapfu
 from owner.fidelity import fidelity_batches, gradient_fidelity
 from owner.footprint import gb, owner_footprint
 from owner.metrics import MetricsLog
-from owner.model_card import CardFacts, base_model_name, dp_summary, render_card
-from owner.models import DEFAULT_NAME, LoadedModel, decoder_layers, decoder_layers_path, load_model, make_resident
+from owner.model_card import EMBEDDED_WEIGHTS, CardFacts, base_model_name, dp_summary, render_card
+from owner.models import (
+    DEFAULT_NAME,
+    LoadedModel,
+    decoder_layers,
+    decoder_layers_path,
+    load_model,
+    make_resident,
+    model_source,
+)
 from owner.prealign_cache import PreAlignment, cached_base_nll, load_prealigned, prealign_key, store_prealigned
 from owner.records import describe_fidelity
 from owner.state import OwnerCheckpoint, latest_checkpoint_dir, load_checkpoint, save_checkpoint
 from tasks.datasets import SAMPLES, Example, load_examples
-from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, tokenize_examples
+from tasks.prompts import IGNORE_INDEX, TokenizedExample, pad_id_of, resolve_template, tokenize_examples
 
 
 @dataclass
@@ -52,20 +60,25 @@ class OwnerData:
     @classmethod
     def load(cls, config: RunConfig) -> OwnerData:
         public = load_examples(config.public_data, config.public_data_kind, limit=config.public_limit,
-                               columns=config.public_columns)
+                               columns=config.public_columns, columns_flag="--public-columns")
         evaluation = load_examples(config.eval_data, config.eval_data_kind, limit=config.eval_items,
-                                   columns=config.eval_columns)
+                                   columns=config.eval_columns, columns_flag="--eval-columns")
         task = [] if not config.task_fidelity_data else load_examples(
-            config.task_fidelity_data, config.party_data_kind, columns=config.party_columns)
+            config.task_fidelity_data, config.party_data_kind, columns=config.party_columns,
+            columns_flag="--party-columns")
         return cls(public, evaluation, task=task)
 
     def tokenize(self, tokenizer, config: RunConfig) -> None:
-        self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template)
-        self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template)
+        self.public_tokens = tokenize_examples(self.public, tokenizer, config.max_length, config.template,
+                                               what=f"--public-data {config.public_data}", use="alignment")
+        self.eval_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template,
+                                             what=f"--eval-data {config.eval_data}", use="evaluation")
         self.eval_answer_tokens = tokenize_examples(self.evaluation, tokenizer, config.max_length, config.template,
-                                                    answer_line=True)
+                                                    answer_line=True, warn=False)  # the same drops, said above
         if self.task:
-            self.task_tokens = tokenize_examples(self.task, tokenizer, config.max_length, config.template)
+            self.task_tokens = tokenize_examples(self.task, tokenizer, config.max_length, config.template,
+                                                 what=f"--task-fidelity-data {config.task_fidelity_data}",
+                                                 use="the task fidelity")
 
 
 def data_label(spec: str) -> str:
@@ -139,6 +152,10 @@ class OwnerSession:
         self.adapter_state = lora_state(self.student, manifest.adapter_layers)
         self.initial_adapter = {k: v.clone() for k, v in self.adapter_state.items()}  # what `untrained` compares
         self.emulator_state = lora_state(self.student, manifest.emulator_layers)
+        self.log.params({**cfg.to_dict(), "layout": {  # the hyperparameters of --report-to's trackers
+            "emulator_layers": len(manifest.emulator_layers), "adapter_layers": len(manifest.adapter_layers),
+            "adapter_lora_params": sum(t.numel() for t in self.adapter_state.values()),
+            "emulator_lora_params": sum(t.numel() for t in self.emulator_state.values())}})
         self._sync_teacher()
         # FedAvg-LoRA on the full model has no emulator, so nothing to align.
         self.aligner = EmulatorAligner(self.student, self.teacher, manifest, self.data.public_tokens, self.pad_id,
@@ -188,7 +205,8 @@ class OwnerSession:
         found = load_prealigned(cache_dir, key)
         if found is None:
             info = self._align(cfg.align.pre_steps, -1)
-            saved = {k: v for k, v in info.items() if k not in ("fidelity", "task_fidelity")}  # measured per run
+            saved = {k: v for k, v in info.items()  # the fidelity is measured per run
+                     if k not in ("fidelity", "task_fidelity", "fidelity_seconds")}
             store_prealigned(cache_dir, key, PreAlignment(self.emulator_state, self.aligner.optimizer.state_dict(),
                                                           saved))
             return {**info, "cache": "stored", "cache_key": key}
@@ -228,8 +246,11 @@ class OwnerSession:
     def complete_round(self, new_adapter: dict[str, torch.Tensor], record: dict) -> None:
         """Install the aggregated adapter, re-align the emulator to it, checkpoint the round.
 
-        Adds the gradient fidelity measured after alignment to `record` (as `fidelity`) for its progress line.
+        Adds to `record`, for its progress line, the gradient fidelity measured after alignment (`fidelity`), the
+        round's wall time (`seconds`: the parties' part as the mode measured it, then the owner's alignment and
+        fidelity) and its parts (`phase_seconds`).
         """
+        started = time.perf_counter()
         load_lora_state(self.student, new_adapter, self.manifest.adapter_layers)
         self.adapter_state = lora_state(self.student, self.manifest.adapter_layers)
         self._sync_teacher()
@@ -239,16 +260,22 @@ class OwnerSession:
         if fidelity:
             record["fidelity"] = fidelity
         self.round += 1
+        # The round's wall time and its parts: the parties' (training, upload, aggregation: `seconds` as the
+        # mode measured it up to the aggregate) and the owner's own work after it.
+        parts = {"parties": record.get("seconds") or 0.0, "alignment": info.get("seconds", 0.0),
+                 "fidelity": info.pop("fidelity_seconds", 0.0)}
+        record.update(phase_seconds=parts, seconds=parts["parties"] + time.perf_counter() - started)
         record = {"round": self.round, **record, "alignment": info}
         self.history.append(record)
         self.log.record("round", **record)
         self.checkpoint()
-        self.log.round_finished(self.round, record.get("seconds"))
+        self.log.round_finished(self.round, record["seconds"])
 
     def _align(self, steps: int, stage: int) -> dict:
         """`steps` emulator alignment steps (none without an emulator); refreshes the emulator LoRA."""
         if self.aligner is None:
             return {"steps": 0}
+        self.log.align_started(stage, steps)
         info = self.aligner.run(steps, stage, self.log.align_step)
         self.emulator_state = lora_state(self.student, self.manifest.emulator_layers)
         self._add_fidelity(info, stage)
@@ -258,17 +285,26 @@ class OwnerSession:
         """Measure the gradient fidelity (owner.fidelity) into `info` and metrics.jsonl, if switched on: on the
         public batches after every alignment, on the held-out task batches after pre-alignment and the last round
         (event `task_fidelity`)."""
-        fidelity = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.public_tokens,
-                                     self.fidelity_groups, self.pad_id)
+        started = time.perf_counter()
+        fidelity = self._fidelity("gradient fidelity", self.data.public_tokens, self.fidelity_groups)
         if fidelity is not None:
             info["fidelity"] = fidelity
             self.log.record("fidelity", stage=stage, **fidelity)
         if stage in (-1, self.config.rounds - 1):
-            task = gradient_fidelity(self.student, self.teacher, self.manifest, self.data.task_tokens,
-                                     self.task_fidelity_groups, self.pad_id)
+            task = self._fidelity("task fidelity", self.data.task_tokens, self.task_fidelity_groups)
             if task is not None:
                 info["task_fidelity"] = task
                 self.log.record("task_fidelity", stage=stage, **task)
+        info["fidelity_seconds"] = time.perf_counter() - started
+
+    def _fidelity(self, desc: str, data: list[TokenizedExample], groups: list) -> dict | None:
+        """`gradient_fidelity` on these batches, its progress shown (a forward and backward pass through both
+        models per batch: the owner's slowest step after alignment)."""
+        if not groups:
+            return None
+        with self.log.phase(desc, len(groups), unit="batch") as task:
+            return gradient_fidelity(self.student, self.teacher, self.manifest, data, groups, self.pad_id,
+                                     progress=task.update_to)
 
     def checkpoint(self) -> Path:
         optimizer = None if self.aligner is None else self.aligner.optimizer.state_dict()
@@ -286,21 +322,29 @@ class OwnerSession:
         return None
 
     # ----------------------------------------------------------------- results
+    @property
+    def compressed_name(self) -> str:
+        """How AdapEmu names its base: the run's compressed checkpoint under --out as the user gave it."""
+        return str(self.out_dir / "compressed")
+
     def evaluate(self) -> dict[str, float | None]:
         """Held-out NLL of the untouched model, AdapEmu and AdapFu: per response token (`nll_*`) and per token
         of the response's last line (`answer_nll_*`; GSM8K: "The answer is N."), from the same forward pass."""
         data, answers, pad = self.data.eval_tokens, self.data.eval_answer_tokens, self.pad_id
+        task = self.log.phase("held-out NLL (base, AdapEmu, AdapFu)", 3 * eval_batch_count(len(data)), unit="batch")
 
         def score(model) -> dict[str, float | None]:
-            nll, answer_nll = response_and_answer_nll(model, data, answers, pad)
+            nll, answer_nll = response_and_answer_nll(model, data, answers, pad, progress=task.update)
             return {"nll": nll, "answer_nll": answer_nll}
 
         def base() -> dict[str, float | None]:
             with self.teacher.disable_adapter():
                 return score(self.teacher)
         cache = self.config.prealign_cache
-        scores = {"base": cached_base_nll(Path(cache).expanduser(), self.teacher, data + answers, base)
-                  if cache else base(), "adapemu": score(self.student), "adapfu": score(self.teacher)}
+        with task:
+            scores = {"base": cached_base_nll(Path(cache).expanduser(), self.teacher, data + answers, base)
+                      if cache else base(), "adapemu": score(self.student), "adapfu": score(self.teacher)}
+            task.update_to(task.total)  # a base NLL from the cache skipped its batches
         return {f"{kind}_{model}": value[kind] for kind in ("nll", "answer_nll") for model, value in scores.items()}
 
     def card_facts(self, scores: dict[str, float], extra: dict) -> CardFacts:
@@ -327,7 +371,10 @@ class OwnerSession:
             settings=settings, data={k: v for k, v in data.items() if isinstance(v, int)},
             nll={"base": scores["nll_base"], "adapfu": scores["nll_adapfu"], "adapemu": scores["nll_adapemu"]},
             eval_items=len(self.data.eval_tokens), eval_data=data_label(cfg.eval_data),
-            secure_agg=cfg.secure_agg, dp=dp_summary(extra.get("dp")))
+            secure_agg=cfg.secure_agg, dp=dp_summary(extra.get("dp")),
+            template=resolve_template(self.tokenizer, cfg.template),
+            on_hub=model_source(cfg.model).kind in ("hub", "default"),
+            base_weights=EMBEDDED_WEIGHTS if cfg.model is None else None, compressed=self.compressed_name)
 
     def finish(self, extra: dict | None = None) -> dict:
         """Evaluate, export AdapEmu and AdapFu with their model cards, write summary.json."""
@@ -335,11 +382,11 @@ class OwnerSession:
         self.log.say(f"evaluating NLL on {len(self.data.eval_tokens)} held-out items")
         scores = self.evaluate()
         facts = self.card_facts(scores, extra or {})
-        export_adapemu(self.adapter_state, self.emulator_state, m, self.compressed_dir.resolve(), cfg.lora,
-                       self.out_dir / "adapemu", card=render_card("adapemu", facts))
-        export_adapfu(self.adapter_state, m, self.base.identity, cfg.lora, self.out_dir / "adapfu",
-                      card=render_card("adapfu", facts))
-        self.log.say("exported AdapEmu and AdapFu with their model cards")
+        export_adapemu(self.student, m, self.compressed_dir, self.out_dir / "adapemu", self.tokenizer,
+                       render_card("adapemu", facts), base_name=self.compressed_name)
+        export_adapfu(self.teacher, m, facts.base_model, self.out_dir / "adapfu", self.tokenizer,
+                      render_card("adapfu", facts))
+        self.log.say(f"exported AdapFu (base {facts.base_model}) and AdapEmu, with tokenizer and model card")
         summary = {
             **scores,
             "rounds": self.round,
@@ -347,7 +394,8 @@ class OwnerSession:
             "eval_items": len(self.data.eval_tokens),
             "answer_items": sum(any(label != IGNORE_INDEX for label in item.labels[1:])
                                 for item in self.data.eval_answer_tokens),  # the rest lose their answer to max_length
-            "base_model": self.base.identity,
+            "base_model": facts.base_model,
+            **({"base_weights": facts.base_note} if facts.base_note else {}),
             "method": cfg.method,
             "emulator_layers": len(m.emulator_layers),
             "adapter_layers": len(m.adapter_layers),

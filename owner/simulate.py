@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
 
+from console.progress import counted
 from errors import ConfigError
 from learning.dp import DPPartyTrainer, PrivacyLedger
 from learning.party_model import PartyModel
@@ -32,7 +33,7 @@ from tasks.splits import split_by_category, split_iid
 def party_splits(config: RunConfig) -> list[list[Example]]:
     """Load the parties' training data and split it (i.i.d. or one party per category)."""
     examples = load_examples(config.party_data, config.party_data_kind, limit=config.party_limit,
-                             columns=config.party_columns)
+                             columns=config.party_columns, columns_flag="--party-columns")
     if config.split == "iid":
         return split_iid(examples, config.parties, config.seed)
     by_category = split_by_category(examples, config.seed)
@@ -101,13 +102,15 @@ def run_simulation(config: RunConfig, out_dir: Path, resume: bool = False,
     config, log = start.config, start.log
     splits = party_splits(config)
     base, owner_data = start.load_inputs()
-    party_tokens = [tokenize_examples(part, base.tokenizer, config.max_length, config.template)
-                    for part in splits]
+    party_tokens = [tokenize_examples(part, base.tokenizer, config.max_length, config.template,
+                                      what=f"--party-data {config.party_data} (party-{i + 1})", use="training")
+                    for i, part in enumerate(splits)]
     with start.session(base, owner_data) as session:
         party = PartyModel.load(session.compressed_dir, config.lora, config.seed, config.hardware(), config.quantize)
         trainers = make_trainers(config, party, party_tokens, session.history)
-    log.say(f"{len(trainers)} parties with {[t.n_examples for t in trainers]} examples; "
-            f"{config.rounds} rounds of {config.train.local_steps} steps x batch {config.train.batch_size}")
+    log.say(f"{counted(len(trainers), 'party')} with {[t.n_examples for t in trainers]} examples; "
+            f"{counted(config.rounds, 'round')} of {counted(config.train.local_steps, 'step')} x batch "
+            f"{config.train.batch_size}")
 
     while not session.done:
         start = time.perf_counter()

@@ -1,10 +1,14 @@
-"""`--report-to`: the events of metrics.jsonl, as scalars, in TensorBoard or MLflow too.
+"""`--report-to`: the run's settings as hyperparameters, and the events of metrics.jsonl as scalars, in
+TensorBoard or MLflow too.
 
 Both are optional extras (`pip install 'fedbiot[tensorboard]'`, `'fedbiot[mlflow]'`, or `'fedbiot[tracking]'`
-for both), imported only when asked for, so a run that does not report anywhere never loads them. Each event
-becomes scalars named `event/field` (nested fields joined with `/`): losses, MB, seconds, epsilon, NLL. Steps
-are chosen so a resumed run continues its curves instead of overwriting them: the round number for rounds,
-the global step for party and alignment steps.
+for both), imported only when asked for, so a run that does not report anywhere never loads them. The settings
+(config.json, flattened: `train.lr`, `lora.r`, ...) and the layout the model was compressed to are logged once as
+hyperparameters: MLflow params, TensorBoard's HParams (against the summary NLLs). Each event becomes scalars
+named `event/field` (nested fields joined with `/`): losses, MB, seconds, epsilon, NLL; counts that are settings
+(steps per round, batches, layers, DP delta...) are not drawn as series. Steps are chosen so a resumed run
+continues its curves instead of overwriting them: the round number for rounds, the global step for party and
+alignment steps.
 """
 
 from __future__ import annotations
@@ -21,14 +25,44 @@ from errors import ConfigError
 REPORT_TO = ("tensorboard", "mlflow", "none")
 
 
+# Numeric fields that are settings or fixed counts, not measurements: hyperparameters, never scalar series.
+CONSTANTS = frozenset({"steps", "batches", "rounds", "parties", "eval_items", "answer_items", "emulator_layers",
+                       "adapter_layers", "adapter_lora_params", "emulator_lora_params", "n_examples", "delta",
+                       "noise_multiplier", "sample_rate", "max_grad_norm", "ring_bits", "stage"})
+# The scalars TensorBoard's HParams view sets against the hyperparameters (the summary event's).
+HPARAM_METRICS = ("summary/nll_adapfu", "summary/nll_adapemu", "summary/nll_base", "summary/answer_nll_adapfu")
+
+
 class Sink(Protocol):
-    """Receives every event written to metrics.jsonl; opened once the run directory exists."""
+    """Receives the run's hyperparameters and every event written to metrics.jsonl; opened once the run
+    directory exists."""
 
     def open(self, run_dir: Path) -> None: ...
+
+    def params(self, params: Mapping[str, Any]) -> None: ...
 
     def write(self, row: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
+
+
+def flat_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """Nested settings as one level of hyperparameters: `{"train": {"lr": 0.002}}` -> `{"train.lr": 0.002}`;
+    None becomes "none" and a list its items joined by commas (both trackers take scalars and text only)."""
+    out: dict[str, int | float | str | bool] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_params(value, f"{name}."))
+        elif value is None:
+            out[name] = "none"
+        elif isinstance(value, list | tuple):
+            out[name] = ",".join(str(v) for v in value)
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
 
 
 def _numbers(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
@@ -36,7 +70,8 @@ def _numbers(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
         return
     if isinstance(value, Mapping):
         for key, inner in value.items():
-            yield from _numbers(f"{prefix}/{key}", inner)
+            if not (key in CONSTANTS and not isinstance(inner, Mapping)):
+                yield from _numbers(f"{prefix}/{key}", inner)
     elif isinstance(value, int | float) and math.isfinite(value):
         yield prefix, float(value)
 
@@ -67,10 +102,7 @@ class ScalarSteps:
         else:
             self.counts[event] += 1
             step = self.counts[event]
-        out: list[tuple[str, float, int]] = []
-        for key, value in fields.items():
-            out.extend((tag, number, step) for tag, number in _numbers(f"{prefix}/{key}", value))
-        return out
+        return [(tag[1:], number, step) for tag, number in _numbers("", {prefix: fields})]
 
 
 class TensorBoardSink:
@@ -89,6 +121,15 @@ class TensorBoardSink:
     def open(self, run_dir: Path) -> None:
         self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = self._writer_class(log_dir=str(self.log_dir))
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        """HParams in this run's own event file (`add_hparams` would open a run of its own), set against the
+        summary's NLL scalars, which the run logs when it ends."""
+        from torch.utils.tensorboard.summary import hparams  # noqa: PLC0415
+
+        for summary in hparams(dict(params), dict.fromkeys(HPARAM_METRICS, 0.0)):
+            self.writer._get_file_writer().add_summary(summary)
+        self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in params.items()))
 
     def write(self, row: Mapping[str, Any]) -> None:
         for tag, value, step in self.steps.scalars(row):
@@ -125,6 +166,9 @@ class MLflowSink:
                 "fedbiot", artifact_location=(run_dir / "mlflow-artifacts").as_uri())
         self.mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name)
         self.active = True
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        self.mlflow.log_params(dict(params))
 
     def write(self, row: Mapping[str, Any]) -> None:
         by_step: dict[int, dict[str, float]] = {}

@@ -49,8 +49,13 @@ def options_from_args(args: argparse.Namespace):
     from errors import ConfigError  # noqa: PLC0415
     from party.options import party_options  # noqa: PLC0415
     from party.session import PartyOptions, stamp  # noqa: PLC0415
+    from protocol.sockets import check_endpoint  # noqa: PLC0415
     from secure_agg.identity import Identity  # noqa: PLC0415
 
+    check_endpoint(args.connect, "--connect")  # a mistyped address is one line at once, not a silent wait
+    for flag, value in (("--connect-timeout", args.connect_timeout), ("--timeout", args.timeout)):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
     dp = dp_from_args(args)
     values = values_from_args(args, party_options())  # a mistyped column mapping fails here, before connecting
     if args.min_parties < 3:
@@ -87,8 +92,12 @@ def run(argv: list[str]) -> int:
     if not args.verbose:
         quiet_libraries()  # before the learning stack is imported: some libraries talk on import
     from party.session import run_party  # noqa: PLC0415
+    from protocol.keys import load_pinned, load_secret  # noqa: PLC0415
 
-    return run_party(options_from_args(args))
+    opts = options_from_args(args)
+    load_secret(opts.key)  # the key files before the data and the connection: each mistake one line, at once
+    load_pinned(opts.owner_key, "--owner-key")
+    return run_party(opts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,12 @@ def party_options() -> tuple[Option, ...]:
         Option("--name", to="name", shown="the key file's name", help="party name"),
         Option("--work", to="work_dir", type=Path, shown="the fedbiot cache dir / party / NAME",
                help="where the model and download state live"),
-        Option("--timeout", to="timeout", type=float, help="give up after this many seconds without the owner"),
+        Option("--connect-timeout", to="connect_timeout", type=float,
+               help="give up (one error line, exit 2) when no connection to the owner came up in this many seconds; "
+                    "until then the party says every 10 s that it is still trying, where, and for how long"),
+        Option("--timeout", to="timeout", type=float,
+               help="once connected, give up after this many seconds without a word from the owner (it is silent "
+                    "while it loads, pre-aligns or aligns the model)"),
         Option("--max-download-gb", to="max_download", type=float, to_field=lambda gb: int(gb * GB),
                from_field=lambda size: size / GB, help="refuse a compressed model archive larger than this"),
         Option("--device-map", to="device_map", shown="none: the whole model on --device",

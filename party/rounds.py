@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from console.progress import counted
 from learning.round_binding import round_binding, state_digest
 from learning.run_settings import PartyRunSettings
 from learning.secure_update import update_vector
@@ -80,7 +81,7 @@ class PartyRounds:
     # ------------------------------------------------------------------------------ training
     def train(self, r: int, adapter: dict, emulator: dict) -> PartyUpdate:
         """Train in a worker thread; keep the link (heartbeats, BYE, newer rounds) in this one."""
-        self.log(f"round {r + 1}: training {self.trainer.settings.local_steps} steps")
+        self.log(f"round {r + 1}: training {counted(self.trainer.settings.local_steps, 'step')}")
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self.trainer.train_round, r, adapter, emulator, self.progress)
             interrupt: Message | None = None
@@ -109,6 +110,8 @@ class PartyRounds:
         not abandon a round the owner still runs for its slowest trainer."""
         deadline = time.monotonic() + timeout if timeout is not None else (
             max(self.round_deadline, time.monotonic()) + self.stage_s + STAGE_GRACE_S)
+        self.link.waiting_for = (f"the owner to close round {r + 1} (it aggregates, then aligns the emulator)"
+                                 if kind is MessageType.ROUND_END else f"{stage or kind.value} of round {r + 1}")
         while time.monotonic() < deadline:
             msg = self.link.receive(0.5)
             if msg is None:
@@ -116,7 +119,7 @@ class PartyRounds:
             if msg.type in (MessageType.ROUND_START, MessageType.WELCOME):
                 raise Interrupted(msg)
             if msg.type is MessageType.ROUND_END and kind is not MessageType.ROUND_END:
-                raise SecAggError(f"the owner closed round {r + 1} early: {msg['summary']}")
+                raise SecAggError(f"the owner closed round {r + 1} early: {round_end_text(msg['summary'])}")
             if msg.type is kind and (stage is None or msg["stage"] == stage):
                 return msg
             self.log(f"ignored an unexpected {msg.type.value} in round {r + 1}")
@@ -204,7 +207,21 @@ class PartyRounds:
         self.log(f"round {r + 1}: sent update (loss {update.stats['loss_mean']:.4f}{eps})")
         end = self.wait_for(MessageType.ROUND_END, r, timeout=self.opts.timeout)
         self.rounds_done = r + 1
-        self.log(f"round {r + 1} closed by the owner ({end['summary']})")
+        self.link.waiting_for = f"round {r + 2} to start"
+        self.log(f"round {r + 1} closed by the owner: {round_end_text(end['summary'])}")
+
+
+def round_end_text(summary: object) -> str:
+    """A ROUND_END summary as words: who took part, or why the round was aborted."""
+    if not isinstance(summary, dict):
+        return str(summary)
+    if isinstance(summary.get("participants"), list):
+        names = [str(n) for n in summary["participants"]]
+        return f"{counted(len(names), 'party')} took part ({', '.join(names)})"
+    if summary.get("aborted"):
+        reason = summary["aborted"]
+        return "aborted" + (f": {reason}" if isinstance(reason, str) else "")
+    return ", ".join(f"{k} {v}" for k, v in summary.items()) or "no summary"
 
 
 def tensors(part: dict) -> dict[str, torch.Tensor]:

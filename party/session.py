@@ -4,7 +4,9 @@
 A restarted party says HELLO again and joins at the next round boundary. Exit status of `run()`: 0 when the
 owner ended the run normally (BYE "run finished"), 1 when the owner stopped early, ended the run without
 training the adapter, or fell silent past `--timeout`. A key the owner refuses (ZAP) or an owner key that does
-not match the one listening (the CurveZMQ handshake fails) raises `OwnerRefused` at once.
+not match the one listening (the CurveZMQ handshake fails) raises `OwnerRefused` at once; no connection within
+`--connect-timeout` raises `OwnerUnreachable`. While it waits, the party says for what, where, and how long it
+has left (`party.link.OwnerLink.report_wait`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class PartyOptions:
     name: str | None = None
     work_dir: Path | None = None
     dp: DPSettings | None = None  # DP-SGD on this party's adapter LoRA; None = no DP
-    timeout: float = 3600.0  # give up after this long without hearing from the owner
+    timeout: float = 3600.0  # once connected, give up after this long without hearing from the owner (it is
+    # silent while it loads, pre-aligns and aligns the model: minutes to tens of minutes on a large one)
+    connect_timeout: float = 600.0  # give up when no connection to the owner came up in this long
     hardware: Hardware | None = None  # device and dtype of the frozen weights (None: CPU, float32)
     quantize: str | None = None  # int8 | nf4: the frozen weights quantised (bitsandbytes)
     device_map: str | None = None  # accelerate's placement of the compressed model over this machine's devices
@@ -101,7 +105,7 @@ class PartyNode:
                               f"{MAX_EXAMPLES:,} per party (train on a sample of them)")
         self.work = WorkDir(opts.work_dir or cache_root() / "party" / self.name)
         self.link = OwnerLink(opts.endpoint, opts.key, opts.owner_key, self.name, opts.timeout, self.hello_message,
-                              self.log)
+                              self.log, connect_timeout=opts.connect_timeout)
         self.rounds = PartyRounds(opts, self.link, self.work, self.log, self.ui.step, after_stage)
         self.archive: ArchiveInfo | None = None
         self.receiver: ChunkReceiver | None = None
@@ -125,6 +129,7 @@ class PartyNode:
     def send_ready(self) -> None:
         self.link.send(m.ready(self.archive.model_sha256, self.rounds.settings.run_id,
                                self.rounds.last_contributed()))
+        self.link.waiting_for = "the next round to start (the owner starts it once enough parties are ready)"
 
     def on_welcome(self, msg: Message) -> None:
         try:
@@ -155,6 +160,7 @@ class PartyNode:
             self.log(f"downloading the compressed model: {len(self.receiver.missing())} of {info.n_chunks} "
                      "chunks to fetch")
         self.archive = info
+        self.link.waiting_for = "the model's chunks"
         self.requested = set()  # requests to an owner that restarted are lost: ask again
         self.request_chunks()
 
@@ -194,7 +200,7 @@ class PartyNode:
         cfg, opts = self.rounds.settings, self.opts
         party = PartyModel.load(model_dir, cfg.lora, cfg.seed, opts.hardware, opts.quantize, opts.device_map,
                                 opts.max_memory)
-        data = party.tokenize(self.examples, cfg.max_length, cfg.template)
+        data = party.tokenize(self.examples, cfg.max_length, cfg.template, what=f"--data {self.opts.data}")
         dp: dict = {}
         if opts.dp is not None:  # one accountant for this data over every run, whoever the owner
             record = PrivacyRecord(opts.privacy_dir or cache_root() / "privacy", self.examples)

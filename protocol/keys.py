@@ -56,6 +56,16 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
     return _load(path)[0]
 
 
+def load_pinned(path: str | os.PathLike[str], flag: str) -> bytes:
+    """A peer's public key given as `flag`; its secret key file is refused: that one never leaves its machine."""
+    public, secret = _load(path)
+    if secret is not None:
+        public_file = Path(path).name.removesuffix("_secret")
+        raise ConfigError(f"{flag} {path} is a secret key file: pass the public one ({public_file}); the secret "
+                          "key must stay on the machine it belongs to (make a new pair if it was copied)")
+    return public
+
+
 def load_allowlist(directory: str | os.PathLike[str]) -> dict[str, bytes]:
     """{name: public key} for every NAME.key file in `directory` (the parties allowed to join)."""
     folder = Path(directory)

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import zmq
@@ -28,7 +28,7 @@ from errors import ConfigError
 from protocol.codec import DEFAULT_LIMITS, Limits, encode
 from protocol.errors import ProtocolError, TransportError
 from protocol.identities import IdentityLimit, IdentityRefused
-from protocol.keys import load_allowlist, load_public, load_secret
+from protocol.keys import load_allowlist, load_pinned, load_secret
 from protocol.messages import Message
 
 SEND_TIMEOUT_MS = 10_000
@@ -80,6 +80,23 @@ def _common_options(sock: zmq.Socket, max_msg_size: int, send_timeout_ms: int, r
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
     sock.setsockopt(zmq.TCP_MAXRT, MAX_RETRANSMIT_MS)
     sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+
+
+_TCP = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d+|\*)")
+
+
+def check_endpoint(endpoint: str, flag: str, listen: bool = False) -> str:
+    """`endpoint` if it is a ZeroMQ TCP address (tcp://HOST:PORT; a listener may give port * for any free one),
+    else a ConfigError naming `flag`, the expected form and, for a bare HOST:PORT, the address meant."""
+    m = _TCP.fullmatch(endpoint.strip()) if isinstance(endpoint, str) else None
+    example = "tcp://0.0.0.0:5555" if listen else "tcp://owner.example.org:5555"
+    if m is None:
+        meant = f": did you mean tcp://{endpoint}?" if re.fullmatch(r"[^\s:/]+:\d+", str(endpoint)) else ""
+        raise ConfigError(f"{flag} {endpoint}: an address is tcp://HOST:PORT, e.g. {example}{meant}")
+    port = m.group(2)
+    if port == "*" and not listen or port != "*" and not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{flag} {endpoint}: the port must be a number from 1 to 65535")
+    return endpoint.strip()
 
 
 def bind_router(
@@ -170,13 +187,15 @@ def connect_dealer(
     send_timeout_ms: int = SEND_TIMEOUT_MS,
     rcv_hwm: int = DEALER_RCVHWM,
     snd_hwm: int = DEALER_SNDHWM,
+    before_connect: Callable[[zmq.Socket], object] | None = None,
 ) -> zmq.Socket:
     """A party's socket: CurveZMQ client pinned to the owner's public key. `name` is the party's name (the
     stem of its key file in the owner's allowlist); the socket identity is `routing_identity(name)` unless
     `identity` gives another (tests). ZeroMQ reconnects by itself, keeping the identity; messages sent
-    meanwhile wait in the queue."""
+    meanwhile wait in the queue. `before_connect(sock)` runs before the connection starts: a monitor attached
+    later can miss the first handshake."""
     public, secret = load_secret(client_secret_file)
-    server_key = load_public(server_public_file)
+    server_key = load_pinned(server_public_file, "--owner-key")
     identity = routing_identity(name) if identity is None else identity
     if not name or not 1 <= len(identity) <= 255:
         raise ConfigError("the party name must be non-empty and the socket identity 1-255 bytes")
@@ -190,6 +209,8 @@ def connect_dealer(
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
         _common_options(sock, max_msg_size, send_timeout_ms, rcv_hwm, snd_hwm)
+        if before_connect is not None:
+            before_connect(sock)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:

@@ -267,7 +267,7 @@ def _mapped(record: Any, columns: ColumnMap, kind: str, name: str, where: str) -
     return Example(_join(values["prompt"] or "", values["context"]), response, values["category"])
 
 
-def _detected(record: Any, name: str, where: str) -> str:
+def _detected(record: Any, name: str, where: str, columns_flag: str = "--columns") -> str:
     if not isinstance(record, dict):
         raise DataError(f"{name}: {where}: expected a JSON object, got {type(record).__name__}")
     detected = detect_kind(record)
@@ -275,18 +275,19 @@ def _detected(record: Any, name: str, where: str) -> str:
         raise DataError(f"{name}: {where}: cannot tell the data kind from fields "
                         f"{sorted(record)} (gsm8k: question/answer; dolly: instruction/response; "
                         "alpaca: instruction/output; any other layout: give a column mapping, "
-                        "e.g. --columns prompt=question,response=answer)")
+                        f"e.g. {columns_flag} prompt=question,response=answer)")
     return detected
 
 
 def load_examples(source: str | Path, kind: str = "auto", limit: int | None = None,
-                  columns: ColumnMap | str | None = None) -> list[Example]:
+                  columns: ColumnMap | str | None = None, columns_flag: str = "--columns") -> list[Example]:
     """Read a data source (file, directory, packaged sample or hub id; see `open_records`) into `Example`s.
 
     `kind` "auto" picks the layout from the first record's fields; `limit` keeps the first records only
     (and stops reading there, so a small run over a large file stays quick). `columns` (a ColumnMap or its
     text `prompt=question,response=answer,...`) reads any other layout; with it, kind "gsm8k" still turns
-    the '#### N' line into the answer sentence, and "auto" takes the columns as they are.
+    the '#### N' line into the answer sentence, and "auto" takes the columns as they are. `columns_flag` is the
+    option an error about an unknown layout suggests (the owner's `--party-columns`, ...).
     """
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r} (choose from {', '.join(KINDS)})")
@@ -303,7 +304,7 @@ def load_examples(source: str | Path, kind: str = "auto", limit: int | None = No
             examples.append(_mapped(record, mapping, kind, name, where))
         else:
             if kind == "auto":
-                kind = _detected(record, name, where)
+                kind = _detected(record, name, where, columns_flag)
             _check(record, kind, name, where)
             try:
                 examples.append(CONVERTERS[kind](record))

@@ -98,11 +98,14 @@ def end_token_id(tokenizer, template: str = "auto") -> int | None:
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 256,
-                      template: str = "auto", answer_line: bool = False) -> list[TokenizedExample]:
+                      template: str = "auto", answer_line: bool = False, what: str = "",
+                      use: str = "", warn: bool = True) -> list[TokenizedExample]:
     """Tokenise examples for training: prompt ids (with what the template / tokenizer adds) + response ids
     (nothing added) + the end token, cut to `max_length` from the right.
 
-    Examples left with no labelled token are dropped with a warning; none left at all is a DataError.
+    Examples left with no labelled token are dropped with a warning that names the data (`what`, e.g.
+    "--public-data dolly") and says how many remain for their `use` ("alignment"), unless `warn` is False;
+    none left at all is a DataError.
     `answer_line=True` keeps the labels of the response's last line only (GSM8K: "The answer is N."; the end
     token is not part of it), for an NLL of the answer alone; items are dropped by the whole response's rule, so
     the list matches the plain one item for item (an answer line cut off by `max_length` leaves no label).
@@ -133,12 +136,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
             labels = [label if first <= i < stop else IGNORE_INDEX for i, label in enumerate(labels)]
         out.append(TokenizedExample(ids, labels))
     dropped = len(examples) - len(out)
+    lead = f"{what}: " if what else ""
     if not out:
-        raise DataError(f"all {len(examples)} examples have a prompt of max_length={max_length} tokens or "
+        raise DataError(f"{lead}all {len(examples)} examples have a prompt of max_length={max_length} tokens or "
                         "more, so no response token is left: raise --max-length")
-    if dropped:
-        log.warning("dropped %d of %d examples whose prompt leaves no response token within max_length=%d",
-                    dropped, len(examples), max_length)
+    if dropped and warn:
+        left = f"only {len(out)}" if len(out) * 4 < len(examples) else str(len(out))
+        log.warning("%sdropped %d of %d examples whose prompt leaves no response token within max_length=%d; %s "
+                    "remain%s%s", lead, dropped, len(examples), max_length, left, f" for {use}" if use else "",
+                    " (raise --max-length to keep more)" if left.startswith("only") else "")
     return out
 
 

@@ -179,8 +179,11 @@ def test_bottom_and_top_adapter_export_reproduces_the_trained_logits(tiny_llama_
     with torch.no_grad():
         trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    export_adapfu(update.adapter_state, manifest, str(tiny_llama_dir), lora, tmp_path / "adapfu")
-    export_adapemu(update.adapter_state, emulator, manifest, tmp_path / "compressed", lora, tmp_path / "adapemu")
+    # beta = 0: the compressed model's layer indices are the full model's
+    teacher = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), manifest.full_adapter_layers, lora, 0)
+    load_lora_state(teacher, update.adapter_state, manifest.full_adapter_layers)
+    export_adapfu(teacher, manifest, str(tiny_llama_dir), tmp_path / "adapfu")
+    export_adapemu(model, manifest, tmp_path / "compressed", tmp_path / "adapemu")
     fu = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapfu")
     emu = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed"),
                                     tmp_path / "adapemu")

@@ -163,6 +163,20 @@ def test_bad_input_gives_one_error_line(argv, message, capsys, monkeypatch):
     assert captured.out == ""
 
 
+def test_an_unreachable_hub_is_one_line_at_once(capsys, monkeypatch):
+    """Without a network (and without HF_HUB_OFFLINE) a hub id is read from the cache alone: no retries."""
+    import owner.plan
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(owner.plan, "hub_unreachable", lambda: "cannot reach huggingface.co: no answer within 3 s")
+    assert cli.main(["plan", "--model", "org/not-in-any-cache"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["error: cannot read the config of 'org/not-in-any-cache': cannot reach huggingface.co: no answer "
+                   "within 3 s, and it is not in the Hugging Face cache; pass a config.json or a checkpoint "
+                   "directory instead"]
+
+
 def test_config_without_decoder_sizes_or_with_experts_is_refused(tmp_path, capsys):
     (tmp_path / "bert.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
     moe = {**json.loads(LLAMA2.read_text()), "num_local_experts": 8}

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from console.progress import Progress, duration, resolve_mode
+from console.progress import Progress, checkpointed, counted, duration, resolve_mode
 from errors import ConfigError
 from owner.metrics import MetricsLog
-from owner.tracking import ScalarSteps, make_sinks
+from owner.tracking import ScalarSteps, flat_params, make_sinks
 from protocol.chunks import ArchiveInfo, ChunkReceiver
 
 
@@ -169,13 +169,67 @@ def test_scalars_flatten_events_with_resumable_steps():
                          "dp": {"party-1": {"epsilon": 2.0, "delta": 1e-5}}, "secure": True})
     assert set(got) == {("round/train_loss", 1.5, 2), ("round/mb_up", 0.5, 2),
                         ("round/parties/party-1/loss_mean", 1.4, 2), ("round/parties/party-1/epsilon", 2.0, 2),
-                        ("round/dp/party-1/epsilon", 2.0, 2), ("round/dp/party-1/delta", 1e-5, 2)}
+                        ("round/dp/party-1/epsilon", 2.0, 2)}  # delta is a setting, not a series
     assert steps.scalars({"event": "party_step", "party": "p2", "round": 1, "step": 3, "steps": 4, "loss": 0.7}) \
         == [("party_step/p2/loss", 0.7, 7)]
     assert steps.scalars({"event": "align_step", "stage": -1, "step": 5, "steps": 9, "loss": 1.0, "l2": 0.5,
                           "kl": 0.5})[0] == ("pre_alignment_step/loss", 1.0, 5)
     assert steps.scalars({"event": "align_step", "stage": 2, "step": 1, "steps": 4, "loss": 1.0, "l2": 0.5,
                           "kl": 0.5})[0] == ("align_step/loss", 1.0, 9)
+
+
+def test_settings_and_counts_are_no_scalar_series():
+    steps = ScalarSteps()
+    got = steps.scalars({"event": "summary", "rounds": 3, "parties": 3, "eval_items": 32, "adapter_layers": 2,
+                         "emulator_lora_params": 9, "nll_adapfu": 1.3, "seconds": 60.0, "mb_up_total": 1.5})
+    assert {tag for tag, _, _ in got} == {"summary/nll_adapfu", "summary/seconds", "summary/mb_up_total"}
+    got = steps.scalars({"event": "round", "round": 1, "parties": {"p": {"steps": 8, "loss_mean": 2.0}},
+                         "alignment": {"steps": 4, "seconds": 9.0}, "phase_seconds": {"alignment": 9.0}})
+    assert {tag for tag, _, _ in got} == {"round/parties/p/loss_mean", "round/alignment/seconds",
+                                          "round/phase_seconds/alignment"}
+    assert steps.scalars({"event": "fidelity", "stage": -1, "cosine": 0.5, "batches": 2}) == [
+        ("fidelity/cosine", 0.5, 1)]
+
+
+def test_settings_flatten_into_hyperparameters():
+    assert flat_params({"lr": 0.1, "model": None, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+                        "dp": None, "secure_agg": True}) == {
+        "lr": 0.1, "model": "none", "lora.r": 8, "lora.target_modules": "q_proj,v_proj", "dp": "none",
+        "secure_agg": True}
+
+
+def test_a_phase_shows_from_its_start_with_rate_and_eta():
+    out, clock = io.StringIO(), Clock()
+    p = Progress("plain", out, clock=clock)
+    p.step("pre-alignment", 0, 8)  # before the first step: shown at once, and step 1 gets a rate
+    for step in range(1, 9):
+        clock.now += 2.0
+        p.step("pre-alignment", step, 8, "loss 1.0")
+    assert out.getvalue().splitlines() == [
+        "pre-alignment: step 0/8", "pre-alignment: step 4/8 loss 1.0 | 2.0 s/step, ETA 8s",
+        "pre-alignment: step 8/8 loss 1.0 | 2.0 s/step"]
+    log = MetricsLog(None, stream=io.StringIO(), progress="plain")
+    with log.phase("gradient fidelity", 2, unit="batch") as task:
+        task.update_to(1)
+        task.update_to(2)
+    lines = [line.split("] ", 1)[1] for line in log.stream.getvalue().splitlines()]
+    assert lines[0] == "gradient fidelity: batch 0/2" and lines[-1].startswith("gradient fidelity: batch 2/2 |")
+
+
+def test_counts_take_their_noun_in_the_right_number():
+    assert [counted(1, "round"), counted(3, "round"), counted(1, "party"), counted(2, "party"),
+            counted(0, "key")] == ["1 round", "3 rounds", "1 party", "2 parties", "0 keys"]
+    assert [checkpointed(1), checkpointed(2)] == ["1 round is checkpointed", "2 rounds are checkpointed"]
+
+
+def test_output_piped_into_a_command_that_stops_reading_ends_quietly(capsys):
+    from console.terminal import run_cli
+
+    def run(argv):
+        raise BrokenPipeError
+
+    assert run_cli(run, []) == 1
+    assert capsys.readouterr().err == ""
 
 
 def test_report_to_rejects_unknown_sinks():
@@ -197,6 +251,7 @@ def test_tensorboard_receives_every_metrics_event(tmp_path):
     log = MetricsLog(None, stream=None, sinks=make_sinks("tensorboard"))
     log.record("before_the_run_dir", value=1.0)  # not in metrics.jsonl, so not in TensorBoard either
     log.path = tmp_path / "metrics.jsonl"
+    log.params({"train": {"lr": 0.002, "local_steps": 8}, "model": None, "rounds": 1})
     log.align_step({"stage": -1, "step": 1, "steps": 1, "loss": 2.5, "l2": 1.5, "kl": 1.0})
     for step in (1, 2):
         log.train_step({"party": "party-1", "round": 0, "step": step, "steps": 2, "loss": 3.0 - step})
@@ -214,6 +269,19 @@ def test_tensorboard_receives_every_metrics_event(tmp_path):
     assert losses == [(1, 2.0), (2, 1.0)]
     assert [(e.step, round(e.value, 3)) for e in events.Scalars("round/mb_down")] == [(1, 15.7)]
     assert [round(e.value, 3) for e in events.Scalars("summary/nll_adapfu")] == [1.38]
+    assert not any(t.startswith("summary/rounds") for t in tags)  # a setting, not a series
+    # The settings as TensorBoard's HParams, in this run's own event file, against the summary NLLs
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    hparams.Reload()
+    data = [plugin_data_pb2.HParamsPluginData.FromString(content)
+            for content in hparams.PluginTagToContent("hparams").values()]
+    start = next(d.session_start_info for d in data if d.HasField("session_start_info"))
+    assert start.hparams["train.lr"].number_value == pytest.approx(0.002)
+    assert start.hparams["model"].string_value == "none" and start.hparams["rounds"].number_value == 1
+    experiment = next(d.experiment for d in data if d.HasField("experiment"))
+    assert "summary/nll_adapfu" in {m.name.tag for m in experiment.metric_infos}
 
 
 def test_mlflow_receives_every_metrics_event(tmp_path, monkeypatch):
@@ -222,6 +290,7 @@ def test_mlflow_receives_every_metrics_event(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     log = MetricsLog(None, stream=None, sinks=make_sinks("mlflow"))
     log.path = tmp_path / "metrics.jsonl"
+    log.params({"train": {"lr": 0.002}, "model": None})
     for step in (1, 2):
         log.train_step({"party": "party-1", "round": 0, "step": step, "steps": 2, "loss": 3.0 - step})
     log.record("round", round=1, train_loss=1.5, mb_down=15.7, parties={"party-1": {"epsilon": 2.5}})
@@ -231,6 +300,7 @@ def test_mlflow_receives_every_metrics_event(tmp_path, monkeypatch):
     assert len(runs) == 1 and runs[0].info.run_name == tmp_path.name
     assert runs[0].data.metrics == {"party_step/party-1/loss": 1.0, "round/train_loss": 1.5, "round/mb_down": 15.7,
                                     "round/parties/party-1/epsilon": 2.5}
+    assert runs[0].data.params == {"train.lr": "0.002", "model": "none"}
     history = client.get_metric_history(runs[0].info.run_id, "party_step/party-1/loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
 

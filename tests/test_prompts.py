@@ -137,6 +137,20 @@ def test_examples_without_response_room_are_dropped(caplog):
         tokenize_examples([long_prompt], tok, max_length=100)
 
 
+def test_a_drop_names_the_data_and_what_remains_for_its_use(caplog):
+    tok = byte_tokenizer()
+    data = [Example("p" * 300, "short")] * 13 + list(EXAMPLES[:3])
+    with caplog.at_level(logging.WARNING, logger="tasks.prompts"):
+        items = tokenize_examples(data, tok, max_length=100, what="--public-data dolly", use="alignment")
+        tokenize_examples(data, tok, max_length=100, answer_line=True, warn=False)  # the same items: said once
+    assert len(items) == 3 and len(caplog.records) == 1
+    assert caplog.records[0].getMessage() == (
+        "--public-data dolly: dropped 13 of 16 examples whose prompt leaves no response token within "
+        "max_length=100; only 3 remain for alignment (raise --max-length to keep more)")
+    with pytest.raises(DataError, match="^--eval-data x: all 1 examples"):
+        tokenize_examples(data[:1], tok, max_length=100, what="--eval-data x")
+
+
 def test_bad_arguments():
     tok = byte_tokenizer()
     with pytest.raises(DataError):

@@ -283,7 +283,7 @@ def test_dropout_at_the_consistency_check_keeps_the_input_in_the_sum(graph):
 
 
 def test_the_documented_default_floors_are_the_derived_ones():
-    """The table of defaults in README.md and secure_agg/README.md is what round_params derives, and every
+    """The table of defaults in docs/privacy.md and secure_agg/README.md is what round_params derives, and every
     row leaves at least two honest inputs in any sum (the party's default floor holds at every n)."""
     from pathlib import Path
 
@@ -295,5 +295,5 @@ def test_the_documented_default_floors_are_the_derived_ones():
         PartyPolicy().check(p, 0)  # a default party accepts the default round
         assert p.min_honest >= 2
         row = f"| {n} | {p.collusion} | {p.min_survivors} | {n - p.min_survivors} | {p.min_honest} |"
-        for readme in ("README.md", "secure_agg/README.md"):
+        for readme in ("docs/privacy.md", "secure_agg/README.md"):
             assert row in (root / readme).read_text(), (readme, row)

@@ -208,3 +208,27 @@ def test_a_run_that_leaves_the_adapter_unchanged_is_no_success(tiny_llama_dir, d
     trained = tmp_path / "trained"
     assert main(args_for(tiny_llama_dir, data_files, trained)) == 0
     assert "untrained" not in json.loads((trained / "summary.json").read_text())
+
+
+def test_every_phase_shows_and_the_round_time_is_its_wall_time(tiny_llama_dir, data_files, tmp_path, capsys):
+    """In plain mode the owner is never quiet for a phase (alignment from its start, the gradient fidelity, the
+    held-out NLL) and the round line gives the round's wall time with its parts, as metrics.jsonl records it."""
+    out = tmp_path / "run"
+    argv = [a for a in args_for(tiny_llama_dir, data_files, out) if a != "--quiet"]
+    assert main([*argv, "--progress", "plain"]) == 0
+    lines = [line.split("] ", 1)[-1] for line in capsys.readouterr().err.splitlines()]
+    for start in ("pre-alignment: step 0/2", "round 1 alignment: step 0/1", "gradient fidelity: batch 0/2",
+                  "held-out NLL (base, AdapEmu, AdapFu): batch 0/3"):
+        assert start in lines, start
+    assert any(line.startswith("held-out NLL (base, AdapEmu, AdapFu): batch 3/3 |") for line in lines)
+    assert "2 parties with [12, 12] examples; 2 rounds of 2 steps x batch 4" in lines
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "round"]
+    for record in rounds:
+        parts = record["phase_seconds"]
+        assert set(parts) == {"parties", "alignment", "fidelity"} and all(v > 0 for v in parts.values())
+        assert sum(parts.values()) <= record["seconds"] < sum(parts.values()) + 5
+        said = next(line for line in lines if line.startswith(f"round {record['round']}/2 done with 2 parties in "))
+        assert said.startswith(f"round {record['round']}/2 done with 2 parties in {record['seconds']:.1f} s "
+                               f"(training and aggregation {parts['parties']:.1f} s, alignment "
+                               f"{parts['alignment']:.1f} s, fidelity {parts['fidelity']:.1f} s): train loss ")
