@@ -170,8 +170,8 @@ def test_generate_loads_the_base_model_on_the_chosen_device_and_dtype(tiny_chat_
 
     compressed, manifest = compress(_load(tiny_chat_dir), 2, 0.0, str(tiny_chat_dir))
     peft = attach_lora(compressed, manifest.adapter_layers, SETTINGS, seed=0)
-    export_adapfu(_randomise(peft, manifest.adapter_layers, seed=5), manifest, str(tiny_chat_dir), SETTINGS,
-                  tmp_path / "adapfu")
+    _randomise(peft, manifest.adapter_layers, seed=5)
+    export_adapfu(peft, manifest, str(tiny_chat_dir), tmp_path / "adapfu")
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
 
