@@ -49,10 +49,30 @@ def run_one(work: Path, seed: int, dtype: str) -> dict:
         wall.write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1)}) + "\n")
     s = json.loads(summary.read_text())
     row = {"seed": seed, "dtype": dtype, "nll_base": s["nll_base"], "nll_adapemu": s["nll_adapemu"],
-           "nll_adapfu": s["nll_adapfu"], "wall_s": json.loads(wall.read_text())["wall_s"]}
+           "nll_adapfu": s["nll_adapfu"], "wall_s": json.loads(wall.read_text())["wall_s"],
+           **step_seconds(out / "metrics.jsonl")}
     say(f"seed {seed} {dtype}: base {row['nll_base']:.4f} AdapEmu {row['nll_adapemu']:.4f} "
         f"AdapFu {row['nll_adapfu']:.4f}, {row['wall_s']:.0f} s")
     return row
+
+
+def step_seconds(metrics: Path) -> dict:
+    """Median seconds of a party step and of an alignment step (the gaps between consecutive steps of one party's
+    round or one alignment stage; a sequence's first step, which waits on set-up, is left out). Medians, because
+    on a shared machine another job's burst stretches some steps of a run and the wall time with them."""
+    last, party, align = {}, [], []
+    for line in metrics.read_text().splitlines():
+        e = json.loads(line)
+        if e["event"] == "party_step":
+            key, into = ("party", e["round"], e["party"]), party
+        elif e["event"] == "align_step":
+            key, into = ("align", e["stage"]), align
+        else:
+            continue
+        if key in last and e["step"] > 1:
+            into.append(e["time"] - last[key])
+        last[key] = e["time"]
+    return {"party_step_s": statistics.median(party), "align_step_s": statistics.median(align)}
 
 
 def compare(rows: list[dict], margin: float) -> dict:
@@ -63,8 +83,10 @@ def compare(rows: list[dict], margin: float) -> dict:
     out = {"seeds": seeds, "margin": margin}
     for key in ("nll_adapfu", "nll_adapemu", "nll_base"):
         out[key] = paired_test([r[key] for r in bf16], [r[key] for r in fp32])
-    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(fp32, bf16, strict=True)]
-    out["speedup"] = {"per_seed": ratios, "mean": statistics.mean(ratios) if ratios else None}
+    for key in ("wall_s", "party_step_s", "align_step_s"):  # float32 / bfloat16: above 1, bfloat16 is faster
+        ratios = [a[key] / b[key] for a, b in zip(fp32, bf16, strict=True)]
+        out[f"speedup_{key.removesuffix('_s')}"] = {"per_seed": ratios,
+                                                     "mean": statistics.mean(ratios) if ratios else None}
     ci = out["nll_adapfu"]["ci95"]
     out["equivalent"] = bool(ci and -margin <= ci[0] and ci[1] <= margin)
     return out
@@ -81,11 +103,12 @@ def markdown(rows: list[dict], result: dict, cpu: str) -> str:
         "NLLs are the held-out response NLL from summary.json; wall time is the whole run (set-up, pre-alignment, "
         "rounds, evaluation, export) on a machine shared with other work, so times are indicative.",
         "",
-        "| seed | dtype | base NLL | AdapEmu NLL | AdapFu NLL | wall (s) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| seed | dtype | base NLL | AdapEmu NLL | AdapFu NLL | wall (s) | party step (s) | alignment step (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    ordered = sorted(rows, key=lambda r: (r["seed"], DTYPES.index(r["dtype"])))
     lines += [f"| {r['seed']} | {r['dtype']} | {r['nll_base']:.4f} | {r['nll_adapemu']:.4f} | {r['nll_adapfu']:.4f} "
-              f"| {r['wall_s']:.0f} |" for r in sorted(rows, key=lambda r: (r["seed"], DTYPES.index(r["dtype"])))]
+              f"| {r['wall_s']:.0f} | {r['party_step_s']:.2f} | {r['align_step_s']:.2f} |" for r in ordered]
     lines += ["", "Paired over seeds, bfloat16 - float32:", "",
               "| NLL | mean difference | 95% CI | paired t p |", "|---|---:|---:|---:|"]
     for key, name in (("nll_adapfu", "AdapFu"), ("nll_adapemu", "AdapEmu"), ("nll_base", "base")):
@@ -93,9 +116,13 @@ def markdown(rows: list[dict], result: dict, cpu: str) -> str:
         lines.append(f"| {name} | {fmt(t['mean_difference'], '+.4f')} | "
                      f"{'[' + ', '.join(f'{x:+.4f}' for x in t['ci95']) + ']' if t['ci95'] else '-'} | "
                      f"{fmt(t['p_t'], '.3f')} |")
-    sp = result["speedup"]
-    lines += ["", f"Wall-time ratio float32 / bfloat16 per seed: {', '.join(f'{x:.2f}' for x in sp['per_seed'])} "
-              f"(mean {fmt(sp['mean'], '.2f')}).", ""]
+    lines += ["", "Speed, float32 / bfloat16 per seed (above 1: bfloat16 is faster; step times are medians, see "
+              "`step_seconds`):", ""]
+    for key, name in (("wall", "wall time"), ("party_step", "party step"), ("align_step", "alignment step")):
+        sp = result[f"speedup_{key}"]
+        lines.append(f"- {name}: {', '.join(f'{x:.2f}' for x in sp['per_seed']) or '-'} "
+                     f"(mean {fmt(sp['mean'], '.2f')})")
+    lines.append("")
     if result["equivalent"]:
         verdict = (f"The 95% interval of the AdapFu NLL difference, [{ci[0]:+.4f}, {ci[1]:+.4f}], lies within the "
                    f"equivalence margin +-{result['margin']}: on this evidence bfloat16 gives the same AdapFu NLL "
