@@ -101,7 +101,8 @@ def markdown(rows: list[dict], result: dict, cpu: str) -> str:
         f"`python -m benchmarks.cpu_bf16`: `owner {' '.join(DEMO)} --seed N --dtype D --device cpu` (the demo's "
         f"settings), seeds {', '.join(map(str, result['seeds'])) or 'none'} paired, one run at a time, on {cpu}. "
         "NLLs are the held-out response NLL from summary.json; wall time is the whole run (set-up, pre-alignment, "
-        "rounds, evaluation, export) on a machine shared with other work, so times are indicative.",
+        "rounds, evaluation, export) on 2 cores shared with other jobs, whose bursts stretched some runs several-fold: "
+        "the times do not measure bfloat16's speed, the NLLs are unaffected.",
         "",
         "| seed | dtype | base NLL | AdapEmu NLL | AdapFu NLL | wall (s) | party step (s) | alignment step (s) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
