@@ -147,10 +147,10 @@ def run_variant(spec: dict, work: Path) -> dict:
 
 
 def federated(args: argparse.Namespace, work: Path) -> list[dict]:
-    """Whole in-process runs (3 parties): everything in float32 (named: `auto` is bfloat16 on a GPU); everything
-    in bfloat16 (`--dtype bfloat16`: owner and parties); the parties' frozen weights in int8 or nf4 with float32
-    compute, and nf4 with bfloat16 compute (how a GPU party would run it). The AdapFu each gives is scored on the
-    full model, as the run's summary does."""
+    """Whole in-process runs (3 parties): everything in float32 (named: `auto` is bfloat16 on a GPU or a bf16
+    CPU); everything in bfloat16 (`--dtype bfloat16`: owner and parties); the parties' frozen weights in int8 or nf4
+    with float32 compute, and nf4 with bfloat16 compute (how a GPU party would run it). The AdapFu each gives is
+    scored on the full model, as the run's summary does."""
     rows = []
     for label, flags in (("float32", ["--dtype", "float32"]), ("bfloat16 (owner and parties)", ["--dtype", "bfloat16"]),
                          ("int8", ["--quantize", "int8", "--dtype", "float32"]),

@@ -397,7 +397,7 @@ def hardware_options() -> tuple[Option, ...]:
                help=f"{DEVICES} (auto: a CUDA GPU when present)"),
         Option("--dtype", to="dtype", default="auto", choices=("auto", *DTYPES), group=HARDWARE,
                help="frozen weights' precision; LoRA and optimizer state stay float32 (auto: bfloat16 on a GPU "
-                    "that supports it, else float32)"),
+                    "or CPU that computes it natively, else float32; float32 with DP)"),
         Option("--quantize", to="quantize", choices=("int8", "nf4"), group=HARDWARE, shown="none: --dtype",
                help="hold the frozen compressed model in 8 or 4 bits (bitsandbytes; pip install "
                     "'fedbiot[quantize]'): less memory, the adapter LoRA still trains in float32 (the owner's: "

@@ -1,9 +1,9 @@
 """Where a model runs and in which precision: `--device` and `--dtype` as both nodes understand them.
 
-auto picks CUDA when a GPU is present, and bfloat16 there when the GPU computes it natively; on a CPU, auto stays
-float32, so a CPU run is bit-for-bit what it always was (bfloat16 on a CPU is there to be asked for: it is
-faster on CPUs with native bf16 instructions, and the overhead benchmark measures it). Frozen weights take
-the chosen dtype; LoRA parameters and optimizer state stay float32.
+auto picks CUDA when a GPU is present, and bfloat16 wherever the chosen device computes it natively: a GPU of
+compute capability 8.0 or more, or a CPU with bf16 instructions, where the demo gives the same AdapFu NLL as in
+float32 (docs/results/cpu_bf16.md) and a party trains about twice as fast (docs/results/precision.md); float32
+elsewhere, and always under DP-SGD. Frozen weights take the chosen dtype; LoRA and optimizer state stay float32.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def resolve_device(spec: str | None) -> torch.device:
 
 
 def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    """`auto` (or None): bfloat16 on a GPU with native bfloat16 (not emulated), float32 otherwise (and always on
-    a CPU)."""
+    """`auto` (or None): bfloat16 on a GPU or CPU that computes it natively (not emulated: emulated bf16 is slower
+    than float32), float32 otherwise."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if spec not in DTYPES:
         raise ConfigError(f"unknown --dtype {spec!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[spec]
@@ -82,12 +82,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; Arm's "Features: ... bf16"
+CPUINFO = "/proc/cpuinfo"  # a module name, so the tests can point it elsewhere and not depend on this machine's CPU
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty where there is none."""
     try:
-        text = Path(cpuinfo).read_text(errors="replace")
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
     except OSError:
         return frozenset()
     for line in text.splitlines():

@@ -59,7 +59,7 @@ class RunConfig:
     dp: DPSettings | None = None  # DP-SGD for the simulated parties; None = no DP
     method: str = "fedbiot"  # one of METHODS
     device: str = "auto"  # where the owner (and --simulate's parties) run: auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # frozen weights: auto (bf16 on a GPU that has it, else float32) | float32 | bfloat16 | ...
+    dtype: str = "auto"  # frozen weights: auto (bf16 where the device has it natively, else float32) | float32 | ...
     quantize: str | None = None  # --simulate's parties hold the frozen emulator in int8 / nf4 (bitsandbytes)
     share_weights: bool = True  # the compressed model shares the full model's tensors (one copy on the owner)
     device_map: str | None = None  # accelerate placement of the full model: "auto", "cuda:0", ... (None: CPU)

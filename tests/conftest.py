@@ -26,6 +26,15 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch, tmp_path_factory):
+    """Tests run as on a CPU without bf16 instructions, so `--dtype auto` is float32 in-process on any machine (on
+    one with them it would be bfloat16); a test that needs the other CPU points CPUINFO at flags of its own."""
+    import learning.hardware as hw  # noqa: PLC0415
+
+    monkeypatch.setattr(hw, "CPUINFO", str(tmp_path_factory.getbasetemp() / "no-cpuinfo"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny 8-layer Llama checkpoint with a byte-level tokenizer (plain prompt template)."""

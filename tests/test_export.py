@@ -184,5 +184,11 @@ def test_generate_loads_the_base_model_on_the_chosen_device_and_dtype(tiny_chat_
     argv = ["--adapter", str(tmp_path / "adapfu"), "--prompt", "hi", "--max-new-tokens", "4"]
     assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert seen[-1] == (torch.bfloat16, {"": "cpu"}, torch.bfloat16)
-    assert main([*argv, "--device", "cpu"]) == 0  # auto on a CPU: float32
+    assert main([*argv, "--device", "cpu"]) == 0  # auto on a CPU without bf16 instructions (conftest): float32
     assert seen[-1][0] == torch.float32
+    import learning.hardware as hw
+
+    (tmp_path / "cpuinfo").write_text("flags\t: fpu avx512f amx_bf16\n")
+    monkeypatch.setattr(hw, "CPUINFO", str(tmp_path / "cpuinfo"))
+    assert main([*argv, "--device", "cpu"]) == 0  # and on one with them: bfloat16
+    assert seen[-1] == (torch.bfloat16, {"": "cpu"}, torch.bfloat16)

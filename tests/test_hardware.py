@@ -24,11 +24,25 @@ from tests.tiny_models import byte_tokenizer, tiny_model
 CPU = torch.device("cpu")
 
 
-def test_auto_is_float32_on_a_cpu_and_named_devices_resolve():
+def cpu_with_flags(monkeypatch, tmp_path, flags: str) -> None:
+    """Make learning.hardware read a CPU with these flags (the conftest's default is a CPU without bf16)."""
+    import learning.hardware as hw
+
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(hw, "CPUINFO", str(tmp_path / "cpuinfo"))
+
+
+@pytest.mark.parametrize(("flags", "auto"), [("fpu avx2 avx512f", torch.float32),
+                                             ("fpu avx512f avx512_bf16 amx_bf16", torch.bfloat16)])
+def test_auto_on_a_cpu_is_bfloat16_where_the_cpu_computes_it_natively(monkeypatch, tmp_path, flags, auto):
+    cpu_with_flags(monkeypatch, tmp_path, flags)
     if not torch.cuda.is_available():
         assert resolve_device("auto") == CPU
-        assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", CPU) == auto
+    assert resolve_hardware("cpu", None) == Hardware(CPU, auto)
+    assert resolve_hardware("cpu", "auto", dp=True) == Hardware(CPU, torch.float32)  # DP-SGD keeps float32
     assert resolve_hardware("cpu", "bfloat16") == Hardware(CPU, torch.bfloat16)
+    assert resolve_hardware("cpu", "float32") == Hardware(CPU, torch.float32)
     assert resolve_dtype("float16", CPU) == torch.float16
 
 
@@ -49,7 +63,8 @@ def test_unknown_dtype_is_refused():
         resolve_dtype("int3", CPU)
 
 
-def test_dp_keeps_float32_unless_told_otherwise():
+def test_dp_keeps_float32_unless_told_otherwise(monkeypatch, tmp_path):
+    cpu_with_flags(monkeypatch, tmp_path, "fpu amx_bf16")  # also where auto would be bfloat16 without DP
     p = argparse.ArgumentParser()
     add_options(p, bind(RunConfig, hardware_options()))
     assert hardware_from_args(p.parse_args(["--device", "cpu"]), dp=True).dtype == torch.float32
