@@ -72,7 +72,7 @@ FUZZ_LATE = 300  # of those, sent while the honest parties train round 1
 TRAIN_ARGS = [
     "--public-limit", "16", "--eval-items", "4", "--max-length", "96", "--local-steps", "2",
     "--batch-size", "4", "--align-pre-steps", "2", "--align-steps", "1", "--lr", "1e-2", "--seed", str(SEED),
-    "--rounds", "2",
+    "--rounds", "2", "--dtype", "float32",  # float32 on every CPU, as the in-process comparison runs
 ]
 # Subprocesses: one thread each (two cores, several processes), no hub, unbuffered logs.
 ENV = dict(os.environ) | {
@@ -169,8 +169,10 @@ def party_args(endpoint: str, name: str, data: Path, keys: dict, root: Path, own
             "--timeout", str(WAIT_S), *flags]
 
 
-PLAIN = ("--allow-plain", "--reproducible")  # the plain scenario: rounds without masking, as in process
-REPRODUCIBLE = ("--reproducible",)  # randomness from the run seed: the run can be compared with the in-process one
+# The scenarios compared with the in-process run: randomness from the run seed, and float32 on every CPU (auto
+# is bfloat16 on one with bf16 instructions, which the in-process run, under the tests' CPU, is not).
+PLAIN = ("--allow-plain", "--reproducible", "--dtype", "float32")  # rounds without masking, as in process
+REPRODUCIBLE = ("--reproducible", "--dtype", "float32")
 
 
 def free_port() -> int:
