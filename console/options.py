@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -122,8 +123,19 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
+def _field_type(cls: type, name: str) -> Any:
+    """The type of field `name` of dataclass `cls` (None for no such field), from that field's annotation alone.
+    `typing.get_type_hints(cls)` would resolve every field's, and a settings module may name a heavy type for type
+    checkers only (`PartyOptions.hardware`: a torch type that no option sets), which reading a section never needs."""
+    owner = next((k for k in cls.__mro__ if name in vars(k).get("__annotations__", {})), None)
+    if owner is None:
+        return None
+    alone = types.SimpleNamespace(__annotations__={name: vars(owner)["__annotations__"][name]})
+    return typing.get_type_hints(alone, vars(sys.modules[owner.__module__]))[name]
+
+
 def _section(cls: type, name: str) -> type:
-    section = _dataclass_in(typing.get_type_hints(cls).get(name))
+    section = _dataclass_in(_field_type(cls, name))
     if section is None:
         raise TypeError(f"{cls.__name__}.{name} is not a dataclass section")
     return section
@@ -225,10 +237,9 @@ def values_from_args(args: argparse.Namespace, options: Iterable[Option]) -> dic
 
 def build(cls: type, values: Mapping[str, Any]) -> Any:
     """`cls(**values)`, each nested table of values becoming the dataclass its field names."""
-    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        section = _dataclass_in(hints.get(name)) if isinstance(value, dict) else None
+        section = _dataclass_in(_field_type(cls, name)) if isinstance(value, dict) else None
         kwargs[name] = value if section is None else build(section, value)
     return cls(**kwargs)
 
@@ -390,12 +401,12 @@ DP_GROUP = "differential privacy (DP-SGD on the adapter LoRA; the owner's apply 
 @functools.cache
 def hardware_options() -> tuple[Option, ...]:
     """--device, --dtype, --quantize: where the frozen weights live and in which precision."""
-    from learning.hardware import DEVICES, DTYPES  # noqa: PLC0415
+    from learning.devices import DEVICES, DTYPE_NAMES  # noqa: PLC0415
 
     return (
         Option("--device", to="device", default="auto", group=HARDWARE,
                help=f"{DEVICES} (auto: a CUDA GPU when present)"),
-        Option("--dtype", to="dtype", default="auto", choices=("auto", *DTYPES), group=HARDWARE,
+        Option("--dtype", to="dtype", default="auto", choices=("auto", *DTYPE_NAMES), group=HARDWARE,
                help="frozen weights' precision; LoRA and optimizer state stay float32 (auto: bfloat16 on a GPU "
                     "or CPU that computes it natively, else float32; float32 with DP)"),
         Option("--quantize", to="quantize", choices=("int8", "nf4"), group=HARDWARE, shown="none: --dtype",
@@ -406,7 +417,7 @@ def hardware_options() -> tuple[Option, ...]:
 
 
 def hardware_from_args(args: argparse.Namespace, dp: bool = False):
-    """The resolved Hardware (DP-SGD keeps float32: `learning.hardware.dp_dtype`)."""
+    """The resolved Hardware (DP-SGD keeps float32: `learning.devices.dp_dtype`)."""
     from learning.hardware import resolve_hardware  # noqa: PLC0415
 
     return resolve_hardware(args.device, args.dtype, dp=dp)
@@ -414,8 +425,8 @@ def hardware_from_args(args: argparse.Namespace, dp: bool = False):
 
 @functools.cache
 def dp_options() -> tuple[Option, ...]:
-    """The --dp-* flags (each sets a field of learning.dp.DPSettings); `dp_from_args` builds the settings."""
-    from learning.dp import ACCOUNTANTS  # noqa: PLC0415
+    """The --dp-* flags (each sets a field of learning.settings.DPSettings); `dp_from_args` builds the settings."""
+    from learning.settings import ACCOUNTANTS  # noqa: PLC0415
 
     return (
         Option("--dp-noise", to="dp.noise_multiplier", type=float, metavar="SIGMA", unset=True, group=DP_GROUP,
@@ -435,7 +446,7 @@ def dp_options() -> tuple[Option, ...]:
 def dp_from_args(args: argparse.Namespace):
     """DPSettings from the --dp-* flags, or None when DP is off (a lone --dp-delta/--dp-clip is an error)."""
     from errors import ConfigError  # noqa: PLC0415
-    from learning.dp import DPSettings  # noqa: PLC0415
+    from learning.settings import DPSettings  # noqa: PLC0415
 
     given = values_from_args(args, dp_options()).get("dp", {})
     if "noise_multiplier" not in given and "target_epsilon" not in given:

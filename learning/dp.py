@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,30 +39,24 @@ from torch import nn
 from errors import ConfigError
 from learning.compressed_model import Manifest
 from learning.forward import response_token_losses
-from learning.lora import LoraSettings, lora_state
+from learning.lora import lora_state
+from learning.settings import ACCOUNTANTS, DPSettings, LoraSettings, TrainSettings
+from learning.settings import default_delta as default_delta  # re-exported: callers import it from here
 from learning.training import (
     PartyTrainer,
     PartyUpdate,
-    TrainSettings,
     derive_seed,
     proximal_term,
 )
 from tasks.batching import poisson_round_batches
 from tasks.prompts import TokenizedExample
 
-ACCOUNTANTS = ("rdp", "prv")
-DEFAULT_DELTA_CAP = 1e-5
 # Per-round statistics that describe the privacy accounting only; everything else in a DP round's stats
 # (losses, token counts) is computed from the private data and is not covered by the guarantee.
 SHAREABLE_STATS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "accountant",
                    "dp_steps", "dp_steps_total", "accountant_history")
 _OPACUS_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample")
 _MODULE_ATTRS = ("activations", "max_batch_len")
-
-
-def default_delta(n_examples: int) -> float:
-    """min(1e-5, N^-1.1): the usual 1e-5, but always below 1/N so that leaking one record is never 'cheap'."""
-    return min(DEFAULT_DELTA_CAP, float(n_examples) ** -1.1)
 
 
 def sample_rate_for(batch_size: int, n_examples: int) -> float:
@@ -73,59 +66,8 @@ def sample_rate_for(batch_size: int, n_examples: int) -> float:
     return min(1.0, batch_size / n_examples)
 
 
-@dataclass(frozen=True)
-class DPSettings:
-    """A party's DP-SGD settings: exactly one of a noise multiplier or a target epsilon for the whole run.
-
-    delta=None means `default_delta(N)` for a party with N examples.
-    """
-
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float | None = None
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("DP needs exactly one of a noise multiplier (--dp-noise) or a target epsilon "
-                              "(--dp-epsilon)")
-        if self.noise_multiplier is not None and not (_finite(self.noise_multiplier) and
-                                                      self.noise_multiplier >= 0):
-            raise ConfigError(f"the DP noise multiplier must be >= 0, got {self.noise_multiplier!r}")
-        if self.target_epsilon is not None and not (_finite(self.target_epsilon) and self.target_epsilon > 0):
-            raise ConfigError(f"the DP target epsilon must be > 0, got {self.target_epsilon!r}")
-        if self.delta is not None and not (_finite(self.delta) and 0 < self.delta < 1):
-            raise ConfigError(f"the DP delta must be in (0, 1), got {self.delta!r}")
-        if not (_finite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ConfigError(f"the DP clipping norm must be > 0, got {self.max_grad_norm!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"the DP accountant must be one of {', '.join(ACCOUNTANTS)}, "
-                              f"not {self.accountant!r}")
-
-    def resolve_delta(self, n_examples: int) -> float:
-        return self.delta if self.delta is not None else default_delta(n_examples)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"noise_multiplier": self.noise_multiplier, "target_epsilon": self.target_epsilon,
-                "delta": self.delta, "max_grad_norm": self.max_grad_norm, "accountant": self.accountant}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DPSettings:
-        if not isinstance(d, Mapping):
-            raise ConfigError("DP settings: expected an object")
-        unknown = set(d) - {"noise_multiplier", "target_epsilon", "delta", "max_grad_norm", "accountant"}
-        if unknown:
-            raise ConfigError(f"DP settings: unknown fields {sorted(unknown)}")
-        return cls(**d)
-
-
 class BudgetSpent(ConfigError):
     """The party's privacy budget (its target epsilon) does not allow another round."""
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,

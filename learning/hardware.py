@@ -4,6 +4,7 @@ auto picks CUDA when a GPU is present, and bfloat16 wherever the chosen device c
 compute capability 8.0 or more, or a CPU with bf16 instructions, where the demo gives the same AdapFu NLL as in
 float32 (docs/results/cpu_bf16.md) and a party trains about twice as fast (docs/results/precision.md); float32
 elsewhere, and always under DP-SGD. Frozen weights take the chosen dtype; LoRA and optimizer state stay float32.
+The names and the checks that need no torch (for the command line) are in `learning.devices`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from errors import ConfigError, ModelError
+from errors import ConfigError
+from learning.devices import DEVICES, DTYPE_NAMES, dp_dtype
+from learning.devices import format_max_memory as format_max_memory  # re-exported: callers import them from here
+from learning.devices import parse_max_memory as parse_max_memory
 
-DEVICES = "auto | cpu | cuda | cuda:N"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -98,16 +101,6 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def dp_dtype(dtype: str | None, dp: bool) -> str | None:
-    """The dtype a DP-SGD run may use: Opacus' per-sample gradients need float32 weights, so `auto` becomes
-    float32 and an explicit half precision is refused. Without DP, `dtype` as given."""
-    if not dp:
-        return dtype
-    if dtype in ("bfloat16", "float16"):
-        raise ConfigError(f"--dtype {dtype} with DP-SGD: per-sample gradients need float32 weights (--dtype float32)")
-    return "float32" if (dtype or "auto") == "auto" else dtype
-
-
 def resolve_hardware(device: str | None, dtype: str | None, dp: bool = False) -> Hardware:
     resolved = resolve_device(device)
     return Hardware(resolved, resolve_dtype(dp_dtype(dtype, dp), resolved))
@@ -115,23 +108,3 @@ def resolve_hardware(device: str | None, dtype: str | None, dp: bool = False) ->
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def parse_max_memory(text: str | None) -> dict[str | int, str | int] | None:
-    """"0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (the --max-memory flag).
-
-    GPU ids become ints and plain numbers bytes, as accelerate expects."""
-    if text is None or not text.strip():
-        return None
-    out: dict[str | int, str | int] = {}
-    for item in text.split(","):
-        device, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or not device or not size:
-            raise ModelError(f"--max-memory: expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item!r}")
-        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
-    return out
-
-
-def format_max_memory(value):
-    """A max_memory mapping back in the flag's DEV=SIZE,... form (None or a string passes unchanged)."""
-    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value

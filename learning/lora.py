@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,55 +19,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from errors import ConfigError, ModelError
+from errors import ModelError
 from learning.compressed_model import Manifest, decoder_layers, decoder_layers_path, unwrap_model
 from learning.seeds import derive_seed, lora_module_seed
+from learning.settings import LoraSettings
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyperparameters (paper: r=8, alpha=16). target_modules=None: every Linear in a decoder layer."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str) or not all(
-                    isinstance(t, str) and t for t in self.target_modules) or not self.target_modules:
-                raise ConfigError("LoRA target_modules must be a non-empty list of module names")
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": None if self.target_modules is None else list(self.target_modules)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LoraSettings:
-        if not isinstance(d, Mapping):
-            raise ConfigError("LoRA settings: expected an object")
-        unknown = set(d) - {"r", "alpha", "dropout", "target_modules"}
-        if unknown:
-            raise ConfigError(f"LoRA settings: unknown fields {sorted(unknown)}")
-        targets = d.get("target_modules")
-        if targets is not None and (isinstance(targets, str) or not isinstance(targets, list | tuple)):
-            raise ConfigError("LoRA settings: target_modules must be a list of names or null")
-        return cls(r=d.get("r", 8), alpha=d.get("alpha", 16), dropout=d.get("dropout", 0.0),
-                   target_modules=None if targets is None else tuple(targets))
 
 
 # ------------------------------------------------------------------------------------ module lookup

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from errors import ConfigError
-from learning.lora import LoraSettings
-from learning.training import TrainSettings
+from learning.settings import LoraSettings, TrainSettings
 from tasks.prompts import TEMPLATES
 
 

@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,41 +21,13 @@ from torch import nn
 from errors import ConfigError
 from learning.compressed_model import Manifest
 from learning.forward import loss_scaler, response_token_losses
-from learning.lora import LoraSettings, load_lora_state, lora_state, set_trainable
+from learning.lora import load_lora_state, lora_state, set_trainable
 from learning.seeds import derive_seed
+from learning.settings import LoraSettings, TrainSettings
 from tasks.batching import round_batches
 from tasks.prompts import TokenizedExample
 
 _LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """A party's local optimisation settings (paper: K=30 steps of batch 10, AdamW betas (0.9, 0.95))."""
-
-    local_steps: int = 8
-    batch_size: int = 4
-    lr: float = 2e-3  # best of {5e-4, 1e-3, 2e-3} on validation for FedBiOT (docs/results/accuracy-gsm8k.md)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    prox_eps: float = 0.01
-    max_grad_norm: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 1 or self.batch_size < 1:
-            raise ConfigError("local steps and batch size must be at least 1")
-        if self.lr <= 0 or self.prox_eps < 0:
-            raise ConfigError("learning rate must be > 0 and the proximal weight >= 0")
-
-    def to_dict(self) -> dict:
-        """JSON types only (betas as a list): the settings travel to networked parties."""
-        return {**asdict(self), "betas": list(self.betas)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> TrainSettings:
-        data = dict(data)
-        data["betas"] = tuple(data.get("betas", (0.9, 0.95)))
-        return cls(**data)
 
 
 @dataclass

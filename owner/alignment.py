@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,47 +41,11 @@ from learning.forward import (
 from learning.lora import set_trainable
 from learning.seeds import derive_seed
 from learning.vocab_loss import chunk_rows, head_losses
+from owner.config import AlignSettings
 from owner.models import decoder_layers
 from owner.teacher_cache import TeacherInputCache, fingerprint, input_device, upper_forward
 from tasks.batching import collate, round_batch_indices
 from tasks.prompts import TokenizedExample
-
-
-@dataclass(frozen=True)
-class AlignSettings:
-    """Owner distillation settings (paper: 500 pre-alignment steps, 10 per round)."""
-
-    pre_steps: int = 32  # with lr 1e-3 the emulator's quality levels off here (docs/results/alignment.md)
-    round_steps: int = 4
-    batch_size: int = 4
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    kl_weight: float = 1.0
-    max_grad_norm: float | None = 1.0
-    cache_teacher: bool = True  # compute E*(x) once per public example instead of every step
-    cache_memory_mb: float = 1024.0  # E* kept on the teacher's device up to this; beyond, spilled to disk
-    checkpoint_activations: bool = True  # recompute each student layer's activations in the backward pass
-    fidelity_batches: int = 2  # public batches for the gradient-fidelity measurement after alignment; 0 = off
-
-    def __post_init__(self) -> None:
-        if self.pre_steps < 0 or self.round_steps < 0 or self.batch_size < 1:
-            raise ConfigError("alignment steps must be >= 0 and the batch size >= 1")
-        if self.lr <= 0 or self.kl_weight < 0:
-            raise ConfigError("alignment lr must be > 0 and lambda >= 0")
-        if not isinstance(self.cache_memory_mb, int | float) or self.cache_memory_mb < 0:
-            raise ConfigError(f"the teacher cache bound must be >= 0 MB, got {self.cache_memory_mb!r}")
-        if isinstance(self.fidelity_batches, bool) or not isinstance(self.fidelity_batches, int) \
-                or self.fidelity_batches < 0:
-            raise ConfigError(f"fidelity batches must be an integer >= 0, got {self.fidelity_batches!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> AlignSettings:
-        data = dict(data)
-        data["betas"] = tuple(data.get("betas", (0.9, 0.95)))
-        return cls(**data)
 
 
 @dataclass

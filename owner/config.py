@@ -1,18 +1,20 @@
-"""The run configuration: every option of a run in one place, saved as `config.json` beside its outputs."""
+"""The run configuration: every option of a run in one place, saved as `config.json` beside its outputs.
+
+Like the settings it nests (`learning.settings`, `AlignSettings` here), it imports no torch: the command-line
+options take their defaults from its fields, and parsing them must not wait for the model libraries.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from errors import ConfigError
-from learning.dp import DPSettings
-from learning.hardware import dp_dtype
-from learning.lora import LoraSettings
+from learning.devices import dp_dtype
 from learning.run_settings import PartyRunSettings
-from learning.training import TrainSettings
-from owner.alignment import AlignSettings
+from learning.settings import DPSettings, LoraSettings, TrainSettings
 from tasks.columns import ColumnMap
 
 # fedbiot: adapter = last s layers, emulator re-aligned every round. offsite (Offsite-tuning): one party
@@ -20,6 +22,43 @@ from tasks.columns import ColumnMap
 # one-time alignment, N parties. fedavg-full: LoRA on every layer of the full model (no emulator).
 METHODS = ("fedbiot", "offsite", "fedot", "fedavg-full")
 BASELINE_BOTTOM_ADAPTER = 2
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """Owner distillation settings (paper: 500 pre-alignment steps, 10 per round)."""
+
+    pre_steps: int = 32  # with lr 1e-3 the emulator's quality levels off here (docs/results/alignment.md)
+    round_steps: int = 4
+    batch_size: int = 4
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    kl_weight: float = 1.0
+    max_grad_norm: float | None = 1.0
+    cache_teacher: bool = True  # compute E*(x) once per public example instead of every step
+    cache_memory_mb: float = 1024.0  # E* kept on the teacher's device up to this; beyond, spilled to disk
+    checkpoint_activations: bool = True  # recompute each student layer's activations in the backward pass
+    fidelity_batches: int = 2  # public batches for the gradient-fidelity measurement after alignment; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.pre_steps < 0 or self.round_steps < 0 or self.batch_size < 1:
+            raise ConfigError("alignment steps must be >= 0 and the batch size >= 1")
+        if self.lr <= 0 or self.kl_weight < 0:
+            raise ConfigError("alignment lr must be > 0 and lambda >= 0")
+        if not isinstance(self.cache_memory_mb, int | float) or self.cache_memory_mb < 0:
+            raise ConfigError(f"the teacher cache bound must be >= 0 MB, got {self.cache_memory_mb!r}")
+        if isinstance(self.fidelity_batches, bool) or not isinstance(self.fidelity_batches, int) \
+                or self.fidelity_batches < 0:
+            raise ConfigError(f"fidelity batches must be an integer >= 0, got {self.fidelity_batches!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> AlignSettings:
+        data = dict(data)
+        data["betas"] = tuple(data.get("betas", (0.9, 0.95)))
+        return cls(**data)
 
 
 @dataclass

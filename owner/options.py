@@ -27,7 +27,7 @@ LISTEN_NEEDS = "none: --listen needs it"
 
 def _memory_field(text: str) -> dict[str, str | int] | None:
     """--max-memory's DEV=SIZE,... as RunConfig.max_memory holds it ({"0": "20GiB", "cpu": "64GiB"})."""
-    from owner.models import parse_max_memory  # noqa: PLC0415
+    from learning.devices import parse_max_memory  # noqa: PLC0415
 
     memory = parse_max_memory(text)
     return None if memory is None else {str(k): v for k, v in memory.items()}
@@ -36,7 +36,7 @@ def _memory_field(text: str) -> dict[str, str | int] | None:
 @functools.cache
 def run_options() -> tuple[Option, ...]:
     """The options of a run (`--simulate`, `--listen`, `owner plan`): each sets a RunConfig field."""
-    from learning.hardware import format_max_memory  # noqa: PLC0415
+    from learning.devices import format_max_memory  # noqa: PLC0415
     from owner.config import METHODS, RunConfig  # noqa: PLC0415 - `owner keygen` needs none of it
     from tasks.prompts import TEMPLATES  # noqa: PLC0415
 
@@ -137,7 +137,7 @@ def run_options() -> tuple[Option, ...]:
 @functools.cache
 def node_options() -> tuple[Option, ...]:
     """What the `owner` node itself reads: its mode, output, terminal and, for --listen, the network."""
-    from owner.server import ServeOptions  # noqa: PLC0415
+    from owner.serve_options import ServeOptions  # noqa: PLC0415
 
     return (
         Option("--simulate", type=int, nargs="?", const=0, metavar="N", one_of="mode",
@@ -165,7 +165,7 @@ def node_options() -> tuple[Option, ...]:
 @functools.cache
 def network_options() -> tuple[Option, ...]:
     """`--listen`'s options besides the endpoint and --out: each sets a ServeOptions field (--parties aside)."""
-    from owner.server import ServeOptions  # noqa: PLC0415
+    from owner.serve_options import ServeOptions  # noqa: PLC0415
 
     return (
         Option("--parties", type=int, group=NETWORK, default=None, shown=LISTEN_NEEDS,

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from owner.links import OwnerLinks
 from owner.metrics import MetricsLog, megabytes
 from owner.models import decoder_layers
 from owner.rounds import RoundDriver
+from owner.serve_options import ServeOptions
 from owner.startup import OwnerStart
 from protocol.chunks import pack_dir
 from protocol.codec import DEFAULT_LIMITS
@@ -32,21 +33,6 @@ from protocol.keys import load_allowlist, write_public_key
 from protocol.messages import RUN_FINISHED, RUN_UNTRAINED
 from protocol.sockets import bind_router, close_router
 from secure_agg.identity import ConsortiumRoster
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How the owner listens (the `--listen` group of `owner`)."""
-
-    listen: str
-    out: Path
-    key: Path
-    allow: Path
-    resume: bool = False
-    min_parties: int | None = None  # default: every party
-    join_timeout: float = 600.0
-    round_timeout: float = 1800.0
-    party_timeout: float = 60.0
 
 
 def inbound_limit(model: torch.nn.Module, config: RunConfig) -> int:

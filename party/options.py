@@ -18,8 +18,8 @@ GB = 10**9
 @functools.cache
 def party_options() -> tuple[Option, ...]:
     """Every option of `party`, in --help's order."""
-    from learning.hardware import format_max_memory, parse_max_memory  # noqa: PLC0415
-    from party.session import PartyOptions  # noqa: PLC0415 - `party keygen` needs none of it
+    from learning.devices import format_max_memory, parse_max_memory  # noqa: PLC0415
+    from party.party_options import PartyOptions  # noqa: PLC0415 - `party keygen` needs none of it
     from tasks.columns import ColumnMap  # noqa: PLC0415
 
     return bind(PartyOptions, (

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,6 +168,34 @@ def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys, main, argv, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+MODEL_LIBRARIES = ("torch", "transformers", "peft", "opacus", "zmq", "accelerate")
+
+
+@pytest.mark.parametrize("call, status, words", [
+    ("owner.cli.main(['--simulate', '2', '--out', 'o', '--dtype', 'bogus'])", 2, "invalid choice: 'bogus'"),
+    ("owner.cli.main(['--help'])", 0, "usage: owner"),
+    ("owner.cli.main(['plan', '--lora-r', 'bogus'])", 2, "invalid int value: 'bogus'"),
+    (f"party.cli.main({[*PARTY_REQUIRED, '--dtype', 'bogus']!r})", 2, "invalid choice: 'bogus'"),
+    ("party.cli.main(['--help'])", 0, "usage: party"),
+    ("print(runpy.run_path('SCRIPT')['render']())", None, "# Options"),
+], ids=["owner-bad-choice", "owner-help", "owner-plan-bad-int", "party-bad-choice", "party-help", "options-doc"])
+def test_parsing_loads_no_model_library(tmp_path, call, status, words):
+    """A mistyped flag is refused, and --help and the options reference printed, without importing torch,
+    transformers, peft, opacus, ZeroMQ or accelerate: the option tables take their defaults from settings
+    modules that import none of them, so the error comes at once, not after seconds of imports."""
+    code = ("import runpy, sys, owner.cli, party.cli\n"
+            f"try:\n    status = {call.replace('SCRIPT', str(ROOT / 'scripts' / 'options_doc.py'))}\n"
+            "except SystemExit as exit:\n    status = exit.code\n"
+            f"print(status, sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules), file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    *said, last = out.stderr.strip().splitlines()
+    assert out.returncode == 0 and last == f"{status} []", out.stderr
+    assert words in out.stdout + "\n".join(said), out.stdout + out.stderr
     assert list(tmp_path.iterdir()) == []
 
 
