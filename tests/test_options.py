@@ -136,7 +136,7 @@ def test_every_option_has_help_and_says_its_default():
             else:
                 assert "(default: " in action.help, f"{name} {action.option_strings}: {action.help}"
     text = owner_cli.build_parser().format_help()
-    for flag, default in [("--lr", "0.002"), ("--align-pre-steps", "32"), ("--public-limit", "400"),
+    for flag, default in [("--lr", "0.008"), ("--align-pre-steps", "64"), ("--public-limit", "400"),
                           ("--dp-clip", "1.0"), ("--join-timeout", "600.0"), ("--lora-alpha", "16")]:
         line = " ".join(text.split(flag + " ", 1)[1].split("(default:", 1)[1].split()[:1])
         assert line.rstrip(")") == default, flag
@@ -212,7 +212,7 @@ def test_config_json_sections_map_onto_the_options():
     data = json.loads(json.dumps(RunConfig(dp=DPSettings(noise_multiplier=1.0)).to_dict()))
     flat = flags_from_config(data)
     assert {k: flat[k] for k in ("lora-r", "lr", "align-pre-steps", "dp-noise", "dp-clip")} == {
-        "lora-r": 8, "lr": 2e-3, "align-pre-steps": 32, "dp-noise": 1.0, "dp-clip": 1.0}
+        "lora-r": 8, "lr": 8e-3, "align-pre-steps": 64, "dp-noise": 1.0, "dp-clip": 1.0}
     assert "no-share-weights" not in flat and "no-teacher-cache" not in flat
     data["share_weights"], data["align"]["cache_teacher"] = False, False
     flat = flags_from_config(data)
