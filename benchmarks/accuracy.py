@@ -288,8 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="GSM8K prompts: the bare question in the adapters' training template (default) or the "
                         "raw 8-shot chain-of-thought text")
     args = p.parse_args(argv)
-    from learning.training import TrainSettings  # noqa: PLC0415 - defaults of the runs themselves
-    from owner.alignment import AlignSettings  # noqa: PLC0415
+    from learning.settings import TrainSettings  # noqa: PLC0415 - defaults of the runs themselves (no torch)
+    from owner.config import AlignSettings  # noqa: PLC0415
 
     args.lrs = sorted(dict.fromkeys(args.lrs or [args.lr if args.lr is not None else TrainSettings().lr]))
     if args.align_pre_steps is None:
@@ -489,9 +489,8 @@ def prepare_data(spec: TaskSpec, args: argparse.Namespace, data_dir: Path) -> Ta
 
 
 def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: TaskData):
-    from learning.training import TrainSettings  # noqa: PLC0415
-    from owner.alignment import AlignSettings  # noqa: PLC0415
-    from owner.config import RunConfig  # noqa: PLC0415
+    from learning.settings import TrainSettings  # noqa: PLC0415
+    from owner.config import AlignSettings, RunConfig  # noqa: PLC0415
 
     aligned = not entry.oracle  # the oracle's emulator is the full model's lower layers: nothing to align
     val = getattr(data, "val", None)

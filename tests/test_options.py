@@ -181,7 +181,9 @@ MODEL_LIBRARIES = ("torch", "transformers", "peft", "opacus", "zmq", "accelerate
     (f"party.cli.main({[*PARTY_REQUIRED, '--dtype', 'bogus']!r})", 2, "invalid choice: 'bogus'"),
     ("party.cli.main(['--help'])", 0, "usage: party"),
     ("print(runpy.run_path('SCRIPT')['render']())", None, "# Options"),
-], ids=["owner-bad-choice", "owner-help", "owner-plan-bad-int", "party-bad-choice", "party-help", "options-doc"])
+    ("print(__import__('benchmarks.accuracy').accuracy.parse_args(['--out', 'o']).lrs)", None, "[0.008]"),
+], ids=["owner-bad-choice", "owner-help", "owner-plan-bad-int", "party-bad-choice", "party-help", "options-doc",
+        "accuracy-benchmark-args"])
 def test_parsing_loads_no_model_library(tmp_path, call, status, words):
     """A mistyped flag is refused, and --help and the options reference printed, without importing torch,
     transformers, peft, opacus, ZeroMQ or accelerate: the option tables take their defaults from settings
