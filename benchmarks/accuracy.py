@@ -4,7 +4,7 @@
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
         [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
         [--lrs 5e-4 1e-3 2e-3] [--extend-lrs N] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR]
-        [--align-steps 4 0] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64] [--search coordinate|grid]
+        [--align-steps 4 0] [--bottom-adapters 0 2] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64] [--search coordinate|grid]
         [--tune-sizes 4] [--dtype bfloat16] [--resume-from REPORT.json] [--report PREFIX]
         [--gsm8k-prompt template|fewshot] [--acc-seeds 0] ...
 
@@ -22,8 +22,9 @@ FedAvg-LoRA on the full model has no emulator, so its AdapEmu is its AdapFu and 
 A fair protocol: every varied hyperparameter is an option, tuned alike for every method. Every method with an
 emulator (Offsite-tuning, FedOT, FedBiOT) runs over `--kl-weights` (the alignment's lambda); FedBiOT also over
 `--prox-eps` and once per `--align-steps` value (its per-round re-alignment steps: `--align-steps 4 0` adds the
-ablation "FedBiOT without re-alignment", pre-alignment only, as its own row); the baselines train without FedBiOT's
-proximal term (eps 0). Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
+ablation "FedBiOT without re-alignment", pre-alignment only, as its own row) and once per `--bottom-adapters` value
+(`0 2` adds the layout ablation "FedBiOT, first 2 + last s layers": the baselines' adapter layout with everything
+else FedBiOT's, at FedBiOT's chosen setting); the baselines train without FedBiOT's proximal term (eps 0). Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
 steps (a "group"), the party lr out of `--lrs` and (lambda, eps) are chosen by the AdapFu NLL on a validation split
 (`--val-items` training items held out, never test items): `--search coordinate` tries every lr at the first
 (lambda, eps), then every lambda at the best lr, then every eps at the best lambda; `--search grid` tries every
@@ -74,8 +75,8 @@ from pathlib import Path
 
 from benchmarks.accuracy_report import (
     FIDELITY_KEYS,
-    METHOD_LABELS,
     aggregate,
+    arm_label,
     fidelity_correlations,
     markdown,
     paired_tests,
@@ -124,6 +125,7 @@ class Entry:
     lr: float | None = None
     seed: int | None = None
     align_steps: int | None = None  # FedBiOT's per-round re-alignment steps (0: pre-alignment only)
+    bottom: int = 0  # FedBiOT's first-a adapter layers (a > 0: the layout ablation; the baselines' a is their own)
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -145,14 +147,17 @@ class Entry:
     def label(self) -> str:
         if self.oracle:
             return ORACLE_LABEL
-        if self.method == "fedbiot" and self.align_steps == 0:
-            return NO_REALIGN_LABEL
-        return METHOD_LABELS[self.method]
+        return arm_label(self.method, self.realign_steps, self.fedbiot_bottom)
 
     @property
-    def arm(self) -> tuple[str, int]:
-        """What a paired test compares: the method and its per-round alignment steps."""
-        return self.method, self.realign_steps
+    def arm(self) -> tuple[str, int, int]:
+        """What a paired test compares: the method, its per-round alignment steps and FedBiOT's first-a layers."""
+        return self.method, self.realign_steps, self.fedbiot_bottom
+
+    @property
+    def fedbiot_bottom(self) -> int:
+        """FedBiOT's first-a adapter layers (0 for every other run: the baselines' layout is their method's)."""
+        return self.bottom if self.method == "fedbiot" and not self.oracle else 0
 
     @property
     def group(self) -> str:
@@ -160,7 +165,9 @@ class Entry:
         if self.method in ("untouched", "fedavg-full"):
             return self.method
         name = f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
-        return name + f"-ra{self.realign_steps}" if self.method == "fedbiot" and not self.oracle else name
+        if self.method != "fedbiot" or self.oracle:
+            return name
+        return name + f"-ra{self.realign_steps}" + (f"-a{self.fedbiot_bottom}" if self.fedbiot_bottom else "")
 
     @property
     def cell(self) -> str:
@@ -184,7 +191,9 @@ class Entry:
             return "-"
         if self.method == "fedavg-full":
             return "all"
-        return f"2+{self.adapter_size}" if self.method in ("offsite", "fedot") else str(self.adapter_size)
+        if self.method in ("offsite", "fedot"):
+            return f"2+{self.adapter_size}"
+        return f"{self.fedbiot_bottom}+{self.adapter_size}" if self.fedbiot_bottom else str(self.adapter_size)
 
 
 class Progress:
@@ -247,6 +256,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--align-steps", nargs="+", type=int, default=None,
                    help="owner alignment steps per round, FedBiOT only (default: the owner's); FedBiOT runs once per "
                         "value, the first is FedBiOT itself (0 = the ablation without re-alignment)")
+    g.add_argument("--bottom-adapters", nargs="+", type=int, default=[0], metavar="A",
+                   help="FedBiOT's first-a adapter layers below the emulator; FedBiOT runs once per value, the first "
+                        "is FedBiOT itself (default 0: its last-s layout), the others the layout ablation, which "
+                        "takes FedBiOT's chosen setting")
     g.add_argument("--task-fidelity-batches", type=int, default=4,
                    help="batches of 4 validation items on which the gradient fidelity is also measured (0: off)")
     g.add_argument("--max-length", type=int, default=256)
@@ -296,8 +309,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.align_pre_steps = AlignSettings().pre_steps
     args.align_steps = list(dict.fromkeys(args.align_steps if args.align_steps is not None
                                           else [AlignSettings().round_steps]))
-    if any(v < 0 for v in args.align_steps) or args.extend_lrs < 0 or args.task_fidelity_batches < 0:
-        p.error("--align-steps, --extend-lrs and --task-fidelity-batches must be >= 0")
+    args.bottom_adapters = list(dict.fromkeys(args.bottom_adapters))
+    if any(v < 0 for v in args.align_steps + args.bottom_adapters) or args.extend_lrs < 0 \
+            or args.task_fidelity_batches < 0:
+        p.error("--align-steps, --bottom-adapters, --extend-lrs and --task-fidelity-batches must be >= 0")
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))
     seeds_at = {}
     for spec in args.seeds_at:
@@ -365,8 +380,9 @@ def plan(args: argparse.Namespace) -> list[Entry]:
                         configs += [Entry(method, s, beta, ("adapfu",), args.kl_weights[0], eps)
                                     for eps in args.prox_eps]
                     else:
-                        configs += [Entry(method, s, beta, variants, kl, eps, align_steps=steps)
-                                    for steps in args.align_steps for kl in args.kl_weights for eps in args.prox_eps]
+                        configs += [Entry(method, s, beta, variants, kl, eps, align_steps=steps, bottom=a)
+                                    for a in args.bottom_adapters for steps in args.align_steps
+                                    for kl in args.kl_weights for eps in args.prox_eps]
     return configs
 
 
@@ -388,6 +404,8 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
             leader = replace(leader, adapter_size=args.tune_sizes[0])
         if c.drop_rate and c.drop_rate not in args.tune_drop_rates:
             leader = replace(leader, drop_rate=args.tune_drop_rates[0])
+        if c.fedbiot_bottom != (args.bottom_adapters[0] if c.method == "fedbiot" else 0):
+            leader = replace(leader, bottom=args.bottom_adapters[0])  # the layout ablation takes FedBiOT's setting
         if leader.group != name and leader.group in groups:
             follows[name] = leader.group
     return groups, follows
@@ -497,6 +515,7 @@ def run_config(entry: Entry, args: argparse.Namespace, spec: TaskSpec, data: Tas
     task_batches = getattr(args, "task_fidelity_batches", 0) if val and aligned else 0
     return RunConfig(
         model=args.model, method=entry.method, adapter_size=entry.adapter_size or 2,
+        bottom_adapter=entry.fedbiot_bottom or None,
         drop_rate=entry.drop_rate if entry.drop_rate is not None else 0.0, rounds=args.rounds,
         parties=args.parties or spec.parties, seed=args.seed if entry.seed is None else entry.seed,
         party_data=data.train, split=spec.split,
@@ -550,7 +569,8 @@ SUMMARY_KEYS = ("nll_base", "nll_adapemu", "nll_adapfu", "answer_nll_base", "ans
 def run_record(entry: Entry, key: str, summary: dict, run_dir: Path) -> dict:
     """What the report keeps of a finished run: enough to report it, and to skip it in a later `--resume-from`."""
     return {"name": entry.name, "key": key, "method": entry.method, "adapter_size": entry.adapter_size,
-            "drop_rate": entry.drop_rate, "align_steps": entry.realign_steps, "kl_weight": entry.kl_weight,
+            "drop_rate": entry.drop_rate, "align_steps": entry.realign_steps,
+            "bottom_adapter": entry.fedbiot_bottom, "kl_weight": entry.kl_weight,
             "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
             "summary": {k: summary.get(k) for k in SUMMARY_KEYS}, "fidelity": run_fidelity(run_dir),
             "val_nll": None}
@@ -801,6 +821,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                     "method": entry.method, "label": entry.label, "adapter": entry.adapter_label,
                     "adapter_size": entry.adapter_size, "drop_rate": entry.drop_rate,
                     "align_steps": None if entry.method == "untouched" else entry.realign_steps,
+                    "bottom_adapter": None if entry.method == "untouched" else entry.fedbiot_bottom,
                     "kl_weight": entry.kl_weight, "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
                     "variant": variant, "nll": record["summary"][f"nll_{kind}"],
                     "answer_nll": record["summary"].get(f"answer_nll_{kind}"), "val_nll": record.get("val_nll"),
@@ -870,7 +891,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                            "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
             },
             "selection": list(selection.values()),
-            "tests": paired_tests(rows, args.align_steps[0]),
+            "tests": paired_tests(rows, args.align_steps[0], args.bottom_adapters[0]),
             "fidelity_vs_nll": fidelity_correlations(trained),
             "tuning": tuning,
             "cells": aggregate(rows),

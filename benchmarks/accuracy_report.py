@@ -65,34 +65,41 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def arm_label(method: str, align_steps: int) -> str:
-    if method == "fedbiot":
-        return "FedBiOT" if align_steps else "FedBiOT without re-alignment"
-    return METHOD_LABELS[method]
+def arm_label(method: str, align_steps: int, bottom: int = 0) -> str:
+    """A method's row label; FedBiOT's ablations say what they take away or change."""
+    if method != "fedbiot":
+        return METHOD_LABELS[method]
+    label = "FedBiOT" if align_steps else "FedBiOT without re-alignment"
+    return label + (f", first {bottom} + last s layers" if bottom else "")
 
 
-def paired_tests(rows: Sequence[dict], reference_steps: int, variant: str = "adapfu") -> list[dict]:
-    """Per drop rate > 0: FedBiOT (with `reference_steps` re-alignment steps) against every other method and
-    re-alignment setting, paired by seed over the seeds both have, on the response and the answer-line NLL.
+def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: int = 0,
+                 variant: str = "adapfu") -> list[dict]:
+    """Per drop rate > 0: FedBiOT (with `reference_steps` re-alignment steps and `reference_bottom` first adapter
+    layers) against every other method, re-alignment setting and layout, paired by seed over the seeds both have, on
+    the response and the answer-line NLL.
     `mean_difference` is FedBiOT minus the other (negative: FedBiOT's NLL is lower)."""
     by_arm: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if r["variant"] == variant and r.get("drop_rate") and r["method"] in ("offsite", "fedot", "fedbiot"):
-            by_arm.setdefault((r["drop_rate"], r["method"], r.get("align_steps") or 0), {})[r["seed"]] = r
+            arm = (r["drop_rate"], r["method"], r.get("align_steps") or 0, r.get("bottom_adapter") or 0)
+            by_arm.setdefault(arm, {})[r["seed"]] = r
     tests = []
-    for (beta, method, steps), mine in sorted(by_arm.items()):
-        if (method, steps) != ("fedbiot", reference_steps):
+    for (beta, method, steps, bottom), mine in sorted(by_arm.items()):
+        if (method, steps, bottom) != ("fedbiot", reference_steps, reference_bottom):
             continue
-        for (other_beta, other, other_steps), theirs in sorted(by_arm.items()):
-            if other_beta != beta or (other, other_steps) == (method, steps):
+        for (other_beta, other, other_steps, other_bottom), theirs in sorted(by_arm.items()):
+            if other_beta != beta or (other, other_steps, other_bottom) == (method, steps, bottom):
                 continue
             seeds = sorted(set(mine) & set(theirs))
             for metric in TESTED:
                 pairs = [(mine[s][metric], theirs[s][metric]) for s in seeds
                          if mine[s].get(metric) is not None and theirs[s].get(metric) is not None]
                 result = paired_test([a for a, _ in pairs], [b for _, b in pairs])
-                tests.append({"a": arm_label(method, steps), "b": arm_label(other, other_steps), "method_a": method,
-                              "align_steps_a": steps, "method_b": other, "align_steps_b": other_steps,
+                tests.append({"a": arm_label(method, steps, bottom), "b": arm_label(other, other_steps, other_bottom),
+                              "method_a": method, "align_steps_a": steps, "method_b": other,
+                              "align_steps_b": other_steps, "bottom_adapter_a": bottom,
+                              "bottom_adapter_b": other_bottom,
                               "drop_rate": beta, "variant": variant, "metric": metric, "seeds": seeds, **result})
     return tests
 
@@ -275,8 +282,8 @@ def plot(cells: list[dict], path: Path, title: str, accuracy_label: str | None) 
         for bar, r in zip(bars, cells, strict=True):
             if r["variant"] == "adapemu":  # hatched: the adapter on the emulator, not on the full model
                 bar.set_hatch("//")
-            if r["method"] == "fedbiot" and r.get("align_steps") == 0 and r["drop_rate"]:
-                bar.set_alpha(0.5)  # the ablation without re-alignment
+            if r["method"] == "fedbiot" and r["drop_rate"] and (r.get("align_steps") == 0 or r.get("bottom_adapter")):
+                bar.set_alpha(0.5)  # an ablation: without re-alignment, or another layout
         ax.set_xticks(range(len(cells)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         if key == "nll" and values:

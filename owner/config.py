@@ -67,6 +67,8 @@ class RunConfig:
 
     model: str | None = None  # hub id, local dir, .gguf file; None = embedded SmolLM2-135M-Instruct
     adapter_size: int = 2
+    # First-a adapter layers below the emulator; None: the method's own (FedBiOT 0, Offsite-tuning/FedOT 2).
+    bottom_adapter: int | None = None
     drop_rate: float = 0.2
     rounds: int = 3
     parties: int = 3
@@ -123,6 +125,9 @@ class RunConfig:
             raise ConfigError(f"--split must be iid or category, not {self.split!r}")
         if self.adapter_size < 1:
             raise ConfigError(f"--adapter-size must be at least 1, got {self.adapter_size}")
+        if self.bottom_adapter is not None and (isinstance(self.bottom_adapter, bool)
+                                                or not isinstance(self.bottom_adapter, int) or self.bottom_adapter < 0):
+            raise ConfigError(f"--bottom-adapter must be an integer >= 0, got {self.bottom_adapter!r}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         if self.task_fidelity_batches < 0:
@@ -163,7 +168,9 @@ class RunConfig:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""
         if self.method == "fedavg-full":
             return 0, n_layers
-        bottom = BASELINE_BOTTOM_ADAPTER if self.method in ("offsite", "fedot") else 0
+        bottom = self.bottom_adapter
+        if bottom is None:
+            bottom = BASELINE_BOTTOM_ADAPTER if self.method in ("offsite", "fedot") else 0
         if bottom + self.adapter_size >= n_layers:
             raise ConfigError(f"--adapter-size {self.adapter_size}{f' (+ the first {bottom})' if bottom else ''} "
                               f"leaves no emulator in a model of {n_layers} layers")

@@ -48,6 +48,8 @@ def run_options() -> tuple[Option, ...]:
                     "+ last s layers, emulator aligned once), fedot (the same with N parties), fedavg-full (LoRA "
                     "on every layer of the full model)"),
         Option("--adapter-size", to="adapter_size", type=int, group=MODEL, help="s: layers in the adapter"),
+        Option("--bottom-adapter", to="bottom_adapter", type=int, group=MODEL,
+               help="first layers kept as adapter below the emulator (default: fedbiot 0, offsite/fedot 2)"),
         Option("--drop-rate", to="drop_rate", type=float, group=MODEL,
                help="beta: fraction of the lower layers dropped to form the emulator"),
         Option("--lora-r", to="lora.r", type=int, group=MODEL, help="LoRA rank r"),

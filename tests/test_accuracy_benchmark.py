@@ -18,6 +18,7 @@ from benchmarks.accuracy import (
     groups_of,
     lr_edge,
     main,
+    paired_tests,
     parse_args,
     plan,
     prepare_data,
@@ -291,7 +292,7 @@ def test_fedbiot_without_re_alignment_is_its_own_row_with_no_per_round_steps():
     fedbiot = {e.align_steps: replace(e, lr=1e-3, seed=0) for e in plan(args)
                if e.method == "fedbiot" and e.drop_rate == 0.2 and (e.kl_weight, e.prox_eps) == (1.0, 0.01)}
     assert fedbiot[0].label == NO_REALIGN_LABEL and fedbiot[4].label == "FedBiOT"
-    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0)
+    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0, 0)
     configs = {steps: run_config(e, args, spec, data) for steps, e in fedbiot.items()}
     assert configs[0].realigns_each_round and configs[0].align.round_steps == 0 and configs[4].align.round_steps == 4
     assert configs[0].align.pre_steps == configs[4].align.pre_steps == 32
@@ -304,6 +305,43 @@ def test_fedbiot_without_re_alignment_is_its_own_row_with_no_per_round_steps():
         if e.method != "untouched" and not (e.method == "fedbiot" and e.drop_rate):
             config = run_config(replace(e, lr=1e-3, seed=0), args, spec, data)
             assert e.realign_steps == 0 and config.align.round_steps == 0
+
+
+def test_the_layout_ablation_takes_fedbiots_setting_and_changes_only_the_layout():
+    args = grid_args("--drop-rates", "0", "0.2", "0.5", "--tune-drop-rates", "0.2", "--bottom-adapters", "0", "2")
+    spec, data = TASKS["gsm8k"], argparse.Namespace(train="t", test="x", public="p", val="v")
+    entries = [e for e in plan(args) if e.method == "fedbiot"]
+    assert all(e.bottom == 0 for e in entries if e.oracle)  # drop rate 0 has no emulator below to move
+    groups, follows = groups_of(entries, args)
+    assert follows["fedbiot-s2-b0.2-ra4-a2"] == "fedbiot-s2-b0.2-ra4"  # not tuned itself: FedBiOT's choice
+    assert follows["fedbiot-s2-b0.5-ra4-a2"] == "fedbiot-s2-b0.2-ra4"
+    assert "fedbiot-s2-b0.2-ra4" not in follows
+    plain, moved = (replace(next(e for e in groups[g] if (e.kl_weight, e.prox_eps) == (1.0, 0.01)), lr=1e-3, seed=0)
+                    for g in ("fedbiot-s2-b0.2-ra4", "fedbiot-s2-b0.2-ra4-a2"))
+    assert plain.name == "fedbiot-s2-b0.2-ra4-kl1-eps0.01-lr0.001-seed0"  # FedBiOT's own runs keep their names
+    assert moved.label == "FedBiOT, first 2 + last s layers" and moved.adapter_label == "2+2"
+    assert moved.arm == ("fedbiot", 4, 2) and plain.arm == ("fedbiot", 4, 0)
+    a, b = run_config(plain, args, spec, data), run_config(moved, args, spec, data)
+    assert a.adapter_layout(30) == (0, 2) and b.adapter_layout(30) == (2, 2) and b.realigns_each_round
+    a, b = a.to_dict(), b.to_dict()
+    assert b.pop("bottom_adapter") == 2 and a.pop("bottom_adapter") is None and a == b  # nothing else differs
+    with pytest.raises(SystemExit):
+        grid_args("--bottom-adapters", "-1")
+
+
+def test_paired_tests_pair_the_layout_ablation_by_seed():
+    def row(method, seed, nll, steps=4, bottom=0):
+        return {"variant": "adapfu", "drop_rate": 0.2, "method": method, "align_steps": steps,
+                "bottom_adapter": bottom, "seed": seed, "nll": nll, "answer_nll": nll / 2}
+    rows = [row("fedbiot", s, 1.0 + 0.01 * s) for s in range(3)] + \
+        [row("fedbiot", s, 0.9 + 0.02 * s, bottom=2) for s in range(3)] + \
+        [row("fedot", s, 0.95, steps=0) for s in (0, 1)]
+    tests = {(t["b"], t["metric"]): t for t in paired_tests(rows, 4)}
+    assert set(tests) == {(b, m) for b in ("FedBiOT, first 2 + last s layers", "FedOT") for m in ("nll", "answer_nll")}
+    t = tests["FedBiOT, first 2 + last s layers", "nll"]
+    assert t["a"] == "FedBiOT" and t["n"] == 3 and t["bottom_adapter_b"] == 2 and t["bottom_adapter_a"] == 0
+    assert t["mean_difference"] == pytest.approx(sum(0.1 - 0.01 * s for s in range(3)) / 3)
+    assert tests["FedOT", "nll"]["seeds"] == [0, 1]
 
 
 def test_the_lr_grid_grows_beyond_the_edge_a_group_chose():

@@ -90,6 +90,20 @@ def test_layer_layout_of_each_method():
         Manifest.from_dict({**m.to_dict(), "kept_layers": [0, 2, 3, 5, 6, 7], "emulator_layers": [2, 3]})
 
 
+def test_bottom_adapter_overrides_the_methods_layout():
+    assert RunConfig(method="fedbiot", bottom_adapter=2, drop_rate=0.5).adapter_layout(N_LAYERS) == (2, 2)
+    assert RunConfig(method="fedot", bottom_adapter=0, drop_rate=0.5).adapter_layout(N_LAYERS) == (0, 2)
+    config = RunConfig(bottom_adapter=3)
+    assert RunConfig.from_dict(config.to_dict()).bottom_adapter == 3
+    assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "bottom_adapter"}) \
+        .bottom_adapter is None  # a config.json written before the option existed still loads
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="--bottom-adapter"):
+            RunConfig(bottom_adapter=bad)
+    with pytest.raises(ConfigError, match="emulator"):
+        RunConfig(bottom_adapter=6, adapter_size=2).adapter_layout(N_LAYERS)
+
+
 def test_method_is_checked_and_offsite_forces_one_party():
     with pytest.raises(ConfigError, match="method"):
         RunConfig(method="fedprox")
@@ -130,6 +144,22 @@ def test_fedbiot_realigns_every_round(tiny_llama_dir, data_files, tmp_path):
                    log=MetricsLog(None, quiet=True))
     assert [r["alignment"]["steps"] for r in events(out, "round")] == [2]
     assert [e["stage"] for e in events(out, "align_step")] == [-1, -1, 0, 0]
+
+
+def test_fedbiot_with_a_bottom_adapter_realigns_and_trains_both_groups(tiny_llama_dir, data_files, tmp_path):
+    """FedBiOT's re-alignment with the first-a layers in the adapter: E* passes through the adapter LoRA the
+    parties just changed, so every round aligns against the current one."""
+    out = tmp_path / "fedbiot-bottom"
+    summary = run_simulation(config_for(tiny_llama_dir, data_files, "fedbiot", bottom_adapter=2), out,
+                             log=MetricsLog(None, quiet=True))
+    assert summary["adapter_layers"] == 4 and summary["emulator_layers"] == 2
+    assert [r["alignment"]["steps"] for r in events(out, "round")] == [2, 2]
+    assert Manifest.load(out / "compressed").kept_layers == [0, 1, 2, 5, 6, 7]
+    assert RunConfig.load(out / "config.json").bottom_adapter == 2
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapfu")
+    moved = {int(n.split("layers.")[1].split(".")[0]) for n, p in model.named_parameters()
+             if "lora_B" in n and float(p.abs().max()) > 0}
+    assert moved == {0, 1, 6, 7}
 
 
 def test_fedavg_full_trains_lora_on_every_layer(tiny_llama_dir, data_files, tmp_path):
