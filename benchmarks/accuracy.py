@@ -4,8 +4,8 @@
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
         [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
         [--lrs 5e-4 1e-3 2e-3] [--extend-lrs N] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR]
-        [--align-steps 4 0] [--bottom-adapters 0 2] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64] [--search coordinate|grid]
-        [--tune-sizes 4] [--dtype bfloat16] [--resume-from REPORT.json] [--report PREFIX]
+        [--align-steps 4 0] [--bottom-adapters 0 2] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64]
+        [--search coordinate|grid] [--tune-sizes 4] [--dtype bfloat16] [--resume-from REPORT.json] [--report PREFIX]
         [--gsm8k-prompt template|fewshot] [--acc-seeds 0] ...
 
 Every configuration (method x drop rate x adapter size) is an ordinary in-process run (`run_simulation`) in
@@ -24,7 +24,8 @@ emulator (Offsite-tuning, FedOT, FedBiOT) runs over `--kl-weights` (the alignmen
 `--prox-eps` and once per `--align-steps` value (its per-round re-alignment steps: `--align-steps 4 0` adds the
 ablation "FedBiOT without re-alignment", pre-alignment only, as its own row) and once per `--bottom-adapters` value
 (`0 2` adds the layout ablation "FedBiOT, first 2 + last s layers": the baselines' adapter layout with everything
-else FedBiOT's, at FedBiOT's chosen setting); the baselines train without FedBiOT's proximal term (eps 0). Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
+else FedBiOT's, at FedBiOT's chosen setting); the baselines train without FedBiOT's proximal term (eps 0).
+Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
 steps (a "group"), the party lr out of `--lrs` and (lambda, eps) are chosen by the AdapFu NLL on a validation split
 (`--val-items` training items held out, never test items): `--search coordinate` tries every lr at the first
 (lambda, eps), then every lambda at the best lr, then every eps at the best lambda; `--search grid` tries every
