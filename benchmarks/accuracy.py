@@ -89,7 +89,6 @@ from errors import ConfigError, FedbiotError
 
 METHOD_ORDER = ("untouched", "offsite", "fedot", "fedbiot", "fedavg-full")
 ORACLE_LABEL = "oracle (last-s LoRA on the full model)"
-NO_REALIGN_LABEL = "FedBiOT without re-alignment"
 BASELINES = ("offsite", "fedot", "fedavg-full")  # trained without FedBiOT's proximal term
 
 
@@ -405,7 +404,7 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
             leader = replace(leader, adapter_size=args.tune_sizes[0])
         if c.drop_rate and c.drop_rate not in args.tune_drop_rates:
             leader = replace(leader, drop_rate=args.tune_drop_rates[0])
-        if c.fedbiot_bottom != (args.bottom_adapters[0] if c.method == "fedbiot" else 0):
+        if c.method == "fedbiot" and c.bottom != args.bottom_adapters[0]:
             leader = replace(leader, bottom=args.bottom_adapters[0])  # the layout ablation takes FedBiOT's setting
         if leader.group != name and leader.group in groups:
             follows[name] = leader.group

@@ -13,6 +13,7 @@ from benchmarks.stats import paired_test, spearman
 
 METHOD_LABELS = {"untouched": "untouched", "offsite": "Offsite-tuning", "fedot": "FedOT", "fedbiot": "FedBiOT",
                  "fedavg-full": "FedAvg-LoRA (full model)"}
+NO_REALIGN_LABEL = "FedBiOT without re-alignment"
 VARIANT_LABELS = {"full": "-", "adapemu": "AdapEmu", "adapfu": "AdapFu"}
 FIDELITY_KEYS = ("fidelity_pre", "fidelity_last", "fidelity_task_pre", "fidelity_task_last")
 FIDELITY_LABELS = {"fidelity_pre": "public, pre-aligned", "fidelity_last": "public, last round",
@@ -69,7 +70,7 @@ def arm_label(method: str, align_steps: int, bottom: int = 0) -> str:
     """A method's row label; FedBiOT's ablations say what they take away or change."""
     if method != "fedbiot":
         return METHOD_LABELS[method]
-    label = "FedBiOT" if align_steps else "FedBiOT without re-alignment"
+    label = "FedBiOT" if align_steps else NO_REALIGN_LABEL
     return label + (f", first {bottom} + last s layers" if bottom else "")
 
 

@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.accuracy import (
-    NO_REALIGN_LABEL,
     ORACLE_LABEL,
     TASKS,
     aggregate,
@@ -26,6 +25,7 @@ from benchmarks.accuracy import (
     tune,
     wilson_interval,
 )
+from benchmarks.accuracy_report import NO_REALIGN_LABEL
 from learning.training import TrainSettings
 from owner.alignment import AlignSettings
 
