@@ -4,7 +4,8 @@
         [--methods untouched offsite fedot fedbiot fedavg-full] [--drop-rates 0.2 0.5] [--adapter-sizes 2 4]
         [--rounds R] [--local-steps K] [--eval-items N] [--acc-items M] [--model SPEC]
         [--lrs 5e-4 1e-3 2e-3] [--extend-lrs N] [--kl-weights 0 1] [--prox-eps 0 0.01] [--align-lr LR]
-        [--align-steps 4 0] [--bottom-adapters 0 2] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2] [--val-items 64]
+        [--align-steps 4 0] [--bottom-adapters 0 2] [--prox-ablation 0] [--seeds 0 1 2] [--seeds-at 0.5=0,1,2]
+        [--val-items 64]
         [--search coordinate|grid] [--tune-sizes 4] [--dtype bfloat16] [--resume-from REPORT.json] [--report PREFIX]
         [--gsm8k-prompt template|fewshot] [--acc-seeds 0] ...
 
@@ -24,7 +25,8 @@ emulator (Offsite-tuning, FedOT, FedBiOT) runs over `--kl-weights` (the alignmen
 `--prox-eps` and once per `--align-steps` value (its per-round re-alignment steps: `--align-steps 4 0` adds the
 ablation "FedBiOT without re-alignment", pre-alignment only, as its own row) and once per `--bottom-adapters` value
 (`0 2` adds the layout ablation "FedBiOT, first 2 + last s layers": the baselines' adapter layout with everything
-else FedBiOT's, at FedBiOT's chosen setting); the baselines train without FedBiOT's proximal term (eps 0).
+else FedBiOT's, at FedBiOT's chosen setting); the baselines train without FedBiOT's proximal term (eps 0), and
+`--prox-ablation 0` adds FedBiOT at its chosen setting with that eps instead ("FedBiOT without the proximal term").
 Settings are tuned on the first seed: per method, adapter size, drop rate and re-alignment
 steps (a "group"), the party lr out of `--lrs` and (lambda, eps) are chosen by the AdapFu NLL on a validation split
 (`--val-items` training items held out, never test items): `--search coordinate` tries every lr at the first
@@ -126,6 +128,7 @@ class Entry:
     seed: int | None = None
     align_steps: int | None = None  # FedBiOT's per-round re-alignment steps (0: pre-alignment only)
     bottom: int = 0  # FedBiOT's first-a adapter layers (a > 0: the layout ablation; the baselines' a is their own)
+    eps_ablation: bool = False  # FedBiOT's chosen setting with `prox_eps` put in its place: the proximal ablation
     rows: list[dict] = field(default_factory=list)
 
     @property
@@ -147,12 +150,18 @@ class Entry:
     def label(self) -> str:
         if self.oracle:
             return ORACLE_LABEL
-        return arm_label(self.method, self.realign_steps, self.fedbiot_bottom)
+        return arm_label(self.method, self.realign_steps, self.fedbiot_bottom, self.ablated_eps)
 
     @property
-    def arm(self) -> tuple[str, int, int]:
-        """What a paired test compares: the method, its per-round alignment steps and FedBiOT's first-a layers."""
-        return self.method, self.realign_steps, self.fedbiot_bottom
+    def arm(self) -> tuple[str, int, int, float | None]:
+        """What a paired test compares (beside the adapter size): the method, its per-round alignment steps,
+        FedBiOT's first-a layers and the proximal ablation's eps."""
+        return self.method, self.realign_steps, self.fedbiot_bottom, self.ablated_eps
+
+    @property
+    def ablated_eps(self) -> float | None:
+        """The proximal ablation's eps (None for every run that trains with its method's own eps)."""
+        return self.prox_eps if self.eps_ablation and self.method == "fedbiot" and not self.oracle else None
 
     @property
     def fedbiot_bottom(self) -> int:
@@ -167,7 +176,8 @@ class Entry:
         name = f"{self.method}-s{self.adapter_size}-b{self.drop_rate:g}"
         if self.method != "fedbiot" or self.oracle:
             return name
-        return name + f"-ra{self.realign_steps}" + (f"-a{self.fedbiot_bottom}" if self.fedbiot_bottom else "")
+        name += f"-ra{self.realign_steps}" + (f"-a{self.fedbiot_bottom}" if self.fedbiot_bottom else "")
+        return name + (f"-eps{self.ablated_eps:g}" if self.ablated_eps is not None else "")
 
     @property
     def cell(self) -> str:
@@ -177,7 +187,7 @@ class Entry:
         name = self.group
         if self.method == "fedbiot" or self.aligns:
             name += f"-kl{self.kl_weight:g}"
-        return name + f"-eps{self.prox_eps:g}"
+        return name if self.ablated_eps is not None else name + f"-eps{self.prox_eps:g}"  # the group names its eps
 
     @property
     def name(self) -> str:
@@ -260,6 +270,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="FedBiOT's first-a adapter layers below the emulator; FedBiOT runs once per value, the first "
                         "is FedBiOT itself (default 0: its last-s layout), the others the layout ablation, which "
                         "takes FedBiOT's chosen setting")
+    g.add_argument("--prox-ablation", nargs="+", type=float, default=[], metavar="EPS",
+                   help="FedBiOT at its chosen setting with the parties' proximal eps set to EPS, as its own row "
+                        "(0: without the proximal term, as the baselines train); not one of --prox-eps")
     g.add_argument("--task-fidelity-batches", type=int, default=4,
                    help="batches of 4 validation items on which the gradient fidelity is also measured (0: off)")
     g.add_argument("--max-length", type=int, default=256)
@@ -330,8 +343,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.align_lr = args.align_lr if args.align_lr is not None else AlignSettings().lr
     if any(v <= 0 for v in args.lrs) or args.align_lr <= 0:
         p.error("--lrs/--lr and --align-lr must be > 0")
-    if any(v < 0 for v in args.kl_weights + args.prox_eps):
-        p.error("--kl-weights and --prox-eps must be >= 0")
+    args.prox_ablation = list(dict.fromkeys(args.prox_ablation))
+    if any(v < 0 for v in args.kl_weights + args.prox_eps + args.prox_ablation):
+        p.error("--kl-weights, --prox-eps and --prox-ablation must be >= 0")
+    if set(args.prox_ablation) & set(args.prox_eps):
+        p.error("--prox-ablation: an eps of --prox-eps is a tuning candidate of FedBiOT itself, not an ablation")
     several = len(args.lrs) > 1 or len(args.kl_weights) > 1 or len(args.prox_eps) > 1
     if args.val_items < 0 or (args.val_items == 0 and several):
         p.error("--val-items must be >= 0, and at least 1 to choose among several --lrs/--kl-weights/--prox-eps")
@@ -383,6 +399,9 @@ def plan(args: argparse.Namespace) -> list[Entry]:
                         configs += [Entry(method, s, beta, variants, kl, eps, align_steps=steps, bottom=a)
                                     for a in args.bottom_adapters for steps in args.align_steps
                                     for kl in args.kl_weights for eps in args.prox_eps]
+                        configs += [Entry(method, s, beta, variants, kl, eps, align_steps=args.align_steps[0],
+                                          bottom=args.bottom_adapters[0], eps_ablation=True)
+                                    for eps in args.prox_ablation for kl in args.kl_weights]
     return configs
 
 
@@ -406,6 +425,8 @@ def groups_of(configs: Sequence[Entry], args: argparse.Namespace) -> tuple[dict[
             leader = replace(leader, drop_rate=args.tune_drop_rates[0])
         if c.method == "fedbiot" and c.bottom != args.bottom_adapters[0]:
             leader = replace(leader, bottom=args.bottom_adapters[0])  # the layout ablation takes FedBiOT's setting
+        if c.ablated_eps is not None:
+            leader = replace(leader, eps_ablation=False)  # so does the proximal ablation, but for its eps
         if leader.group != name and leader.group in groups:
             follows[name] = leader.group
     return groups, follows
@@ -571,7 +592,7 @@ def run_record(entry: Entry, key: str, summary: dict, run_dir: Path) -> dict:
     return {"name": entry.name, "key": key, "method": entry.method, "adapter_size": entry.adapter_size,
             "drop_rate": entry.drop_rate, "align_steps": entry.realign_steps,
             "bottom_adapter": entry.fedbiot_bottom, "kl_weight": entry.kl_weight,
-            "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
+            "prox_eps": entry.prox_eps, "prox_ablation": entry.ablated_eps, "lr": entry.lr, "seed": entry.seed,
             "summary": {k: summary.get(k) for k in SUMMARY_KEYS}, "fidelity": run_fidelity(run_dir),
             "val_nll": None}
 
@@ -822,8 +843,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                     "adapter_size": entry.adapter_size, "drop_rate": entry.drop_rate,
                     "align_steps": None if entry.method == "untouched" else entry.realign_steps,
                     "bottom_adapter": None if entry.method == "untouched" else entry.fedbiot_bottom,
-                    "kl_weight": entry.kl_weight, "prox_eps": entry.prox_eps, "lr": entry.lr, "seed": entry.seed,
-                    "variant": variant, "nll": record["summary"][f"nll_{kind}"],
+                    "kl_weight": entry.kl_weight, "prox_eps": entry.prox_eps, "prox_ablation": entry.ablated_eps,
+                    "lr": entry.lr, "seed": entry.seed, "variant": variant, "nll": record["summary"][f"nll_{kind}"],
                     "answer_nll": record["summary"].get(f"answer_nll_{kind}"), "val_nll": record.get("val_nll"),
                     "accuracy": scores.get("accuracy"), "n_correct": scores.get("n_correct"), "n_acc": scores.get("n"),
                     "ci95": wilson_interval(scores["n_correct"], scores["n"]) if scores.get("n") else None,
@@ -881,6 +902,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 "seeds_at": {f"{k:g}": v for k, v in args.seeds_at.items()}, "search": args.search,
                 "tune_sizes": args.tune_sizes, "tune_drop_rates": args.tune_drop_rates, "dtype": args.dtype,
                 "kl_weights": args.kl_weights, "prox_eps": args.prox_eps, "baseline_prox_eps": 0.0,
+                "prox_ablation": args.prox_ablation,
                 "align_lr": args.align_lr, "lora_r": reference.lora.r, "max_length": args.max_length,
                 "align_pre_steps": args.align_pre_steps, "align_steps": args.align_steps,
                 "task_fidelity_batches": args.task_fidelity_batches, "eval_items": args.eval_items,
@@ -891,7 +913,7 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                            "the adapters' training template") if spec.metric == "gsm8k" else "HumanEval prompt",
             },
             "selection": list(selection.values()),
-            "tests": paired_tests(rows, args.align_steps[0], args.bottom_adapters[0]),
+            "tests": paired_tests(rows, args.align_steps[0], args.bottom_adapters[0], args.tune_sizes[0]),
             "fidelity_vs_nll": fidelity_correlations(trained),
             "tuning": tuning,
             "cells": aggregate(rows),
@@ -938,7 +960,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     for name in groups:
         if name in follows:
             leader = chosen[follows[name]]
-            same = [c for c in groups[name] if (c.kl_weight, c.prox_eps) == (leader.kl_weight, leader.prox_eps)]
+            same = [c for c in groups[name] if c.kl_weight == leader.kl_weight  # the proximal ablation keeps its eps
+                    and (c.eps_ablation or c.prox_eps == leader.prox_eps)]
             member = (same or groups[name])[0]
             chosen[name] = replace(member, lr=leader.lr, seed=args.seeds[0])
             selection[name] = {**selection[follows[name]], "group": name, "follows": follows[name], "candidates": 0,

@@ -18,8 +18,8 @@ VARIANT_LABELS = {"full": "-", "adapemu": "AdapEmu", "adapfu": "AdapFu"}
 FIDELITY_KEYS = ("fidelity_pre", "fidelity_last", "fidelity_task_pre", "fidelity_task_last")
 FIDELITY_LABELS = {"fidelity_pre": "public, pre-aligned", "fidelity_last": "public, last round",
                    "fidelity_task_pre": "task, pre-aligned", "fidelity_task_last": "task, last round"}
-CELL_KEYS = ("method", "label", "adapter", "adapter_size", "drop_rate", "align_steps", "kl_weight", "prox_eps", "lr",
-             "variant")
+CELL_KEYS = ("method", "label", "adapter", "adapter_size", "drop_rate", "align_steps", "bottom_adapter", "kl_weight",
+             "prox_eps", "prox_ablation", "lr", "variant")
 TESTED = ("nll", "answer_nll")
 
 
@@ -66,42 +66,58 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def arm_label(method: str, align_steps: int, bottom: int = 0) -> str:
+def arm_label(method: str, align_steps: int, bottom: int = 0, eps: float | None = None) -> str:
     """A method's row label; FedBiOT's ablations say what they take away or change."""
     if method != "fedbiot":
         return METHOD_LABELS[method]
     label = "FedBiOT" if align_steps else NO_REALIGN_LABEL
-    return label + (f", first {bottom} + last s layers" if bottom else "")
+    label += f", first {bottom} + last s layers" if bottom else ""
+    if eps is not None:
+        label += " without the proximal term" if eps == 0 else f", proximal eps {eps:g}"
+    return label
+
+
+def _arm(row: dict) -> tuple:
+    """What a paired test compares: the method, its re-alignment steps, FedBiOT's first-a layers, the adapter size
+    and the proximal ablation's eps (None: the method's own)."""
+    return (row["method"], row.get("align_steps") or 0, row.get("bottom_adapter") or 0, row.get("adapter_size"),
+            row.get("prox_ablation"))
 
 
 def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: int = 0,
-                 variant: str = "adapfu") -> list[dict]:
-    """Per drop rate > 0: FedBiOT (with `reference_steps` re-alignment steps and `reference_bottom` first adapter
-    layers) against every other method, re-alignment setting and layout, paired by seed over the seeds both have, on
-    the response and the answer-line NLL.
-    `mean_difference` is FedBiOT minus the other (negative: FedBiOT's NLL is lower)."""
-    by_arm: dict[tuple, dict[int, dict]] = {}
+                 reference_size: int | None = None, variant: str = "adapfu") -> list[dict]:
+    """Per drop rate > 0, paired by seed over the seeds both have, on the response and the answer-line NLL:
+    FedBiOT itself (`reference_steps` re-alignment steps, `reference_bottom` first adapter layers, adapter size
+    `reference_size`, None = every size) against every other arm (method, re-alignment, layout, adapter size,
+    proximal ablation); and each other FedBiOT arm against each baseline with its very adapter (FedBiOT's first
+    2 + last 2 against FedOT's), which says what FedBiOT's training adds at the baselines' layout.
+    `mean_difference` is A minus B (negative: A's NLL is lower)."""
+    by_beta: dict[float, dict[tuple, dict[int, dict]]] = {}
     for r in rows:
         if r["variant"] == variant and r.get("drop_rate") and r["method"] in ("offsite", "fedot", "fedbiot"):
-            arm = (r["drop_rate"], r["method"], r.get("align_steps") or 0, r.get("bottom_adapter") or 0)
-            by_arm.setdefault(arm, {})[r["seed"]] = r
+            by_beta.setdefault(r["drop_rate"], {}).setdefault(_arm(r), {})[r["seed"]] = r
     tests = []
-    for (beta, method, steps, bottom), mine in sorted(by_arm.items()):
-        if (method, steps, bottom) != ("fedbiot", reference_steps, reference_bottom):
-            continue
-        for (other_beta, other, other_steps, other_bottom), theirs in sorted(by_arm.items()):
-            if other_beta != beta or (other, other_steps, other_bottom) == (method, steps, bottom):
-                continue
-            seeds = sorted(set(mine) & set(theirs))
+    for beta, arms in sorted(by_beta.items()):
+        own = [a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)
+               and a[4] is None and reference_size in (None, a[3])]
+        adapter = {a: next(iter(seeds.values()))["adapter"] for a, seeds in arms.items()}
+        pairs = [(a, b) for a in own for b in arms if b != a]
+        pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a not in own
+                  for b in arms if b[0] != "fedbiot" and adapter[b] == adapter[a]]
+        for a, b in pairs:
+            seeds = sorted(set(arms[a]) & set(arms[b]))
             for metric in TESTED:
-                pairs = [(mine[s][metric], theirs[s][metric]) for s in seeds
-                         if mine[s].get(metric) is not None and theirs[s].get(metric) is not None]
-                result = paired_test([a for a, _ in pairs], [b for _, b in pairs])
-                tests.append({"a": arm_label(method, steps, bottom), "b": arm_label(other, other_steps, other_bottom),
-                              "method_a": method, "align_steps_a": steps, "method_b": other,
-                              "align_steps_b": other_steps, "bottom_adapter_a": bottom,
-                              "bottom_adapter_b": other_bottom,
-                              "drop_rate": beta, "variant": variant, "metric": metric, "seeds": seeds, **result})
+                values = [(arms[a][s][metric], arms[b][s][metric]) for s in seeds
+                          if arms[a][s].get(metric) is not None and arms[b][s].get(metric) is not None]
+                result = paired_test([x for x, _ in values], [y for _, y in values])
+                test = {"a": arm_label(*a[:3], a[4]), "b": arm_label(*b[:3], b[4])}
+                for side, (method, steps, bottom, size, eps) in (("a", a), ("b", b)):
+                    test |= {f"method_{side}": method, f"align_steps_{side}": steps, f"bottom_adapter_{side}": bottom,
+                             f"adapter_size_{side}": size, f"adapter_{side}": adapter[(method, steps, bottom, size,
+                                                                                       eps)],
+                             f"prox_ablation_{side}": eps}
+                tests.append({**test, "drop_rate": beta, "variant": variant, "metric": metric, "seeds": seeds,
+                              **result})
     return tests
 
 
@@ -171,12 +187,13 @@ def _results_table(result: dict) -> list[str]:
 
 
 def _tests_table(tests: Sequence[dict]) -> list[str]:
-    rows = [[f"{t['drop_rate']:g}", t["b"], t["metric"], str(t["n"]), ", ".join(str(s) for s in t["seeds"]) or "-",
+    rows = [[f"{t['drop_rate']:g}", f"{t['a']} ({t['adapter_a']})", f"{t['b']} ({t['adapter_b']})", t["metric"],
+             str(t["n"]), ", ".join(str(s) for s in t["seeds"]) or "-",
              "-" if t["mean_difference"] is None else f"{t['mean_difference']:+.4f}",
              "-" if t["ci95"] is None else f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]", _p(t["p_t"]),
              _p(t["p_wilcoxon"])] for t in tests]
-    return _table("Paired tests over seeds (AdapFu; difference = FedBiOT minus the other, negative = FedBiOT lower):",
-                  ["beta", "FedBiOT vs", "metric", "n", "seeds", "mean difference", "95% CI", "paired t p",
+    return _table("Paired tests over seeds (AdapFu; difference = A minus B, negative = A lower; adapter layers in "
+                  "brackets):", ["beta", "A", "B", "metric", "n", "seeds", "mean difference", "95% CI", "paired t p",
                    "Wilcoxon p"], rows)
 
 
@@ -283,8 +300,9 @@ def plot(cells: list[dict], path: Path, title: str, accuracy_label: str | None) 
         for bar, r in zip(bars, cells, strict=True):
             if r["variant"] == "adapemu":  # hatched: the adapter on the emulator, not on the full model
                 bar.set_hatch("//")
-            if r["method"] == "fedbiot" and r["drop_rate"] and (r.get("align_steps") == 0 or r.get("bottom_adapter")):
-                bar.set_alpha(0.5)  # an ablation: without re-alignment, or another layout
+            if r["method"] == "fedbiot" and r["drop_rate"] and (r.get("align_steps") == 0 or r.get("bottom_adapter")
+                                                          or r.get("prox_ablation") is not None):
+                bar.set_alpha(0.5)  # an ablation: without re-alignment, another layout or another proximal eps
         ax.set_xticks(range(len(cells)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         if key == "nll" and values:

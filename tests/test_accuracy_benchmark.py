@@ -292,7 +292,7 @@ def test_fedbiot_without_re_alignment_is_its_own_row_with_no_per_round_steps():
     fedbiot = {e.align_steps: replace(e, lr=1e-3, seed=0) for e in plan(args)
                if e.method == "fedbiot" and e.drop_rate == 0.2 and (e.kl_weight, e.prox_eps) == (1.0, 0.01)}
     assert fedbiot[0].label == NO_REALIGN_LABEL and fedbiot[4].label == "FedBiOT"
-    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0, 0)
+    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0, 0, None)
     configs = {steps: run_config(e, args, spec, data) for steps, e in fedbiot.items()}
     assert configs[0].realigns_each_round and configs[0].align.round_steps == 0 and configs[4].align.round_steps == 4
     assert configs[0].align.pre_steps == configs[4].align.pre_steps == 32
@@ -320,7 +320,7 @@ def test_the_layout_ablation_takes_fedbiots_setting_and_changes_only_the_layout(
                     for g in ("fedbiot-s2-b0.2-ra4", "fedbiot-s2-b0.2-ra4-a2"))
     assert plain.name == "fedbiot-s2-b0.2-ra4-kl1-eps0.01-lr0.001-seed0"  # FedBiOT's own runs keep their names
     assert moved.label == "FedBiOT, first 2 + last s layers" and moved.adapter_label == "2+2"
-    assert moved.arm == ("fedbiot", 4, 2) and plain.arm == ("fedbiot", 4, 0)
+    assert moved.arm == ("fedbiot", 4, 2, None) and plain.arm == ("fedbiot", 4, 0, None)
     a, b = run_config(plain, args, spec, data), run_config(moved, args, spec, data)
     assert a.adapter_layout(30) == (0, 2) and b.adapter_layout(30) == (2, 2) and b.realigns_each_round
     a, b = a.to_dict(), b.to_dict()
@@ -330,18 +330,52 @@ def test_the_layout_ablation_takes_fedbiots_setting_and_changes_only_the_layout(
 
 
 def test_paired_tests_pair_the_layout_ablation_by_seed():
-    def row(method, seed, nll, steps=4, bottom=0):
-        return {"variant": "adapfu", "drop_rate": 0.2, "method": method, "align_steps": steps,
-                "bottom_adapter": bottom, "seed": seed, "nll": nll, "answer_nll": nll / 2}
+    def row(method, seed, nll, steps=4, bottom=0, size=4, eps=None):
+        adapter = f"{bottom}+{size}" if bottom or method != "fedbiot" else str(size)
+        return {"variant": "adapfu", "drop_rate": 0.2, "method": method, "align_steps": steps, "adapter": adapter,
+                "adapter_size": size, "bottom_adapter": bottom, "prox_ablation": eps, "seed": seed, "nll": nll,
+                "answer_nll": nll / 2}
     rows = [row("fedbiot", s, 1.0 + 0.01 * s) for s in range(3)] + \
         [row("fedbiot", s, 0.9 + 0.02 * s, bottom=2) for s in range(3)] + \
-        [row("fedot", s, 0.95, steps=0) for s in (0, 1)]
-    tests = {(t["b"], t["metric"]): t for t in paired_tests(rows, 4)}
-    assert set(tests) == {(b, m) for b in ("FedBiOT, first 2 + last s layers", "FedOT") for m in ("nll", "answer_nll")}
-    t = tests["FedBiOT, first 2 + last s layers", "nll"]
-    assert t["a"] == "FedBiOT" and t["n"] == 3 and t["bottom_adapter_b"] == 2 and t["bottom_adapter_a"] == 0
+        [row("fedbiot", s, 0.97, bottom=2, size=2) for s in range(3)] + \
+        [row("fedbiot", s, 1.2, size=2) for s in range(3)] + \
+        [row("fedbiot", s, 1.1, eps=0.0) for s in range(3)] + \
+        [row("fedot", s, 0.95, steps=0, bottom=2, size=2) for s in (0, 1)]
+    tests = {(t["a"], t["adapter_a"], t["b"], t["adapter_b"], t["metric"]): t for t in paired_tests(rows, 4, 0, 4)}
+    moved, bare = "FedBiOT, first 2 + last s layers", "FedBiOT without the proximal term"
+    # FedBiOT itself (last 4) against every other arm; the ablation with FedOT's very adapter against FedOT too
+    assert {k[:4] for k in tests} == {("FedBiOT", "4", moved, "2+4"), ("FedBiOT", "4", moved, "2+2"),
+                                      ("FedBiOT", "4", "FedBiOT", "2"), ("FedBiOT", "4", bare, "4"),
+                                      ("FedBiOT", "4", "FedOT", "2+2"), (moved, "2+2", "FedOT", "2+2")}
+    t = tests["FedBiOT", "4", moved, "2+4", "nll"]
+    assert t["n"] == 3 and t["bottom_adapter_b"] == 2 and t["bottom_adapter_a"] == 0 and t["adapter_size_b"] == 4
     assert t["mean_difference"] == pytest.approx(sum(0.1 - 0.01 * s for s in range(3)) / 3)
-    assert tests["FedOT", "nll"]["seeds"] == [0, 1]
+    assert tests["FedBiOT", "4", "FedOT", "2+2", "nll"]["seeds"] == [0, 1]
+    # sizes are arms of their own (one size's seeds never stand in for another's)
+    assert tests["FedBiOT", "4", "FedBiOT", "2", "nll"]["mean_difference"] == pytest.approx(0.01 - 0.2)
+    assert tests[moved, "2+2", "FedOT", "2+2", "nll"]["mean_difference"] == pytest.approx(0.02)
+    assert tests["FedBiOT", "4", bare, "4", "answer_nll"]["prox_ablation_b"] == 0.0
+    # without a reference size every FedBiOT size is FedBiOT itself
+    assert {(t["adapter_a"], t["adapter_b"]) for t in paired_tests(rows, 4) if t["b"] == "FedOT"} == {
+        ("4", "2+2"), ("2", "2+2"), ("2+2", "2+2")}
+
+
+def test_the_proximal_ablation_takes_fedbiots_setting_and_changes_only_eps():
+    args = grid_args("--drop-rates", "0", "0.2", "--prox-eps", "0.01", "--prox-ablation", "0")
+    spec, data = TASKS["gsm8k"], argparse.Namespace(train="t", test="x", public="p", val="v")
+    entries = [e for e in plan(args) if e.method == "fedbiot"]
+    assert not any(e.eps_ablation for e in entries if e.oracle)
+    groups, follows = groups_of(entries, args)
+    assert follows["fedbiot-s2-b0.2-ra4-eps0"] == "fedbiot-s2-b0.2-ra4"  # not tuned itself
+    plain, bare = (replace(next(e for e in groups[g] if e.kl_weight == 1.0), lr=1e-3, seed=0)
+                   for g in ("fedbiot-s2-b0.2-ra4", "fedbiot-s2-b0.2-ra4-eps0"))
+    assert bare.name == "fedbiot-s2-b0.2-ra4-eps0-kl1-lr0.001-seed0" and bare.label.endswith("the proximal term")
+    assert bare.arm == ("fedbiot", 4, 0, 0.0) and plain.arm == ("fedbiot", 4, 0, None) and plain.prox_eps == 0.01
+    a, b = run_config(plain, args, spec, data).to_dict(), run_config(bare, args, spec, data).to_dict()
+    assert a["train"].pop("prox_eps") == 0.01 and b["train"].pop("prox_eps") == 0.0 and a == b  # nothing else
+    for bad in (("--prox-ablation", "-1"), ("--prox-eps", "0", "0.01", "--prox-ablation", "0")):
+        with pytest.raises(SystemExit):
+            grid_args(*bad)
 
 
 def test_the_lr_grid_grows_beyond_the_edge_a_group_chose():
