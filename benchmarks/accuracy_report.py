@@ -89,8 +89,9 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
     """Per drop rate > 0, paired by seed over the seeds both have, on the response and the answer-line NLL:
     FedBiOT itself (`reference_steps` re-alignment steps, `reference_bottom` first adapter layers, adapter size
     `reference_size`, None = every size) against every other arm (method, re-alignment, layout, adapter size,
-    proximal ablation); and each other FedBiOT arm against each baseline with its very adapter (FedBiOT's first
-    2 + last 2 against FedOT's), which says what FedBiOT's training adds at the baselines' layout.
+    proximal ablation); each other FedBiOT arm against each baseline with its very adapter (FedBiOT's first
+    2 + last 2 against FedOT's), which says what FedBiOT's training adds at the baselines' layout; and at every
+    other size, FedBiOT's own layout against its ablations there (last 2 against first 2 + last 2).
     `mean_difference` is A minus B (negative: A's NLL is lower)."""
     by_beta: dict[float, dict[tuple, dict[int, dict]]] = {}
     for r in rows:
@@ -102,8 +103,12 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
                and a[4] is None and reference_size in (None, a[3])]
         adapter = {a: next(iter(seeds.values()))["adapter"] for a, seeds in arms.items()}
         pairs = [(a, b) for a in own for b in arms if b != a]
-        pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a not in own
+        pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a not in own  # at the baselines' very adapter
                   for b in arms if b[0] != "fedbiot" and adapter[b] == adapter[a]]
+        itself = {a[3]: a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)
+                  and a[4] is None}  # FedBiOT's own layout at each size: its ablations at a size not the reference's
+        pairs += [(itself[b[3]], b) for b in arms if b[0] == "fedbiot" and b[3] in itself
+                  and itself[b[3]] not in own and b != itself[b[3]]]
         for a, b in pairs:
             seeds = sorted(set(arms[a]) & set(arms[b]))
             for metric in TESTED:

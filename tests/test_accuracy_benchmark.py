@@ -346,7 +346,8 @@ def test_paired_tests_pair_the_layout_ablation_by_seed():
     # FedBiOT itself (last 4) against every other arm; the ablation with FedOT's very adapter against FedOT too
     assert {k[:4] for k in tests} == {("FedBiOT", "4", moved, "2+4"), ("FedBiOT", "4", moved, "2+2"),
                                       ("FedBiOT", "4", "FedBiOT", "2"), ("FedBiOT", "4", bare, "4"),
-                                      ("FedBiOT", "4", "FedOT", "2+2"), (moved, "2+2", "FedOT", "2+2")}
+                                      ("FedBiOT", "4", "FedOT", "2+2"), (moved, "2+2", "FedOT", "2+2"),
+                                      ("FedBiOT", "2", moved, "2+2")}  # the layouts compared at s=2 as well
     t = tests["FedBiOT", "4", moved, "2+4", "nll"]
     assert t["n"] == 3 and t["bottom_adapter_b"] == 2 and t["bottom_adapter_a"] == 0 and t["adapter_size_b"] == 4
     assert t["mean_difference"] == pytest.approx(sum(0.1 - 0.01 * s for s in range(3)) / 3)
@@ -354,6 +355,7 @@ def test_paired_tests_pair_the_layout_ablation_by_seed():
     # sizes are arms of their own (one size's seeds never stand in for another's)
     assert tests["FedBiOT", "4", "FedBiOT", "2", "nll"]["mean_difference"] == pytest.approx(0.01 - 0.2)
     assert tests[moved, "2+2", "FedOT", "2+2", "nll"]["mean_difference"] == pytest.approx(0.02)
+    assert tests["FedBiOT", "2", moved, "2+2", "nll"]["mean_difference"] == pytest.approx(1.2 - 0.97)
     assert tests["FedBiOT", "4", bare, "4", "answer_nll"]["prox_ablation_b"] == 0.0
     # without a reference size every FedBiOT size is FedBiOT itself
     assert {(t["adapter_a"], t["adapter_b"]) for t in paired_tests(rows, 4) if t["b"] == "FedOT"} == {
