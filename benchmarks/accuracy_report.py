@@ -99,15 +99,14 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
             by_beta.setdefault(r["drop_rate"], {}).setdefault(_arm(r), {})[r["seed"]] = r
     tests = []
     for beta, arms in sorted(by_beta.items()):
-        own = [a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)
-               and a[4] is None and reference_size in (None, a[3])]
+        itself = {a[3]: a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)
+                  and a[4] is None}  # FedBiOT's own layout, by adapter size
+        own = [a for size, a in itself.items() if reference_size in (None, size)]
         adapter = {a: next(iter(seeds.values()))["adapter"] for a, seeds in arms.items()}
         pairs = [(a, b) for a in own for b in arms if b != a]
         pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a not in own  # at the baselines' very adapter
                   for b in arms if b[0] != "fedbiot" and adapter[b] == adapter[a]]
-        itself = {a[3]: a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)
-                  and a[4] is None}  # FedBiOT's own layout at each size: its ablations at a size not the reference's
-        pairs += [(itself[b[3]], b) for b in arms if b[0] == "fedbiot" and b[3] in itself
+        pairs += [(itself[b[3]], b) for b in arms if b[0] == "fedbiot" and b[3] in itself  # at the other sizes
                   and itself[b[3]] not in own and b != itself[b[3]]]
         for a, b in pairs:
             seeds = sorted(set(arms[a]) & set(arms[b]))
@@ -116,10 +115,10 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
                           if arms[a][s].get(metric) is not None and arms[b][s].get(metric) is not None]
                 result = paired_test([x for x, _ in values], [y for _, y in values])
                 test = {"a": arm_label(*a[:3], a[4]), "b": arm_label(*b[:3], b[4])}
-                for side, (method, steps, bottom, size, eps) in (("a", a), ("b", b)):
+                for side, arm in (("a", a), ("b", b)):
+                    method, steps, bottom, size, eps = arm
                     test |= {f"method_{side}": method, f"align_steps_{side}": steps, f"bottom_adapter_{side}": bottom,
-                             f"adapter_size_{side}": size, f"adapter_{side}": adapter[(method, steps, bottom, size,
-                                                                                       eps)],
+                             f"adapter_size_{side}": size, f"adapter_{side}": adapter[arm],
                              f"prox_ablation_{side}": eps}
                 tests.append({**test, "drop_rate": beta, "variant": variant, "metric": metric, "seeds": seeds,
                               **result})
