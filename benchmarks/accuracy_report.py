@@ -91,7 +91,8 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
     `reference_size`, None = every size) against every other arm (method, re-alignment, layout, adapter size,
     proximal ablation); each other FedBiOT arm against each baseline with its very adapter (FedBiOT's first
     2 + last 2 against FedOT's), which says what FedBiOT's training adds at the baselines' layout; and at every
-    other size, FedBiOT's own layout against its ablations there (last 2 against first 2 + last 2).
+    other size, FedBiOT's own layout against its ablations there (last 2 against first 2 + last 2); and FedBiOT with
+    another proximal eps against every arm, which says where a changed default would stand.
     `mean_difference` is A minus B (negative: A's NLL is lower)."""
     by_beta: dict[float, dict[tuple, dict[int, dict]]] = {}
     for r in rows:
@@ -108,7 +109,12 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
                   for b in arms if b[0] != "fedbiot" and adapter[b] == adapter[a]]
         pairs += [(itself[b[3]], b) for b in arms if b[0] == "fedbiot" and b[3] in itself  # at the other sizes
                   and itself[b[3]] not in own and b != itself[b[3]]]
-        for a, b in pairs:
+        pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a[4] is not None  # another eps against all arms
+                  for b in arms if b != a and b not in own]
+        once: dict[frozenset, tuple] = {}
+        for pair in pairs:
+            once.setdefault(frozenset(pair), pair)  # each pair once, in the orientation its rule gave first
+        for a, b in once.values():
             seeds = sorted(set(arms[a]) & set(arms[b]))
             for metric in TESTED:
                 values = [(arms[a][s][metric], arms[b][s][metric]) for s in seeds

@@ -343,11 +343,16 @@ def test_paired_tests_pair_the_layout_ablation_by_seed():
         [row("fedot", s, 0.95, steps=0, bottom=2, size=2) for s in (0, 1)]
     tests = {(t["a"], t["adapter_a"], t["b"], t["adapter_b"], t["metric"]): t for t in paired_tests(rows, 4, 0, 4)}
     moved, bare = "FedBiOT, first 2 + last s layers", "FedBiOT without the proximal term"
-    # FedBiOT itself (last 4) against every other arm; the ablation with FedOT's very adapter against FedOT too
+    # FedBiOT itself (last 4) against every other arm; the ablation with FedOT's very adapter against FedOT too;
+    # FedBiOT without the proximal term against every arm but FedBiOT (compared once, as FedBiOT against it)
     assert {k[:4] for k in tests} == {("FedBiOT", "4", moved, "2+4"), ("FedBiOT", "4", moved, "2+2"),
                                       ("FedBiOT", "4", "FedBiOT", "2"), ("FedBiOT", "4", bare, "4"),
                                       ("FedBiOT", "4", "FedOT", "2+2"), (moved, "2+2", "FedOT", "2+2"),
-                                      ("FedBiOT", "2", moved, "2+2")}  # the layouts compared at s=2 as well
+                                      ("FedBiOT", "2", moved, "2+2"),  # the layouts compared at s=2 as well
+                                      (bare, "4", moved, "2+4"), (bare, "4", moved, "2+2"), (bare, "4", "FedBiOT", "2"),
+                                      (bare, "4", "FedOT", "2+2")}
+    assert tests[bare, "4", moved, "2+2", "nll"]["mean_difference"] == pytest.approx(1.1 - 0.97)
+    assert tests[bare, "4", "FedOT", "2+2", "nll"]["seeds"] == [0, 1]
     t = tests["FedBiOT", "4", moved, "2+4", "nll"]
     assert t["n"] == 3 and t["bottom_adapter_b"] == 2 and t["bottom_adapter_a"] == 0 and t["adapter_size_b"] == 4
     assert t["mean_difference"] == pytest.approx(sum(0.1 - 0.01 * s for s in range(3)) / 3)
