@@ -153,12 +153,6 @@ class Entry:
         return arm_label(self.method, self.realign_steps, self.fedbiot_bottom, self.ablated_eps)
 
     @property
-    def arm(self) -> tuple[str, int, int, float | None]:
-        """What a paired test compares (beside the adapter size): the method, its per-round alignment steps,
-        FedBiOT's first-a layers and the proximal ablation's eps."""
-        return self.method, self.realign_steps, self.fedbiot_bottom, self.ablated_eps
-
-    @property
     def ablated_eps(self) -> float | None:
         """The proximal ablation's eps (None for every run that trains with its method's own eps)."""
         return self.prox_eps if self.eps_ablation and self.method == "fedbiot" and not self.oracle else None

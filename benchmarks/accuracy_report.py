@@ -77,7 +77,7 @@ def arm_label(method: str, align_steps: int, bottom: int = 0, eps: float | None 
     return label
 
 
-def _arm(row: dict) -> tuple:
+def arm_of(row: dict) -> tuple:
     """What a paired test compares: the method, its re-alignment steps, FedBiOT's first-a layers, the adapter size
     and the proximal ablation's eps (None: the method's own)."""
     return (row["method"], row.get("align_steps") or 0, row.get("bottom_adapter") or 0, row.get("adapter_size"),
@@ -97,7 +97,7 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
     by_beta: dict[float, dict[tuple, dict[int, dict]]] = {}
     for r in rows:
         if r["variant"] == variant and r.get("drop_rate") and r["method"] in ("offsite", "fedot", "fedbiot"):
-            by_beta.setdefault(r["drop_rate"], {}).setdefault(_arm(r), {})[r["seed"]] = r
+            by_beta.setdefault(r["drop_rate"], {}).setdefault(arm_of(r), {})[r["seed"]] = r
     tests = []
     for beta, arms in sorted(by_beta.items()):
         itself = {a[3]: a for a in arms if a[0] == "fedbiot" and a[1:3] == (reference_steps, reference_bottom)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,11 @@ from benchmarks.accuracy import (
     plan,
     prepare_data,
     run_config,
+    run_record,
     tune,
     wilson_interval,
 )
-from benchmarks.accuracy_report import NO_REALIGN_LABEL
+from benchmarks.accuracy_report import NO_REALIGN_LABEL, arm_of
 from learning.training import TrainSettings
 from owner.alignment import AlignSettings
 
@@ -118,6 +120,11 @@ def grid_args(*extra):
     return parse_args(["--out", "unused", "--methods", "untouched", "offsite", "fedot", "fedbiot", "fedavg-full",
                        "--drop-rates", "0", "0.5", "--adapter-sizes", "2", "--kl-weights", "0", "1",
                        "--prox-eps", "0", "0.01", "--lrs", "1e-3", "2e-3", "--seeds", "0", "1", *extra])
+
+
+def arm(entry) -> tuple:
+    """The arm a paired test files the entry's finished run under (its row carries the record's fields)."""
+    return arm_of(run_record(entry, "", {}, Path("no-run")))
 
 
 def test_grid_expansion_baselines_without_prox_and_the_oracle_row():
@@ -292,7 +299,7 @@ def test_fedbiot_without_re_alignment_is_its_own_row_with_no_per_round_steps():
     fedbiot = {e.align_steps: replace(e, lr=1e-3, seed=0) for e in plan(args)
                if e.method == "fedbiot" and e.drop_rate == 0.2 and (e.kl_weight, e.prox_eps) == (1.0, 0.01)}
     assert fedbiot[0].label == NO_REALIGN_LABEL and fedbiot[4].label == "FedBiOT"
-    assert fedbiot[0].group != fedbiot[4].group and fedbiot[0].arm == ("fedbiot", 0, 0, None)
+    assert fedbiot[0].group != fedbiot[4].group and arm(fedbiot[0]) == ("fedbiot", 0, 0, 2, None)
     configs = {steps: run_config(e, args, spec, data) for steps, e in fedbiot.items()}
     assert configs[0].realigns_each_round and configs[0].align.round_steps == 0 and configs[4].align.round_steps == 4
     assert configs[0].align.pre_steps == configs[4].align.pre_steps == 32
@@ -320,7 +327,7 @@ def test_the_layout_ablation_takes_fedbiots_setting_and_changes_only_the_layout(
                     for g in ("fedbiot-s2-b0.2-ra4", "fedbiot-s2-b0.2-ra4-a2"))
     assert plain.name == "fedbiot-s2-b0.2-ra4-kl1-eps0.01-lr0.001-seed0"  # FedBiOT's own runs keep their names
     assert moved.label == "FedBiOT, first 2 + last s layers" and moved.adapter_label == "2+2"
-    assert moved.arm == ("fedbiot", 4, 2, None) and plain.arm == ("fedbiot", 4, 0, None)
+    assert arm(moved) == ("fedbiot", 4, 2, 2, None) and arm(plain) == ("fedbiot", 4, 0, 2, None)
     a, b = run_config(plain, args, spec, data), run_config(moved, args, spec, data)
     assert a.adapter_layout(30) == (0, 2) and b.adapter_layout(30) == (2, 2) and b.realigns_each_round
     a, b = a.to_dict(), b.to_dict()
@@ -377,7 +384,8 @@ def test_the_proximal_ablation_takes_fedbiots_setting_and_changes_only_eps():
     plain, bare = (replace(next(e for e in groups[g] if e.kl_weight == 1.0), lr=1e-3, seed=0)
                    for g in ("fedbiot-s2-b0.2-ra4", "fedbiot-s2-b0.2-ra4-eps0"))
     assert bare.name == "fedbiot-s2-b0.2-ra4-eps0-kl1-lr0.001-seed0" and bare.label.endswith("the proximal term")
-    assert bare.arm == ("fedbiot", 4, 0, 0.0) and plain.arm == ("fedbiot", 4, 0, None) and plain.prox_eps == 0.01
+    assert arm(bare) == ("fedbiot", 4, 0, 2, 0.0) and arm(plain) == ("fedbiot", 4, 0, 2, None)
+    assert plain.prox_eps == 0.01
     a, b = run_config(plain, args, spec, data).to_dict(), run_config(bare, args, spec, data).to_dict()
     assert a["train"].pop("prox_eps") == 0.01 and b["train"].pop("prox_eps") == 0.0 and a == b  # nothing else
     for bad in (("--prox-ablation", "-1"), ("--prox-eps", "0", "0.01", "--prox-ablation", "0")):
