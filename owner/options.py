@@ -47,7 +47,8 @@ def run_options() -> tuple[Option, ...]:
                help="fedbiot; or a baseline on the same engine: offsite (Offsite-tuning: 1 party, adapter = first 2 "
                     "+ last s layers, emulator aligned once), fedot (the same with N parties), fedavg-full (LoRA "
                     "on every layer of the full model)"),
-        Option("--adapter-size", to="adapter_size", type=int, group=MODEL, help="s: layers in the adapter"),
+        Option("--adapter-size", to="adapter_size", type=int, group=MODEL,
+               help="s: the last layers kept as adapter (default: fedbiot 4, offsite/fedot 2)"),
         Option("--bottom-adapter", to="bottom_adapter", type=int, group=MODEL,
                help="first layers kept as adapter below the emulator (default: fedbiot 0, offsite/fedot 2)"),
         Option("--drop-rate", to="drop_rate", type=float, group=MODEL,

@@ -64,7 +64,12 @@ def events(out, name: str) -> list[dict]:
 def test_layer_layout_of_each_method():
     layouts = {m: RunConfig(method=m, drop_rate=0.5).adapter_layout(N_LAYERS) for m in
                ("fedbiot", "offsite", "fedot", "fedavg-full")}
-    assert layouts == {"fedbiot": (0, 2), "offsite": (2, 2), "fedot": (2, 2), "fedavg-full": (0, N_LAYERS)}
+    # the defaults: FedBiOT's last 4 against the baselines' first 2 + last 2, four adapter layers each
+    assert layouts == {"fedbiot": (0, 4), "offsite": (2, 2), "fedot": (2, 2), "fedavg-full": (0, N_LAYERS)}
+    assert RunConfig(method="fedot", adapter_size=3).adapter_layout(N_LAYERS) == (2, 3)  # a given s is kept
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="adapter-size"):
+            RunConfig(adapter_size=bad)
     # FedBiOT: uniform drop of layers 0..5, adapter 6, 7.
     assert kept_layer_indices(N_LAYERS, 2, 0.5) == [0, 2, 5, 6, 7]
     # Offsite/FedOT: adapter 0, 1 and 6, 7; the emulator is a uniform drop of layers 2..5.
@@ -91,7 +96,7 @@ def test_layer_layout_of_each_method():
 
 
 def test_bottom_adapter_overrides_the_methods_layout():
-    assert RunConfig(method="fedbiot", bottom_adapter=2, drop_rate=0.5).adapter_layout(N_LAYERS) == (2, 2)
+    assert RunConfig(method="fedbiot", bottom_adapter=2, drop_rate=0.5).adapter_layout(N_LAYERS) == (2, 4)  # its own s
     assert RunConfig(method="fedot", bottom_adapter=0, drop_rate=0.5).adapter_layout(N_LAYERS) == (0, 2)
     config = RunConfig(bottom_adapter=3)
     assert RunConfig.from_dict(config.to_dict()).bottom_adapter == 3
@@ -150,8 +155,8 @@ def test_fedbiot_with_a_bottom_adapter_realigns_and_trains_both_groups(tiny_llam
     """FedBiOT's re-alignment with the first-a layers in the adapter: E* passes through the adapter LoRA the
     parties just changed, so every round aligns against the current one."""
     out = tmp_path / "fedbiot-bottom"
-    summary = run_simulation(config_for(tiny_llama_dir, data_files, "fedbiot", bottom_adapter=2), out,
-                             log=MetricsLog(None, quiet=True))
+    summary = run_simulation(config_for(tiny_llama_dir, data_files, "fedbiot", bottom_adapter=2, adapter_size=2),
+                             out, log=MetricsLog(None, quiet=True))
     assert summary["adapter_layers"] == 4 and summary["emulator_layers"] == 2
     assert [r["alignment"]["steps"] for r in events(out, "round")] == [2, 2]
     assert Manifest.load(out / "compressed").kept_layers == [0, 1, 2, 5, 6, 7]

@@ -125,7 +125,8 @@ def test_analytic_flops_agree_with_the_benchmark_count_on_a_live_model(arch, met
 
 
 def test_cli_prints_the_table(capsys):
-    code = cli.main(["plan", "--model", str(LLAMA2), "--target-modules", "q_proj", "v_proj", "--drop-rate", "0.2"])
+    code = cli.main(["plan", "--model", str(LLAMA2), "--target-modules", "q_proj", "v_proj", "--drop-rate", "0.2",
+                     "--adapter-size", "2"])  # the paper's Table 5 setting
     out = capsys.readouterr().out
     assert code == 0
     for text in ("adapter layers        2 (30-31)", "emulator layers       24", "0.262 M", "14.68 MB",
@@ -202,7 +203,7 @@ EIGHT_H100 = {str(i): "80GiB" for i in range(8)}
 
 def test_the_owner_of_a_70b_shares_its_weights_over_eight_80gb_gpus():
     shape = _shape(LLAMA2_70B)
-    config = RunConfig(lora=PAPER_LORA, dtype="bfloat16", device_map="auto", max_memory=EIGHT_H100)
+    config = RunConfig(lora=PAPER_LORA, adapter_size=2, dtype="bfloat16", device_map="auto", max_memory=EIGHT_H100)
     plan = make_plan(shape, config, ("auto", {0: "80GiB", 1: "80GiB"}))
     split = plan.owner_split
     assert split["shares"] and set(split["devices"]) == {f"cuda:{i}" for i in range(8)}
@@ -248,7 +249,7 @@ def test_the_plan_places_the_model_as_the_owner_does(tmp_path):
     path = save_tiny(tmp_path / "m", "llama", 8)
     memory = {"cpu": 150_000}
     config = RunConfig(device_map="auto", max_memory=memory, offload_folder=str(tmp_path / "off"), public_limit=8,
-                       dtype="float32")
+                       dtype="float32", adapter_size=2)
     loaded = load_model(str(path), placement=Placement("auto", memory, str(tmp_path / "off"))).model
     plan = make_plan(_shape(path), config)
     kept = plan.kept_layers
