@@ -110,7 +110,7 @@ def paired_tests(rows: Sequence[dict], reference_steps: int, reference_bottom: i
         pairs += [(itself[b[3]], b) for b in arms if b[0] == "fedbiot" and b[3] in itself  # at the other sizes
                   and itself[b[3]] not in own and b != itself[b[3]]]
         pairs += [(a, b) for a in arms if a[0] == "fedbiot" and a[4] is not None  # another eps against all arms
-                  for b in arms if b != a and b not in own]
+                  for b in arms if b != a]
         once: dict[frozenset, tuple] = {}
         for pair in pairs:
             once.setdefault(frozenset(pair), pair)  # each pair once, in the orientation its rule gave first

@@ -21,11 +21,11 @@ from tasks.columns import ColumnMap
 # with all the data, adapter = first 2 + last s layers, emulator aligned once. fedot: the same adapter and
 # one-time alignment, N parties. fedavg-full: LoRA on every layer of the full model (no emulator).
 METHODS = ("fedbiot", "offsite", "fedot", "fedavg-full")
-BASELINE_BOTTOM_ADAPTER = 2
-# Last-s adapter layers when --adapter-size is not given. FedBiOT: s=4 beat s=2 on GSM8K at beta 0.2 (AdapFu NLL
-# -0.052, paired t p = 0.0001 over 5 seeds; docs/results.md). Offsite-tuning/FedOT: first 2 + last 2, the layout
-# they were measured at (the same four adapter layers as FedBiOT's).
-DEFAULT_ADAPTER_SIZE = {"fedbiot": 4, "offsite": 2, "fedot": 2}
+# Each method's own adapter, (first a, last s) layers, where --bottom-adapter / --adapter-size are not given.
+# FedBiOT: last 4; s=4 beat s=2 on GSM8K at beta 0.2 (AdapFu NLL -0.052, paired t p = 0.0001 over 5 seeds;
+# docs/results.md). Offsite-tuning/FedOT: first 2 + last 2, the paper's layout and the one they were measured at
+# (the same four adapter layers as FedBiOT's).
+METHOD_ADAPTER = {"fedbiot": (0, 4), "offsite": (2, 2), "fedot": (2, 2)}
 
 
 def _check_layer_count(option: str, value: object, minimum: int) -> None:
@@ -76,8 +76,8 @@ class RunConfig:
     """Options shared by the in-process and the networked run."""
 
     model: str | None = None  # hub id, local dir, .gguf file; None = embedded SmolLM2-135M-Instruct
-    adapter_size: int | None = None  # s, the last adapter layers; None: the method's own (DEFAULT_ADAPTER_SIZE)
-    # First-a adapter layers below the emulator; None: the method's own (FedBiOT 0, Offsite-tuning/FedOT 2).
+    adapter_size: int | None = None  # s, the last adapter layers; None: the method's own (METHOD_ADAPTER)
+    # First-a adapter layers below the emulator; None: the method's own (METHOD_ADAPTER).
     bottom_adapter: int | None = None
     drop_rate: float = 0.2
     rounds: int = 3
@@ -175,10 +175,9 @@ class RunConfig:
         """(a, s): the method's first-a + last-s adapter layers in an n-layer model."""
         if self.method == "fedavg-full":
             return 0, n_layers
-        bottom = self.bottom_adapter
-        if bottom is None:
-            bottom = BASELINE_BOTTOM_ADAPTER if self.method in ("offsite", "fedot") else 0
-        size = DEFAULT_ADAPTER_SIZE[self.method] if self.adapter_size is None else self.adapter_size
+        own_bottom, own_size = METHOD_ADAPTER[self.method]
+        bottom = own_bottom if self.bottom_adapter is None else self.bottom_adapter
+        size = own_size if self.adapter_size is None else self.adapter_size
         if bottom + size >= n_layers:
             raise ConfigError(f"--adapter-size {size}{f' (+ the first {bottom})' if bottom else ''} "
                               f"leaves no emulator in a model of {n_layers} layers")
